@@ -1,0 +1,121 @@
+"""vsock_async: reach a microVM guest over vsock from asyncio, run commands, get results back.
+
+::
+
+    async with await vsock_async.listen("vsock://any:1024") as server:
+        guest = await server.accept(timeout=10)
+        await guest.probe(timeout=2)
+        result = await guest.run("uname -a", timeout=30)
+
+The core imports only the standard library.
+"""
+
+from ._sockets import UnixSocketOptions as UnixSocketOptions
+from .addresses import (
+    DEFAULT_ADDRESS as DEFAULT_ADDRESS,
+)
+from .addresses import (
+    Address as Address,
+)
+from .addresses import (
+    HybridVsockAddress as HybridVsockAddress,
+)
+from .addresses import (
+    TcpAddress as TcpAddress,
+)
+from .addresses import (
+    UnixAddress as UnixAddress,
+)
+from .addresses import (
+    VsockAddress as VsockAddress,
+)
+from .addresses import (
+    parse_address as parse_address,
+)
+from .channel import GuestChannel as GuestChannel
+from .commandline import compose_command as compose_command
+from .connect import connect as connect
+from .errors import (
+    AcceptTimeout as AcceptTimeout,
+)
+from .errors import (
+    CommandFailed as CommandFailed,
+)
+from .errors import (
+    CommandTimeout as CommandTimeout,
+)
+from .errors import (
+    ConnectFailed as ConnectFailed,
+)
+from .errors import (
+    ConnectionClosed as ConnectionClosed,
+)
+from .errors import (
+    ConnectTimeout as ConnectTimeout,
+)
+from .errors import (
+    DeadlineExceeded as DeadlineExceeded,
+)
+from .errors import (
+    FrameTooLarge as FrameTooLarge,
+)
+from .errors import (
+    InvalidAddress as InvalidAddress,
+)
+from .errors import (
+    ListenFailed as ListenFailed,
+)
+from .errors import (
+    PeerError as PeerError,
+)
+from .errors import (
+    ProbeFailed as ProbeFailed,
+)
+from .errors import (
+    ProtocolError as ProtocolError,
+)
+from .errors import (
+    UsageError as UsageError,
+)
+from .errors import (
+    VsockAsyncError as VsockAsyncError,
+)
+from .protocol import Limits as Limits
+from .results import CommandResult as CommandResult
+from .server import CommandServer as CommandServer
+from .server import listen as listen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "AcceptTimeout",
+    "Address",
+    "CommandFailed",
+    "CommandResult",
+    "CommandServer",
+    "CommandTimeout",
+    "ConnectFailed",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "DeadlineExceeded",
+    "FrameTooLarge",
+    "GuestChannel",
+    "HybridVsockAddress",
+    "InvalidAddress",
+    "Limits",
+    "ListenFailed",
+    "PeerError",
+    "ProbeFailed",
+    "ProtocolError",
+    "TcpAddress",
+    "UnixAddress",
+    "UnixSocketOptions",
+    "UsageError",
+    "VsockAddress",
+    "VsockAsyncError",
+    "compose_command",
+    "connect",
+    "listen",
+    "parse_address",
+]

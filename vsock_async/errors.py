@@ -1,0 +1,135 @@
+"""The one exception tree of vsock_async.
+
+::
+
+    VsockAsyncError                     everything this library raises
+    ├── PeerError                       the other side misbehaved or went away
+    │   ├── ProtocolError               bytes that break the v1 wire protocol
+    │   │   └── FrameTooLarge           a length prefix above the configured limit
+    │   ├── ConnectionClosed            the connection is gone; the channel is unusable
+    │   └── ProbeFailed                 ``:`` did not come back as exit 0 with no output
+    ├── CommandFailed                   ``check=True`` and a non-zero exit code
+    ├── ConnectFailed                   a connection could not be made (also OSError)
+    ├── ListenFailed                    a listening socket could not be set up (also OSError)
+    ├── DeadlineExceeded                a deadline fired (also the built-in TimeoutError)
+    │   ├── AcceptTimeout               no guest connected in time
+    │   ├── ConnectTimeout              a connection could not be made in time
+    │   └── CommandTimeout              an exchange did not finish in time; carries the result
+    └── UsageError                      local misuse of the API (also ValueError)
+        └── InvalidAddress              an address string that does not parse
+
+Peer errors say the guest (or the network path to it) is at fault; a usage error
+says the calling code is. Timeouts subclass :class:`TimeoutError` so that code
+written for ``asyncio.timeout`` or ``anyio.fail_after`` catches them too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .results import CommandResult
+
+__all__ = [
+    "AcceptTimeout",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConnectFailed",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "DeadlineExceeded",
+    "FrameTooLarge",
+    "InvalidAddress",
+    "ListenFailed",
+    "PeerError",
+    "ProbeFailed",
+    "ProtocolError",
+    "UsageError",
+    "VsockAsyncError",
+]
+
+
+class VsockAsyncError(Exception):
+    """Root of every exception raised by vsock_async."""
+
+
+class PeerError(VsockAsyncError):
+    """The peer misbehaved or went away; nothing the caller did wrong."""
+
+
+class ProtocolError(PeerError):
+    """The peer sent bytes that break the v1 wire protocol."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A length prefix announced more bytes than the configured limit allows."""
+
+    def __init__(self, what: str, length: int, limit: int) -> None:
+        super().__init__(
+            f"{what} of {length} bytes exceeds the limit of {limit} bytes"
+            " (raise it with Limits if the peer is trusted to send that much)"
+        )
+        self.what = what
+        self.length = length
+        self.limit = limit
+
+
+class ConnectionClosed(PeerError):
+    """The connection is closed: by the peer, by a reset, or after a timeout put it out of step."""
+
+
+class ProbeFailed(PeerError):
+    """The readiness probe ``:`` did not come back as exit 0 with empty output."""
+
+    def __init__(self, message: str, result: CommandResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CommandFailed(VsockAsyncError):
+    """A command run with ``check=True`` exited with a non-zero code."""
+
+    def __init__(self, command: bytes, result: CommandResult) -> None:
+        super().__init__(f"command {command!r} exited with code {result.exit_code}")
+        self.command = command
+        self.result = result
+
+
+class ConnectFailed(VsockAsyncError, OSError):
+    """A connection to a guest, a listener or a VMM socket could not be made."""
+
+
+class ListenFailed(VsockAsyncError, OSError):
+    """A listening socket could not be set up: address in use, no permission, no AF_VSOCK."""
+
+
+class DeadlineExceeded(VsockAsyncError, TimeoutError):
+    """A deadline fired. Also a :class:`TimeoutError`."""
+
+
+class AcceptTimeout(DeadlineExceeded):
+    """No guest connection arrived before the accept deadline."""
+
+
+class ConnectTimeout(DeadlineExceeded, ConnectFailed):
+    """A connection could not be made before its deadline."""
+
+
+class CommandTimeout(DeadlineExceeded):
+    """An exchange missed its deadline. The channel has been closed: its stream is out of step.
+
+    ``result`` has ``timed_out=True`` and ``exit_code=None``; its stdout and
+    stderr hold whatever had fully arrived before the deadline.
+    """
+
+    def __init__(self, message: str, result: CommandResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class UsageError(VsockAsyncError, ValueError):
+    """The API was used wrongly: a bad argument or an operation in the wrong state."""
+
+
+class InvalidAddress(UsageError):
+    """An address string that does not parse, with what was expected."""

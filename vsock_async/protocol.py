@@ -1,0 +1,377 @@
+"""The v1 wire protocol, sans I/O: encoders and incremental decoders, no sockets, no clock.
+
+Command, host to guest: ``u32 BE length N`` then ``N`` bytes.
+Result, guest to host: ``u32 BE length`` + stdout, ``u32 BE length`` + stderr,
+then one byte, the exit code.
+
+The decoders take bytes in any chunking, either pushed with
+:meth:`receive_data` or written by the caller into the memory that
+:meth:`get_buffer` lends and committed with :meth:`buffer_updated` (the
+shape of ``asyncio.BufferedProtocol``, which lets a socket ``recv_into`` a
+large body in place). Both paths run the same parser. Complete frames come
+out of :meth:`next_event`. Length prefixes are attacker-controlled: a body
+above its limit fails with :class:`FrameTooLarge` before anything is
+allocated for it, and a body below it gets memory only as its bytes arrive.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import FrameTooLarge, ProtocolError, UsageError
+from .results import CommandResult
+
+__all__ = [
+    "Command",
+    "CommandDecoder",
+    "Limits",
+    "OversizedCommand",
+    "ResultDecoder",
+    "encode_command",
+    "encode_result",
+    "result_frame_parts",
+]
+
+MiB = 1024 * 1024
+
+_U32 = struct.Struct(">I")
+_unpack_u32 = _U32.unpack_from
+_pack_u32 = _U32.pack
+_U32_MAX = 0xFFFF_FFFF
+
+# Per-connection scratch for prefixes and small bodies. Kept small because
+# an idle connection holds one; larger bodies get their own growing chunks.
+_SCRATCH_SIZE = 8 * 1024
+_INLINE_MAX = 4 * 1024
+_FIRST_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Largest bodies a decoder accepts. A security limit: a guest is untrusted input."""
+
+    max_command: int = 1 * MiB
+    max_stdout: int = 64 * MiB
+    max_stderr: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_command", "max_stdout", "max_stderr"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= _U32_MAX:
+                raise UsageError(f"Limits.{name} must be an int in 0..{_U32_MAX}, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A complete command frame, as the guest receives it."""
+
+    command: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedCommand:
+    """A command longer than the limit; its body was read and discarded."""
+
+    length: int
+    limit: int
+
+
+def encode_command(command: bytes) -> bytes:
+    """Frame one command for the wire."""
+    if len(command) > _U32_MAX:
+        raise UsageError(f"a command of {len(command)} bytes cannot be framed (u32 length)")
+    return _pack_u32(len(command)) + command
+
+
+def result_frame_parts(stdout: bytes, stderr: bytes, exit_code: int) -> list[bytes]:
+    """The pieces of one result frame, for ``writelines`` without copying large outputs."""
+    if not 0 <= exit_code <= 255:
+        raise UsageError(f"exit code {exit_code} is outside 0..255")
+    if len(stdout) > _U32_MAX or len(stderr) > _U32_MAX:
+        raise UsageError("stdout and stderr must each be shorter than 4 GiB")
+    return [_pack_u32(len(stdout)), stdout, _pack_u32(len(stderr)), stderr, bytes((exit_code,))]
+
+
+def encode_result(stdout: bytes, stderr: bytes, exit_code: int) -> bytes:
+    """Frame one result for the wire."""
+    return b"".join(result_frame_parts(stdout, stderr, exit_code))
+
+
+_Event = TypeVar("_Event")
+
+
+class _FrameDecoder(Generic[_Event]):
+    """A parser for frames made of length-prefixed fields, optionally ended by one byte.
+
+    Prefixes and small bodies are parsed in place in a fixed scratch buffer.
+    A body larger than ``_INLINE_MAX`` gets chunks that grow with what has
+    arrived (never more than about twice the bytes received), and the
+    caller's reads go straight into them.
+    """
+
+    _names: tuple[str, ...]
+    _trailer: bool
+
+    def __init__(self, limits: Sequence[int]) -> None:
+        self._limits = tuple(limits)
+        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0
+        self._end = 0
+        self._fields: list[bytes] = []
+        self._length = -1  # length of the body being read; -1 while waiting for a prefix
+        self._chunks: list[bytearray] | None = None
+        self._fill = 0  # bytes written into the last chunk
+        self._received = 0  # body bytes received so far in chunk mode
+        self._events: deque[_Event] = deque()
+        self._error: ProtocolError | None = None
+        self._eof = False
+
+    # -- input --------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
+        self._check_usable()
+        chunks = self._chunks
+        if chunks is not None:
+            chunk = chunks[-1]
+            if self._fill == len(chunk):
+                chunk = bytearray(
+                    min(self._length - self._received, max(self._received, _FIRST_CHUNK))
+                )
+                chunks.append(chunk)
+                self._fill = 0
+            return memoryview(chunk)[self._fill :]
+        if self._end == _SCRATCH_SIZE:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Commit ``nbytes`` written at the start of the last buffer lent."""
+        if nbytes <= 0:
+            return
+        if self._chunks is not None:
+            self._fill += nbytes
+            self._received += nbytes
+            if self._received == self._length:
+                chunks = self._chunks
+                self._chunks = None
+                self._field_done(bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks))
+                self._parse()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: bytes) -> None:
+        """Push bytes received from the peer; ``b""`` means end of stream."""
+        if not data:
+            self.receive_eof()
+            return
+        src = memoryview(data)
+        while src:
+            with self.get_buffer() as dst:
+                n = min(len(dst), len(src))
+                dst[:n] = src[:n]
+            src = src[n:]
+            self.buffer_updated(n)
+
+    def receive_eof(self) -> None:
+        """The peer will send nothing more."""
+        self._eof = True
+
+    # -- output -------------------------------------------------------------------------
+
+    def next_event(self) -> _Event | None:
+        """The next complete frame, or None when more bytes are needed."""
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has arrived and the rest has not."""
+        return bool(self._fields) or self._length >= 0 or self._end > self._start
+
+    @property
+    def eof(self) -> bool:
+        """True once :meth:`receive_eof` was called."""
+        return self._eof
+
+    def bytes_in_frame(self) -> int:
+        """How many bytes of the unfinished frame have arrived (for error messages)."""
+        held = sum(4 + len(f) for f in self._fields) + (self._end - self._start)
+        if self._chunks is not None:
+            held += 4 + self._received
+        elif self._length >= 0:
+            held += 4
+        return held
+
+    # -- parser -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise ProtocolError(f"decoder unusable after an earlier error: {self._error}")
+        if self._eof:
+            raise ProtocolError("data after end of stream")
+
+    def _fail(self, error: ProtocolError) -> ProtocolError:
+        self._error = error
+        return error
+
+    def _compact(self) -> None:
+        start, end = self._start, self._end
+        if start:
+            self._scratch[: end - start] = self._view[start:end]
+            self._start, self._end = 0, end - start
+
+    def _field_done(self, body: bytes) -> None:
+        self._length = -1
+        self._fields.append(body)
+        if len(self._fields) == len(self._names) and not self._trailer:
+            self._frame_done(None)
+
+    def _frame_done(self, trailer: int | None) -> None:
+        fields = self._fields
+        self._fields = []
+        self._events.append(self._make_event(fields, trailer))
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> _Event:
+        raise NotImplementedError
+
+    def _on_too_large(self, length: int, limit: int) -> None:
+        raise self._fail(FrameTooLarge(self._names[len(self._fields)], length, limit))
+
+    def _parse(self) -> None:
+        view = self._view
+        start, end = self._start, self._end
+        nfields = len(self._names)
+        while True:
+            length = self._length
+            if length < 0:
+                if len(self._fields) == nfields:  # only the trailing byte is missing
+                    if start == end:
+                        break
+                    trailer = view[start]
+                    start += 1
+                    self._frame_done(trailer)
+                    continue
+                if end - start < 4:
+                    break
+                (length,) = _unpack_u32(view, start)
+                start += 4
+                limit = self._limits[len(self._fields)]
+                if length > limit:
+                    self._start = start
+                    self._end = end
+                    self._on_too_large(length, limit)
+                    return
+                self._length = length
+            available = end - start
+            if length <= available:
+                body = view[start : start + length].tobytes() if length else b""
+                start += length
+                self._field_done(body)
+                continue
+            if length > _INLINE_MAX:
+                first = bytearray(min(length, max(_FIRST_CHUNK, available)))
+                first[:available] = view[start:end]
+                self._chunks = [first]
+                self._fill = available
+                self._received = available
+                start = end = 0
+            break
+        if start == end:
+            start = end = 0
+        self._start = start
+        self._end = end
+
+
+class ResultDecoder(_FrameDecoder[CommandResult]):
+    """Decodes result frames (guest to host) into :class:`CommandResult` events."""
+
+    _names = ("stdout", "stderr")
+    _trailer = True
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        super().__init__((limits.max_stdout, limits.max_stderr))
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> CommandResult:
+        assert trailer is not None
+        return CommandResult(fields[0], fields[1], trailer)
+
+    def partial_output(self) -> tuple[bytes, bytes]:
+        """The stdout and stderr bytes of the unfinished frame that have arrived so far."""
+        fields = list(self._fields)
+        if len(fields) < 2:
+            if self._chunks is not None:
+                tail = b"".join(self._chunks)[: self._received]
+            elif self._length >= 0:
+                tail = self._view[self._start : self._end].tobytes()
+            else:
+                tail = b""
+            fields.append(tail)
+        while len(fields) < 2:
+            fields.append(b"")
+        return fields[0], fields[1]
+
+
+class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
+    """Decodes command frames (host to guest) into :class:`Command` events.
+
+    With ``skip_oversized=True`` (what an agent wants) a command above the
+    limit is read and dropped piece by piece, then reported as one
+    :class:`OversizedCommand` event, so the stream stays in step.
+    """
+
+    _names = ("command",)
+    _trailer = False
+
+    def __init__(self, max_command: int = Limits().max_command, *, skip_oversized: bool = False):
+        super().__init__((max_command,))
+        self._skip_oversized = skip_oversized
+        self._skipping = 0
+        self._skipped: OversizedCommand | None = None
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> Command:
+        return Command(fields[0])
+
+    @property
+    def in_frame(self) -> bool:
+        return self._skipping > 0 or super().in_frame
+
+    def _on_too_large(self, length: int, limit: int) -> None:
+        if not self._skip_oversized:
+            super()._on_too_large(length, limit)
+        self._skipped = OversizedCommand(length, limit)
+        self._skipping = length
+        self._discard_scratch()
+
+    def _discard_scratch(self) -> None:
+        n = min(self._skipping, self._end - self._start)
+        self._skipping -= n
+        self._start += n
+        if self._skipping == 0:
+            assert self._skipped is not None
+            self._events.append(self._skipped)
+            self._skipped = None
+            self._parse()
+        elif self._start == self._end:
+            self._start = self._end = 0
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._skipping:
+            self._check_usable()
+            return self._view[: min(self._skipping, _SCRATCH_SIZE)]
+        return super().get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._skipping and nbytes > 0:
+            self._start, self._end = 0, nbytes
+            self._discard_scratch()
+            return
+        super().buffer_updated(nbytes)
