@@ -1,0 +1,260 @@
+"""The sans-I/O v1 codec, with no event loop: whole frames, byte by byte, random chunkings."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vsock_async import CommandResult, FrameTooLarge, Limits, ProtocolError, UsageError
+from vsock_async.protocol import (
+    Command,
+    CommandDecoder,
+    OversizedCommand,
+    ResultDecoder,
+    encode_command,
+    encode_result,
+    result_frame_parts,
+)
+
+
+def feed_chunks(decoder: ResultDecoder | CommandDecoder, data: bytes, cuts: list[int]) -> None:
+    """Feed ``data`` split at ``cuts``."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in zip(points, points[1:], strict=False):
+        decoder.receive_data(data[a:b])
+
+
+def feed_via_buffer(decoder: ResultDecoder | CommandDecoder, data: bytes, step: int) -> None:
+    """Feed ``data`` the way a BufferedProtocol does: write into lent memory, then commit."""
+    pos = 0
+    while pos < len(data):
+        buf = decoder.get_buffer(-1)
+        n = min(len(buf), step, len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        buf.release()
+        decoder.buffer_updated(n)
+        pos += n
+
+
+def drain(decoder: ResultDecoder | CommandDecoder) -> list[object]:
+    events = []
+    while (event := decoder.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+# -- encoders ---------------------------------------------------------------------------
+
+
+def test_command_frame_is_length_prefixed_big_endian() -> None:
+    assert encode_command(b"uname -a") == b"\x00\x00\x00\x08uname -a"
+    assert encode_command(b":") == b"\x00\x00\x00\x01:"
+    assert encode_command(b"") == b"\x00\x00\x00\x00"
+
+
+def test_result_frame_layout() -> None:
+    assert encode_result(b"out", b"er", 7) == b"\0\0\0\x03out\0\0\0\x02er\x07"
+    assert encode_result(b"", b"", 0) == b"\0\0\0\0\0\0\0\0\0"
+    assert b"".join(result_frame_parts(b"a", b"", 255)) == b"\0\0\0\x01a\0\0\0\0\xff"
+
+
+@pytest.mark.parametrize("code", [-1, 256, 1000])
+def test_result_exit_code_must_fit_one_byte(code: int) -> None:
+    with pytest.raises(UsageError, match="outside 0..255"):
+        encode_result(b"", b"", code)
+
+
+def test_limits_reject_nonsense() -> None:
+    with pytest.raises(UsageError, match="max_stdout"):
+        Limits(max_stdout=-1)
+    with pytest.raises(UsageError, match="max_command"):
+        Limits(max_command=1 << 40)
+
+
+# -- result decoder ---------------------------------------------------------------------
+
+RESULTS = [
+    (b"", b"", 0),
+    (b"hello\n", b"", 0),
+    (b"", b"boom", 1),
+    (b"x" * 5000, b"y" * 3, 255),  # body above the inline size
+    (bytes(range(256)) * 400, b"\0" * 70_000, 42),  # bodies spanning several chunks
+]
+
+
+@pytest.mark.parametrize("result", RESULTS)
+def test_result_whole_and_byte_by_byte(result: tuple[bytes, bytes, int]) -> None:
+    frame = encode_result(*result)
+    whole = ResultDecoder()
+    whole.receive_data(frame)
+    assert drain(whole) == [CommandResult(*result)]
+    assert not whole.in_frame
+
+    if len(frame) < 20_000:
+        bytewise = ResultDecoder()
+        for i in range(len(frame)):
+            assert bytewise.next_event() is None
+            bytewise.receive_data(frame[i : i + 1])
+        assert drain(bytewise) == [CommandResult(*result)]
+
+
+@pytest.mark.parametrize("step", [1, 3, 4096, 8192, 100_000])
+def test_result_through_lent_buffers(step: int) -> None:
+    frames = [encode_result(*r) for r in RESULTS]
+    decoder = ResultDecoder()
+    for frame in frames:
+        feed_via_buffer(decoder, frame, step)
+    assert drain(decoder) == [CommandResult(*r) for r in RESULTS]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    results=st.lists(
+        st.tuples(st.binary(max_size=12_000), st.binary(max_size=300), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_result_any_chunking(results: list[tuple[bytes, bytes, int]], cuts: list[int]) -> None:
+    data = b"".join(encode_result(*r) for r in results)
+    decoder = ResultDecoder()
+    feed_chunks(decoder, data, cuts)
+    assert drain(decoder) == [CommandResult(*r) for r in results]
+    assert not decoder.in_frame
+
+
+def test_oversized_stdout_fails_before_allocating() -> None:
+    decoder = ResultDecoder(Limits(max_stdout=10))
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.receive_data(b"\x00\x00\x00\x0b")
+    assert (info.value.what, info.value.length, info.value.limit) == ("stdout", 11, 10)
+    assert "limit of 10 bytes" in str(info.value)
+    with pytest.raises(ProtocolError, match="unusable"):
+        decoder.receive_data(b"x")
+
+
+def test_oversized_stderr_named_in_error() -> None:
+    decoder = ResultDecoder(Limits(max_stderr=2))
+    with pytest.raises(FrameTooLarge, match="stderr of 3 bytes"):
+        decoder.receive_data(b"\0\0\0\0\0\0\0\x03")
+
+
+def test_length_bomb_allocates_only_what_arrives() -> None:
+    decoder = ResultDecoder()  # 64 MiB default limit
+    decoder.receive_data(b"\x03\xff\xff\xff"[:1] + b"\xff\xff\xff")  # 0x03ffffff: 64 MiB - 1
+    decoder.receive_data(b"a" * 100)
+    held = sum(len(c) for c in decoder._chunks or [])
+    assert held <= 64 * 1024  # the first chunk, not the 64 MiB the prefix claims
+    assert decoder.in_frame
+
+
+def test_chunks_grow_with_what_arrived() -> None:
+    decoder = ResultDecoder()
+    decoder.receive_data(b"\x01\x00\x00\x00")  # 16 MiB announced
+    received = 0
+    for _ in range(40):
+        decoder.receive_data(b"q" * 10_000)
+        received += 10_000
+        held = sum(len(c) for c in decoder._chunks or [])
+        assert held <= 2 * received + 64 * 1024
+
+
+def test_truncated_frame_is_reported_in_frame() -> None:
+    frame = encode_result(b"abc", b"de", 1)
+    for cut in range(1, len(frame)):
+        decoder = ResultDecoder()
+        decoder.receive_data(frame[:cut])
+        decoder.receive_eof()
+        assert decoder.next_event() is None
+        assert decoder.in_frame
+        assert decoder.bytes_in_frame() == cut
+
+
+def test_data_after_eof_is_an_error() -> None:
+    decoder = ResultDecoder()
+    decoder.receive_data(b"")
+    assert decoder.eof
+    with pytest.raises(ProtocolError, match="after end of stream"):
+        decoder.receive_data(b"x")
+
+
+def test_partial_output_shows_what_arrived() -> None:
+    decoder = ResultDecoder()
+    decoder.receive_data(b"\0\0\0\x05hel")
+    assert decoder.partial_output() == (b"hel", b"")
+    decoder.receive_data(b"lo\0\0\0\x04er")
+    assert decoder.partial_output() == (b"hello", b"er")
+    big = ResultDecoder()
+    big.receive_data(b"\0\x01\0\0" + b"k" * 9000)
+    assert big.partial_output() == (b"k" * 9000, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0), max_size=10))
+def test_garbage_gives_results_or_protocol_errors(garbage: bytes, cuts: list[int]) -> None:
+    decoder = ResultDecoder(Limits(max_stdout=64, max_stderr=64))
+    try:
+        feed_chunks(decoder, garbage, cuts)
+    except ProtocolError:
+        return
+    for event in drain(decoder):
+        assert isinstance(event, CommandResult)
+        assert len(event.stdout) <= 64 and len(event.stderr) <= 64
+
+
+# -- command decoder --------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    commands=st.lists(st.binary(max_size=10_000), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_command_any_chunking(commands: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(encode_command(c) for c in commands)
+    decoder = CommandDecoder()
+    feed_chunks(decoder, data, cuts)
+    assert drain(decoder) == [Command(c) for c in commands]
+
+
+def test_command_byte_by_byte() -> None:
+    data = encode_command(b"uname -a") + encode_command(b":")
+    decoder = CommandDecoder()
+    events = []
+    for i in range(len(data)):
+        decoder.receive_data(data[i : i + 1])
+        events += drain(decoder)
+    assert events == [Command(b"uname -a"), Command(b":")]
+
+
+def test_oversized_command_is_fatal_by_default() -> None:
+    decoder = CommandDecoder(max_command=4)
+    with pytest.raises(FrameTooLarge, match="command of 5 bytes"):
+        decoder.receive_data(encode_command(b"12345"))
+
+
+@pytest.mark.parametrize("step", [1, 7, 8192, 1 << 20])
+def test_oversized_command_is_skipped_in_pieces(step: int) -> None:
+    body = b"A" * (300 if step == 1 else 50_000)
+    data = encode_command(body) + encode_command(b"next") + encode_command(b"C" * 101)
+    decoder = CommandDecoder(max_command=100, skip_oversized=True)
+    feed_via_buffer(decoder, data, step)
+    assert drain(decoder) == [
+        OversizedCommand(len(body), 100),
+        Command(b"next"),
+        OversizedCommand(101, 100),
+    ]
+
+
+def test_skipping_never_lends_more_than_the_rest_of_the_body() -> None:
+    decoder = CommandDecoder(max_command=10, skip_oversized=True)
+    decoder.receive_data(b"\0\0\0\x14" + b"x" * 5)  # 20 announced, 5 arrived
+    buf = decoder.get_buffer(-1)
+    assert len(buf) == 15
+    buf.release()
+    assert decoder.in_frame
+    decoder.receive_data(b"y" * 15 + encode_command(b"ok"))
+    assert drain(decoder) == [OversizedCommand(20, 10), Command(b"ok")]
+    assert not decoder.in_frame
