@@ -43,7 +43,7 @@ async def echo_handler(command: bytes) -> Answer:
     return command, b"stderr:" + command, 3
 
 
-class TestGuest:
+class ScriptedGuest:
     """A guest that dials ``path`` (unix) or ``(host, port)`` (tcp) and answers with ``handler``."""
 
     def __init__(self, handler: Handler = echo_handler) -> None:
