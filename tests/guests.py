@@ -4,6 +4,7 @@ protocol encoders, or misbehave on purpose."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -95,7 +96,5 @@ class ScriptedGuest:
             self.writer.close()
         if self.task is not None:
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
-            except (asyncio.CancelledError, Exception):
-                pass

@@ -28,7 +28,7 @@ from vsock_async import (
 )
 from vsock_async.protocol import encode_result
 
-from .guests import Answer, Handler, Raw, Silent, ScriptedGuest, echo_handler
+from .guests import Answer, Handler, Raw, ScriptedGuest, Silent, echo_handler
 
 
 @dataclass
@@ -138,7 +138,7 @@ async def test_several_guests_at_once(setup: Setup) -> None:
     assert len(setup.server.channels) == 5
     results = await asyncio.gather(*(ch.run(f"guest {i}") for i, (ch, _) in enumerate(pairs)))
     assert [r.stdout for r in results] == [f"guest {i}".encode() for i in range(5)]
-    for channel, guest in pairs:
+    for _, guest in pairs:
         assert len(guest.commands) == 1 and guest.commands[0] in [r.stdout for r in results]
         await guest.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ from vsock_async.protocol import (
 def feed_chunks(decoder: ResultDecoder | CommandDecoder, data: bytes, cuts: list[int]) -> None:
     """Feed ``data`` split at ``cuts``."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         decoder.receive_data(data[a:b])
 
 
@@ -61,7 +63,7 @@ def test_result_frame_layout() -> None:
 
 @pytest.mark.parametrize("code", [-1, 256, 1000])
 def test_result_exit_code_must_fit_one_byte(code: int) -> None:
-    with pytest.raises(UsageError, match="outside 0..255"):
+    with pytest.raises(UsageError, match=r"outside 0\.\.255"):
         encode_result(b"", b"", code)
 
 
