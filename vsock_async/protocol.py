@@ -242,7 +242,8 @@ class _FrameDecoder(Generic[_Event]):
     def _make_event(self, fields: list[bytes], trailer: int | None) -> _Event:
         raise NotImplementedError
 
-    def _on_too_large(self, length: int, limit: int) -> None:
+    def _on_too_large(self, length: int, limit: int) -> bool:
+        """Handle a prefix above the limit; True if parsing goes on at ``self._start``."""
         raise self._fail(FrameTooLarge(self._names[len(self._fields)], length, limit))
 
     def _parse(self) -> None:
@@ -267,8 +268,10 @@ class _FrameDecoder(Generic[_Event]):
                 if length > limit:
                     self._start = start
                     self._end = end
-                    self._on_too_large(length, limit)
-                    return
+                    if not self._on_too_large(length, limit):
+                        return
+                    start, end = self._start, self._end
+                    continue
                 self._length = length
             available = end - start
             if length <= available:
@@ -344,14 +347,15 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
     def in_frame(self) -> bool:
         return self._skipping > 0 or super().in_frame
 
-    def _on_too_large(self, length: int, limit: int) -> None:
+    def _on_too_large(self, length: int, limit: int) -> bool:
         if not self._skip_oversized:
-            super()._on_too_large(length, limit)
+            return super()._on_too_large(length, limit)
         self._skipped = OversizedCommand(length, limit)
         self._skipping = length
-        self._discard_scratch()
+        return self._discard_scratch()
 
-    def _discard_scratch(self) -> None:
+    def _discard_scratch(self) -> bool:
+        """Drop buffered bytes of the skipped body; True once all of it is gone."""
         n = min(self._skipping, self._end - self._start)
         self._skipping -= n
         self._start += n
@@ -359,9 +363,10 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
             assert self._skipped is not None
             self._events.append(self._skipped)
             self._skipped = None
-            self._parse()
-        elif self._start == self._end:
+            return True
+        if self._start == self._end:
             self._start = self._end = 0
+        return False
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._skipping:
@@ -372,6 +377,7 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
     def buffer_updated(self, nbytes: int) -> None:
         if self._skipping and nbytes > 0:
             self._start, self._end = 0, nbytes
-            self._discard_scratch()
+            if self._discard_scratch():
+                self._parse()
             return
         super().buffer_updated(nbytes)
