@@ -1,0 +1,271 @@
+"""Hostile bytes into both decoders, in any chunking, through both input paths.
+
+Every decoder is checked against a reference parser written in the plainest
+way over the whole byte string: the frames that come out must be exactly
+the reference's, and the only exception ever raised is the one it predicts
+(``FrameTooLarge``/``ProtocolError``). After every step the memory the
+decoder holds is measured and must stay within the limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vsock_async import CommandResult, FrameTooLarge, Limits, ProtocolError
+from vsock_async.protocol import (
+    Command,
+    CommandDecoder,
+    OversizedCommand,
+    ResultDecoder,
+    encode_command,
+    encode_result,
+)
+
+from .conftest import Scale
+
+Decoder = ResultDecoder | CommandDecoder
+Event = CommandResult | Command | OversizedCommand
+
+# What a decoder may hold beyond the body it is assembling: its fixed scratch
+# buffer, and the first chunk it allocates for a body that does not fit it.
+SCRATCH = 8 * 1024
+FIRST_CHUNK = 64 * 1024
+
+
+@dataclass
+class Expected:
+    """What the reference parser makes of a whole byte string."""
+
+    events: list[Event]
+    error: type[ProtocolError] | None  # the error the stream must end in, if any
+
+
+def reference_results(data: bytes, limits: Limits) -> Expected:
+    """Result frames, parsed the obvious way."""
+    events: list[Event] = []
+    pos = 0
+    while True:
+        fields = []
+        for limit in (limits.max_stdout, limits.max_stderr):
+            if len(data) - pos < 4:
+                return Expected(events, None)
+            (n,) = struct.unpack_from(">I", data, pos)
+            if n > limit:
+                return Expected(events, FrameTooLarge)
+            if len(data) - pos - 4 < n:
+                return Expected(events, None)
+            fields.append(data[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        if pos == len(data):
+            return Expected(events, None)
+        events.append(CommandResult(fields[0], fields[1], data[pos]))
+        pos += 1
+
+
+def reference_commands(data: bytes, limit: int, skip_oversized: bool) -> Expected:
+    """Command frames, parsed the obvious way."""
+    events: list[Event] = []
+    pos = 0
+    while len(data) - pos >= 4:
+        (n,) = struct.unpack_from(">I", data, pos)
+        if n > limit and not skip_oversized:
+            return Expected(events, FrameTooLarge)
+        if len(data) - pos - 4 < n:
+            break
+        events.append(
+            OversizedCommand(n, limit) if n > limit else Command(data[pos + 4 : pos + 4 + n])
+        )
+        pos += 4 + n
+    return Expected(events, None)
+
+
+def held_bytes(decoder: Decoder) -> tuple[int, int]:
+    """(bytes of the body being assembled in chunks, bytes of finished fields) the decoder holds."""
+    chunks = decoder._chunks or []
+    return sum(len(c) for c in chunks), sum(len(f) for f in decoder._fields)
+
+
+def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
+    """The decoder holds no more than its limits allow, nor much more than has arrived."""
+    assert len(decoder._scratch) == SCRATCH
+    in_chunks, in_fields = held_bytes(decoder)
+    if decoder._chunks is not None:
+        limit = limits[len(decoder._fields)]
+        assert in_chunks <= decoder._length <= limit
+        assert in_chunks <= 2 * decoder._received + FIRST_CHUNK
+    assert in_fields <= sum(limits)
+    skipping = getattr(decoder, "_skipping", 0)
+    assert skipping == 0 or decoder._chunks is None  # a skipped body is never kept
+
+
+Feeder = Callable[[Decoder, bytes], None]
+
+
+def push(decoder: Decoder, piece: bytes) -> None:
+    decoder.receive_data(piece)
+
+
+def lend(decoder: Decoder, piece: bytes) -> None:
+    """The BufferedProtocol path: write into the lent memory, commit, repeat."""
+    pos = 0
+    while pos < len(piece):
+        with decoder.get_buffer(-1) as buf:
+            assert len(buf) > 0, "an empty buffer would make asyncio fail the connection"
+            n = min(len(buf), len(piece) - pos)
+            buf[:n] = piece[pos : pos + n]
+        decoder.buffer_updated(n)
+        pos += n
+
+
+def run_decoder(
+    decoder: Decoder, data: bytes, cuts: list[int], feed: Feeder, limits: tuple[int, ...]
+) -> tuple[list[Event], ProtocolError | None]:
+    """Feed ``data`` split at ``cuts``; collect events until the first error."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    events: list[Event] = []
+    for a, b in itertools.pairwise(points):
+        try:
+            feed(decoder, data[a:b])
+        except ProtocolError as exc:
+            while (event := decoder.next_event()) is not None:
+                events.append(event)
+            return events, exc
+        while (event := decoder.next_event()) is not None:
+            events.append(event)
+        check_memory(decoder, limits)
+    return events, None
+
+
+def assert_matches(expected: Expected, events: list[Event], error: ProtocolError | None) -> None:
+    assert events == expected.events
+    if expected.error is None:
+        assert error is None
+    else:
+        assert type(error) is expected.error
+
+
+def assert_unusable(decoder: Decoder) -> None:
+    """A decoder that failed refuses more input with ProtocolError, never anything else."""
+    with pytest.raises(ProtocolError):
+        decoder.receive_data(b"\0\0\0\0")
+    with pytest.raises(ProtocolError):
+        decoder.get_buffer(-1)
+
+
+# Small limits so that random bytes hit them often; a zero limit is legal too.
+small_limit = st.integers(min_value=0, max_value=6000)
+cuts = st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=40)
+feeders = st.sampled_from([push, lend])
+
+
+def frames_and_noise(encoder: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    """Byte strings made of valid frames, random bytes and raw length prefixes, mixed."""
+    piece = st.one_of(
+        encoder,
+        st.binary(max_size=64),
+        st.integers(min_value=0, max_value=0xFFFF_FFFF).map(lambda n: struct.pack(">I", n)),
+        st.integers(min_value=0, max_value=9000).map(lambda n: struct.pack(">I", n)),
+    )
+    return st.lists(piece, max_size=12).map(b"".join)
+
+
+body = st.one_of(st.binary(max_size=40), st.integers(0, 9000).map(lambda n: b"x" * n))
+result_frames = st.builds(encode_result, body, body, st.integers(0, 255))
+command_frames = st.builds(encode_command, body)
+
+_fuzz = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+
+
+def test_result_decoder_on_hostile_bytes(scale: Scale) -> None:
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(small_limit, small_limit, frames_and_noise(result_frames), cuts, feeders)
+    def check(max_out: int, max_err: int, data: bytes, cuts: list[int], feed: Feeder) -> None:
+        limits = Limits(max_stdout=max_out, max_stderr=max_err)
+        decoder = ResultDecoder(limits)
+        events, error = run_decoder(decoder, data, cuts, feed, (max_out, max_err))
+        assert_matches(reference_results(data, limits), events, error)
+        for event in events:
+            assert isinstance(event, CommandResult)
+            assert len(event.stdout) <= max_out and len(event.stderr) <= max_err
+            assert event.exit_code is not None and 0 <= event.exit_code <= 255
+        if error is not None:
+            assert_unusable(decoder)
+
+    check()
+
+
+@pytest.mark.parametrize("skip_oversized", [False, True])
+def test_command_decoder_on_hostile_bytes(scale: Scale, skip_oversized: bool) -> None:
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(small_limit, frames_and_noise(command_frames), cuts, feeders)
+    def check(limit: int, data: bytes, cuts: list[int], feed: Feeder) -> None:
+        decoder = CommandDecoder(limit, skip_oversized=skip_oversized)
+        events, error = run_decoder(decoder, data, cuts, feed, (limit,))
+        assert_matches(reference_commands(data, limit, skip_oversized), events, error)
+        if error is not None:
+            assert_unusable(decoder)
+
+    check()
+
+
+@pytest.mark.parametrize("feed", [push, lend])
+def test_valid_results_survive_any_chunking(scale: Scale, feed: Feeder) -> None:
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(st.lists(st.tuples(body, body, st.integers(0, 255)), max_size=6), cuts)
+    def check(results: list[tuple[bytes, bytes, int]], cuts: list[int]) -> None:
+        data = b"".join(encode_result(*r) for r in results)
+        decoder = ResultDecoder(Limits(max_stdout=9000, max_stderr=9000))
+        events, error = run_decoder(decoder, data, cuts, feed, (9000, 9000))
+        assert error is None
+        assert events == [CommandResult(*r) for r in results]
+        assert not decoder.in_frame
+
+    check()
+
+
+@pytest.mark.parametrize("feed", [push, lend])
+def test_many_oversized_commands_in_one_read_are_all_skipped(feed: Feeder) -> None:
+    """Found a RecursionError: each skipped command re-entered the parser once per frame."""
+    limit = 0
+    data = encode_command(b"x") * 3000 + encode_command(b"")
+    decoder = CommandDecoder(limit, skip_oversized=True)
+    events, error = run_decoder(decoder, data, [], feed, (limit,))
+    assert error is None
+    assert events == [OversizedCommand(1, 0)] * 3000 + [Command(b"")]
+
+
+@pytest.mark.parametrize("feed", [push, lend])
+def test_length_bomb_below_the_limit_holds_about_what_arrived(feed: Feeder) -> None:
+    """A prefix just under a big limit, then a trickle: memory follows the bytes, not the prefix."""
+    limit = 64 * 1024 * 1024
+    decoder = ResultDecoder(Limits(max_stdout=limit))
+    feed(decoder, struct.pack(">I", limit))
+    arrived = 0
+    for size in (1, 100, 5000, 70_000, 300_000):
+        feed(decoder, b"y" * size)
+        arrived += size
+        in_chunks, _ = held_bytes(decoder)
+        assert in_chunks <= 2 * arrived + FIRST_CHUNK
+        check_memory(decoder, (limit, limit))
+    assert decoder.next_event() is None
+
+
+@pytest.mark.parametrize("announced", [0xFFFF_FFFF, 64 * 1024 * 1024 + 1])
+def test_length_bomb_above_the_limit_fails_before_allocating(announced: int) -> None:
+    decoder = ResultDecoder()
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.receive_data(struct.pack(">I", announced))
+    assert info.value.length == announced and info.value.what == "stdout"
+    assert held_bytes(decoder) == (0, 0)
+    assert_unusable(decoder)
