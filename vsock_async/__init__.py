@@ -60,6 +60,9 @@ from .errors import (
     FrameTooLarge as FrameTooLarge,
 )
 from .errors import (
+    GuestBusy as GuestBusy,
+)
+from .errors import (
     InvalidAddress as InvalidAddress,
 )
 from .errors import (
@@ -75,11 +78,16 @@ from .errors import (
     ProtocolError as ProtocolError,
 )
 from .errors import (
+    UnknownGuest as UnknownGuest,
+)
+from .errors import (
     UsageError as UsageError,
 )
 from .errors import (
     VsockAsyncError as VsockAsyncError,
 )
+from .guests import Guest as Guest
+from .guests import GuestEvent as GuestEvent
 from .protocol import Limits as Limits
 from .results import CommandResult as CommandResult
 from .server import CommandServer as CommandServer
@@ -100,7 +108,10 @@ __all__ = [
     "ConnectionClosed",
     "DeadlineExceeded",
     "FrameTooLarge",
+    "Guest",
+    "GuestBusy",
     "GuestChannel",
+    "GuestEvent",
     "HybridVsockAddress",
     "InvalidAddress",
     "Limits",
@@ -111,6 +122,7 @@ __all__ = [
     "TcpAddress",
     "UnixAddress",
     "UnixSocketOptions",
+    "UnknownGuest",
     "UsageError",
     "VsockAddress",
     "VsockAsyncError",

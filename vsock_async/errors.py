@@ -9,6 +9,8 @@
     │   ├── ConnectionClosed            the connection is gone; the channel is unusable
     │   └── ProbeFailed                 ``:`` did not come back as exit 0 with no output
     ├── CommandFailed                   ``check=True`` and a non-zero exit code
+    ├── GuestBusy                       every connection of a guest is busy and ``wait=False``
+    ├── UnknownGuest                    no guest with that key is connected (also LookupError)
     ├── ConnectFailed                   a connection could not be made (also OSError)
     ├── ListenFailed                    a listening socket could not be set up (also OSError)
     ├── DeadlineExceeded                a deadline fired (also the built-in TimeoutError)
@@ -39,11 +41,13 @@ __all__ = [
     "ConnectionClosed",
     "DeadlineExceeded",
     "FrameTooLarge",
+    "GuestBusy",
     "InvalidAddress",
     "ListenFailed",
     "PeerError",
     "ProbeFailed",
     "ProtocolError",
+    "UnknownGuest",
     "UsageError",
     "VsockAsyncError",
 ]
@@ -93,6 +97,14 @@ class CommandFailed(VsockAsyncError):
         super().__init__(f"command {command!r} exited with code {result.exit_code}")
         self.command = command
         self.result = result
+
+
+class GuestBusy(VsockAsyncError):
+    """Every connection of the guest is busy and the call was asked not to wait."""
+
+
+class UnknownGuest(VsockAsyncError, LookupError):
+    """No guest with that key is connected."""
 
 
 class ConnectFailed(VsockAsyncError, OSError):

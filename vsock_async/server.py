@@ -1,14 +1,17 @@
-"""``listen()`` and ``CommandServer``: accept guest connections, with a CID allowlist."""
+"""``listen()`` and ``CommandServer``: accept guest connections on several addresses, keep the
+registry of connected guests, with a CID allowlist."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
+import weakref
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Hashable
 from types import TracebackType
 from typing import Any
 
@@ -24,12 +27,16 @@ from .addresses import (
     parse_address,
 )
 from .channel import DEFAULT_TIMEOUT, GuestChannel, check_timeout
-from .errors import AcceptTimeout, ConnectionClosed, UsageError
+from .errors import AcceptTimeout, ConnectionClosed, UnknownGuest, UsageError
+from .guests import Guest, GuestEvent
 from .protocol import Limits
 
-__all__ = ["CommandServer", "listen"]
+__all__ = ["CommandServer", "GuestCallback", "listen"]
 
 logger = logging.getLogger("vsock_async")
+
+GuestCallback = Callable[[GuestEvent], object]
+"""Called with each :class:`GuestEvent`; an awaitable it returns runs as a server task."""
 
 
 class _Listener:
@@ -62,11 +69,20 @@ class _Listener:
 
 
 class CommandServer:
-    """Accepts guest agents' connections and hands each out as a :class:`GuestChannel`.
+    """Accepts guest agents' connections on one or more addresses and keeps a guest registry.
 
-    Several guests may be connected at once. Use it as ``async with await
-    listen(...) as server`` (or ``async with listen(...)``); :meth:`aclose`
-    stops listening, closes every channel and removes socket files.
+    Each connection is a :class:`GuestChannel`; connections are grouped by
+    guest key (the CID on ``vsock://`` listeners, the listener's label
+    otherwise) into :class:`Guest` handles. Take connections one by one with
+    :meth:`accept`, or address guests by key with :meth:`guest` and
+    :meth:`wait_for_guest`; :meth:`subscribe` reports every connect and
+    disconnect. Use it as ``async with await listen(...) as server`` (or
+    ``async with listen(...)``); :meth:`aclose` stops listening, closes every
+    channel and removes socket files.
+
+    With ``replace_older=True`` a new connection of a guest closes the
+    guest's older ones (a rebooted or snapshot-restored VM whose old
+    connections the host has not noticed dying yet).
     """
 
     def __init__(
@@ -74,13 +90,21 @@ class CommandServer:
         *,
         limits: Limits | None = None,
         default_timeout: float | None = DEFAULT_TIMEOUT,
+        replace_older: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.default_timeout = check_timeout(default_timeout, "default_timeout")
+        self.replace_older = replace_older
         self._listeners: list[_Listener] = []
         self._channels: dict[int, GuestChannel] = {}
         self._pending: deque[GuestChannel] = deque()
         self._accept_waiters: deque[asyncio.Future[None]] = deque()
+        self._guests: dict[Hashable, Guest] = {}
+        # Handles of guests gone away that someone still holds: a reconnect revives them.
+        self._detached: weakref.WeakValueDictionary[Hashable, Guest] = weakref.WeakValueDictionary()
+        self._guest_waiters: list[tuple[Hashable, asyncio.Future[Guest]]] = []
+        self._subscribers: list[GuestCallback] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -102,6 +126,117 @@ class CommandServer:
         """Every open channel, accepted or not yet."""
         return list(self._channels.values())
 
+    # -- the guest registry --------------------------------------------------------------
+
+    @property
+    def guests(self) -> list[Guest]:
+        """Every guest with at least one open connection, in the order they connected."""
+        return [guest for guest in self._guests.values() if guest.connected]
+
+    def guest(self, key: Hashable) -> Guest:
+        """The connected guest with ``key``; a string of digits also finds a CID.
+
+        Raises :class:`UnknownGuest` when no such guest is connected.
+        """
+        guest = self._find_guest(key)
+        if guest is None or not guest.connected:
+            known = ", ".join(repr(g.key) for g in self.guests) or "none"
+            raise UnknownGuest(f"no guest {key!r} is connected (connected: {known})")
+        return guest
+
+    def _find_guest(self, key: Hashable) -> Guest | None:
+        guest = self._guests.get(key)
+        if guest is None and isinstance(key, str) and key.isdigit():
+            guest = self._guests.get(int(key))
+        return guest
+
+    async def wait_for_guest(self, key: Hashable, *, timeout: float | None = None) -> Guest:
+        """The guest ``key`` once it has an open connection; AcceptTimeout after ``timeout`` s."""
+        check_timeout(timeout)
+        if self._closed:
+            raise ConnectionClosed("the server is closed")
+        guest = self._find_guest(key)
+        if guest is not None and guest.connected:
+            return guest
+        waiter: asyncio.Future[Guest] = asyncio.get_running_loop().create_future()
+        entry = (key, waiter)
+        self._guest_waiters.append(entry)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                return waiter.result()
+            raise AcceptTimeout(
+                f"guest {key!r} did not connect to {self._describe()} within {timeout} s"
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._guest_waiters.remove(entry)
+
+    def subscribe(self, callback: GuestCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every connection that comes or goes; returns an unsubscribe.
+
+        The callback runs in the event loop as the connection arrives or
+        leaves, before any call can use it. If it returns an awaitable (an
+        ``async def`` callback), that runs as a task the server cancels on
+        :meth:`aclose`. Exceptions from callbacks are logged, never raised.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, event: GuestEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                outcome = callback(event)
+            except Exception:
+                logger.exception("guest event callback %r failed on %s", callback, event.kind)
+                continue
+            if inspect.isawaitable(outcome):
+                task = asyncio.ensure_future(outcome)
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("guest event callback task failed", exc_info=task.exception())
+
+    def _key_for(self, listener: _Listener, peer: Any) -> Hashable:
+        if isinstance(listener.address, VsockAddress) and isinstance(peer, tuple) and peer:
+            return int(peer[0])
+        return listener.label if listener.label is not None else str(listener.address)
+
+    def _register(self, channel: GuestChannel) -> Guest:
+        key = channel.key
+        guest = self._guests.get(key)
+        if guest is None:
+            guest = self._detached.pop(key, None) or Guest(
+                key, default_timeout=self.default_timeout
+            )
+            self._guests[key] = guest
+        older = guest.channels
+        guest.add_channel(channel)
+        if self.replace_older:
+            for old in older:
+                logger.info(
+                    "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
+                )
+                old.connection.abort(
+                    ConnectionClosed(
+                        f"connection {old.id} of guest {key!r} was replaced by connection"
+                        f" {channel.id}"
+                    )
+                )
+        for waiting_key, waiter in list(self._guest_waiters):
+            if not waiter.done() and (waiting_key == key or str(waiting_key) == str(key)):
+                waiter.set_result(guest)
+        return guest
+
     async def add_listener(
         self,
         address: str | Address,
@@ -111,10 +246,15 @@ class CommandServer:
         unix_options: UnixSocketOptions | None = None,
         backlog: int = 128,
     ) -> None:
-        """Start listening on one more address."""
+        """Start listening on one more address; ``label`` is its guest key (not for vsock://)."""
         if self._closed:
             raise UsageError("the server is closed")
         parsed = parse_address(address)
+        if label is not None and isinstance(parsed, VsockAddress):
+            raise UsageError(
+                f"label applies to unix:, hvsock: and tcp:// listeners, not {parsed}:"
+                " a vsock:// guest is known by its CID"
+            )
         cids: frozenset[int] | None = None
         if allowed_cids is not None:
             if not isinstance(parsed, VsockAddress):
@@ -152,27 +292,43 @@ class CommandServer:
                 )
                 conn.abort(ConnectionClosed(f"CID {cid} is not allowed"))
                 return
-        key: Any = listener.label
-        if key is None:
-            vsock = isinstance(listener.address, VsockAddress) and isinstance(peer, tuple)
-            key = peer[0] if vsock else str(listener.address)
         channel = GuestChannel(
-            conn, default_timeout=self.default_timeout, key=key, listener=str(listener.address)
+            conn,
+            default_timeout=self.default_timeout,
+            key=self._key_for(listener, peer),
+            listener=str(listener.address),
         )
         self._channels[channel.id] = channel
         self._pending.append(channel)
         conn.add_close_callback(lambda _: self._channel_gone(channel))
-        logger.info("guest connected: channel %s from %r on %s", channel.id, peer, listener.address)
+        logger.info(
+            "guest %r connected: channel %s from %r on %s",
+            channel.key,
+            channel.id,
+            peer,
+            listener.address,
+        )
+        guest = self._register(channel)
         for waiter in self._accept_waiters:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+        self._notify(GuestEvent("connected", guest, channel))
 
     def _channel_gone(self, channel: GuestChannel) -> None:
         self._channels.pop(channel.id, None)
         with contextlib.suppress(ValueError):
             self._pending.remove(channel)
-        logger.info("guest disconnected: channel %s (%s)", channel.id, channel.connection.error)
+        error = channel.connection.error
+        logger.info("guest %r disconnected: channel %s (%s)", channel.key, channel.id, error)
+        guest = self._guests.get(channel.key)
+        if guest is None:
+            return
+        guest.remove_channel(channel)
+        if not guest.connected:
+            del self._guests[channel.key]
+            self._detached[channel.key] = guest
+        self._notify(GuestEvent("disconnected", guest, channel, error))
 
     async def accept(self, timeout: float | None = None) -> GuestChannel:
         """The next guest connection not yet accepted; AcceptTimeout after ``timeout`` seconds."""
@@ -216,11 +372,19 @@ class CommandServer:
         for waiter in self._accept_waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        for _, guest_waiter in self._guest_waiters:
+            if not guest_waiter.done():
+                guest_waiter.set_exception(ConnectionClosed("the server is closing"))
         channels = list(self._channels.values())
         for channel in channels:
             channel.connection.abort(ConnectionClosed("the server is closing"))
         for channel in channels:
             await channel.wait_closed()
+        await asyncio.sleep(0)  # let the close callbacks report the disconnects
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for listener in self._listeners:
             if listener.server is not None:
                 await listener.server.wait_closed()
@@ -250,8 +414,11 @@ async def _listen(
     default_timeout: float | None,
     label: str | None,
     unix_options: UnixSocketOptions | None,
+    replace_older: bool,
 ) -> CommandServer:
-    server = CommandServer(limits=limits, default_timeout=default_timeout)
+    server = CommandServer(
+        limits=limits, default_timeout=default_timeout, replace_older=replace_older
+    )
     await server.add_listener(
         address, label=label, allowed_cids=allowed_cids, unix_options=unix_options
     )
@@ -266,11 +433,17 @@ def listen(
     default_timeout: float | None = DEFAULT_TIMEOUT,
     label: str | None = None,
     unix_options: UnixSocketOptions | None = None,
+    replace_older: bool = False,
 ) -> Opening[CommandServer]:
     """Listen for guest agents on ``address`` (default ``vsock://any:1024``).
 
     ``allowed_cids`` (vsock:// only) closes, at once and with a log line, any
-    connection from a CID outside it. ``label`` names the guest behind a
-    Unix or hybrid-vsock listener. Await it, or use it with ``async with``.
+    connection from a CID outside it. ``label`` is the guest key of a Unix,
+    hybrid-vsock or TCP listener (default: the address string); on vsock://
+    the key is the peer's CID. ``replace_older`` closes a guest's older
+    connections when a new one arrives. More addresses can be added with
+    :meth:`CommandServer.add_listener`. Await it, or use it with ``async with``.
     """
-    return Opening(_listen(address, allowed_cids, limits, default_timeout, label, unix_options))
+    return Opening(
+        _listen(address, allowed_cids, limits, default_timeout, label, unix_options, replace_older)
+    )
