@@ -1,0 +1,125 @@
+"""A guest that answers instantly: no process per command, canned results, many connections.
+
+``python -m benchmarks._guest --connect PATH [--connections N] [--bulk-bytes N]``
+
+It dials the host's Unix socket (the way an agent dials the host) and
+answers every v1 command frame at once: ``:`` with the empty exit-0 probe
+answer, ``bulk`` with ``--bulk-bytes`` bytes of stdout, anything else with
+``ok\\n``. One connection is served with a plain blocking loop, many with
+one ``selectors`` loop, so one process can stand in for hundreds of guests.
+Only Unix sockets: a benchmark never connects AF_VSOCK on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import selectors
+import socket
+import struct
+import sys
+import time
+
+_U32 = struct.Struct(">I")
+PROBE_ANSWER = b"\0\0\0\0\0\0\0\0\0"
+OK_ANSWER = _U32.pack(3) + b"ok\n" + _U32.pack(0) + b"\0"
+
+
+def _dial(path: str) -> socket.socket:
+    for _ in range(200):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            time.sleep(0.02)
+    raise SystemExit(f"guest: nothing listens on {path}")
+
+
+def _commands(buf: bytearray) -> list[bytes]:
+    """Take every complete command out of ``buf``, in order."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = _U32.unpack_from(buf)
+        if len(buf) < 4 + n:
+            break
+        out.append(bytes(buf[4 : 4 + n]))
+        del buf[: 4 + n]
+    return out
+
+
+def _answer(command: bytes) -> bytes:
+    return PROBE_ANSWER if command == b":" else OK_ANSWER
+
+
+def serve_one(sock: socket.socket, bulk: bytes) -> None:
+    """Answer on one blocking connection until the host closes it."""
+    bulk_head = _U32.pack(len(bulk))
+    bulk_tail = _U32.pack(0) + b"\0"
+    buf = bytearray()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        buf += data
+        for command in _commands(buf):
+            if command == b"bulk":
+                sock.sendall(bulk_head)
+                sock.sendall(bulk)
+                sock.sendall(bulk_tail)
+            else:
+                sock.sendall(_answer(command))
+
+
+def serve_many(socks: list[socket.socket]) -> None:
+    """Answer on many connections from one selector loop until all are closed."""
+    sel = selectors.DefaultSelector()
+    bufs: dict[socket.socket, bytearray] = {}
+    for sock in socks:
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ)
+        bufs[sock] = bytearray()
+    while bufs:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()
+                del bufs[sock]
+                continue
+            buf = bufs[sock]
+            buf += data
+            commands = _commands(buf)
+            if commands:
+                sock.setblocking(True)  # answers are tiny: a blocking send never waits long
+                sock.sendall(b"".join(map(_answer, commands)))
+                sock.setblocking(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--connect", required=True, help="Unix socket path of the host")
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--bulk-bytes", type=int, default=0)
+    args = parser.parse_args(argv)
+    bulk = bytes(range(256)) * (args.bulk_bytes // 256) + bytes(args.bulk_bytes % 256)
+    socks = [_dial(args.connect) for _ in range(args.connections)]
+    try:
+        if len(socks) == 1:
+            serve_one(socks[0], bulk)
+        else:
+            serve_many(socks)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

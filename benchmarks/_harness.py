@@ -1,0 +1,181 @@
+"""What every benchmark shares: alternating rounds, median-of-ratios summaries, the table, limits.
+
+A benchmark runs ``ours`` and its baselines in alternating rounds in one
+process (or one set of processes), so load from other work on the machine
+hits both sides alike. Each row quotes the median of the per-round ratios
+and their spread (min-max), never a ratio of medians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Row",
+    "Table",
+    "fresh_dir",
+    "guest_process",
+    "raise_nofile_limit",
+    "read_status_kib",
+    "reset_peak_rss",
+]
+
+# No benchmark ever connects AF_VSOCK on this machine; guests and children inherit the guard.
+os.environ.setdefault("VSOCK_ASYNC_FORBID_VSOCK_CONNECT", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Row:
+    """One comparison: our figure against a baseline's, one value per round each.
+
+    ``higher_is_better`` says how to read the unit (rates: yes; seconds, bytes: no);
+    the ratio is always ours/baseline for rates and baseline/ours for costs, so a
+    ratio above 1 always means we are ahead.
+    """
+
+    name: str
+    unit: str
+    ours: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    baseline_name: str = ""
+    higher_is_better: bool = True
+    target: float | None = None
+
+    def add(self, ours: float, baseline: float) -> None:
+        self.ours.append(ours)
+        self.baseline.append(baseline)
+
+    def ratios(self) -> list[float]:
+        pairs = zip(self.ours, self.baseline, strict=True)
+        if self.higher_is_better:
+            return [o / b for o, b in pairs if b > 0]
+        return [b / o for o, b in pairs if o > 0]
+
+
+@dataclass
+class Single:
+    """A figure with no baseline to compare against (memory per guest, for example)."""
+
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+    limit: float | None = None  # at most this much, when there is a target
+
+
+@dataclass
+class Table:
+    """The results of one benchmark, printed as a fixed-width table."""
+
+    title: str
+    rows: list[Row | Single] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, *args: object, **kwargs: object) -> Row:
+        r = Row(*args, **kwargs)  # type: ignore[arg-type]
+        self.rows.append(r)
+        return r
+
+    def single(self, *args: object, **kwargs: object) -> Single:
+        s = Single(*args, **kwargs)  # type: ignore[arg-type]
+        self.rows.append(s)
+        return s
+
+    def render(self) -> str:
+        lines = [f"== {self.title}"]
+        header = (
+            f"{'measure':<50} {'ours':>12} {'baseline':>12} {'ratio':>7}"
+            f" {'spread':>13} {'target':>8}  {'ok':<3} vs"
+        )
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in self.rows:
+            if isinstance(r, Single):
+                median = statistics.median(r.values) if r.values else float("nan")
+                spread = f"{_fmt(min(r.values))}-{_fmt(max(r.values))}" if r.values else ""
+                target = f"<={_fmt(r.limit)}" if r.limit is not None else ""
+                ok = "" if r.limit is None else ("yes" if median <= r.limit else "NO")
+                lines.append(
+                    f"{r.name + ' [' + r.unit + ']':<50} {_fmt(median):>12} {'':>12} {'':>7}"
+                    f" {spread:>13} {target:>8}  {ok:<3}"
+                )
+                continue
+            ratios = r.ratios()
+            if not ratios:
+                continue
+            ratio = statistics.median(ratios)
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            target = f">={r.target:.2f}" if r.target is not None else ""
+            ok = "" if r.target is None else ("yes" if ratio >= r.target else "NO")
+            lines.append(
+                f"{r.name + ' [' + r.unit + ']':<50} {_fmt(statistics.median(r.ours)):>12}"
+                f" {_fmt(statistics.median(r.baseline)):>12} {ratio:>6.2f}x {spread:>13}"
+                f" {target:>8}  {ok:<3} {r.baseline_name}"
+            )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@contextlib.contextmanager
+def fresh_dir() -> Iterator[str]:
+    """A private temporary directory for socket files, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="vsock-bench-") as path:
+        yield path
+
+
+@contextlib.contextmanager
+def guest_process(args: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python -m benchmarks._guest ARGS`` for the duration; killed (by its pid) after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks._guest", *args],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def read_status_kib(field_name: str) -> int:
+    """A ``kB`` figure from /proc/self/status (VmRSS, VmHWM, ...)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -1,0 +1,204 @@
+"""Benchmark 2: one large stdout (256 MiB by default) through one exchange, over a Unix socket.
+
+Each receiver runs in its own process so its memory can be measured on its
+own: before every exchange it resets its peak RSS (``/proc/self/clear_refs``
+``5``) and reports ``VmHWM`` minus the RSS it had just before. Ours is
+``GuestChannel.run()`` on a channel from ``listen()``/``accept()``. The
+baseline is a raw ``recv_into`` loop on the same kind of socket into a
+buffer allocated (and touched) once at start-up; a second baseline
+allocates its buffer inside the timed region, as any receiver that hands
+out a fresh result must.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import vsock_async
+
+from ._harness import REPO, Table, fresh_dir, guest_process, read_status_kib, reset_peak_rss
+
+NAME = "bulk"
+MiB = 1024 * 1024
+COMMAND_FRAME = b"\0\0\0\x04bulk"
+MODES = ("ours", "raw-preallocated", "raw-fresh")
+
+
+# -- receivers (each in its own process) ----------------------------------------------------
+
+
+def _measure(exchange: Callable[[], int]) -> dict[str, float]:
+    gc.collect()
+    idle = read_status_kib("VmRSS")
+    reset_peak_rss()
+    start = time.perf_counter()
+    size = exchange()
+    seconds = time.perf_counter() - start
+    peak = read_status_kib("VmHWM")
+    return {"seconds": seconds, "idle_kib": idle, "peak_kib": peak, "size": size}
+
+
+def _serve_commands(out: IO[str], exchange: Callable[[], int]) -> None:
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        out.write(json.dumps(_measure(exchange)) + "\n")
+        out.flush()
+
+
+def receive_ours(path: str, size: int, use_uvloop: bool) -> None:
+    if use_uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    limits = vsock_async.Limits(max_stdout=size)
+    server = loop.run_until_complete(vsock_async.listen(f"unix:{path}", limits=limits))
+    print("ready", flush=True)
+    channel = loop.run_until_complete(server.accept(timeout=60))
+
+    def exchange() -> int:
+        result = loop.run_until_complete(channel.run(b"bulk", timeout=600))
+        assert result.exit_code == 0 and type(result.stdout) is bytes
+        return len(result.stdout)
+
+    _serve_commands(sys.stdout, exchange)
+    loop.run_until_complete(server.aclose())
+    loop.close()
+
+
+def receive_raw(path: str, size: int, fresh: bool) -> None:
+    total = size + 9
+    keep = None if fresh else bytearray(total)  # bytearray(n) zero-fills: every page touched
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as lsock:
+        lsock.bind(path)
+        lsock.listen(1)
+        print("ready", flush=True)
+        conn, _ = lsock.accept()
+
+    def exchange() -> int:
+        buf = bytearray(total) if keep is None else keep
+        view = memoryview(buf)
+        conn.sendall(COMMAND_FRAME)
+        got = 0
+        while got < total:
+            n = conn.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("guest closed")
+            got += n
+        return int.from_bytes(buf[:4], "big")
+
+    with conn:
+        _serve_commands(sys.stdout, exchange)
+
+
+# -- the parent: alternate rounds over long-lived receivers -----------------------------------
+
+
+class _Receiver:
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+
+    def go(self) -> dict[str, float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("a bulk receiver died; see its stderr above")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _receiver(mode: str, path: str, size: int, use_uvloop: bool) -> Iterator[_Receiver]:
+    args = [sys.executable, "-m", "benchmarks.bulk", "--receiver", mode, "--path", path]
+    args += ["--size", str(size)] + (["--uvloop"] if use_uvloop else [])
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"bulk receiver {mode} did not start")
+        with guest_process(["--connect", path, "--bulk-bytes", str(size)]):
+            yield _Receiver(proc)
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(
+    quick: bool = False,
+    rounds: int | None = None,
+    bulk_mib: int | None = None,
+    use_uvloop: bool = False,
+) -> Table:
+    size = (bulk_mib or (1 if quick else 256)) * MiB
+    rounds = rounds or (2 if quick else 7)
+    loop_name = "uvloop" if use_uvloop else "default loop"
+    table = Table(f"2. bulk: one {size // MiB} MiB stdout, Unix socket, {loop_name}")
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    with contextlib.ExitStack() as stack, fresh_dir() as d:
+        receivers = {
+            m: stack.enter_context(_receiver(m, os.path.join(d, f"{m}.sock"), size, use_uvloop))
+            for m in MODES
+        }
+        for m in MODES:  # warm-up exchange, not counted
+            receivers[m].go()
+        for r in range(rounds):
+            k = r % len(MODES)
+            for m in MODES[k:] + MODES[:k]:
+                results[m].append(receivers[m].go())
+
+    def mib_s(m: str) -> list[float]:
+        return [x["size"] / MiB / x["seconds"] for x in results[m]]
+
+    for base, target in (("raw-preallocated", 0.9), ("raw-fresh", None)):
+        row = table.row(f"ours vs {base} recv_into", "MiB/s", baseline_name=base, target=target)
+        for o, b in zip(mib_s("ours"), mib_s(base), strict=True):
+            row.add(o, b)
+    limit = (2 * size + 32 * MiB) / MiB
+    for m in MODES:
+        peaks = [(x["peak_kib"] - x["idle_kib"]) / 1024 for x in results[m]]
+        table.single(
+            f"{m}: peak RSS above idle", "MiB", peaks, limit=limit if m == "ours" else None
+        )
+    table.notes.append(
+        "raw-preallocated reuses one buffer touched at start-up: it pays no page faults,"
+        " which any receiver handing out a fresh result must pay (raw-fresh shows that cost)"
+    )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--receiver", choices=MODES, required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args()
+    if args.receiver == "ours":
+        receive_ours(args.path, args.size, args.uvloop)
+    else:
+        receive_raw(args.path, args.size, fresh=args.receiver == "raw-fresh")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Benchmark 1: probe-sized exchanges per second on one connection, over a Unix socket.
+
+Ours is ``GuestChannel.probe()`` on a channel from ``listen()``/``accept()``.
+Baselines, each on its own connection to its own instant guest process:
+plain blocking sockets (``sendall`` then ``recv`` until the result is whole),
+and the floor of any asyncio design (a bare ``asyncio.Protocol`` that writes
+the frame and awaits one future under ``asyncio.wait_for``). Run on the
+default loop and, when installed, on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+
+import vsock_async
+
+from ._harness import Table, fresh_dir, guest_process
+
+NAME = "exchange"
+FRAME = b"\0\0\0\x01:"
+_U32 = struct.Struct(">I")
+
+
+class FloorProtocol(asyncio.Protocol):
+    """The least an asyncio client can do: write, and resolve one future per 9-byte answer."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) >= 9 and self.waiter is not None:
+            waiter, self.waiter, self.buf = self.waiter, None, b""
+            waiter.set_result(data)
+
+
+async def floor_rounds(proto: FloorProtocol, n: int) -> float:
+    loop = asyncio.get_running_loop()
+    assert proto.transport is not None
+    write = proto.transport.write
+    start = time.perf_counter()
+    for _ in range(n):
+        proto.waiter = fut = loop.create_future()
+        write(FRAME)
+        await asyncio.wait_for(fut, 10)
+    return n / (time.perf_counter() - start)
+
+
+async def ours_rounds(channel: vsock_async.GuestChannel, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        await channel.probe(timeout=10)
+    return n / (time.perf_counter() - start)
+
+
+def recv_result(sock: socket.socket) -> tuple[bytes, bytes, int]:
+    """Read one whole result frame with blocking ``recv`` calls."""
+    buf = sock.recv(65536)
+    while True:
+        if len(buf) >= 4:
+            (n1,) = _U32.unpack_from(buf)
+            if len(buf) >= 8 + n1:
+                (n2,) = _U32.unpack_from(buf, 4 + n1)
+                end = 9 + n1 + n2
+                if len(buf) >= end:
+                    return buf[4 : 4 + n1], buf[8 + n1 : end - 1], buf[end - 1]
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("guest closed")
+        buf += more
+
+
+def blocking_rounds(sock: socket.socket, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        sock.sendall(FRAME)
+        recv_result(sock)
+    return n / (time.perf_counter() - start)
+
+
+def _listener(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock
+
+
+@contextlib.contextmanager
+def _plain_connection(path: str) -> Iterator[socket.socket]:
+    with _listener(path) as lsock, guest_process(["--connect", path]):
+        conn, _ = lsock.accept()
+        with conn:
+            yield conn
+
+
+class _LoopSide:
+    """Our channel and a floor protocol, both on one event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stack: contextlib.ExitStack, d: str):
+        self.loop = loop
+        tag = id(loop)
+        ours_path = os.path.join(d, f"ours-{tag}.sock")
+        server = loop.run_until_complete(_listen(ours_path))
+        stack.callback(lambda: loop.run_until_complete(server.aclose()))
+        stack.enter_context(guest_process(["--connect", ours_path]))
+        self.channel = loop.run_until_complete(server.accept(timeout=30))
+        sock = stack.enter_context(_plain_connection(os.path.join(d, f"floor-{tag}.sock")))
+        sock.setblocking(False)
+        _, self.floor = loop.run_until_complete(loop.connect_accepted_socket(FloorProtocol, sock))
+
+    def ours(self, n: int) -> float:
+        return self.loop.run_until_complete(ours_rounds(self.channel, n))
+
+    def floor_rate(self, n: int) -> float:
+        return self.loop.run_until_complete(floor_rounds(self.floor, n))
+
+
+async def _listen(path: str) -> vsock_async.CommandServer:
+    return await vsock_async.listen(f"unix:{path}")
+
+
+def uvloop_vsock_note() -> str:
+    """Whether uvloop serves an AF_VSOCK listening socket (bind/listen only, never connect)."""
+    try:
+        import uvloop
+    except ImportError:
+        return "uvloop is not installed (pip install 'vsock_async[uvloop]')"
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        return "AF_VSOCK is not available here; uvloop's support for it is untested"
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot create an AF_VSOCK socket here ({exc}); uvloop untested on it"
+    loop = uvloop.new_event_loop()
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        sock.listen(1)
+        sock.setblocking(False)
+        server = loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=sock))
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        return "uvloop accepts an AF_VSOCK listening socket (create_server(sock=...))"
+    except Exception as exc:
+        return f"uvloop refuses an AF_VSOCK socket: {type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+        loop.close()
+
+
+def run(quick: bool = False, rounds: int | None = None) -> Table:
+    n = 100 if quick else 3000
+    rounds = rounds or (2 if quick else 9)
+    table = Table(f"1. exchange rate, one Unix-socket connection ({n} probes per round)")
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    with contextlib.ExitStack() as stack, fresh_dir() as d:
+        default_loop = asyncio.new_event_loop()
+        stack.callback(default_loop.close)
+        sides = [("asyncio", _LoopSide(default_loop, stack, d))]
+        if uvloop is not None:
+            uv_loop = uvloop.new_event_loop()
+            stack.callback(uv_loop.close)
+            sides.append(("uvloop", _LoopSide(uv_loop, stack, d)))
+        blocking = stack.enter_context(_plain_connection(os.path.join(d, "blocking.sock")))
+
+        contenders: list[tuple[str, Callable[[int], float]]] = [
+            ("blocking", lambda k: blocking_rounds(blocking, k))
+        ]
+        for label, side in sides:
+            contenders.append((f"ours-{label}", side.ours))
+            contenders.append((f"floor-{label}", side.floor_rate))
+        for _, fn in contenders:  # warm up every path once
+            fn(max(10, n // 10))
+        rates: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        for r in range(rounds):
+            k = r % len(contenders)
+            for name, fn in contenders[k:] + contenders[:k]:
+                rates[name].append(fn(n))
+
+    def row(name: str, ours: str, base: str, target: float | None) -> None:
+        if ours in rates and base in rates:
+            rw = table.row(name, "exch/s", baseline_name=base, target=target)
+            for o, b in zip(rates[ours], rates[base], strict=True):
+                rw.add(o, b)
+
+    row("default loop: ours vs asyncio floor", "ours-asyncio", "floor-asyncio", 0.9)
+    row("default loop: ours vs blocking sockets", "ours-asyncio", "blocking", None)
+    row("default loop: asyncio floor vs blocking", "floor-asyncio", "blocking", None)
+    row("uvloop: ours vs blocking sockets", "ours-uvloop", "blocking", 0.5)
+    row("uvloop: ours vs uvloop floor", "ours-uvloop", "floor-uvloop", None)
+    row("uvloop: uvloop floor vs blocking", "floor-uvloop", "blocking", None)
+    table.notes.append(uvloop_vsock_note())
+    table.notes.append("'floor vs blocking' rows compare two baselines, for context")
+    return table
