@@ -32,6 +32,7 @@ from .addresses import (
 from .addresses import (
     parse_address as parse_address,
 )
+from .agent import GuestAgent as GuestAgent
 from .channel import GuestChannel as GuestChannel
 from .commandline import compose_command as compose_command
 from .connect import connect as connect
@@ -109,6 +110,7 @@ __all__ = [
     "DeadlineExceeded",
     "FrameTooLarge",
     "Guest",
+    "GuestAgent",
     "GuestBusy",
     "GuestChannel",
     "GuestEvent",
