@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from ._opening import Opening
 from ._sockets import connect_socket
 from ._transport import GuestConnection
-from .addresses import Address, parse_address
+from .addresses import Address, HybridVsockAddress, parse_address
 from .channel import DEFAULT_TIMEOUT, GuestChannel, check_timeout
 from .errors import ConnectTimeout
+from .hybrid import connect_hybrid
 from .protocol import Limits
 
 __all__ = ["connect"]
+
+
+async def _open_socket(address: Address, timeout: float | None) -> socket.socket:
+    if isinstance(address, HybridVsockAddress):
+        return await connect_hybrid(address, timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            return await connect_socket(address)
+    except TimeoutError:
+        raise ConnectTimeout(f"could not connect to {address} within {timeout} s") from None
 
 
 async def _connect(
@@ -24,12 +36,8 @@ async def _connect(
 ) -> GuestChannel:
     parsed = parse_address(address)
     check_timeout(timeout)
+    sock = await _open_socket(parsed, timeout)
     loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            sock = await connect_socket(parsed)
-    except TimeoutError:
-        raise ConnectTimeout(f"could not connect to {parsed} within {timeout} s") from None
     try:
         _, conn = await loop.create_connection(
             lambda: GuestConnection(limits or Limits()), sock=sock
@@ -52,8 +60,13 @@ def connect(
     default_timeout: float | None = DEFAULT_TIMEOUT,
     key: object = None,
 ) -> Opening[GuestChannel]:
-    """Dial a guest agent listening on ``address``; :class:`ConnectTimeout` after ``timeout`` s.
+    """Dial a guest agent listening on ``address``; the counterpart of :func:`listen`.
 
-    Await it, or use it with ``async with``.
+    ``vsock://CID:PORT`` dials AF_VSOCK (QEMU vhost-vsock); ``hvsock:UDS:PORT``
+    dials a Firecracker / Cloud Hypervisor VMM socket and does its
+    ``CONNECT PORT`` handshake, retrying on a new connection while nothing
+    listens in the guest yet; ``unix:`` and ``tcp://`` dial directly.
+    ``timeout`` covers it all: :class:`ConnectTimeout` when it fires,
+    :class:`ConnectFailed` for a refusal. Await it, or use it with ``async with``.
     """
     return Opening(_connect(address, timeout, limits, default_timeout, key))
