@@ -353,6 +353,42 @@ async def test_runs_with_the_package_files_alone(tmp_path: Path) -> None:
         assert (await guest.run("echo bare", timeout=LONG)).stdout == b"bare\n"
 
 
+@pytest.mark.asyncio
+async def test_single_file_form(tmp_path: Path) -> None:
+    """The generated one-file agent, run with no site-packages and no package on sys.path."""
+    single = tmp_path / "vsock-async-agent.py"
+    script = PACKAGE_DIR.parent / "scripts" / "build-single-file-agent.py"
+    subprocess.run([sys.executable, str(script), str(single)], check=True, capture_output=True)
+    path = short_socket_path(tmp_path, "single.sock")
+    log = open(tmp_path / "single.log", "wb")  # noqa: SIM115 - closed below
+    async with vsock_async.listen(f"unix:{path}") as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-S",
+            "-E",
+            str(single),
+            "--connect",
+            f"unix:{path}",
+            "--max-command",
+            "20",
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+        )
+        try:
+            guest = await server.accept(timeout=LONG)
+            await guest.probe(timeout=LONG)
+            assert (await guest.run("echo one; exit 3", timeout=LONG)).exit_code == 3
+            assert (await guest.run("echo this is far too long", timeout=LONG)).exit_code == 126
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), LONG) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            log.close()
+
+
 def test_refuses_to_dial_vsock_under_the_guard(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "vsock_async", "agent", "--connect", "vsock://host:1024"],

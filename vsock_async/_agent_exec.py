@@ -17,6 +17,8 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+from .protocol import Limits
+
 __all__ = [
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_OUTPUT_GRACE",
@@ -28,7 +30,7 @@ __all__ = [
     "run_command",
 ]
 
-DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+DEFAULT_MAX_OUTPUT = Limits().max_stdout  # what a host with default limits accepts
 DEFAULT_OUTPUT_GRACE = 1.0
 EXIT_TIMEOUT = 124
 EXIT_REFUSED = 126

@@ -32,7 +32,6 @@ from ._sockets import (
     FORBID_VSOCK_CONNECT_ENV,
     bind_listener,
     connect_socket,
-    listen_path,
     vsock_connect_forbidden,
 )
 from .addresses import (
@@ -87,6 +86,11 @@ class GuestAgent:
                 raise UsageError("listen=True needs an address to listen on")
             address = AGENT_DEFAULT_ADDRESS
         self.address: Address = parse_address(address)
+        if isinstance(self.address, HybridVsockAddress):
+            raise UsageError(
+                f"{self.address} is a host-side address; a guest dials vsock://host:PORT"
+                " (the VMM forwards it to the host's hvsock listener)"
+            )
         self.listen = listen
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise UsageError(f"connections must be an int >= 1, not {connections!r}")
@@ -438,9 +442,9 @@ def _log_answer(command: Command | OversizedCommand, outcome: Outcome, seconds: 
 
 def _close_listener(listener: socket.socket, address: Address) -> None:
     listener.close()
-    if isinstance(address, UnixAddress | HybridVsockAddress):
+    if isinstance(address, UnixAddress):
         with contextlib.suppress(OSError):
-            os.unlink(listen_path(address))
+            os.unlink(address.path)
 
 
 def _seconds(value: Any, what: str, *, allow_none: bool = False) -> Any:
