@@ -375,3 +375,39 @@ async def test_closing_the_server_fails_waiters(server: CommandServer) -> None:
         await waiting
     with pytest.raises(ConnectionClosed, match="closed"):
         await server.wait_for_guest("a", timeout=1)
+
+
+@pytest.mark.asyncio
+async def test_every_connection_closed_at_once_is_reported(tmp_path: Path) -> None:
+    server = await vsock_async.listen(f"unix:{tmp_path}/a.sock", label="a")
+    gone: list[int] = []
+
+    async def on_event(event: GuestEvent) -> None:
+        await asyncio.sleep(0)
+        if event.kind == "disconnected":
+            gone.append(event.channel.id)
+
+    server.subscribe(on_event)
+    agent = await dial(tmp_path / "a.sock", count=3)
+    try:
+        await until(lambda: len(server.channels) == 3)
+        first_two = server.guest("a").channels[:2]
+        await first_two[0].aclose()
+        await first_two[1].aclose()
+        await until(lambda: len(gone) == 2)
+        assert server.guest("a").connected
+        await agent.dial(2)
+        await until(lambda: len(server.channels) == 3)
+        ids = {channel.id for channel in server.channels}
+        await server.guest("a").aclose()
+        await until(lambda: len(gone) == 5)
+        assert set(gone[2:]) == ids
+        assert not server.guests
+        await agent.dial(2)
+        await until(lambda: len(server.channels) == 2)
+        ids = {channel.id for channel in server.channels}
+        await server.aclose()
+        assert set(gone[5:]) == ids, "aclose waits for the disconnect callbacks it causes"
+    finally:
+        await agent.aclose()
+        await server.aclose()

@@ -167,13 +167,17 @@ class Guest:
         self._channels.append(channel)
         self._hand_over(channel)
 
-    def remove_channel(self, channel: GuestChannel) -> None:
-        """Forget a closed ``channel``; with none left, waiting calls fail."""
+    def remove_channel(self, channel: GuestChannel) -> bool:
+        """Forget a closed ``channel``; True if no connection is left, not even a closing one.
+
+        Waiting calls fail as soon as no open connection is left.
+        """
         with contextlib.suppress(ValueError):
             self._channels.remove(channel)
         self._leased.discard(channel.id)
         if not self.channels:
             self._fail_waiters()
+        return not self._channels
 
     # -- scheduling ----------------------------------------------------------------------
 

@@ -178,8 +178,9 @@ class CommandServer:
 
         The callback runs in the event loop as the connection arrives or
         leaves, before any call can use it. If it returns an awaitable (an
-        ``async def`` callback), that runs as a task the server cancels on
-        :meth:`aclose`. Exceptions from callbacks are logged, never raised.
+        ``async def`` callback), that runs as a task. :meth:`aclose` cancels
+        the tasks still running, then waits for those started for the
+        disconnects it causes. Exceptions from callbacks are logged, never raised.
         """
         self._subscribers.append(callback)
 
@@ -324,8 +325,7 @@ class CommandServer:
         guest = self._guests.get(channel.key)
         if guest is None:
             return
-        guest.remove_channel(channel)
-        if not guest.connected:
+        if guest.remove_channel(channel):
             del self._guests[channel.key]
             self._detached[channel.key] = guest
         self._notify(GuestEvent("disconnected", guest, channel, error))
@@ -375,16 +375,18 @@ class CommandServer:
         for _, guest_waiter in self._guest_waiters:
             if not guest_waiter.done():
                 guest_waiter.set_exception(ConnectionClosed("the server is closing"))
+        running = list(self._tasks)
+        for task in running:
+            task.cancel()
         channels = list(self._channels.values())
         for channel in channels:
             channel.connection.abort(ConnectionClosed("the server is closing"))
         for channel in channels:
             await channel.wait_closed()
-        await asyncio.sleep(0)  # let the close callbacks report the disconnects
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
+        # What callbacks started for the disconnects just caused runs to its end: every
+        # disconnect gets reported.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for listener in self._listeners:
             if listener.server is not None:
                 await listener.server.wait_closed()
