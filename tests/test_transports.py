@@ -5,11 +5,9 @@ the real agent in both directions."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import stat
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from .fc_muxer import (
     ListeningGuest,
     serve_connection,
 )
+from .test_agent import agent_process
 
 # -- the handshake codec, no I/O ------------------------------------------------------------
 
@@ -66,7 +65,7 @@ def test_reply_parses_whole_and_byte_by_byte(reply: bytes, port: int) -> None:
 
 @given(port=st.integers(0, 0xFFFF_FFFF), tail=st.binary(max_size=40), data=st.data())
 def test_reading_bytes_wanted_never_passes_the_newline(
-    port: int, tail: bytes, data: object
+    port: int, tail: bytes, data: st.DataObject
 ) -> None:
     stream = b"OK %d\n" % port + tail
     parser = OkReplyParser()
@@ -74,7 +73,7 @@ def test_reading_bytes_wanted_never_passes_the_newline(
     while not parser.done:
         wanted = parser.bytes_wanted
         assert wanted > 0
-        n = data.draw(st.integers(1, wanted))  # type: ignore[attr-defined]
+        n = data.draw(st.integers(1, wanted))
         parser.receive_data(stream[offset : offset + n])
         offset += n
     assert parser.host_port == port
@@ -389,30 +388,12 @@ async def test_close_leaves_a_socket_file_someone_else_has_put_there(tmp_path: P
 # -- the real agent, both directions ----------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def agent(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vsock_async",
-        "agent",
-        "--log-level",
-        "warning",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
-
-
 @pytest.mark.asyncio
 async def test_real_agent_dials_a_hybrid_listener_with_two_connections(tmp_path: Path) -> None:
     listening = vsock_async.listen(f"hvsock:{tmp_path}/v.sock:1024", label="vm")
-    dialing = agent("--connect", f"unix:{tmp_path}/v.sock_1024", "--connections", "2")
+    dialing = agent_process(
+        "--connect", f"unix:{tmp_path}/v.sock_1024", "--connections", "2", tmp_path=tmp_path
+    )
     async with listening as server, dialing:
         guest = await server.wait_for_guest("vm", timeout=10)
         for _ in range(2000):
@@ -432,12 +413,10 @@ async def test_real_agent_dials_a_hybrid_listener_with_two_connections(tmp_path:
 
 
 @pytest.mark.asyncio
-async def test_real_agent_listens_behind_the_muxer(muxer: FirecrackerMuxer) -> None:
+async def test_real_agent_listens_behind_the_muxer(muxer: FirecrackerMuxer, tmp_path: Path) -> None:
     hvsock = f"hvsock:{muxer.uds_path}:52"
-    async with (
-        agent("--listen", f"unix:{muxer.guest_port_path(52)}"),
-        vsock_async.connect(hvsock, timeout=10) as channel,
-    ):
+    listening = agent_process("--listen", f"unix:{muxer.guest_port_path(52)}", tmp_path=tmp_path)
+    async with listening, vsock_async.connect(hvsock, timeout=10) as channel:
         await channel.probe(timeout=5)
         result = await channel.run(["printf", "%s", "a b"], timeout=5)
         assert (result.stdout, result.exit_code) == (b"a b", 0)
