@@ -6,3 +6,5 @@ from __future__ import annotations
 import os
 
 os.environ["VSOCK_ASYNC_FORBID_VSOCK_CONNECT"] = "1"
+
+pytest_plugins = ["tests.vm.plugin"]

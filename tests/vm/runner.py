@@ -1,0 +1,145 @@
+"""Boot the VM tier's guest under QEMU with no network and no vsock device, under a hard deadline.
+
+Without a vsock device the guest's only transport is vsock_loopback, so every AF_VSOCK
+connection made inside it stays inside it. The console (ttyS0) and the report port (ttyS1)
+are written to files in the work dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Messages after which QEMU stops the guest and waits instead of exiting.
+QEMU_STUCK_MARKERS = ("KVM internal error", "emulation failure", "VM is paused")
+KERNEL_ARGS = "console=ttyS0 quiet loglevel=4 panic=-1 i8042.noaux i8042.nokbd"
+
+
+@dataclass(frozen=True)
+class BootResult:
+    """How a boot ended: QEMU's exit code, or why it was killed, and where its output went."""
+
+    returncode: int | None
+    failure: str | None
+    accel: str
+    seconds: float
+    console: Path
+    report: Path
+
+
+def kvm_usable() -> bool:
+    """Decide statically, never by trying: a paravirtual KVM (kvm_pvm) crashes stock kernels
+    and then QEMU pauses instead of exiting."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    hardware = any(
+        line.startswith("flags") and ({"vmx", "svm"} & set(line.split()))
+        for line in cpuinfo.splitlines()
+    )
+    return (
+        hardware
+        and os.access("/dev/kvm", os.R_OK | os.W_OK)
+        and not Path("/sys/module/kvm_pvm").exists()
+    )
+
+
+def qemu_command(
+    kernel: Path, initrd: Path, workdir: Path, *, accel: str, memory_mib: int, cpus: int
+) -> list[str]:
+    cpu = "host" if accel == "kvm" else "max"
+    return [
+        shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-nic",
+        "none",
+        "-no-reboot",
+        "-machine",
+        "pc",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(memory_mib),
+        "-smp",
+        str(cpus),
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        KERNEL_ARGS,
+        "-serial",
+        f"file:{workdir / 'console.log'}",
+        "-serial",
+        f"file:{workdir / 'report.jsonl'}",
+    ]
+
+
+def boot(
+    kernel: Path,
+    initrd: Path,
+    workdir: Path,
+    *,
+    timeout: float,
+    memory_mib: int = 1024,
+    cpus: int = 2,
+) -> BootResult:
+    """Run the guest to power-off; kill QEMU (our child, by PID) at the deadline or as soon
+    as its stderr says it is stuck."""
+    accel = "kvm" if kvm_usable() else "tcg"
+    command = qemu_command(kernel, initrd, workdir, accel=accel, memory_mib=memory_mib, cpus=cpus)
+    started = time.monotonic()
+    stuck = threading.Event()
+    stderr_lines: list[str] = []
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+
+    def watch_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_lines.append(line)
+            if any(marker in line for marker in QEMU_STUCK_MARKERS):
+                stuck.set()
+
+    watcher = threading.Thread(target=watch_stderr, daemon=True)
+    watcher.start()
+    failure = None
+    while proc.poll() is None:
+        if stuck.is_set():
+            failure = "QEMU reported an error and stopped the guest"
+        elif time.monotonic() - started > timeout:
+            failure = f"the guest did not power off within {timeout:.0f} s"
+        if failure:
+            proc.kill()
+            break
+        stuck.wait(0.05)
+    proc.wait()
+    watcher.join(timeout=5)
+    (workdir / "qemu-stderr.log").write_text("".join(stderr_lines))
+    if failure is None and proc.returncode != 0:
+        failure = f"QEMU exited with code {proc.returncode}: {''.join(stderr_lines)[-2000:]}"
+    return BootResult(
+        returncode=proc.returncode,
+        failure=failure,
+        accel=accel,
+        seconds=time.monotonic() - started,
+        console=workdir / "console.log",
+        report=workdir / "report.jsonl",
+    )
