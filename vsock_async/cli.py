@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     _add_agent_parser(subparsers)
+    _add_serve_parser(subparsers)
+    _add_exec_parser(subparsers)
+    _add_guests_parser(subparsers)
+    _add_demo_parser(subparsers)
     args = parser.parse_args(argv)
     runner: Runner = args.run
     try:
@@ -137,3 +141,247 @@ def _run_agent(args: argparse.Namespace) -> int:
         print(f"vsock-async agent: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    number, unit = text, 1
+    if text[-1:].lower() in units:
+        number, unit = text[:-1], units[text[-1].lower()]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K/M/G)")
+    return int(number) * unit
+
+
+def _cid(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CID (a number)")
+    return int(text)
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .control_client import default_control_address
+    from .daemon import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
+
+    p = subparsers.add_parser(
+        "serve",
+        help="the host daemon: accept guests, serve the HTTP control API",
+        description=(
+            "Accept guest agents' connections, probe them, and serve an HTTP+JSON control API"
+            " (on a Unix socket, mode 0600, by default) to run commands in them."
+        ),
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="[LABEL=]ADDRESS",
+        help=(
+            "where guests dial in; repeatable. vsock://CID:PORT, hvsock:UDS_PATH:PORT,"
+            " unix:PATH or tcp://HOST:PORT; LABEL names the guest behind a non-vsock"
+            " listener (default vsock://any:1024)"
+        ),
+    )
+    p.add_argument(
+        "--allowed-cid",
+        action="append",
+        type=_cid,
+        metavar="CID",
+        help="accept vsock:// connections only from this CID; repeatable (default any)",
+    )
+    p.add_argument(
+        "--control",
+        metavar="ADDRESS",
+        help=f"where the control API listens: unix:PATH (default {default_control_address()})"
+        " or tcp://127.0.0.1:PORT (needs --token-file)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the bearer token the control API requires (mandatory on TCP)",
+    )
+    p.add_argument(
+        "--control-allow-remote",
+        action="store_true",
+        help="allow a TCP control address that is not loopback (the token still applies)",
+    )
+    p.add_argument(
+        "--default-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="command timeout when a request gives none; 0 means none (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=_seconds,
+        default=DEFAULT_PROBE_INTERVAL,
+        metavar="S",
+        help="re-probe connections idle this long; 0 disables (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-timeout",
+        type=_seconds,
+        default=DEFAULT_PROBE_TIMEOUT,
+        metavar="S",
+        help="deadline of each probe (default %(default)s)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=DEFAULT_GRACE,
+        metavar="S",
+        help="on SIGTERM/SIGINT, let running commands finish this long (default %(default)s)",
+    )
+    p.add_argument("--max-command", type=_size, metavar="BYTES", help="largest command sent")
+    p.add_argument("--max-stdout", type=_size, metavar="BYTES", help="largest stdout accepted")
+    p.add_argument("--max-stderr", type=_size, metavar="BYTES", help="largest stderr accepted")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="default %(default)s",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per line (default %(default)s)",
+    )
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .daemon import ServeConfig, run_serve
+    from .errors import UsageError
+
+    try:
+        config = ServeConfig.from_options(
+            listen=args.listen or [],
+            allowed_cids=args.allowed_cid,
+            control=args.control,
+            token_file=args.token_file,
+            control_allow_remote=args.control_allow_remote,
+            default_timeout=args.default_timeout or None,
+            probe_interval=args.probe_interval or None,
+            probe_timeout=args.probe_timeout,
+            grace=args.grace,
+            max_command=args.max_command,
+            max_stdout=args.max_stdout,
+            max_stderr=args.max_stderr,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except UsageError as exc:
+        print(f"vsock-async serve: error: {exc}", file=sys.stderr)
+        return 2
+    return run_serve(config)
+
+
+# -- exec, guests ---------------------------------------------------------------------------
+
+
+def _add_control_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control",
+        metavar="ADDRESS",
+        help="the daemon's control API: unix:PATH or tcp://HOST:PORT"
+        " (default $VSOCK_ASYNC_CONTROL, else serve's default socket)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the bearer token (default $VSOCK_ASYNC_TOKEN_FILE)",
+    )
+
+
+def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "exec",
+        help="run a command in a guest through serve; exit with its exit code",
+        description=(
+            "Run a command in a guest through `serve`, write the guest's stdout and stderr"
+            " to ours, and exit with the guest's exit code (124: it timed out; 125: the"
+            " daemon or the guest connection failed)."
+        ),
+        usage="vsock-async exec [options] (-c 'COMMAND LINE' | -- ARGV...)",
+    )
+    _add_control_options(p)
+    p.add_argument("--guest", metavar="KEY", help="the guest (CID or label); optional with one")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="command deadline; 0 means none (default: the daemon's)",
+    )
+    p.add_argument(
+        "-c",
+        dest="command_line",
+        metavar="'COMMAND LINE'",
+        help="send this shell command line as it is, like sh -c",
+    )
+    p.add_argument("argv", nargs="*", metavar="ARGV", help="a command and its arguments (quoted)")
+    p.set_defaults(run=_run_exec, parser=p)
+
+
+def _run_exec(args: argparse.Namespace) -> int:
+    from .control_client import exec_command
+
+    parser: argparse.ArgumentParser = args.parser
+    if (args.command_line is None) == (not args.argv):
+        parser.error("give either -c 'COMMAND LINE' or -- ARGV... (exactly one of them)")
+    command: str | list[str] = args.command_line if args.command_line is not None else args.argv
+    return exec_command(
+        command,
+        control=args.control,
+        token_file=args.token_file,
+        guest=args.guest,
+        timeout=args.timeout,
+    )
+
+
+def _add_guests_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("guests", help="list the guests connected to serve")
+    _add_control_options(p)
+    p.add_argument("--json", action="store_true", help="print the API's JSON, for scripts")
+    p.set_defaults(run=_run_guests)
+
+
+def _run_guests(args: argparse.Namespace) -> int:
+    from .control_client import list_guests
+
+    return list_guests(control=args.control, token_file=args.token_file, as_json=args.json)
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def _add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run serve and an agent here (no VM needed) and drive them through the API",
+        description=(
+            "Start the real `serve` on a temporary Unix socket, the real agent dialing it as a"
+            " separate process, run a few commands through the control API, print what"
+            " happened, and clean up."
+        ),
+    )
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
