@@ -148,9 +148,9 @@ class GuestChannel:
             check_timeout(timeout)
         future = self._conn.exchange(encode_command(line))
         try:
-            if timeout is None:
+            # Not wait_for: on 3.11 it swallows a cancel that lands as the result arrives.
+            async with asyncio.timeout(timeout):
                 return await future
-            return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             if future.done() and not future.cancelled():
                 return future.result()  # the result won the race against the deadline
