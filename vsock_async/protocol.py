@@ -16,6 +16,7 @@ allocated for it, and a body below it gets memory only as its bytes arrive.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -48,6 +49,9 @@ _U32_MAX = 0xFFFF_FFFF
 _SCRATCH_SIZE = 8 * 1024
 _INLINE_MAX = 4 * 1024
 _FIRST_CHUNK = 64 * 1024
+# Once 1/_WHOLE_AFTER of a large body has arrived, the body gets its final home: one
+# object of its full length, whose pages the kernel provides only as bytes land in them.
+_WHOLE_AFTER = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +108,45 @@ def encode_result(stdout: bytes, stderr: bytes, exit_code: int) -> bytes:
 _Event = TypeVar("_Event")
 
 
+class _WholeBody:
+    """A large body's final ``bytes`` object, filled in place through ``io.BytesIO``.
+
+    ``BytesIO(bytes(n))`` adopts that object, ``getbuffer()`` lends its storage,
+    and once no view of it is left ``getvalue()`` returns the object itself:
+    the body is never copied, and no second buffer exists beside it.
+    """
+
+    __slots__ = ("_io", "length", "view")
+
+    def __init__(self, length: int, chunks: list[bytearray]) -> None:
+        self.length = length
+        self._io = io.BytesIO(bytes(length))
+        for chunk in chunks:
+            self._io.write(chunk)
+        self.view = self._io.getbuffer()
+
+    def peek(self, received: int) -> bytes:
+        """A copy of the first ``received`` bytes."""
+        return self.view[:received].tobytes()
+
+    def finish(self) -> bytes:
+        """The body, as ``bytes``; a copy only if a lent view is still alive somewhere."""
+        self.view.release()
+        return self._io.getvalue()
+
+
+def _len(field: bytes | _WholeBody) -> int:
+    return len(field) if isinstance(field, bytes) else field.length
+
+
 class _FrameDecoder(Generic[_Event]):
     """A parser for frames made of length-prefixed fields, optionally ended by one byte.
 
     Prefixes and small bodies are parsed in place in a fixed scratch buffer.
     A body larger than ``_INLINE_MAX`` gets chunks that grow with what has
-    arrived (never more than about twice the bytes received), and the
-    caller's reads go straight into them.
+    arrived (never more than about twice the bytes received); once an eighth
+    of it is in, it gets its final ``bytes`` object (:class:`_WholeBody`).
+    The caller's reads go straight into that memory.
     """
 
     _names: tuple[str, ...]
@@ -122,9 +158,10 @@ class _FrameDecoder(Generic[_Event]):
         self._view = memoryview(self._scratch)
         self._start = 0
         self._end = 0
-        self._fields: list[bytes] = []
+        self._fields: list[bytes | _WholeBody] = []
         self._length = -1  # length of the body being read; -1 while waiting for a prefix
         self._chunks: list[bytearray] | None = None
+        self._whole: _WholeBody | None = None
         self._fill = 0  # bytes written into the last chunk
         self._received = 0  # body bytes received so far in chunk mode
         self._events: deque[_Event] = deque()
@@ -136,10 +173,16 @@ class _FrameDecoder(Generic[_Event]):
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
         self._check_usable()
+        if self._whole is not None:
+            return self._whole.view[self._received :]
         chunks = self._chunks
         if chunks is not None:
             chunk = chunks[-1]
             if self._fill == len(chunk):
+                if self._received * _WHOLE_AFTER >= self._length:
+                    self._whole = _WholeBody(self._length, chunks)
+                    self._chunks = None
+                    return self._whole.view[self._received :]
                 chunk = bytearray(
                     min(self._length - self._received, max(self._received, _FIRST_CHUNK))
                 )
@@ -153,6 +196,14 @@ class _FrameDecoder(Generic[_Event]):
     def buffer_updated(self, nbytes: int) -> None:
         """Commit ``nbytes`` written at the start of the last buffer lent."""
         if nbytes <= 0:
+            return
+        if self._whole is not None:
+            self._received += nbytes
+            if self._received == self._length:
+                whole, self._whole = self._whole, None
+                # Finished with the frame: by then the view lent for this read is gone.
+                self._field_done(whole)
+                self._parse()
             return
         if self._chunks is not None:
             self._fill += nbytes
@@ -203,8 +254,8 @@ class _FrameDecoder(Generic[_Event]):
 
     def bytes_in_frame(self) -> int:
         """How many bytes of the unfinished frame have arrived (for error messages)."""
-        held = sum(4 + len(f) for f in self._fields) + (self._end - self._start)
-        if self._chunks is not None:
+        held = sum(4 + _len(f) for f in self._fields) + (self._end - self._start)
+        if self._chunks is not None or self._whole is not None:
             held += 4 + self._received
         elif self._length >= 0:
             held += 4
@@ -228,14 +279,14 @@ class _FrameDecoder(Generic[_Event]):
             self._scratch[: end - start] = self._view[start:end]
             self._start, self._end = 0, end - start
 
-    def _field_done(self, body: bytes) -> None:
+    def _field_done(self, body: bytes | _WholeBody) -> None:
         self._length = -1
         self._fields.append(body)
         if len(self._fields) == len(self._names) and not self._trailer:
             self._frame_done(None)
 
     def _frame_done(self, trailer: int | None) -> None:
-        fields = self._fields
+        fields = [f if isinstance(f, bytes) else f.finish() for f in self._fields]
         self._fields = []
         self._events.append(self._make_event(fields, trailer))
 
@@ -309,9 +360,11 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
 
     def partial_output(self) -> tuple[bytes, bytes]:
         """The stdout and stderr bytes of the unfinished frame that have arrived so far."""
-        fields = list(self._fields)
+        fields = [f if isinstance(f, bytes) else f.peek(f.length) for f in self._fields]
         if len(fields) < 2:
-            if self._chunks is not None:
+            if self._whole is not None:
+                tail = self._whole.peek(self._received)
+            elif self._chunks is not None:
                 tail = b"".join(self._chunks)[: self._received]
             elif self._length >= 0:
                 tail = self._view[self._start : self._end].tobytes()
