@@ -42,7 +42,7 @@ from .protocol import result_frame_parts
 from .results import CommandResult
 from .server import CommandServer
 
-__all__ = ["RAW_RESULT_TYPE", "ControlAPI", "guest_json"]
+__all__ = ["ERROR_STATUS", "RAW_RESULT_TYPE", "ControlAPI", "guest_json"]
 
 logger = logging.getLogger("vsock_async.control")
 
@@ -55,12 +55,32 @@ _PROBE_FIELDS: Final = frozenset({"timeout"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status, stable code, message and extra JSON fields."""
+ERROR_STATUS: Final = {
+    "bad_request": 400,
+    "command_too_large": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "guest_not_found": 404,
+    "method_not_allowed": 405,
+    "guest_busy": 409,
+    "body_too_large": 413,
+    "internal": 500,
+    "guest_failed": 502,
+    "probe_failed": 502,
+    "shutting_down": 503,
+    "command_timeout": 504,
+}
+"""Every error code the API answers with, and its HTTP status. Codes never change meaning."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+_HTTP_CODES: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+class ApiError(Exception):
+    """An error answer: a stable code (which fixes the HTTP status), a message, extra fields."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = ERROR_STATUS[code]
         self.code = code
         self.message = message
         self.extra = extra
@@ -69,13 +89,6 @@ class ApiError(Exception):
         body = {"error": {"code": self.code, "message": self.message}, **self.extra}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return web.json_response(body, status=self.status, headers=headers)
-
-
-_HTTP_CODES: Final = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-}
 
 
 def _timestamp(value: float | None) -> str | None:
@@ -129,7 +142,7 @@ def _timeout_field(body: Mapping[str, Any]) -> Timeout:
         or value < 0
     ):
         raise ApiError(
-            400, "bad_request", f"timeout must be a number of seconds >= 0 or null, not {value!r}"
+            "bad_request", f"timeout must be a number of seconds >= 0 or null, not {value!r}"
         )
     return float(value)
 
@@ -221,7 +234,7 @@ class ControlAPI:
     @contextlib.contextmanager
     def _exchange(self) -> Any:
         if self.draining:
-            raise ApiError(503, "shutting_down", "the daemon is shutting down")
+            raise ApiError("shutting_down", "the daemon is shutting down")
         self._running += 1
         self._idle.clear()
         try:
@@ -246,10 +259,10 @@ class ControlAPI:
             if exc.status < 400:
                 raise
             code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
-            response = ApiError(exc.status, code, exc.reason).response()
+            response = ApiError(code, exc.reason).response()
         except Exception:
             logger.exception("%s %s failed", request.method, request.path)
-            response = ApiError(500, "internal", "internal error; see the daemon's log").response()
+            response = ApiError("internal", "internal error; see the daemon's log").response()
         logger.debug(
             "%s %s -> %s in %.3f s",
             request.method,
@@ -266,7 +279,7 @@ class ControlAPI:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), self._token
             ):
-                raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+                raise ApiError("unauthorized", "missing or wrong bearer token")
         return await handler(request)
 
     # -- helpers -------------------------------------------------------------------------
@@ -276,7 +289,7 @@ class ControlAPI:
         try:
             return self.server.guest(key)
         except UnknownGuest as exc:
-            raise ApiError(404, "guest_not_found", str(exc)) from None
+            raise ApiError("guest_not_found", str(exc)) from None
 
     async def _json_body(self, request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
         raw = await request.read()
@@ -285,13 +298,12 @@ class ControlAPI:
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+            raise ApiError("bad_request", f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "bad_request", "the body must be a JSON object")
+            raise ApiError("bad_request", "the body must be a JSON object")
         unknown = sorted(set(body) - fields)
         if unknown:
             raise ApiError(
-                400,
                 "bad_request",
                 f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}",
             )
@@ -321,14 +333,14 @@ class ControlAPI:
         except ValueError:
             wait = -1.0
         if not (math.isfinite(wait) and wait >= 0):
-            raise ApiError(400, "bad_request", f"wait must be seconds >= 0, not {wait_text!r}")
+            raise ApiError("bad_request", f"wait must be seconds >= 0, not {wait_text!r}")
         key = request.match_info["key"]
         try:
             guest = await self.server.wait_for_guest(key, timeout=wait)
         except AcceptTimeout as exc:
-            raise ApiError(404, "guest_not_found", str(exc)) from None
+            raise ApiError("guest_not_found", str(exc)) from None
         except ConnectionClosed as exc:
-            raise ApiError(503, "shutting_down", str(exc)) from None
+            raise ApiError("shutting_down", str(exc)) from None
         return web.json_response(guest_json(guest))
 
     async def _drop_guest(self, request: web.Request) -> web.Response:
@@ -368,7 +380,7 @@ class ControlAPI:
         timeout = _timeout_field(body)
         wait = body.get("wait", True)
         if not isinstance(wait, bool):
-            raise ApiError(400, "bad_request", f"wait must be true or false, not {wait!r}")
+            raise ApiError("bad_request", f"wait must be true or false, not {wait!r}")
         guest = self._guest(request)
         with self._exchange():
             start = time.monotonic()
@@ -406,7 +418,6 @@ class ControlAPI:
             isinstance(command, list) and command
         ):
             raise ApiError(
-                400,
                 "bad_request",
                 "command must be a non-empty string (a shell command line)"
                 " or a non-empty list of strings (argv, quoted with shlex.join)",
@@ -414,15 +425,14 @@ class ControlAPI:
         env = body.get("env")
         cwd = body.get("cwd")
         if env is not None and not isinstance(env, dict):
-            raise ApiError(400, "bad_request", "env must be an object of strings")
+            raise ApiError("bad_request", "env must be an object of strings")
         try:
             line = compose_command(command, cwd=cwd, env=env)
         except UsageError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
+            raise ApiError("bad_request", str(exc)) from None
         limit = self.server.limits.max_command
         if len(line) > limit:
             raise ApiError(
-                400,
                 "command_too_large",
                 f"the command is {len(line)} bytes; the daemon's limit is {limit}"
                 " (serve --max-command)",
@@ -456,11 +466,10 @@ class ControlAPI:
 def _guest_failure(exc: Exception, duration: float) -> ApiError:
     """The API error for a run or probe that did not produce a result."""
     if isinstance(exc, GuestBusy):
-        return ApiError(409, "guest_busy", str(exc))
+        return ApiError("guest_busy", str(exc))
     if isinstance(exc, CommandTimeout):
         partial = exc.result
         return ApiError(
-            504,
             "command_timeout",
             str(exc),
             exit_code=None,
@@ -470,7 +479,7 @@ def _guest_failure(exc: Exception, duration: float) -> ApiError:
             timed_out=True,
         )
     if isinstance(exc, DeadlineExceeded):
-        return ApiError(504, "command_timeout", str(exc), duration=duration, timed_out=True)
+        return ApiError("command_timeout", str(exc), duration=duration, timed_out=True)
     if isinstance(exc, ProbeFailed):
-        return ApiError(502, "probe_failed", str(exc))
-    return ApiError(502, "guest_failed", str(exc))
+        return ApiError("probe_failed", str(exc))
+    return ApiError("guest_failed", str(exc))

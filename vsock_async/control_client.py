@@ -179,12 +179,13 @@ class ControlClient:
     ) -> Reply:
         """One HTTP exchange; ControlError for an error status, ConnectFailed if unreachable.
 
+        ``body`` is sent as JSON (``bytes`` as they are).
         ``wait_forever`` lifts the client's timeout (for a run: the daemon's deadline applies).
         """
         headers = {"Accept": accept}
         data = None
         if body is not None:
-            data = json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
