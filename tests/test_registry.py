@@ -411,3 +411,17 @@ async def test_every_connection_closed_at_once_is_reported(tmp_path: Path) -> No
     finally:
         await agent.aclose()
         await server.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_spent_deadline_sends_nothing(server: CommandServer, tmp_path: Path) -> None:
+    agent = await dial(tmp_path / "a.sock")
+    try:
+        guest = await server.wait_for_guest("a", timeout=2)
+        with pytest.raises(CommandTimeout, match="never sent"):
+            await guest.run("too late", timeout=0)
+        assert not guest.busy
+        assert (await guest.run("next", timeout=2)).stdout == b"guest:next"
+        assert agent.script.commands == [b"next"]
+    finally:
+        await agent.aclose()

@@ -227,7 +227,7 @@ class Guest:
                 channel = self._free_channel() or (self._unleased_channel() if wait else None)
                 if channel is not None:
                     self._leased.add(channel.id)
-                    return channel
+                    return self._in_time(channel, line, timeout, deadline)
             if not wait:
                 raise GuestBusy(
                     f"every connection of guest {self.key!r} is busy"
@@ -241,12 +241,7 @@ class Guest:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     channel = waiter.result()  # the hand-over won the race against the deadline
                 else:
-                    shown = line if len(line) <= 60 else line[:57] + b"..."
-                    raise CommandTimeout(
-                        f"command {shown!r} timed out after {timeout} s waiting for a free"
-                        f" connection of guest {self.key!r}; it was never sent",
-                        CommandResult(b"", b"", None, timed_out=True),
-                    ) from None
+                    raise self._wait_timeout(line, timeout) from None
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._release(waiter.result())
@@ -255,8 +250,25 @@ class Guest:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             if not channel.closed:
-                return channel
+                return self._in_time(channel, line, timeout, deadline)
             self._leased.discard(channel.id)
+
+    def _in_time(
+        self, channel: GuestChannel, line: bytes, timeout: float | None, deadline: float | None
+    ) -> GuestChannel:
+        """``channel``, unless the deadline has passed: a command sent now would only be cut off."""
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            self._release(channel)
+            raise self._wait_timeout(line, timeout)
+        return channel
+
+    def _wait_timeout(self, line: bytes, timeout: float | None) -> CommandTimeout:
+        shown = line if len(line) <= 60 else line[:57] + b"..."
+        return CommandTimeout(
+            f"command {shown!r} timed out after {timeout} s waiting for a free"
+            f" connection of guest {self.key!r}; it was never sent",
+            CommandResult(b"", b"", None, timed_out=True),
+        )
 
     def _release(self, channel: GuestChannel) -> None:
         self._leased.discard(channel.id)
