@@ -8,9 +8,15 @@ commands, many more fuzz examples) run with::
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+import pytest_asyncio
+
+from vsock_async import CommandServer, listen
 
 
 @dataclass(frozen=True)
@@ -54,3 +60,26 @@ def soak_enabled(config: pytest.Config) -> bool:
 def scale(request: pytest.FixtureRequest) -> Scale:
     """The sizes for this run."""
     return SOAK if soak_enabled(request.config) else SMALL
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """A short directory for Unix sockets (paths must fit in 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="vsa-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(params=["unix", "tcp"])
+async def server(request: pytest.FixtureRequest, socket_dir: str) -> AsyncIterator[CommandServer]:
+    """A server listening on a Unix socket or on TCP loopback, with short default deadlines."""
+    address = f"unix:{socket_dir}/guest.sock" if request.param == "unix" else "tcp://127.0.0.1:0"
+    async with await listen(address, default_timeout=5) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture
+async def unix_server(socket_dir: str) -> AsyncIterator[CommandServer]:
+    """A server on a Unix socket only."""
+    async with await listen(f"unix:{socket_dir}/guest.sock", default_timeout=5) as srv:
+        yield srv

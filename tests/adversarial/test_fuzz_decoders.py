@@ -89,7 +89,8 @@ def reference_commands(data: bytes, limit: int, skip_oversized: bool) -> Expecte
 def held_bytes(decoder: Decoder) -> tuple[int, int]:
     """(bytes of the body being assembled in chunks, bytes of finished fields) the decoder holds."""
     chunks = decoder._chunks or []
-    return sum(len(c) for c in chunks), sum(len(f) for f in decoder._fields)
+    fields = sum(len(f) if isinstance(f, bytes) else f.length for f in decoder._fields)
+    return sum(len(c) for c in chunks), fields
 
 
 def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
@@ -101,6 +102,9 @@ def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
         assert in_chunks <= decoder._length <= limit
         assert in_chunks <= 2 * decoder._received + FIRST_CHUNK
     assert in_fields <= sum(limits)
+    whole = getattr(decoder, "_whole", None)  # a large body's final home, sized once
+    if whole is not None:
+        assert whole.length == decoder._length <= limits[len(decoder._fields)]
     skipping = getattr(decoder, "_skipping", 0)
     assert skipping == 0 or decoder._chunks is None  # a skipped body is never kept
 

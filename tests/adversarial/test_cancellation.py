@@ -1,0 +1,59 @@
+"""Cancelling a call is never swallowed, whenever it lands relative to the guest's answer.
+
+A guest that answers at just the wrong moment must not make ``task.cancel()``
+a no-op: task groups, timeouts and shutdown code depend on a cancelled task
+ending cancelled. The cancel is scheduled a varying number of loop
+iterations after the answer is sent, so that one of them lands between the
+result arriving and the caller resuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+
+import pytest
+
+from vsock_async import CommandServer
+
+from .hostile import accept_guest, answer_for, dial_address
+
+
+def after_iterations(hops: int, callback: Callable[[], None]) -> None:
+    """Run ``callback`` ``hops`` event-loop iterations from now."""
+    loop = asyncio.get_running_loop()
+    if hops == 0:
+        callback()
+    else:
+        loop.call_soon(after_iterations, hops - 1, callback)
+
+
+def cancel_into(task: asyncio.Task[object], accepted: list[bool]) -> None:
+    accepted.append(task.cancel())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [5.0, None])
+async def test_cancel_landing_as_the_result_arrives_is_honoured(
+    unix_server: CommandServer, timeout: float | None
+) -> None:
+    """Found: with a deadline, a cancel landing as the result arrived was swallowed (3.11)."""
+    address = dial_address(unix_server)
+    for hops in range(10):
+        guest, channel = await accept_guest(unix_server, address)
+        command = f"cancel after {hops}".encode()
+        task = asyncio.create_task(channel.run(command, timeout=timeout))
+        assert await guest.read_command() == command
+        await guest.answer(*answer_for(command))
+        accepted: list[bool] = []
+        after_iterations(hops, functools.partial(cancel_into, task, accepted))
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            assert accepted == [True]
+        else:
+            assert accepted in ([], [False]), f"cancel swallowed {hops} iterations after the answer"
+            assert (result.stdout, result.stderr, result.exit_code) == answer_for(command)
+        guest.close()
+        await channel.aclose()
