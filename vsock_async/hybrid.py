@@ -198,6 +198,7 @@ async def connect_hybrid(address: HybridVsockAddress, timeout: float | None) -> 
             raise ConnectTimeout(
                 f"could not connect to {address} within {timeout} s:"
                 f" the VMM at {address.uds_path} did not answer CONNECT {address.port}"
+                " (is the guest booted, with its vsock driver loaded?)"
             ) from None
     raise ConnectFailed(
         f"cannot connect to {address}: the VMM closed the connection after"
