@@ -1,0 +1,67 @@
+"""The benchmark scripts run on tiny sizes and print their tables. No timing is asserted here:
+performance targets belong to the benchmarks themselves (docs/performance.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_benchmarks(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "title", "rows"),
+    [
+        (
+            "exchange",
+            "1. exchange rate",
+            ["default loop: ours vs asyncio floor", "default loop: ours vs blocking sockets"],
+        ),
+        (
+            "bulk",
+            "2. bulk",
+            ["ours vs raw-preallocated recv_into", "ours: peak RSS above idle"],
+        ),
+        (
+            "many",
+            "3. many guests",
+            ["aggregate rate: ours vs thread-per-guest", "ours: server RSS per connected guest"],
+        ),
+        ("agent", "4. agent overhead", ["per command: agent vs local create_subprocess_exec"]),
+    ],
+)
+def test_benchmark_runs_and_prints_its_table(name: str, title: str, rows: list[str]) -> None:
+    out = _run_benchmarks("--only", name)
+    assert out.startswith("# "), out  # the machine line
+    assert f"== {title}" in out
+    for row in rows:
+        line = next((ln for ln in out.splitlines() if ln.startswith(row)), None)
+        assert line is not None, f"row {row!r} missing from:\n{out}"
+        assert "x " in line or "<=" in line, line  # a ratio with its spread, or a limit
+
+
+def test_unknown_benchmark_is_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "nonesuch"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
