@@ -25,6 +25,7 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        stamp = f"{stamp}.{int(record.msecs):03d}"
         line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
         pairs = " ".join(f"{key}={value}" for key, value in _fields(record).items())
         if pairs:
