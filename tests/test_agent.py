@@ -470,6 +470,22 @@ async def test_pipelined_commands_are_answered_in_order_byte_for_byte(tmp_path: 
 
 
 @pytest.mark.asyncio
+async def test_in_process_agent_counts_connections_and_answers(tmp_path: Path) -> None:
+    path = short_socket_path(tmp_path, "inproc.sock")
+    agent = GuestAgent(f"unix:{path}", connections=2)
+    async with vsock_async.listen(f"unix:{path}") as server, agent_task(agent):
+        guests = [await server.accept(timeout=LONG) for _ in range(2)]
+        await eventually(lambda: agent.connections_open == 2, "both connections are open")
+        for guest in guests:
+            await guest.probe(timeout=LONG)
+        assert (await guests[1].run("echo in", timeout=LONG)).stdout == b"in\n"
+        assert agent.commands_answered == 3
+        with pytest.raises(vsock_async.UsageError):
+            await agent.run()
+    assert agent.connections_open == 0
+
+
+@pytest.mark.asyncio
 async def test_background_process_holding_stdout_is_killed_after_the_grace() -> None:
     outcome = await run_command(b"sleep 30 & echo $!", grace=0.1)
     assert outcome.exit_code == 0

@@ -229,6 +229,10 @@ class GuestAgent:
         conn = _AgentConnection(self)
         try:
             await loop.connect_accepted_socket(lambda: conn, sock)
+        except OSError as exc:
+            sock.close()
+            logger.warning("cannot use a new connection", extra={"fields": {"error": str(exc)}})
+            return 0
         except BaseException:
             sock.close()
             raise
@@ -250,7 +254,7 @@ class GuestAgent:
         delay = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(failures - 1, 30))
         return random.uniform(delay / 2, delay)
 
-    async def answer(self, command: Command | OversizedCommand) -> Outcome:
+    async def _outcome(self, command: Command | OversizedCommand) -> Outcome:
         """What the agent answers for one decoded command frame."""
         if isinstance(command, OversizedCommand):
             return refuse(
@@ -372,7 +376,7 @@ class _AgentConnection(asyncio.BufferedProtocol):
         agent = self._agent
         started = time.monotonic()
         try:
-            outcome = await agent.answer(command)
+            outcome = await agent._outcome(command)
         except Exception:
             logger.exception("answering a command failed; closing the connection")
             self._abort("the agent failed to answer a command")
