@@ -470,6 +470,40 @@ async def test_pipelined_commands_are_answered_in_order_byte_for_byte(tmp_path: 
 
 
 @pytest.mark.asyncio
+async def test_the_agent_stops_reading_while_a_command_runs(tmp_path: Path) -> None:
+    """A host that pipelines gets back-pressure: nothing more is read until the command ends."""
+    path = short_socket_path(tmp_path, "pressure.sock")
+    gate = tmp_path / "gate"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    async with agent_task(GuestAgent(f"unix:{path}", max_command=1000)):
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), LONG)
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        waiting = f"while [ ! -e {gate} ]; do sleep 0.01; done; echo open".encode()
+        pipelined = 4 * 1024 * 1024
+        writer.write(encode_command(waiting))
+        writer.write(encode_command(b"#" * pipelined))
+        await asyncio.sleep(0.3)
+        unsent = writer.transport.get_write_buffer_size()
+        assert unsent > pipelined // 2, "the agent read on while the command ran"
+        gate.touch()
+        await asyncio.wait_for(writer.drain(), LONG)
+        answer = await asyncio.wait_for(
+            reader.readexactly(len(encode_result(b"open\n", b"", 0))), LONG
+        )
+        assert answer == encode_result(b"open\n", b"", 0)
+        refused = await asyncio.wait_for(reader.readexactly(8), LONG)
+        assert refused[:4] == bytes(4)
+        stderr = await reader.readexactly(int.from_bytes(refused[4:], "big") + 1)
+        assert stderr.endswith(b"not run\n\x7e")
+        writer.close()
+    listener.close()
+
+
+@pytest.mark.asyncio
 async def test_in_process_agent_counts_connections_and_answers(tmp_path: Path) -> None:
     path = short_socket_path(tmp_path, "inproc.sock")
     agent = GuestAgent(f"unix:{path}", connections=2)
