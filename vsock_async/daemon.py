@@ -374,7 +374,9 @@ class Daemon:
         idle = asyncio.ensure_future(control.wait_idle())
         force = asyncio.ensure_future(self._force.wait())
         try:
-            await asyncio.wait({idle, force}, timeout=self.config.grace)
+            await asyncio.wait(
+                {idle, force}, timeout=self.config.grace, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             idle.cancel()
             force.cancel()
