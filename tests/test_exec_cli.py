@@ -1,0 +1,172 @@
+"""``vsock-async exec`` and ``vsock-async guests`` as child processes against a real ``serve``
+and a real agent: exit codes passing through, binary output, quoting, guest selection,
+errors, and the elapsed-time display on a terminal only."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import (
+    LONG,
+    Daemon,
+    Stack,
+    exec_cli,
+    python_m,
+    short_directory,
+    stack,
+    wait_for_guest,
+)
+
+__all__ = ["stack"]
+
+ALL_BYTES = bytes(range(256))
+PRINTF_ALL_BYTES = "".join(f"\\{b:03o}" for b in range(256))
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    directory: Path
+
+    def exec(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return exec_cli(self.daemon.control_socket, *args)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    with short_directory() as directory:
+        processes = Stack(directory)
+        try:
+            daemon = processes.daemon("--probe-interval", "0")
+            processes.agent(daemon.guest_address)
+            wait_for_guest(daemon.client(), "vm1")
+            yield Served(daemon, directory)
+        finally:
+            processes.close()
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exit_codes_pass_through(served: Served, code: int) -> None:
+    result = served.exec("--", "sh", "-c", f"echo out; echo err >&2; exit {code}")
+    assert result.returncode == code
+    assert (result.stdout, result.stderr) == (b"out\n", b"err\n")
+
+
+def test_killed_by_a_signal_is_128_plus_the_signal(served: Served) -> None:
+    assert served.exec("-c", "kill -KILL $$").returncode == 128 + 9
+    assert served.exec("-c", "kill -TERM $$").returncode == 128 + 15
+
+
+def test_binary_output_round_trips_on_both_streams(served: Served) -> None:
+    result = served.exec("--", "printf", PRINTF_ALL_BYTES)
+    assert (result.returncode, result.stdout, result.stderr) == (0, ALL_BYTES, b"")
+    result = served.exec("-c", f"printf '{PRINTF_ALL_BYTES}' >&2")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", ALL_BYTES)
+
+
+def test_large_output(served: Served) -> None:
+    result = served.exec("-c", "yes 0123456789abcde | head -c 3000000")
+    assert result.returncode == 0
+    assert result.stdout == (b"0123456789abcde\n" * 187_500)
+
+
+def test_argv_is_quoted_and_c_is_a_raw_line(served: Served) -> None:
+    result = served.exec("--", "printf", "%s\\n", "my file", "$HOME", "*")
+    assert result.stdout == b"my file\n$HOME\n*\n"
+    result = served.exec("--", "sh", "-c", "echo hi; exit 3")
+    assert (result.returncode, result.stdout) == (3, b"hi\n")
+    result = served.exec("-c", "cd / && echo $((6 * 7)) && pwd")
+    assert (result.returncode, result.stdout) == (0, b"42\n/\n")
+
+
+def test_command_is_required_once(served: Served) -> None:
+    for args in ([], ["-c", "true", "--", "true"]):
+        result = served.exec(*args)
+        assert result.returncode == 2
+        assert b"exactly one of them" in result.stderr
+
+
+def test_timeout_exits_124(served: Served) -> None:
+    result = served.exec("--timeout", "0.05", "--", "sleep", "10")
+    assert result.returncode == 124
+    assert b"timed out" in result.stderr
+    wait_for_guest(served.daemon.client(), "vm1")  # the agent dials again
+
+
+def test_unknown_guest_and_no_daemon_exit_125(served: Served) -> None:
+    result = served.exec("--guest", "vm9", "--", "true")
+    assert result.returncode == 125
+    assert b"guest_not_found" in result.stderr and b"vm9" in result.stderr
+    result = exec_cli(str(served.directory / "nothing.sock"), "--", "true")
+    assert result.returncode == 125
+    assert b"is `vsock-async serve` running?" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def guests_cli(served: Served, *args: str) -> str:
+    control = f"unix:{served.daemon.control_socket}"
+    return subprocess.run(
+        python_m("guests", "--control", control, *args),
+        capture_output=True,
+        timeout=LONG,
+        check=True,
+        text=True,
+    ).stdout
+
+
+def test_guests_table_and_json(served: Served) -> None:
+    header, row = guests_cli(served).splitlines()
+    assert header.split()[:3] == ["KEY", "CONNECTIONS", "BUSY"]
+    assert row.split()[:3] == ["vm1", "1", "0/1"]
+    (guest,) = json.loads(guests_cli(served, "--json"))["guests"]
+    assert guest["key"] == "vm1" and guest["connections"] == 1
+
+
+def test_elapsed_time_shows_on_a_terminal_only(served: Served) -> None:
+    marker = served.directory / "tty-go"
+    command = f"while [ ! -e {marker} ]; do sleep 0.01; done; echo done"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        python_m("exec", "--control", f"unix:{served.daemon.control_socket}", "-c", command),
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        while b"[running " not in seen:
+            ready, _, _ = select.select([controller], [], [], LONG)
+            assert ready, f"no elapsed time on the terminal: {seen!r}"
+            seen += os.read(controller, 1024)
+    finally:
+        marker.touch()
+        stdout, _ = proc.communicate(timeout=LONG)
+        os.close(controller)
+    assert (proc.returncode, stdout) == (0, b"done\n")
+    # piped, nothing but the guest's own output appears (see the other tests' exact stderr)
+
+
+def test_guest_must_be_named_when_several_are_connected(stack: Stack) -> None:
+    second = f"unix:{stack.directory / 'second.sock'}"
+    daemon = stack.daemon(
+        "--listen", f"vm1=unix:{stack.directory / 'guest.sock'}", "--listen", f"vm2={second}"
+    )
+    stack.agent(daemon.guest_address)
+    stack.agent(second)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    wait_for_guest(client, "vm2")
+    result = exec_cli(daemon.control_socket, "--", "true")
+    assert result.returncode == 125
+    assert b"2 guests are connected (vm1, vm2): pick one with --guest" in result.stderr
+    result = exec_cli(daemon.control_socket, "--guest", "vm2", "--", "echo", "two")
+    assert (result.returncode, result.stdout) == (0, b"two\n")
