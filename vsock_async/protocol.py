@@ -353,6 +353,37 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
     def __init__(self, limits: Limits | None = None) -> None:
         limits = limits or Limits()
         super().__init__((limits.max_stdout, limits.max_stderr))
+        self._max_out = min(limits.max_stdout, _INLINE_MAX)
+        self._max_err = min(limits.max_stderr, _INLINE_MAX)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        start = self._start
+        end = self._end + nbytes
+        # Fast path, taken by every probe: one whole small result at a frame boundary.
+        if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
+            view = self._view
+            (n_out,) = _unpack_u32(view, start)
+            err_at = start + 4 + n_out
+            if n_out <= self._max_out and err_at + 5 <= end:
+                (n_err,) = _unpack_u32(view, err_at)
+                code_at = err_at + 4 + n_err
+                if n_err <= self._max_err and code_at < end:
+                    self._events.append(
+                        CommandResult(
+                            view[start + 4 : err_at].tobytes() if n_out else b"",
+                            view[err_at + 4 : code_at].tobytes() if n_err else b"",
+                            view[code_at],
+                        )
+                    )
+                    start = code_at + 1
+                    if start == end:
+                        self._start = self._end = 0
+                        return
+                    self._start = start
+                    self._end = end
+                    self._parse()
+                    return
+        super().buffer_updated(nbytes)
 
     def _make_event(self, fields: list[bytes], trailer: int | None) -> CommandResult:
         assert trailer is not None
