@@ -34,6 +34,15 @@ Timeout = float | None | _Default
 _ids = itertools.count(1)
 
 
+class _DeadlinePassed(Exception):
+    """Set on an exchange's future when its deadline fires; never leaves the channel."""
+
+
+def _expire(future: asyncio.Future[CommandResult]) -> None:
+    if not future.done():  # a result that came first wins
+        future.set_exception(_DeadlinePassed())
+
+
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
     """Validate a deadline in seconds; None means none."""
     if timeout is not None and (
@@ -147,18 +156,21 @@ class GuestChannel:
         else:
             check_timeout(timeout)
         future = self._conn.exchange(encode_command(line))
+        # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
+        # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
+        # 3.11 it swallows a cancel that lands as the result arrives.
+        timer = None if timeout is None else future.get_loop().call_later(timeout, _expire, future)
         try:
-            # Not wait_for: on 3.11 it swallows a cancel that lands as the result arrives.
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result()  # the result won the race against the deadline
+            return await future
+        except _DeadlinePassed:
             result, was_sent = self._abandon(future, f"the exchange timed out after {timeout} s")
             raise CommandTimeout(self._timeout_message(line, timeout, was_sent), result) from None
         except asyncio.CancelledError:
             self._abandon(future, "the exchange was cancelled")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _abandon(
         self, future: asyncio.Future[CommandResult], why: str
