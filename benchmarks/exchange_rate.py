@@ -45,23 +45,30 @@ class FloorProtocol(asyncio.Protocol):
             waiter.set_result(data)
 
 
-async def floor_rounds(proto: FloorProtocol, n: int) -> float:
+Measure = tuple[float, float]  # (exchanges per second, host CPU microseconds per exchange)
+
+
+def _measured(n: int, wall: float, cpu: float) -> Measure:
+    return n / wall, cpu / n * 1e6
+
+
+async def floor_rounds(proto: FloorProtocol, n: int) -> Measure:
     loop = asyncio.get_running_loop()
     assert proto.transport is not None
     write = proto.transport.write
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         proto.waiter = fut = loop.create_future()
         write(FRAME)
         await asyncio.wait_for(fut, 10)
-    return n / (time.perf_counter() - start)
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
-async def ours_rounds(channel: vsock_async.GuestChannel, n: int) -> float:
-    start = time.perf_counter()
+async def ours_rounds(channel: vsock_async.GuestChannel, n: int) -> Measure:
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         await channel.probe(timeout=10)
-    return n / (time.perf_counter() - start)
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def recv_result(sock: socket.socket) -> tuple[bytes, bytes, int]:
@@ -81,12 +88,12 @@ def recv_result(sock: socket.socket) -> tuple[bytes, bytes, int]:
         buf += more
 
 
-def blocking_rounds(sock: socket.socket, n: int) -> float:
-    start = time.perf_counter()
+def blocking_rounds(sock: socket.socket, n: int) -> Measure:
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         sock.sendall(FRAME)
         recv_result(sock)
-    return n / (time.perf_counter() - start)
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _listener(path: str) -> socket.socket:
@@ -119,10 +126,10 @@ class _LoopSide:
         sock.setblocking(False)
         _, self.floor = loop.run_until_complete(loop.connect_accepted_socket(FloorProtocol, sock))
 
-    def ours(self, n: int) -> float:
+    def ours(self, n: int) -> Measure:
         return self.loop.run_until_complete(ours_rounds(self.channel, n))
 
-    def floor_rate(self, n: int) -> float:
+    def floor_rate(self, n: int) -> Measure:
         return self.loop.run_until_complete(floor_rounds(self.floor, n))
 
 
@@ -160,8 +167,8 @@ def uvloop_vsock_note() -> str:
 
 
 def run(quick: bool = False, rounds: int | None = None) -> Table:
-    n = 100 if quick else 3000
-    rounds = rounds or (2 if quick else 9)
+    n = 100 if quick else 400
+    rounds = rounds or (2 if quick else 41)
     table = Table(f"1. exchange rate, one Unix-socket connection ({n} probes per round)")
     try:
         import uvloop
@@ -177,7 +184,7 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
             sides.append(("uvloop", _LoopSide(uv_loop, stack, d)))
         blocking = stack.enter_context(_plain_connection(os.path.join(d, "blocking.sock")))
 
-        contenders: list[tuple[str, Callable[[int], float]]] = [
+        contenders: list[tuple[str, Callable[[int], Measure]]] = [
             ("blocking", lambda k: blocking_rounds(blocking, k))
         ]
         for label, side in sides:
@@ -185,17 +192,23 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
             contenders.append((f"floor-{label}", side.floor_rate))
         for _, fn in contenders:  # warm up every path once
             fn(max(10, n // 10))
-        rates: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        measures: dict[str, list[Measure]] = {name: [] for name, _ in contenders}
         for r in range(rounds):
             k = r % len(contenders)
             for name, fn in contenders[k:] + contenders[:k]:
-                rates[name].append(fn(n))
+                measures[name].append(fn(n))
 
     def row(name: str, ours: str, base: str, target: float | None) -> None:
-        if ours in rates and base in rates:
+        if ours in measures and base in measures:
             rw = table.row(name, "exch/s", baseline_name=base, target=target)
-            for o, b in zip(rates[ours], rates[base], strict=True):
-                rw.add(o, b)
+            for o, b in zip(measures[ours], measures[base], strict=True):
+                rw.add(o[0], b[0])
+
+    def cpu_row(name: str, ours: str, base: str) -> None:
+        if ours in measures and base in measures:
+            rw = table.row(name, "CPU us/exch", baseline_name=base, higher_is_better=False)
+            for o, b in zip(measures[ours], measures[base], strict=True):
+                rw.add(o[1], b[1])
 
     row("default loop: ours vs asyncio floor", "ours-asyncio", "floor-asyncio", 0.9)
     row("default loop: ours vs blocking sockets", "ours-asyncio", "blocking", None)
@@ -203,6 +216,14 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
     row("uvloop: ours vs blocking sockets", "ours-uvloop", "blocking", 0.5)
     row("uvloop: ours vs uvloop floor", "ours-uvloop", "floor-uvloop", None)
     row("uvloop: uvloop floor vs blocking", "floor-uvloop", "blocking", None)
+    cpu_row("default loop: host CPU, ours vs asyncio floor", "ours-asyncio", "floor-asyncio")
+    cpu_row("default loop: host CPU, ours vs blocking", "ours-asyncio", "blocking")
+    cpu_row("uvloop: host CPU, ours vs uvloop floor", "ours-uvloop", "floor-uvloop")
+    cpu_row("uvloop: host CPU, ours vs blocking", "ours-uvloop", "blocking")
     table.notes.append(uvloop_vsock_note())
     table.notes.append("'floor vs blocking' rows compare two baselines, for context")
+    table.notes.append(
+        "host CPU = process_time of the host process per exchange (user+system, this process"
+        " only); CPU ratios are baseline/ours, above 1 means we spend less"
+    )
     return table
