@@ -292,12 +292,16 @@ class ControlAPI:
             raise ApiError("guest_not_found", str(exc)) from None
 
     async def _json_body(self, request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
+        limit = request.client_max_size
+        if request.content_length is not None and request.content_length > limit:
+            # Refused before reading: a client announcing more than that need not be waited for.
+            raise ApiError("body_too_large", f"the body is larger than {limit} bytes")
         raw = await request.read()
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError("bad_request", f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError("bad_request", "the body must be a JSON object")
