@@ -107,6 +107,10 @@ def encode_result(stdout: bytes, stderr: bytes, exit_code: int) -> bytes:
 
 _Event = TypeVar("_Event")
 
+# Results are immutable, so every empty answer with a given exit code (each probe) can be
+# one shared object instead of a new one per exchange.
+_EMPTY_RESULTS = tuple(CommandResult(b"", b"", code) for code in range(256))
+
 
 class _WholeBody:
     """A large body's final ``bytes`` object, filled in place through ``io.BytesIO``.
@@ -172,7 +176,8 @@ class _FrameDecoder(Generic[_Event]):
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
-        self._check_usable()
+        if self._error is not None or self._eof:
+            self._check_usable()
         if self._whole is not None:
             return self._whole.view[self._received :]
         chunks = self._chunks
@@ -370,10 +375,12 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                 if n_err <= self._max_err and code_at < end:
                     self._events.append(
                         CommandResult(
-                            view[start + 4 : err_at].tobytes() if n_out else b"",
-                            view[err_at + 4 : code_at].tobytes() if n_err else b"",
+                            view[start + 4 : err_at].tobytes(),
+                            view[err_at + 4 : code_at].tobytes(),
                             view[code_at],
                         )
+                        if n_out or n_err
+                        else _EMPTY_RESULTS[view[code_at]]
                     )
                     start = code_at + 1
                     if start == end:
