@@ -146,8 +146,9 @@ class CommandServer:
 
     def _find_guest(self, key: Hashable) -> Guest | None:
         guest = self._guests.get(key)
-        if guest is None and isinstance(key, str) and key.isdigit():
-            guest = self._guests.get(int(key))
+        # A CID is a u32: up to 10 ASCII digits (int() refuses "²" and 5,000-digit strings).
+        if guest is None and isinstance(key, str) and key.isascii() and key.isdigit():
+            guest = self._guests.get(int(key)) if len(key) <= 10 else None
         return guest
 
     async def wait_for_guest(self, key: Hashable, *, timeout: float | None = None) -> Guest:
