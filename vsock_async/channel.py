@@ -46,8 +46,8 @@ def _expire(future: asyncio.Future[CommandResult]) -> None:
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
     """Validate a deadline in seconds; None means none."""
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
-    ):
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+    ):  # "not >= 0" refuses NaN too: a NaN deadline fires at once or never
         raise UsageError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
     return timeout
 
