@@ -540,6 +540,28 @@ async def test_background_process_with_detached_output_is_left_running() -> None
 
 
 @pytest.mark.asyncio
+async def test_cancelling_a_command_kills_its_group_and_reaps_the_shell(tmp_path: Path) -> None:
+    pidfile = tmp_path / "shell.pid"
+    running = asyncio.create_task(run_command(f"echo $$ > {pidfile}; sleep 30 & sleep 30".encode()))
+    await eventually(lambda: pidfile.exists() and pidfile.read_text(), "the command started")
+    shell = int(pidfile.read_text())
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert shell not in children_of(os.getpid())
+    await eventually(lambda: not live_members(shell), "no live process left in the group")
+
+
+@pytest.mark.asyncio
+async def test_without_pidfd_the_exit_is_polled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 5.3 have no pidfd_open."""
+    monkeypatch.delattr(os, "pidfd_open")
+    assert (await run_command(b"echo polled; exit 9")).exit_code == 9
+    slow = await run_command(b"sleep 30", timeout=0.1)
+    assert slow.exit_code == 124
+
+
+@pytest.mark.asyncio
 async def test_late_output_within_the_grace_is_kept() -> None:
     outcome = await run_command(b"(sleep 0.1; echo late) & echo early", grace=LONG)
     assert outcome.stdout == b"early\nlate\n"
