@@ -162,7 +162,7 @@ def run(
     raise_nofile_limit()
     guests = guests or (20 if quick else 1000)
     exchanges = 3 if quick else 20
-    rounds = rounds or (1 if quick else 3)
+    rounds = rounds or (1 if quick else 5)
     processes = min(4, guests)
     table = Table(
         f"3. many guests: {guests} connected at once ({processes} guest processes),"
