@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -30,7 +31,7 @@ from .exchange_rate import FRAME as PROBE_FRAME
 from .exchange_rate import recv_result
 
 NAME = "many"
-MODES = ("ours", "threads")
+MODES = ("ours", "threads", "ours-uvloop")
 COMMAND = b"echo"
 COMMAND_FRAME = len(COMMAND).to_bytes(4, "big") + COMMAND
 
@@ -168,11 +169,12 @@ def run(
         f"3. many guests: {guests} connected at once ({processes} guest processes),"
         f" probe each, then {exchanges} exchanges each, all concurrently"
     )
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    modes = MODES if importlib.util.find_spec("uvloop") else MODES[:2]
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     with fresh_dir() as d:
         for r in range(rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for mode in order:
+            k = r % len(modes)
+            for mode in modes[k:] + modes[:k]:
                 results[mode].append(_one_round(mode, d, guests, exchanges, processes))
     ours, threads = results["ours"], results["threads"]
     rate = table.row(
@@ -187,6 +189,12 @@ def run(
     for o, t in zip(ours, threads, strict=True):
         rate.add(o["rate"], t["rate"])
         probe.add(o["probe_all_s"], t["probe_all_s"])
+    if "ours-uvloop" in results:
+        uv_rate = table.row(
+            "uvloop: aggregate rate, ours vs thread-per-guest", "exch/s", baseline_name="threads"
+        )
+        for o, t in zip(results["ours-uvloop"], threads, strict=True):
+            uv_rate.add(o["rate"], t["rate"])
     table.single(
         "ours: server RSS per connected guest", "KiB", [o["kib_per_guest"] for o in ours], limit=32
     )
@@ -207,6 +215,10 @@ def main() -> None:
     raise_nofile_limit()
     if args.server == "ours":
         asyncio.run(serve_ours(args.path, args.guests, args.exchanges))
+    elif args.server == "ours-uvloop":
+        import uvloop
+
+        uvloop.run(serve_ours(args.path, args.guests, args.exchanges))
     else:
         serve_threads(args.path, args.guests, args.exchanges)
 
