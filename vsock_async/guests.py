@@ -236,7 +236,9 @@ class Guest:
             waiter: asyncio.Future[GuestChannel] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                channel = await asyncio.wait_for(waiter, _remaining(deadline))
+                # Not wait_for: on 3.11 it swallows a cancel that lands as the hand-over does.
+                async with asyncio.timeout_at(deadline):
+                    channel = await waiter
             except TimeoutError:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     channel = waiter.result()  # the hand-over won the race against the deadline
