@@ -57,3 +57,35 @@ async def test_cancel_landing_as_the_result_arrives_is_honoured(
             assert (result.stdout, result.stderr, result.exit_code) == answer_for(command)
         guest.close()
         await channel.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [5.0, None])
+async def test_cancel_landing_as_a_waiting_call_gets_its_connection_is_honoured(
+    unix_server: CommandServer, timeout: float | None
+) -> None:
+    """A call queued for a busy guest, cancelled as the connection is handed to it, ends
+    cancelled (found: on 3.11 the hand-over won and the command was sent anyway)."""
+    address = dial_address(unix_server)
+    for hops in range(10):
+        guest, channel = await accept_guest(unix_server, address)
+        handle = unix_server.guest(channel.key)
+        first = asyncio.create_task(handle.run("first", timeout=5))
+        assert await guest.read_command() == b"first"
+        waiting = asyncio.create_task(handle.run("second", timeout=timeout))
+        while handle.waiting == 0:  # noqa: ASYNC110 (a few loop iterations, no event to wait on)
+            await asyncio.sleep(0)
+        await guest.answer(*answer_for(b"first"))
+        accepted: list[bool] = []
+        after_iterations(hops, functools.partial(cancel_into, waiting, accepted))
+        await first
+        done, _ = await asyncio.wait({waiting}, timeout=2)  # bounds a failure only
+        if accepted == [True]:
+            assert waiting in done and waiting.cancelled(), (
+                f"cancel swallowed {hops} iterations after the hand-over"
+            )
+        else:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        guest.close()
+        await channel.wait_closed()
