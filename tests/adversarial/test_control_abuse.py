@@ -63,10 +63,13 @@ class Api:
             lines.append(f"Content-Length: {length}")
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             await writer.drain()
-            raw = await reader.read()
+            head = await reader.readuntil(b"\r\n\r\n")
+            fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+            size = {k.strip().lower(): v for k, v in fields.items()}.get(b"content-length")
+            # Not read to EOF: a server may linger before closing after a refused body.
+            payload = await (reader.readexactly(int(size)) if size else reader.read())
         finally:
             writer.close()
-        head, _, payload = raw.partition(b"\r\n\r\n")
         return Reply(int(head.split(b" ", 2)[1]), payload)
 
 
