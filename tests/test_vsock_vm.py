@@ -6,14 +6,30 @@ The guest has no vsock device: vsock_loopback is its only transport, so connecti
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import random
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
-from tests.vm.plugin import in_vm
+import vsock_async
+from vsock_async import (
+    AcceptTimeout,
+    CommandResult,
+    CommandTimeout,
+    ConnectFailed,
+    ConnectionClosed,
+    ConnectTimeout,
+    GuestChannel,
+)
+
+from .test_agent import agent_process, eventually
+from .vm.plugin import in_vm
 
 pytestmark = pytest.mark.vm
 
@@ -78,3 +94,188 @@ def test_connect_to_cid_without_transport_is_enodev() -> None:
     with vsock_socket() as client, pytest.raises(OSError) as caught:
         client.connect((3, UNUSED_PORT))
     assert caught.value.errno == errno.ENODEV
+
+
+# -- the library and the agent over the real kernel path ----------------------------------
+
+# Deadlines for things that only miss them when broken: the guest is emulated and slow.
+LONG = 30.0
+SHORT = 0.2
+# The shared agent dials port 1024 as a real guest's agent does; every other test has a port
+# of its own, so the shared agent never reaches a server meant for another peer.
+SHARED_PORT = 1024
+HOST_DIALS_PORT = 1025
+KILLED_AGENT_PORT = 1026
+REFUSED_AGENT_PORT = 1027
+SILENT_PEER_PORT = 1028
+NO_PEER_PORT = 1029
+
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+def any_cid(port: int) -> str:
+    return f"vsock://any:{port}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_agent(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One agent process for the tests that only need an agent to dial in: each test's server
+    on port 1024 gets a fresh connection, as the agent dials again whenever one closes.
+    Starting an agent takes seconds under emulation."""
+    tmp_path = tmp_path_factory.mktemp("shared-agent")
+    async with agent_process("--connect", "vsock://host:1024", tmp_path=tmp_path) as agent:
+        yield agent
+
+
+async def connect_when_listening(address: str) -> GuestChannel:
+    """connect() once the agent process has its listener up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LONG
+    while True:
+        try:
+            return await vsock_async.connect(address, timeout=LONG)
+        except ConnectFailed:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_agent_dials_in_probe_commands_and_kernel_peer() -> None:
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        guest = await server.accept(timeout=LONG)
+        await guest.probe(timeout=LONG)
+        result = await guest.run("echo out; echo err >&2; exit 3", timeout=LONG)
+        uname = await guest.run(["uname", "-s"], timeout=LONG, check=True)
+        assert server.guest(VMADDR_CID_LOCAL).channels == [guest]
+    assert result == CommandResult(b"out\n", b"err\n", 3, timed_out=False)
+    assert uname.stdout == b"Linux\n"
+    assert guest.peer[0] == VMADDR_CID_LOCAL
+    assert guest.key == VMADDR_CID_LOCAL
+    assert guest.peer[1] > 1023  # an auto-bound port: the kernel never picks a reserved one
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_large_output_arrives_whole_and_in_order(tmp_path: Path) -> None:
+    # Far beyond the kernel's vsock buffers, so flow control works on both sides. Each 4 KiB
+    # block starts with its index, so a lost, repeated or reordered block shows; the output
+    # comes from a file because generating it with shell tools is very slow under emulation.
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        filler = random.Random(6).randbytes(4096 - 8)
+        expected = b"".join(index.to_bytes(8, "big") + filler for index in range(4096))
+        source = tmp_path / "output"
+        source.write_bytes(expected)
+        guest = await server.accept(timeout=LONG)
+        result = await guest.run(["cat", str(source)], timeout=LONG)
+    assert result.exit_code == 0
+    assert result.stderr == b""
+    assert len(result.stdout) == len(expected) == 16 * 1024 * 1024
+    assert result.stdout == expected
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_command_timeout_closes_the_channel_and_the_agent_dials_again() -> None:
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        first = await server.accept(timeout=LONG)
+        with pytest.raises(CommandTimeout) as caught:
+            await first.run("sleep 60", timeout=1.0)
+        assert caught.value.result == CommandResult(b"", b"", None, timed_out=True)
+        assert first.closed
+        second = await server.accept(timeout=LONG)
+        await second.probe(timeout=LONG)
+    assert second.id != first.id
+    assert second.key == first.key == VMADDR_CID_LOCAL
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_allowlist_admits_cid_1() -> None:
+    listening = vsock_async.listen(any_cid(SHARED_PORT), allowed_cids={VMADDR_CID_LOCAL})
+    async with listening as server:
+        guest = await server.accept(timeout=LONG)
+        await guest.probe(timeout=LONG)
+    assert guest.peer[0] == VMADDR_CID_LOCAL
+
+
+@pytest.mark.asyncio
+async def test_allowlist_refuses_other_cids(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dials = f"vsock://host:{REFUSED_AGENT_PORT}"
+    async with await vsock_async.listen(any_cid(REFUSED_AGENT_PORT), allowed_cids={3}) as server:
+        async with agent_process("--connect", dials, tmp_path=tmp_path):
+            await eventually(
+                lambda: "refused a connection from CID 1" in caplog.text,
+                "the server refused the agent's connection",
+            )
+        with pytest.raises(AcceptTimeout):
+            await server.accept(timeout=SHORT)
+        assert server.channels == []
+        assert server.guests == []
+
+
+@pytest.mark.asyncio
+async def test_guest_closing_mid_exchange_is_connection_closed(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    dials = f"vsock://host:{KILLED_AGENT_PORT}"
+    async with (
+        await vsock_async.listen(any_cid(KILLED_AGENT_PORT)) as server,
+        agent_process("--connect", dials, tmp_path=tmp_path) as agent,
+    ):
+        guest = await server.accept(timeout=LONG)
+        call = asyncio.create_task(guest.run(f"touch {started}; sleep 60", timeout=LONG))
+        await eventually(started.exists, "the agent started the command")
+        agent.kill()
+        with pytest.raises(ConnectionClosed):
+            await call
+        assert guest.closed
+
+
+@pytest.mark.asyncio
+async def test_host_dials_an_agent_that_listens(tmp_path: Path) -> None:
+    async with (
+        agent_process("--listen", any_cid(HOST_DIALS_PORT), tmp_path=tmp_path),
+        await connect_when_listening(f"vsock://local:{HOST_DIALS_PORT}") as guest,
+    ):
+        await guest.probe(timeout=LONG)
+        result = await guest.run("echo dialled", timeout=LONG)
+    assert result == CommandResult(b"dialled\n", b"", 0)
+    assert guest.peer == (VMADDR_CID_LOCAL, HOST_DIALS_PORT)
+
+
+@pytest.mark.asyncio
+async def test_silent_peer_times_out_and_its_channel_closes() -> None:
+    loop = asyncio.get_running_loop()
+    async with await vsock_async.listen(any_cid(SILENT_PEER_PORT)) as server:
+        with vsock_socket() as silent:
+            silent.setblocking(False)
+            await loop.sock_connect(silent, (VMADDR_CID_HOST, SILENT_PEER_PORT))
+            guest = await server.accept(timeout=LONG)
+            with pytest.raises(CommandTimeout) as caught:
+                await guest.probe(timeout=SHORT)
+            assert caught.value.result == CommandResult(b"", b"", None, timed_out=True)
+            assert guest.closed
+            with pytest.raises(ConnectionClosed):
+                await guest.run("true", timeout=LONG)
+
+
+@pytest.mark.asyncio
+async def test_accept_times_out_on_a_real_listener() -> None:
+    async with await vsock_async.listen(any_cid(NO_PEER_PORT)) as server:
+        with pytest.raises(AcceptTimeout) as caught:
+            await server.accept(timeout=SHORT)
+    assert isinstance(caught.value, TimeoutError)
+
+
+@pytest.mark.asyncio
+async def test_connect_where_nothing_listens_is_a_clear_connect_failed() -> None:
+    with pytest.raises(ConnectFailed, match="nothing listens") as caught:
+        await vsock_async.connect(f"vsock://host:{UNUSED_PORT}", timeout=LONG)
+    assert not isinstance(caught.value, ConnectTimeout)
+    with pytest.raises(ConnectFailed, match="no such CID"):
+        await vsock_async.connect(f"vsock://3:{UNUSED_PORT}", timeout=LONG)

@@ -48,7 +48,6 @@ VSOCK_MODULES = (
     "vhost_vsock",
 )
 GUEST_DISTRIBUTIONS = ("pytest", "pytest-asyncio", "anyio", "hypothesis")
-GUEST_SITE_PACKAGES = Path("/usr/lib/vsock_async_vm/site-packages")
 GUEST_MODULE_DIR = Path("/lib/vsock-modules")
 STDLIB_SKIP_DIRS = frozenset(
     {
@@ -93,6 +92,10 @@ class BaseImage:
     kernel: Kernel
     initramfs: Path
     python: Path
+    site_dirs: tuple[str, ...]
+    """Where the guest finds the test dependencies: their host sys.path entries, in order."""
+    distributions: frozenset[str]
+    """Canonical names of the distributions the guest has."""
     built_seconds: float | None
 
 
@@ -119,9 +122,12 @@ def _cache_lock(root: Path) -> Iterator[None]:
 
 def _run(args: list[str], *, cwd: Path | None = None) -> str:
     """Run a build command; raise VmUnavailable with its output when it fails."""
-    proc = subprocess.run(
-        args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
+    try:
+        proc = subprocess.run(
+            args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise VmUnavailable(f"cannot run {args[0]}: {exc}") from exc
     if proc.returncode != 0:
         raise VmUnavailable(
             f"`{' '.join(args)}` failed with exit code {proc.returncode}: "
@@ -138,30 +144,19 @@ def ensure_host_tools() -> None:
     """Make sure qemu and busybox exist; scripts/vm-deps.sh installs them when it can."""
     if shutil.which("qemu-system-x86_64") and shutil.which("busybox"):
         return
-    proc = subprocess.run(
-        ["bash", str(VM_DEPS_SCRIPT)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0 or not (shutil.which("qemu-system-x86_64") and shutil.which("busybox")):
-        raise VmUnavailable(
-            f"QEMU or busybox is missing and {VM_DEPS_SCRIPT.name} could not install them: "
-            f"{(proc.stderr or proc.stdout).strip()[-2000:]}"
-        )
+    _run(["bash", str(VM_DEPS_SCRIPT)])
+    if not (shutil.which("qemu-system-x86_64") and shutil.which("busybox")):
+        raise VmUnavailable(f"QEMU or busybox is still missing after {VM_DEPS_SCRIPT.name}")
 
 
 def _kernel_package() -> str:
     """The versioned kernel package the cloud meta-package depends on (refreshing apt once)."""
     for attempt in range(2):
-        proc = subprocess.run(
-            ["apt-cache", "depends", KERNEL_META_PACKAGE],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        found = re.search(r"Depends:\s*(linux-image-\S+)", proc.stdout)
+        try:
+            depends = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+        except VmUnavailable:
+            depends = ""
+        found = re.search(r"Depends:\s*(linux-image-\S+)", depends)
         if found:
             return found.group(1)
         if attempt == 0 and _can_apt():
@@ -359,13 +354,12 @@ def _distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distr
     return sorted(seen.values(), key=lambda d: canonicalize_name(d.metadata["Name"]))
 
 
-def _fresh_pyc(source: Path) -> Path | None:
-    """The interpreter's own cached bytecode for source, if it is valid for it."""
-    cached = Path(importlib.util.cache_from_source(str(source)))
+def _fresh_pyc(source: Path, cached: Path) -> bool:
+    """True if cached is bytecode for source as it is now (the import system's own check)."""
     try:
         header = cached.read_bytes()[:16]
     except OSError:
-        return None
+        return False
     info = source.stat()
     expected = (
         importlib.util.MAGIC_NUMBER
@@ -373,31 +367,31 @@ def _fresh_pyc(source: Path) -> Path | None:
         + (int(info.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
         + (info.st_size & 0xFFFFFFFF).to_bytes(4, "little")
     )
-    return cached if header == expected else None
+    return header == expected
 
 
 class _PythonTree:
-    """Adds Python sources to an archive together with valid bytecode for each of them."""
+    """Adds Python files to an archive at their own paths, with valid bytecode for each source."""
 
     def __init__(self, cpio: CpioWriter, scratch: Path) -> None:
         self._cpio = cpio
         self._scratch = scratch
         self._compiled = 0
 
-    def add(self, dest: str, source: Path) -> None:
-        self._cpio.file(dest, source)
+    def add(self, source: Path) -> None:
+        self._cpio.file(str(source), source)
         if source.suffix != ".py":
             return
-        pyc_dest = importlib.util.cache_from_source(dest)
-        pyc = _fresh_pyc(source)
-        if pyc is None:
+        cached = importlib.util.cache_from_source(str(source))
+        pyc = Path(cached)
+        if not _fresh_pyc(source, pyc):
             self._compiled += 1
             pyc = self._scratch / f"{self._compiled}.pyc"
             try:
-                py_compile.compile(str(source), cfile=str(pyc), dfile=dest, doraise=True)
+                py_compile.compile(str(source), cfile=str(pyc), doraise=True)
             except py_compile.PyCompileError:
                 return
-        self._cpio.file(pyc_dest, pyc)
+        self._cpio.file(cached, pyc)
 
 
 def _stdlib_files(stdlib: Path) -> Iterator[Path]:
@@ -458,7 +452,7 @@ def _write_base(
             extensions.append(source)
             cpio.file(str(source), _stripped(source, scratch))
         else:
-            tree.add(str(source), source)
+            tree.add(source)
     for dist in dists:
         for record in dist.files or []:
             if ".." in record.parts or record.suffix == ".pyc":
@@ -467,7 +461,7 @@ def _write_base(
             if source.is_file():
                 if source.suffix == ".so":
                     extensions.append(source)
-                tree.add(str(GUEST_SITE_PACKAGES / record), source)
+                tree.add(source)
     cpio.file(str(python), _stripped(python, scratch))
     for library in sorted(_shared_libraries(extensions)):
         cpio.file(str(library), _stripped(Path(os.path.realpath(library)), scratch))
@@ -503,7 +497,14 @@ def base_image() -> BaseImage:
             built_seconds = time.monotonic() - started
         os.utime(image)
         _prune(root, image)
-    return BaseImage(kernel, image, _interpreter()[0], built_seconds)
+    names = frozenset(canonicalize_name(dist.metadata["Name"]) for dist in dists)
+    return BaseImage(kernel, image, _interpreter()[0], _site_dirs(dists), names, built_seconds)
+
+
+def _site_dirs(dists: list[importlib.metadata.Distribution]) -> tuple[str, ...]:
+    found = {str(dist.locate_file("")) for dist in dists}
+    ordered = [entry for entry in sys.path if entry in found]
+    return (*ordered, *sorted(found - set(ordered)))
 
 
 def _project_files(project: Path) -> Iterator[Path]:
@@ -517,13 +518,15 @@ def _project_files(project: Path) -> Iterator[Path]:
 
 
 def write_initrd(base: BaseImage, project: Path, run_script: str, target: Path) -> None:
-    """Concatenate the cached base and a payload archive holding the project at its own
-    absolute path (so guest tracebacks and node ids match the host's) and /vmrun/run.sh."""
+    """Concatenate the cached base and a payload archive holding /vmrun/run.sh and the project
+    at its own absolute path (so guest tracebacks and node ids match the host's), compiled:
+    every agent process the tests start would otherwise compile the package again."""
     shutil.copyfile(base.initramfs, target)
-    with open(target, "ab") as out:
+    with open(target, "ab") as out, tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         cpio = CpioWriter(out)
         cpio.data("/vmrun/run.sh", run_script.encode(), 0o755)
+        tree = _PythonTree(cpio, Path(scratch))
         for source in _project_files(project):
             if source.is_file():
-                cpio.file(str(source), source)
+                tree.add(source)
         cpio.close()

@@ -18,17 +18,20 @@ import termios
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 import pytest
 from _pytest.reports import CollectReport, TestReport
 from _pytest.terminal import TerminalReporter
+from packaging.utils import canonicalize_name
 
 from . import image, runner
 
 REPORT_FIELD_LIMIT = 64 * 1024
 CONSOLE_TAIL_LINES = 60
 DEFAULT_TIMEOUT = 300.0
+GUEST_SKIPPED_PLUGINS = frozenset({"_hypothesis_pytestplugin"})
 
 
 def in_vm() -> bool:
@@ -79,6 +82,7 @@ class GuestReporter:
 
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
+        self._emit({"event": "pytest-ready", "uptime": _uptime()})
 
     def _emit(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record) + "\n").encode()
@@ -113,6 +117,7 @@ class GuestReporter:
             )
 
     def pytest_unconfigure(self) -> None:
+        self._emit({"event": "pytest-done", "uptime": _uptime()})
         if os.isatty(self._fd):
             termios.tcdrain(self._fd)
         os.close(self._fd)
@@ -126,6 +131,7 @@ class GuestRun:
     collect_errors: list[str] = field(default_factory=list)
     exit_status: int | None = None
     problem: str | None = None
+    uptimes: dict[str, float] = field(default_factory=dict)
     summary: str = ""
 
 
@@ -194,6 +200,9 @@ class HostVmTier:
             f"{len(self._items)} tests in one boot, {boot.accel}, kernel "
             f"{base.kernel.release}, {built}, VM run {boot.seconds:.1f} s"
         )
+        if {"pytest-ready", "pytest-done"} <= run.uptimes.keys():
+            ready, done = run.uptimes["pytest-ready"], run.uptimes["pytest-done"]
+            run.summary += f" (guest pytest ready at {ready:.1f} s, tests {done - ready:.1f} s)"
         if run.problem is not None or keep:
             keep = True
             run.summary += f"; work dir kept: {workdir}"
@@ -206,15 +215,24 @@ class HostVmTier:
         return run
 
     def _guest_script(self, base: image.BaseImage) -> str:
-        """The payload's run.sh: run exactly the selected node ids, from the same rootdir."""
+        """The payload's run.sh: run exactly the selected node ids, from the same rootdir.
+
+        The host's entry-point plugins are named with -p and autoloading is off: pytest
+        rewrites the asserts of every module of an autoloaded plugin's package (all of
+        hypothesis and anyio), which under emulation costs more than the tests themselves.
+        Hypothesis' plugin is left out: its report header alone imports all of hypothesis
+        (4 s under emulation), and ``@given`` tests run without it.
+        """
         rootdir = str(self._config.rootpath)
         option = self._config.option
-        args = [
-            "-p",
-            "no:cacheprovider",
-            f"--rootdir={rootdir}",
-            "-v" * max(1, int(option.verbose)),
-        ]
+        args = ["-p", "no:cacheprovider", f"--rootdir={rootdir}", "-v" * max(1, option.verbose)]
+        for plugin, dist in self._config.pluginmanager.list_plugin_distinfo():
+            if (
+                isinstance(plugin, ModuleType)
+                and plugin.__name__ not in GUEST_SKIPPED_PLUGINS
+                and canonicalize_name(dist.project_name) in base.distributions
+            ):
+                args += ["-p", plugin.__name__]
         if option.tbstyle != "auto":
             args.append(f"--tb={option.tbstyle}")
         if option.showlocals:
@@ -223,26 +241,20 @@ class HostVmTier:
         return "\n".join(
             [
                 f"cd {shlex.quote(rootdir)} || exit 70",
-                f"export PYTHONPATH={shlex.quote(f'{image.GUEST_SITE_PACKAGES}:{image.PROJECT}')}",
-                "export PYTHONUTF8=1 PYTHONDONTWRITEBYTECODE=1",
+                f"export PYTHONPATH={shlex.quote(':'.join((*base.site_dirs, str(image.PROJECT))))}",
+                "export PYTHONUTF8=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1",
                 f"exec {shlex.join(command)}",
                 "",
             ]
         )
 
     def _replay(self, item: pytest.Item, run: GuestRun) -> list[TestReport]:
-        keywords = dict.fromkeys(item.keywords, 1)
+        keywords: dict[str, Literal[1]] = dict.fromkeys(item.keywords, 1)
 
-        def report(when: str, outcome: str, longrepr: Any, **extra: Any) -> TestReport:
+        def report(when: Any, outcome: Any, longrepr: Any, **extra: Any) -> TestReport:
             return TestReport(
-                item.nodeid,
-                item.location,
-                keywords,
-                outcome,  # type: ignore[arg-type]
-                longrepr,
-                when,
-                **extra,
-            )  # type: ignore[arg-type]
+                item.nodeid, item.location, keywords, outcome, longrepr, when, **extra
+            )
 
         if self._skip_reason is not None:
             path, lineno, _ = item.location
@@ -312,7 +324,15 @@ def _parse_report(path: Path) -> GuestRun:
             run.collect_errors.append(f"{record['nodeid']}: {record['longrepr']}")
         elif record["event"] == "exit":
             run.exit_status = record["status"]
+        elif "uptime" in record:
+            run.uptimes[record["event"]] = record["uptime"]
     return run
+
+
+def _uptime() -> float:
+    """Seconds since the guest kernel started: where a VM run spends its time."""
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0])
 
 
 def _tail(path: Path) -> str:
