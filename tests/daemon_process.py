@@ -34,6 +34,18 @@ def python_m(*args: str) -> list[str]:
     return [sys.executable, "-m", "vsock_async", *args]
 
 
+def stop_process(proc: subprocess.Popen[bytes], signum: int) -> int:
+    """Send ``signum`` unless ``proc`` has exited; kill it if it lingers; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(LONG)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class Daemon:
     """One ``python -m vsock_async serve`` child; its stderr goes to a log file."""
 
@@ -83,15 +95,8 @@ class Daemon:
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         """Stop serve (kill it if it does not stop in time); its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-            try:
-                self.proc.wait(LONG)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         self._log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, signum)
 
 
 class Agent:
@@ -108,14 +113,8 @@ class Agent:
 
     def stop(self) -> None:
         """Terminate the agent and reap it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(LONG)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         self._log.close()
+        stop_process(self.proc, signal.SIGTERM)
 
 
 @contextlib.contextmanager

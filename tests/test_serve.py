@@ -258,16 +258,23 @@ def refused(client: ControlClient) -> bool:
     return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> None:
-    daemon = stack.daemon("--grace", str(LONG))
+def draining_setup(
+    stack: Stack, grace: str, gate_name: str
+) -> tuple[Daemon, ControlClient, subprocess.Popen[bytes], Path]:
+    """serve with ``--grace``, an agent, and ``exec`` of a command held until the marker exists."""
+    daemon = stack.daemon("--grace", grace)
     stack.agent(daemon.guest_address)
     client = daemon.client()
     wait_for_guest(client, "vm1")
-    command, marker = gate(stack.directory, "go")
+    command, marker = gate(stack.directory, gate_name)
     running = start_exec(daemon, command)
     eventually(lambda: busy(client), "the command running")
+    return daemon, client, running, marker
 
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> None:
+    daemon, client, running, marker = draining_setup(stack, str(LONG), "go")
     daemon.send(signum)
     eventually(lambda: refused(client), "the control API refusing new connections")
     assert daemon.proc.poll() is None  # still draining
@@ -281,13 +288,7 @@ def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> Non
 
 
 def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
-    daemon = stack.daemon("--grace", "0.2")
-    stack.agent(daemon.guest_address)
-    client = daemon.client()
-    wait_for_guest(client, "vm1")
-    command, _ = gate(stack.directory, "never")
-    running = start_exec(daemon, command)
-    eventually(lambda: busy(client), "the command running")
+    daemon, _, running, _ = draining_setup(stack, "0.2", "never")
     daemon.send(signal.SIGTERM)
     _, stderr = running.communicate(timeout=LONG)
     assert running.returncode == 125
@@ -297,13 +298,7 @@ def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
 
 
 def test_a_second_signal_stops_at_once(stack: Stack) -> None:
-    daemon = stack.daemon("--grace", "3600")
-    stack.agent(daemon.guest_address)
-    client = daemon.client()
-    wait_for_guest(client, "vm1")
-    command, _ = gate(stack.directory, "never")
-    running = start_exec(daemon, command)
-    eventually(lambda: busy(client), "the command running")
+    daemon, _, running, _ = draining_setup(stack, "3600", "never")
     daemon.send(signal.SIGTERM)
     eventually(lambda: "waiting for 1 running command" in daemon.log(), "the drain begun")
     daemon.send(signal.SIGTERM)
