@@ -277,6 +277,8 @@ def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> Non
     daemon, client, running, marker = draining_setup(stack, str(LONG), "go")
     daemon.send(signum)
     eventually(lambda: refused(client), "the control API refusing new connections")
+    with socket.socket(socket.AF_UNIX) as guest, pytest.raises(ConnectionRefusedError):
+        guest.connect(daemon.guest_socket)
     assert daemon.proc.poll() is None  # still draining
     marker.touch()
     stdout, stderr = running.communicate(timeout=LONG)

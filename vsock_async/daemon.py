@@ -364,6 +364,7 @@ class Daemon:
     async def _drain(self) -> None:
         """Stop accepting; wait for running commands until they end, the grace, or a signal."""
         self._draining = True
+        self.server.stop_listening()
         control = self.control
         if control is None:
             return

@@ -361,6 +361,12 @@ class CommandServer:
     def _describe(self) -> str:
         return ", ".join(str(lst.address) for lst in self._listeners) or "no address"
 
+    def stop_listening(self) -> None:
+        """Accept no new connection; open ones carry on until :meth:`aclose` (a graceful stop)."""
+        for listener in self._listeners:
+            if listener.server is not None:
+                listener.server.close()
+
     async def aclose(self) -> None:
         """Stop listening, close every channel and remove the socket files."""
         if self._closed:
