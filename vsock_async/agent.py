@@ -19,7 +19,7 @@ import random
 import select
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from ._agent_exec import (
     DEFAULT_MAX_OUTPUT,
@@ -294,8 +294,8 @@ class _AgentConnection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         # The transport's reader is off while a command runs; this epoll, registered for
