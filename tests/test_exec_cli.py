@@ -170,3 +170,22 @@ def test_guest_must_be_named_when_several_are_connected(stack: Stack) -> None:
     assert b"2 guests are connected (vm1, vm2): pick one with --guest" in result.stderr
     result = exec_cli(daemon.control_socket, "--guest", "vm2", "--", "echo", "two")
     assert (result.returncode, result.stdout) == (0, b"two\n")
+
+
+def test_a_reader_that_goes_away_is_a_quiet_sigpipe_exit(served: Served) -> None:
+    proc = subprocess.Popen(
+        python_m(
+            "exec",
+            "--control",
+            f"unix:{served.daemon.control_socket}",
+            "-c",
+            "yes | head -c 3000000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(LONG) == 128 + 13
+    assert stderr == b""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -312,7 +313,9 @@ def _pick_guest(client: ControlClient, guest: str | None) -> str:
         return str(keys[0])
     if not keys:
         raise UsageError("no guest is connected to the daemon (see `vsock-async guests`)")
-    raise UsageError(f"{len(keys)} guests are connected ({', '.join(keys)}): pick one with --guest")
+    raise UsageError(
+        f"{len(keys)} guests are connected ({', '.join(sorted(keys))}): pick one with --guest"
+    )
 
 
 class _ElapsedTicker:
@@ -383,8 +386,13 @@ def exec_command(
     except VsockAsyncError as exc:
         print(f"vsock-async exec: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    _write(sys.stdout.buffer, outcome.stdout)
-    _write(sys.stderr.buffer, outcome.stderr)
+    try:
+        _write(sys.stdout.buffer, outcome.stdout)
+        _write(sys.stderr.buffer, outcome.stderr)
+    except BrokenPipeError:
+        # The reader went away (``exec ... | head``): exit as a shell pipeline member would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return outcome.exit_code
 
 
