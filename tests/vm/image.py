@@ -96,7 +96,8 @@ class BaseImage:
     """Where the guest finds the test dependencies: their host sys.path entries, in order."""
     distributions: frozenset[str]
     """Canonical names of the distributions the guest has."""
-    built_seconds: float | None
+    built: bool
+    """True if this call built it (and perhaps fetched the kernel), False if it was cached."""
 
 
 def cache_root() -> Path:
@@ -144,9 +145,12 @@ def ensure_host_tools() -> None:
     """Make sure qemu and busybox exist; scripts/vm-deps.sh installs them when it can."""
     if shutil.which("qemu-system-x86_64") and shutil.which("busybox"):
         return
-    _run(["bash", str(VM_DEPS_SCRIPT)])
+    try:
+        _run(["bash", str(VM_DEPS_SCRIPT)])
+    except VmUnavailable as exc:
+        raise VmUnavailable(f"qemu-system-x86_64 or busybox is missing: {exc}") from None
     if not (shutil.which("qemu-system-x86_64") and shutil.which("busybox")):
-        raise VmUnavailable(f"QEMU or busybox is still missing after {VM_DEPS_SCRIPT.name}")
+        raise VmUnavailable(f"qemu-system-x86_64 or busybox still missing after {VM_DEPS_SCRIPT}")
 
 
 def _kernel_package() -> str:
@@ -482,9 +486,8 @@ def base_image() -> BaseImage:
         kernel = fetch_kernel(root)
         dists = _distribution_closure(GUEST_DISTRIBUTIONS)
         image = root / f"{_image_key(kernel, dists)}.cpio"
-        built_seconds = None
-        if not image.exists():
-            started = time.monotonic()
+        built = not image.exists()
+        if built:
             staged = image.with_suffix(f".{os.getpid()}.tmp")
             try:
                 with tempfile.TemporaryDirectory(dir=root) as scratch, open(staged, "wb") as out:
@@ -494,11 +497,10 @@ def base_image() -> BaseImage:
                 staged.rename(image)
             finally:
                 staged.unlink(missing_ok=True)
-            built_seconds = time.monotonic() - started
         os.utime(image)
         _prune(root, image)
     names = frozenset(canonicalize_name(dist.metadata["Name"]) for dist in dists)
-    return BaseImage(kernel, image, _interpreter()[0], _site_dirs(dists), names, built_seconds)
+    return BaseImage(kernel, image, _interpreter()[0], _site_dirs(dists), names, built)
 
 
 def _site_dirs(dists: list[importlib.metadata.Distribution]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 # /tmp stays on the initramfs root: a tmpfs mounted there would hide payload files under it.
+echo "vm-init: up after $(cut -d' ' -f1 /proc/uptime) s; loading the vsock modules"
 for module in /lib/vsock-modules/*.ko; do
     insmod "$module" || echo "vm-init: insmod $module failed"
 done
@@ -15,6 +16,7 @@ done
 stty -F /dev/ttyS1 raw -echo
 sh /vmrun/run.sh </dev/null
 status=$?
+echo "vm-init: payload exited with status $status; powering off"
 echo "{\"event\": \"exit\", \"status\": $status}" >/dev/ttyS1
 sync
 poweroff -f

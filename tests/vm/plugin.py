@@ -15,6 +15,7 @@ import shlex
 import shutil
 import tempfile
 import termios
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,7 @@ class HostVmTier:
         return True
 
     def _boot_guest(self) -> GuestRun:
+        started = time.monotonic()
         try:
             base = image.base_image()
         except image.VmUnavailable as exc:
@@ -191,11 +193,8 @@ class HostVmTier:
             run.problem = boot.failure
         if run.problem is None and run.exit_status is None:
             run.problem = "the guest powered off without reporting pytest's exit status"
-        built = (
-            f"image built in {base.built_seconds:.1f} s"
-            if base.built_seconds is not None
-            else "image cached"
-        )
+        prepared = time.monotonic() - started - boot.seconds
+        built = f"image built in {prepared:.1f} s" if base.built else "image cached"
         run.summary = (
             f"{len(self._items)} tests in one boot, {boot.accel}, kernel "
             f"{base.kernel.release}, {built}, VM run {boot.seconds:.1f} s"

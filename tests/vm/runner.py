@@ -2,12 +2,14 @@
 
 Without a vsock device the guest's only transport is vsock_loopback, so every AF_VSOCK
 connection made inside it stays inside it. The console (ttyS0) and the report port (ttyS1)
-are written to files in the work dir.
+are written to files in the work dir, with the QEMU command line (qemu.sh) to boot it again
+by hand.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import threading
@@ -99,6 +101,7 @@ def boot(
     as its stderr says it is stuck."""
     accel = "kvm" if kvm_usable() else "tcg"
     command = qemu_command(kernel, initrd, workdir, accel=accel, memory_mib=memory_mib, cpus=cpus)
+    (workdir / "qemu.sh").write_text(shlex.join(command) + "\n")
     started = time.monotonic()
     stuck = threading.Event()
     stderr_lines: list[str] = []
