@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +141,19 @@ def _can_apt() -> bool:
     return os.geteuid() == 0 and shutil.which("apt-get") is not None
 
 
+def _host_tools_present() -> bool:
+    return all(shutil.which(tool) for tool in ("qemu-system-x86_64", "busybox"))
+
+
 def ensure_host_tools() -> None:
     """Make sure qemu and busybox exist; scripts/vm-deps.sh installs them when it can."""
-    if shutil.which("qemu-system-x86_64") and shutil.which("busybox"):
+    if _host_tools_present():
         return
     try:
         _run(["bash", str(VM_DEPS_SCRIPT)])
     except VmUnavailable as exc:
         raise VmUnavailable(f"qemu-system-x86_64 or busybox is missing: {exc}") from None
-    if not (shutil.which("qemu-system-x86_64") and shutil.which("busybox")):
+    if not _host_tools_present():
         raise VmUnavailable(f"qemu-system-x86_64 or busybox still missing after {VM_DEPS_SCRIPT}")
 
 
@@ -336,8 +340,9 @@ def _stripped(source: Path, scratch: Path) -> Path:
     return target
 
 
-def _distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distribution]:
+def _distribution_closure(roots: Collection[str]) -> list[importlib.metadata.Distribution]:
     """The installed distributions the roots need, following requirements without extras."""
+    wanted = {canonicalize_name(root) for root in roots}
     seen: dict[str, importlib.metadata.Distribution] = {}
     pending = list(roots)
     while pending:
@@ -347,7 +352,7 @@ def _distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distr
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
-            if name in {canonicalize_name(root) for root in roots}:
+            if name in wanted:
                 raise VmUnavailable(f"the guest needs {name}, which is not installed") from None
             continue
         seen[name] = dist
@@ -419,7 +424,7 @@ def _image_key(kernel: Kernel, dists: list[importlib.metadata.Distribution]) -> 
     recipe = {
         "kernel": kernel.release,
         "python": [sys.version, str(python)],
-        "distributions": [(d.metadata["Name"], d.version) for d in dists],
+        "distributions": [(d.metadata["Name"], d.version, str(d.locate_file(""))) for d in dists],
         "busybox": os.path.realpath(shutil.which("busybox") or ""),
         "builder": hashlib.sha256(
             Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes()

@@ -143,15 +143,15 @@ class HostVmTier:
         self._config = config
         self._items: dict[str, pytest.Item] = {}
         self._run: GuestRun | None = None
-        self._skip_reason: str | None = None
+        self._unavailable: str | None = None
+        self._skipped_by_option = 0
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Runs after -m/-k deselection, so only the tests really selected go to the guest."""
         selected = [item for item in items if item.get_closest_marker("vm") is not None]
         if self._config.getoption("no_vm"):
-            if selected:
-                self._skip_reason = f"--no-vm given: {len(selected)} vm tests skipped"
+            self._skipped_by_option = len(selected)
             for item in selected:
                 item.add_marker(pytest.mark.skip(reason="VM tier skipped (--no-vm)"))
             return
@@ -176,8 +176,8 @@ class HostVmTier:
         try:
             base = image.base_image()
         except image.VmUnavailable as exc:
-            self._skip_reason = f"QEMU guest unavailable on this machine: {exc}"
-            return GuestRun(problem=self._skip_reason)
+            self._unavailable = f"QEMU guest unavailable on this machine: {exc}"
+            return GuestRun(problem=self._unavailable)
         keep = bool(self._config.getoption("vm_keep"))
         workdir = Path(tempfile.mkdtemp(prefix="vsock_async-vm-"))
         initrd = workdir / "initrd"
@@ -255,12 +255,12 @@ class HostVmTier:
                 item.nodeid, item.location, keywords, outcome, longrepr, when, **extra
             )
 
-        if self._skip_reason is not None:
+        if self._unavailable is not None:
             path, lineno, _ = item.location
             where = (
                 str(self._config.rootpath / path),
                 (lineno or 0) + 1,
-                f"Skipped: {self._skip_reason}",
+                f"Skipped: {self._unavailable}",
             )
             return [report("setup", "skipped", where), report("teardown", "passed", None)]
         reports = []
@@ -294,12 +294,14 @@ class HostVmTier:
         return reports
 
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
-        if self._skip_reason is not None and not self._config.getoption("no_vm"):
+        if self._unavailable is not None:
             terminalreporter.write_sep("!", "VM TIER DID NOT RUN", red=True, bold=True)
-            terminalreporter.write_line(self._skip_reason, red=True, bold=True)
-        elif self._skip_reason is not None:
+            terminalreporter.write_line(self._unavailable, red=True, bold=True)
+        elif self._skipped_by_option:
             terminalreporter.write_sep("-", "VM tier", yellow=True)
-            terminalreporter.write_line(self._skip_reason, yellow=True)
+            terminalreporter.write_line(
+                f"--no-vm given: {self._skipped_by_option} vm tests skipped", yellow=True
+            )
         elif self._run is not None:
             terminalreporter.write_sep("-", "VM tier")
             terminalreporter.write_line(self._run.summary)
