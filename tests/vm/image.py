@@ -24,7 +24,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ PAYLOAD_SKIP_DIRS = frozenset(
     {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
 )
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
-CACHE_KEEP_SECONDS = 14 * 24 * 3600
+CACHED_IMAGES = 4
 
 
 class VmUnavailable(RuntimeError):
@@ -476,11 +475,12 @@ def _write_base(
         cpio.file(str(library), _stripped(Path(os.path.realpath(library)), scratch))
 
 
-def _prune(root: Path, keep: Path) -> None:
-    """Drop base images nobody has used for two weeks (each run touches the one it uses)."""
-    for old in root.glob("base-*.cpio"):
-        if old != keep and time.time() - old.stat().st_mtime > CACHE_KEEP_SECONDS:
-            old.unlink(missing_ok=True)
+def _prune(root: Path) -> None:
+    """Keep the few base images used last (each run touches its own): every change to the
+    builder or the packages makes a new 70 MB image."""
+    images = sorted(root.glob("base-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[CACHED_IMAGES:]:
+        old.unlink(missing_ok=True)
 
 
 def base_image() -> BaseImage:
@@ -503,7 +503,7 @@ def base_image() -> BaseImage:
             finally:
                 staged.unlink(missing_ok=True)
         os.utime(image)
-        _prune(root, image)
+        _prune(root)
     names = frozenset(canonicalize_name(dist.metadata["Name"]) for dist in dists)
     return BaseImage(kernel, image, _interpreter()[0], _site_dirs(dists), names, built)
 
