@@ -125,7 +125,8 @@ async def shared_agent(
     on port 1024 gets a fresh connection, as the agent dials again whenever one closes.
     Starting an agent takes seconds under emulation."""
     tmp_path = tmp_path_factory.mktemp("shared-agent")
-    async with agent_process("--connect", "vsock://host:1024", tmp_path=tmp_path) as agent:
+    dials = f"vsock://host:{SHARED_PORT}"
+    async with agent_process("--connect", dials, tmp_path=tmp_path) as agent:
         yield agent
 
 
