@@ -420,3 +420,46 @@ async def test_connect_to_listening_guest_over_unix(tmp_path: Path) -> None:
     assert seen == [b"ping"]
     with pytest.raises(vsock_async.ConnectFailed, match="cannot connect"):
         await vsock_async.connect(f"unix:{tmp_path / 'nobody.sock'}", timeout=1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [5.0, None])
+async def test_cancel_landing_as_a_guest_arrives_is_honoured(
+    setup: Setup, timeout: float | None
+) -> None:
+    """A cancelled accept() ends cancelled, and the guest it would have had waits for the next
+    caller (on 3.11 wait_for let the arrival win over the cancel)."""
+    loop = asyncio.get_running_loop()
+    for hops in range(6):
+        cancelled_accept = asyncio.ensure_future(setup.server.accept(timeout=timeout))
+        other_accept = asyncio.ensure_future(setup.server.accept(timeout=timeout))
+        await asyncio.sleep(0)
+        guest = ScriptedGuest()
+        await guest.connect(setup.address)
+        while not setup.server.channels:  # noqa: ASYNC110 (the connection_made callback)
+            await asyncio.sleep(0)
+
+        accepted: list[bool] = []
+
+        def cancel(
+            n: int,
+            task: asyncio.Future[GuestChannel] = cancelled_accept,
+            accepted: list[bool] = accepted,
+        ) -> None:
+            if n:
+                loop.call_soon(cancel, n - 1)
+            else:
+                accepted.append(task.cancel())
+
+        cancel(hops)
+        try:
+            channel = await cancelled_accept
+        except asyncio.CancelledError:
+            assert accepted == [True]
+            channel = await other_accept
+        else:
+            assert accepted in ([], [False]), f"cancel swallowed {hops} iterations in"
+            other_accept.cancel()
+        assert (await channel.run("exit 6")).exit_code == 6
+        await channel.aclose()
+        await guest.close()

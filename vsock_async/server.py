@@ -163,7 +163,9 @@ class CommandServer:
         entry = (key, waiter)
         self._guest_waiters.append(entry)
         try:
-            return await asyncio.wait_for(waiter, timeout)
+            # Not wait_for: on 3.11 it swallows a cancel that lands as the guest arrives.
+            async with asyncio.timeout(timeout):
+                return await waiter
         except TimeoutError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 return waiter.result()
@@ -311,11 +313,14 @@ class CommandServer:
             listener.address,
         )
         guest = self._register(channel)
-        for waiter in self._accept_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        self._wake_one_acceptor()
         self._notify(GuestEvent("connected", guest, channel))
+
+    def _wake_one_acceptor(self, skip: asyncio.Future[None] | None = None) -> None:
+        for waiter in self._accept_waiters:
+            if waiter is not skip and not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _channel_gone(self, channel: GuestChannel) -> None:
         self._channels.pop(channel.id, None)
@@ -346,14 +351,17 @@ class CommandServer:
             waiter: asyncio.Future[None] = loop.create_future()
             self._accept_waiters.append(waiter)
             try:
-                if deadline is None:
+                # Not wait_for: on 3.11 it swallows a cancel that lands as a guest arrives.
+                async with asyncio.timeout_at(deadline):
                     await waiter
-                else:
-                    await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise AcceptTimeout(
                     f"no guest connected to {self._describe()} within {timeout} s"
                 ) from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one_acceptor(skip=waiter)  # pass the news on; the channel waits
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._accept_waiters.remove(waiter)
