@@ -262,13 +262,19 @@ def draining_setup(
     stack: Stack, grace: str, gate_name: str
 ) -> tuple[Daemon, ControlClient, subprocess.Popen[bytes], Path]:
     """serve with ``--grace``, an agent, and ``exec`` of a command held until the marker exists."""
-    daemon = stack.daemon("--grace", grace)
+    daemon = stack.daemon("--grace", grace, "--probe-interval", "0")  # busy means: the command
     stack.agent(daemon.guest_address)
     client = daemon.client()
     wait_for_guest(client, "vm1")
     command, marker = gate(stack.directory, gate_name)
     running = start_exec(daemon, command)
-    eventually(lambda: busy(client), "the command running")
+
+    def started() -> bool:
+        if running.poll() is not None:
+            pytest.fail(f"exec ended early: {running.communicate()}\n{daemon.log()}")
+        return busy(client)
+
+    eventually(started, "the command running")
     return daemon, client, running, marker
 
 
