@@ -6,7 +6,9 @@ find_python() {
     for minor in "$@"; do
         for candidate in "$(command -v "python3.$minor" 2>/dev/null)" \
             "$HOME"/.pyenv/versions/3."$minor".*/bin/python3; do
-            if [ -n "$candidate" ] && [ -x "$candidate" ]; then
+            # pyenv's shims exist for versions that are not active, and then fail: try each.
+            if [ -n "$candidate" ] && [ -x "$candidate" ] \
+                && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
                 echo "$candidate"
                 return 0
             fi
