@@ -38,11 +38,6 @@ class _DeadlinePassed(Exception):
     """Set on an exchange's future when its deadline fires; never leaves the channel."""
 
 
-def _expire(future: asyncio.Future[CommandResult]) -> None:
-    if not future.done():  # a result that came first wins
-        future.set_exception(_DeadlinePassed())
-
-
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
     """Validate a deadline in seconds; None means none."""
     if timeout is not None and (
@@ -82,6 +77,9 @@ class GuestChannel:
         self.connected_at = time.time()
         self.last_probe: float | None = None
         """When a probe last succeeded on this channel (``time.time()``), or None."""
+        self._deadlines: dict[asyncio.Future[CommandResult], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        connection.add_close_callback(self._stop_timer)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "busy" if self.busy else "idle"
@@ -159,7 +157,8 @@ class GuestChannel:
         # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
         # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
         # 3.11 it swallows a cancel that lands as the result arrives.
-        timer = None if timeout is None else future.get_loop().call_later(timeout, _expire, future)
+        if timeout is not None:
+            self._watch(future, timeout)
         try:
             return await future
         except _DeadlinePassed:
@@ -169,8 +168,45 @@ class GuestChannel:
             self._abandon(future, "the exchange was cancelled")
             raise
         finally:
+            if timeout is not None:
+                self._deadlines.pop(future, None)
+
+    # -- deadlines -----------------------------------------------------------------------
+    #
+    # One loop timer per channel rather than one per call: it is armed for the earliest
+    # pending deadline and left armed when calls finish first. When it fires it fails every
+    # call whose deadline has passed and re-arms itself for the earliest one left, so each
+    # deadline still fires at its own time, never before; a stream of calls that answer
+    # within their timeout costs one timer per timeout period instead of one per call.
+
+    def _watch(self, future: asyncio.Future[CommandResult], timeout: float) -> None:
+        loop = future.get_loop()
+        deadline = loop.time() + timeout
+        self._deadlines[future] = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        deadlines = self._deadlines
+        if not deadlines:
+            return
+        now = loop.time()
+        passed = sorted((d, i, f) for i, (f, d) in enumerate(deadlines.items()) if d <= now)
+        for _, _, future in passed:
+            if not future.done():  # a result that came first wins
+                future.set_exception(_DeadlinePassed())
+        left = [d for d in deadlines.values() if d > now]
+        if left:
+            self._timer = loop.call_at(min(left), self._on_timer, loop)
+
+    def _stop_timer(self, _: GuestConnection) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _abandon(
         self, future: asyncio.Future[CommandResult], why: str
