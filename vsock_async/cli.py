@@ -173,7 +173,7 @@ def _cid(text: str) -> int:
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .control_client import default_control_address
+    from ._control_defaults import default_control_address
     from .daemon import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
 
     p = subparsers.add_parser(

@@ -22,6 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, Literal, TextIO
 
+from ._control_defaults import (
+    CONTROL_ENV,
+    TOKEN_FILE_ENV,
+    default_control_address,
+    default_control_path,
+    read_token_file,
+)
 from .addresses import TcpAddress, UnixAddress, parse_address
 from .errors import ConnectFailed, ProtocolError, UsageError, VsockAsyncError
 
@@ -41,8 +48,6 @@ __all__ = [
     "read_token_file",
 ]
 
-CONTROL_ENV: Final = "VSOCK_ASYNC_CONTROL"
-TOKEN_FILE_ENV: Final = "VSOCK_ASYNC_TOKEN_FILE"
 RAW_RESULT_TYPE: Final = "application/vnd.vsock-async.result"
 """Media type of the raw run result: the v1 result frame, byte for byte."""
 
@@ -50,36 +55,6 @@ EXIT_TIMEOUT: Final = 124
 EXIT_FAILED: Final = 125
 
 _U32 = struct.Struct(">I")
-
-
-def default_control_path() -> str:
-    """Where ``serve`` puts its control socket unless told otherwise."""
-    if os.geteuid() == 0:
-        return "/run/vsock-async/control.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "vsock-async", "control.sock")
-    return f"/tmp/vsock-async-{os.getuid()}/control.sock"
-
-
-def default_control_address() -> str:
-    """``$VSOCK_ASYNC_CONTROL``, else ``unix:`` + :func:`default_control_path`."""
-    return os.environ.get(CONTROL_ENV) or f"unix:{default_control_path()}"
-
-
-def read_token_file(path: str) -> str:
-    """The bearer token in ``path`` (surrounding whitespace removed); UsageError if unusable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read the token file {path}: {reason}") from None
-    if not token or any(c.isspace() for c in token) or not token.isprintable():
-        raise UsageError(
-            f"the token file {path} must hold one token: printable, no spaces, not empty"
-        )
-    return token
 
 
 class ControlError(VsockAsyncError):

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from ._control_defaults import default_control_address, default_control_path, read_token_file
 from ._logging import configure_logging
 from ._sockets import UnixSocketOptions, bind_listener
 from .addresses import (
@@ -38,7 +39,6 @@ from .addresses import (
     parse_address,
 )
 from .channel import DEFAULT_TIMEOUT, GuestChannel
-from .control_client import default_control_address, default_control_path, read_token_file
 from .errors import DeadlineExceeded, PeerError, UsageError, VsockAsyncError
 from .guests import Guest, GuestEvent
 from .metrics import ServeMetrics
