@@ -514,9 +514,9 @@ def _site_dirs(dists: list[importlib.metadata.Distribution]) -> tuple[str, ...]:
     return (*ordered, *sorted(found - set(ordered)))
 
 
-def _project_files(project: Path) -> Iterator[Path]:
+def _project_files(project: Path, extra_dirs: Iterable[str] = ()) -> Iterator[Path]:
     yield project / "pyproject.toml"
-    for top in ("vsock_async", "tests"):
+    for top in ("vsock_async", "tests", *extra_dirs):
         for dirpath, dirnames, filenames in os.walk(project / top):
             dirnames[:] = [d for d in dirnames if d not in PAYLOAD_SKIP_DIRS]
             for filename in filenames:
@@ -524,16 +524,24 @@ def _project_files(project: Path) -> Iterator[Path]:
                     yield Path(dirpath, filename)
 
 
-def write_initrd(base: BaseImage, project: Path, run_script: str, target: Path) -> None:
+def write_initrd(
+    base: BaseImage,
+    project: Path,
+    run_script: str,
+    target: Path,
+    *,
+    extra_dirs: Iterable[str] = (),
+) -> None:
     """Concatenate the cached base and a payload archive holding /vmrun/run.sh and the project
     at its own absolute path (so guest tracebacks and node ids match the host's), compiled:
-    every agent process the tests start would otherwise compile the package again."""
+    every agent process the tests start would otherwise compile the package again.
+    ``extra_dirs`` names more top-level project directories to carry (``benchmarks``)."""
     shutil.copyfile(base.initramfs, target)
     with open(target, "ab") as out, tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         cpio = CpioWriter(out)
         cpio.data("/vmrun/run.sh", run_script.encode(), 0o755)
         tree = _PythonTree(cpio, Path(scratch))
-        for source in _project_files(project):
+        for source in _project_files(project, extra_dirs):
             if source.is_file():
                 tree.add(source)
         cpio.close()

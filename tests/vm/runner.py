@@ -56,14 +56,16 @@ def kvm_usable() -> bool:
     )
 
 
-def qemu_command(kernel: Path, initrd: Path, workdir: Path, accel: str) -> list[str]:
+def qemu_command(
+    kernel: Path, initrd: Path, workdir: Path, accel: str, memory_mib: int = GUEST_MEMORY_MIB
+) -> list[str]:
     options = [
         ("-display", "none"),
         ("-nic", "none"),
         ("-machine", "pc"),
         ("-accel", accel),
         ("-cpu", "host" if accel == "kvm" else "max"),
-        ("-m", str(GUEST_MEMORY_MIB)),
+        ("-m", str(memory_mib)),
         ("-smp", str(GUEST_CPUS)),
         ("-kernel", str(kernel)),
         ("-initrd", str(initrd)),
@@ -76,11 +78,18 @@ def qemu_command(kernel: Path, initrd: Path, workdir: Path, accel: str) -> list[
     return [qemu, *flags, *(word for option in options for word in option)]
 
 
-def boot(kernel: Path, initrd: Path, workdir: Path, *, timeout: float) -> BootResult:
+def boot(
+    kernel: Path,
+    initrd: Path,
+    workdir: Path,
+    *,
+    timeout: float,
+    memory_mib: int = GUEST_MEMORY_MIB,
+) -> BootResult:
     """Run the guest to power-off; kill QEMU (our child, by PID) at the deadline or as soon
     as its stderr says it is stuck."""
     accel = "kvm" if kvm_usable() else "tcg"
-    command = qemu_command(kernel, initrd, workdir, accel)
+    command = qemu_command(kernel, initrd, workdir, accel, memory_mib)
     (workdir / "qemu.sh").write_text(shlex.join(command) + "\n")
     started = time.monotonic()
     stuck = threading.Event()
