@@ -1,18 +1,21 @@
 """A guest that answers instantly: no process per command, canned results, many connections.
 
-``python -m benchmarks._guest --connect PATH [--connections N] [--bulk-bytes N]``
+``python -m benchmarks._guest --connect PATH|vsock://CID:PORT [--connections N] [--bulk-bytes N]``
 
-It dials the host's Unix socket (the way an agent dials the host) and
+It dials the host's Unix socket (the way an agent dials the host), or inside the VM tier's
+guest only, the host's vsock port, and
 answers every v1 command frame at once: ``:`` with the empty exit-0 probe
 answer, ``bulk`` with ``--bulk-bytes`` bytes of stdout, anything else with
 ``ok\\n``. One connection is served with a plain blocking loop, many with
 one ``selectors`` loop, so one process can stand in for hundreds of guests.
-Only Unix sockets: a benchmark never connects AF_VSOCK on this machine.
+AF_VSOCK only where ``VSOCK_ASYNC_FORBID_VSOCK_CONNECT`` is unset, which is inside the
+VM tier's guest alone (``benchmarks._harness`` sets it everywhere else).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import selectors
 import socket
 import struct
@@ -24,16 +27,23 @@ PROBE_ANSWER = b"\0\0\0\0\0\0\0\0\0"
 OK_ANSWER = _U32.pack(3) + b"ok\n" + _U32.pack(0) + b"\0"
 
 
-def _dial(path: str) -> socket.socket:
-    for _ in range(200):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _dial(target: str) -> socket.socket:
+    family: int = socket.AF_UNIX
+    address: str | tuple[int, int] = target
+    if target.startswith("vsock://"):
+        if os.environ.get("VSOCK_ASYNC_FORBID_VSOCK_CONNECT"):
+            raise SystemExit("guest: refusing to connect AF_VSOCK here (the guard is set)")
+        cid, port = target.removeprefix("vsock://").split(":")
+        family, address = socket.AF_VSOCK, (int(cid), int(port))
+    for _ in range(500):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
+            sock.connect(address)
             return sock
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
             sock.close()
             time.sleep(0.02)
-    raise SystemExit(f"guest: nothing listens on {path}")
+    raise SystemExit(f"guest: nothing listens on {target}")
 
 
 def _commands(buf: bytearray) -> list[bytes]:
@@ -120,7 +130,9 @@ def serve_many(socks: list[socket.socket]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--connect", required=True, help="Unix socket path of the host")
+    parser.add_argument(
+        "--connect", required=True, help="the host's Unix socket path, or vsock://CID:PORT"
+    )
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--bulk-bytes", type=int, default=0)
     args = parser.parse_args(argv)

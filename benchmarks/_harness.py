@@ -9,8 +9,10 @@ and their spread (min-max), never a ratio of medians.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -19,8 +21,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "Endpoint",
     "Row",
     "Table",
+    "endpoint",
     "fresh_dir",
     "guest_process",
     "raise_nofile_limit",
@@ -28,8 +32,16 @@ __all__ = [
     "reset_peak_rss",
 ]
 
-# No benchmark ever connects AF_VSOCK on this machine; guests and children inherit the guard.
-os.environ.setdefault("VSOCK_ASYNC_FORBID_VSOCK_CONNECT", "1")
+
+def in_vm() -> bool:
+    """True only inside the VM tier's guest (the same test as ``tests.vm.plugin.in_vm``):
+    its init sets the variable and its payload carries /vmrun/run.sh."""
+    return os.environ.get("VSOCK_ASYNC_IN_VM") == "1" and os.path.isfile("/vmrun/run.sh")
+
+
+# Outside the VM tier's guest no benchmark ever connects AF_VSOCK; children inherit the guard.
+if not in_vm():
+    os.environ.setdefault("VSOCK_ASYNC_FORBID_VSOCK_CONNECT", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,6 +145,59 @@ def _fmt(value: float | None) -> str:
     if value >= 1:
         return f"{value:.2f}"
     return f"{value:.4f}"
+
+
+TRANSPORTS = ("unix", "vsock")
+# Below 1024: vsock auto-binds client ports above 1023 in sequence, and a later listener must
+# never find its port taken by an earlier client (docs/testing.md, "Writing VM tests").
+_VSOCK_PORTS = itertools.count(600)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one host side listens and how its guest dials it, on one transport.
+
+    ``address`` is for ``vsock_async.listen``; ``guest`` is the ``--connect`` argument of
+    ``benchmarks._guest``; ``raw_listener()`` is a plain listening socket for the baselines.
+    """
+
+    transport: str
+    address: str
+    guest: str
+    bind: str | tuple[int, int]
+
+    def raw_listener(self) -> socket.socket:
+        family = socket.AF_UNIX if self.transport == "unix" else socket.AF_VSOCK
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.bind)
+            sock.listen(1)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def endpoint(transport: str, directory: str, name: str) -> Endpoint:
+    """A fresh endpoint: a socket file in ``directory``, or the next vsock port.
+
+    Over vsock the host side listens on ``VMADDR_CID_ANY`` and the guest dials CID 2 (the
+    host); only inside the VM tier's guest, where vsock_loopback carries it.
+    """
+    if transport == "unix":
+        path = os.path.join(directory, f"{name}.sock")
+        return Endpoint("unix", f"unix:{path}", path, path)
+    if transport != "vsock":
+        raise ValueError(f"unknown transport {transport!r}")
+    if os.environ.get("VSOCK_ASYNC_FORBID_VSOCK_CONNECT") or not in_vm():
+        raise SystemExit(
+            "--transport vsock runs only inside the VM tier's guest"
+            " (python -m benchmarks.vm): never connect AF_VSOCK on this machine"
+        )
+    port = next(_VSOCK_PORTS)
+    return Endpoint(
+        "vsock", f"vsock://any:{port}", f"vsock://2:{port}", (socket.VMADDR_CID_ANY, port)
+    )
 
 
 def raise_nofile_limit() -> int:

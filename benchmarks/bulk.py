@@ -1,4 +1,6 @@
-"""Benchmark 2: one large stdout (256 MiB by default) through one exchange, over a Unix socket.
+"""Benchmark 2: one large stdout (256 MiB by default) through one exchange.
+
+Over a Unix socket; with ``--transport vsock``, over AF_VSOCK inside the VM tier's guest.
 
 Each receiver runs in its own process so its memory can be measured on its
 own: before every exchange it resets its peak RSS (``/proc/self/clear_refs``
@@ -17,7 +19,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,16 @@ from typing import IO
 
 import vsock_async
 
-from ._harness import REPO, Table, fresh_dir, guest_process, read_status_kib, reset_peak_rss
+from ._harness import (
+    REPO,
+    Endpoint,
+    Table,
+    endpoint,
+    fresh_dir,
+    guest_process,
+    read_status_kib,
+    reset_peak_rss,
+)
 
 NAME = "bulk"
 MiB = 1024 * 1024
@@ -57,7 +67,7 @@ def _serve_commands(out: IO[str], exchange: Callable[[], int]) -> None:
         out.flush()
 
 
-def receive_ours(path: str, size: int, use_uvloop: bool) -> None:
+def receive_ours(address: str, size: int, use_uvloop: bool) -> None:
     if use_uvloop:
         import uvloop
 
@@ -65,7 +75,7 @@ def receive_ours(path: str, size: int, use_uvloop: bool) -> None:
     else:
         loop = asyncio.new_event_loop()
     limits = vsock_async.Limits(max_stdout=size)
-    server = loop.run_until_complete(vsock_async.listen(f"unix:{path}", limits=limits))
+    server = loop.run_until_complete(vsock_async.listen(address, limits=limits))
     print("ready", flush=True)
     channel = loop.run_until_complete(server.accept(timeout=60))
 
@@ -79,12 +89,10 @@ def receive_ours(path: str, size: int, use_uvloop: bool) -> None:
     loop.close()
 
 
-def receive_raw(path: str, size: int, fresh: bool) -> None:
+def receive_raw(ep: Endpoint, size: int, fresh: bool) -> None:
     total = size + 9
     keep = None if fresh else bytearray(total)  # bytearray(n) zero-fills: every page touched
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as lsock:
-        lsock.bind(path)
-        lsock.listen(1)
+    with ep.raw_listener() as lsock:
         print("ready", flush=True)
         conn, _ = lsock.accept()
 
@@ -122,8 +130,9 @@ class _Receiver:
 
 
 @contextlib.contextmanager
-def _receiver(mode: str, path: str, size: int, use_uvloop: bool) -> Iterator[_Receiver]:
-    args = [sys.executable, "-m", "benchmarks.bulk", "--receiver", mode, "--path", path]
+def _receiver(mode: str, ep: Endpoint, size: int, use_uvloop: bool) -> Iterator[_Receiver]:
+    args = [sys.executable, "-m", "benchmarks.bulk", "--receiver", mode, "--address", ep.address]
+    args += ["--transport", ep.transport, "--guest", ep.guest]
     args += ["--size", str(size)] + (["--uvloop"] if use_uvloop else [])
     proc = subprocess.Popen(
         args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -132,7 +141,7 @@ def _receiver(mode: str, path: str, size: int, use_uvloop: bool) -> Iterator[_Re
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"bulk receiver {mode} did not start")
-        with guest_process(["--connect", path, "--bulk-bytes", str(size)]):
+        with guest_process(["--connect", ep.guest, "--bulk-bytes", str(size)]):
             yield _Receiver(proc)
     finally:
         if proc.stdin:
@@ -149,15 +158,17 @@ def run(
     rounds: int | None = None,
     bulk_mib: int | None = None,
     use_uvloop: bool = False,
+    transport: str = "unix",
 ) -> Table:
     size = (bulk_mib or (1 if quick else 256)) * MiB
     rounds = rounds or (2 if quick else 7)
     loop_name = "uvloop" if use_uvloop else "default loop"
-    table = Table(f"2. bulk: one {size // MiB} MiB stdout, Unix socket, {loop_name}")
+    kind = "Unix socket" if transport == "unix" else "AF_VSOCK"
+    table = Table(f"2. bulk: one {size // MiB} MiB stdout, {kind}, {loop_name}")
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     with contextlib.ExitStack() as stack, fresh_dir() as d:
         receivers = {
-            m: stack.enter_context(_receiver(m, os.path.join(d, f"{m}.sock"), size, use_uvloop))
+            m: stack.enter_context(_receiver(m, endpoint(transport, d, m), size, use_uvloop))
             for m in MODES
         }
         for m in MODES:  # warm-up exchange, not counted
@@ -190,14 +201,20 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--receiver", choices=MODES, required=True)
-    parser.add_argument("--path", required=True)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--transport", required=True)
+    parser.add_argument("--guest", required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
     if args.receiver == "ours":
-        receive_ours(args.path, args.size, args.uvloop)
+        receive_ours(args.address, args.size, args.uvloop)
     else:
-        receive_raw(args.path, args.size, fresh=args.receiver == "raw-fresh")
+        bind: str | tuple[int, int] = args.address.removeprefix("unix:")
+        if args.transport == "vsock":
+            bind = (socket.VMADDR_CID_ANY, int(args.address.rsplit(":", 1)[1]))
+        ep = Endpoint(args.transport, args.address, args.guest, bind)
+        receive_raw(ep, args.size, fresh=args.receiver == "raw-fresh")
 
 
 if __name__ == "__main__":

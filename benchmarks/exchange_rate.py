@@ -1,4 +1,6 @@
-"""Benchmark 1: probe-sized exchanges per second on one connection, over a Unix socket.
+"""Benchmark 1: probe-sized exchanges per second on one connection.
+
+Over a Unix socket; with ``--transport vsock``, over AF_VSOCK inside the VM tier's guest.
 
 Ours is ``GuestChannel.probe()`` on a channel from ``listen()``/``accept()``.
 Baselines, each on its own connection to its own instant guest process:
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import struct
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import vsock_async
 
-from ._harness import Table, fresh_dir, guest_process
+from ._harness import Endpoint, Table, endpoint, fresh_dir, guest_process
 
 NAME = "exchange"
 FRAME = b"\0\0\0\x01:"
@@ -96,16 +97,9 @@ def blocking_rounds(sock: socket.socket, n: int) -> Measure:
     return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
-def _listener(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(1)
-    return sock
-
-
 @contextlib.contextmanager
-def _plain_connection(path: str) -> Iterator[socket.socket]:
-    with _listener(path) as lsock, guest_process(["--connect", path]):
+def _plain_connection(ep: Endpoint) -> Iterator[socket.socket]:
+    with ep.raw_listener() as lsock, guest_process(["--connect", ep.guest]):
         conn, _ = lsock.accept()
         with conn:
             yield conn
@@ -114,15 +108,19 @@ def _plain_connection(path: str) -> Iterator[socket.socket]:
 class _LoopSide:
     """Our channel and a floor protocol, both on one event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stack: contextlib.ExitStack, d: str):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stack: contextlib.ExitStack,
+        ours: Endpoint,
+        floor: Endpoint,
+    ):
         self.loop = loop
-        tag = id(loop)
-        ours_path = os.path.join(d, f"ours-{tag}.sock")
-        server = loop.run_until_complete(_listen(ours_path))
+        server = loop.run_until_complete(vsock_async.listen(ours.address))
         stack.callback(lambda: loop.run_until_complete(server.aclose()))
-        stack.enter_context(guest_process(["--connect", ours_path]))
-        self.channel = loop.run_until_complete(server.accept(timeout=30))
-        sock = stack.enter_context(_plain_connection(os.path.join(d, f"floor-{tag}.sock")))
+        stack.enter_context(guest_process(["--connect", ours.guest]))
+        self.channel = loop.run_until_complete(server.accept(timeout=60))
+        sock = stack.enter_context(_plain_connection(floor))
         sock.setblocking(False)
         _, self.floor = loop.run_until_complete(loop.connect_accepted_socket(FloorProtocol, sock))
 
@@ -131,10 +129,6 @@ class _LoopSide:
 
     def floor_rate(self, n: int) -> Measure:
         return self.loop.run_until_complete(floor_rounds(self.floor, n))
-
-
-async def _listen(path: str) -> vsock_async.CommandServer:
-    return await vsock_async.listen(f"unix:{path}")
 
 
 def uvloop_vsock_note() -> str:
@@ -166,10 +160,16 @@ def uvloop_vsock_note() -> str:
         loop.close()
 
 
-def run(quick: bool = False, rounds: int | None = None) -> Table:
-    n = 100 if quick else 400
+def run(
+    quick: bool = False,
+    rounds: int | None = None,
+    transport: str = "unix",
+    exchanges: int | None = None,
+) -> Table:
+    n = exchanges or (100 if quick else 400)
     rounds = rounds or (2 if quick else 41)
-    table = Table(f"1. exchange rate, one Unix-socket connection ({n} probes per round)")
+    kind = "Unix-socket" if transport == "unix" else "AF_VSOCK"
+    table = Table(f"1. exchange rate, one {kind} connection ({n} probes per round)")
     try:
         import uvloop
     except ImportError:
@@ -177,12 +177,17 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
     with contextlib.ExitStack() as stack, fresh_dir() as d:
         default_loop = asyncio.new_event_loop()
         stack.callback(default_loop.close)
-        sides = [("asyncio", _LoopSide(default_loop, stack, d))]
+
+        def make_side(loop: asyncio.AbstractEventLoop, tag: str) -> _LoopSide:
+            eps = (endpoint(transport, d, f"ours-{tag}"), endpoint(transport, d, f"floor-{tag}"))
+            return _LoopSide(loop, stack, *eps)
+
+        sides = [("asyncio", make_side(default_loop, "asyncio"))]
         if uvloop is not None:
             uv_loop = uvloop.new_event_loop()
             stack.callback(uv_loop.close)
-            sides.append(("uvloop", _LoopSide(uv_loop, stack, d)))
-        blocking = stack.enter_context(_plain_connection(os.path.join(d, "blocking.sock")))
+            sides.append(("uvloop", make_side(uv_loop, "uvloop")))
+        blocking = stack.enter_context(_plain_connection(endpoint(transport, d, "blocking")))
 
         contenders: list[tuple[str, Callable[[int], Measure]]] = [
             ("blocking", lambda k: blocking_rounds(blocking, k))

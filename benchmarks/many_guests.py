@@ -36,13 +36,16 @@ COMMAND = b"echo"
 COMMAND_FRAME = len(COMMAND).to_bytes(4, "big") + COMMAND
 
 
-def _report(t_probed: float, rss_idle: int, rss_connected: int, rate: float, n: int) -> None:
+def _report(
+    t_probed: float, rss_idle: int, rss_connected: int, rate: float, n: int, cpu_us: float
+) -> None:
     print(
         json.dumps(
             {
                 "probe_all_s": t_probed,
                 "kib_per_guest": (rss_connected - rss_idle) / n,
                 "rate": rate,
+                "cpu_us": cpu_us,
             }
         ),
         flush=True,
@@ -74,10 +77,11 @@ async def serve_ours(path: str, guests: int, exchanges: int) -> None:
             result = await channel.run(COMMAND, timeout=60)
             assert result.exit_code == 0
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(work(c) for c in channels))
     rate = guests * exchanges / (time.perf_counter() - started)
-    _report(t_probed, rss_idle, rss_connected, rate, guests)
+    cpu_us = (time.process_time() - cpu) / (guests * exchanges) * 1e6
+    _report(t_probed, rss_idle, rss_connected, rate, guests, cpu_us)
     await server.aclose()
 
 
@@ -120,12 +124,13 @@ def serve_threads(path: str, guests: int, exchanges: int) -> None:
     t_probed = time.perf_counter() - started
     gc.collect()
     rss_connected = read_status_kib("VmRSS")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     go.set()
     for thread in threads:
         thread.join()
     rate = guests * exchanges / (time.perf_counter() - started)
-    _report(t_probed, rss_idle, rss_connected, rate, guests)
+    cpu_us = (time.process_time() - cpu) / (guests * exchanges) * 1e6
+    _report(t_probed, rss_idle, rss_connected, rate, guests, cpu_us)
     lsock.close()
 
 
@@ -186,9 +191,16 @@ def run(
         baseline_name="threads",
         higher_is_better=False,
     )
+    cpu = table.row(
+        "server CPU per exchange: ours vs thread-per-guest",
+        "CPU us/exch",
+        baseline_name="threads",
+        higher_is_better=False,
+    )
     for o, t in zip(ours, threads, strict=True):
         rate.add(o["rate"], t["rate"])
         probe.add(o["probe_all_s"], t["probe_all_s"])
+        cpu.add(o["cpu_us"], t["cpu_us"])
     if "ours-uvloop" in results:
         uv_rate = table.row(
             "uvloop: aggregate rate, ours vs thread-per-guest", "exch/s", baseline_name="threads"
@@ -202,6 +214,10 @@ def run(
         "threads: server RSS per connected guest", "KiB", [t["kib_per_guest"] for t in threads]
     )
     table.notes.append("time ratios are baseline/ours: above 1 means we are faster")
+    table.notes.append(
+        "server CPU = process_time of the server process over the exchange phase (all its"
+        " threads) per exchange; less sensitive to the machine's load than the rates"
+    )
     return table
 
 

@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 
-from ._harness import Table
+from ._harness import TRANSPORTS, Table
 
 MODULES = {
     "exchange": "benchmarks.exchange_rate",
@@ -47,11 +47,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="alternating rounds per benchmark")
     parser.add_argument("--bulk-mib", type=int, help="payload of the bulk benchmark (MiB)")
     parser.add_argument("--guests", type=int, help="guests connected at once (many)")
+    parser.add_argument("--exchanges", type=int, help="probes per round (exchange)")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="unix",
+        help="exchange and bulk: unix, or vsock (only inside the VM tier's guest:"
+        " python -m benchmarks.vm)",
+    )
     args = parser.parse_args(argv)
     print(f"# {machine()}", flush=True)
     for name in args.only or list(MODULES):
         module = importlib.import_module(MODULES[name])
-        options = {"bulk_mib": args.bulk_mib} if name == "bulk" else {}
+        options: dict[str, object] = {}
+        if name in ("exchange", "bulk"):
+            options["transport"] = args.transport
+        elif args.transport != "unix":
+            parser.error(f"--transport {args.transport} applies to exchange and bulk only")
+        if name == "exchange":
+            options["exchanges"] = args.exchanges
+        if name == "bulk":
+            options["bulk_mib"] = args.bulk_mib
         if name == "many":
             options = {"guests": args.guests}
         started = time.perf_counter()

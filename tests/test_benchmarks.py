@@ -65,3 +65,52 @@ def test_unknown_benchmark_is_refused() -> None:
     )
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+def test_vsock_transport_is_refused_outside_the_vm() -> None:
+    """The guard that keeps benchmarks from ever connecting AF_VSOCK on this machine."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "exchange",
+            "--transport",
+            "vsock",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "only inside the VM tier's guest" in proc.stderr
+    assert "== 1." not in proc.stdout
+
+
+def test_vsock_guest_refuses_to_dial_while_the_guard_is_set() -> None:
+    env = {**os.environ, "VSOCK_ASYNC_FORBID_VSOCK_CONNECT": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._guest", "--connect", "vsock://2:600"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert "refusing to connect AF_VSOCK" in proc.stderr
+
+
+def test_vm_guest_side_is_refused_on_the_host() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vm", "--in-guest"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "only inside the VM tier's guest" in proc.stderr
