@@ -162,7 +162,9 @@ class GuestChannel:
         try:
             return await future
         except _DeadlinePassed:
-            result, was_sent = self._abandon(future, f"the exchange timed out after {timeout} s")
+            result, was_sent = self._abandon(
+                future, f"the exchange timed out after {timeout:.3g} s"
+            )
             raise CommandTimeout(self._timeout_message(line, timeout, was_sent), result) from None
         except asyncio.CancelledError:
             self._abandon(future, "the exchange was cancelled")
@@ -223,9 +225,9 @@ class GuestChannel:
     def _timeout_message(self, line: bytes, timeout: float | None, was_sent: bool) -> str:
         shown = line if len(line) <= 60 else line[:57] + b"..."
         if was_sent:
-            return f"command {shown!r} timed out after {timeout} s; channel {self.id} closed"
+            return f"command {shown!r} timed out after {timeout:.3g} s; channel {self.id} closed"
         return (
-            f"command {shown!r} timed out after {timeout} s while queued behind another call;"
+            f"command {shown!r} timed out after {timeout:.3g} s while queued behind another call;"
             f" it was never sent and channel {self.id} stays open"
         )
 

@@ -267,7 +267,7 @@ class Guest:
     def _wait_timeout(self, line: bytes, timeout: float | None) -> CommandTimeout:
         shown = line if len(line) <= 60 else line[:57] + b"..."
         return CommandTimeout(
-            f"command {shown!r} timed out after {timeout} s waiting for a free"
+            f"command {shown!r} timed out after {timeout:.3g} s waiting for a free"
             f" connection of guest {self.key!r}; it was never sent",
             CommandResult(b"", b"", None, timed_out=True),
         )
