@@ -281,7 +281,9 @@ async def test_listen_mode_with_n_connections(tmp_path: Path) -> None:
     async with agent_process(
         "--listen", f"unix:{path}", "--connections", "2", tmp_path=tmp_path
     ) as agent:
-        await eventually(lambda: os.path.exists(path), "the agent listens")
+        # The socket file appears at bind(), before listen(): wait for the agent to say it listens.
+        log = tmp_path / "agent.log"
+        await eventually(lambda: "agent listening" in log.read_text(), "the agent listens")
         first = await vsock_async.connect(f"unix:{path}", timeout=LONG)
         second = await vsock_async.connect(f"unix:{path}", timeout=LONG)
         results = await asyncio.gather(
