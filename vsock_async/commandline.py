@@ -29,7 +29,13 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _encode(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"{text[exc.start : exc.end]!r} at position {exc.start} cannot be sent as UTF-8"
+            " (a lone surrogate that surrogateescape does not cover); pass bytes instead"
+        ) from None
 
 
 def compose_command(

@@ -344,10 +344,9 @@ class CommandServer:
         while True:
             if self._closed:
                 raise ConnectionClosed("the server is closed")
-            while self._pending:
-                channel = self._pending.popleft()
-                if not channel.closed:
-                    return channel
+            channel = self._next_pending()
+            if channel is not None:
+                return channel
             waiter: asyncio.Future[None] = loop.create_future()
             self._accept_waiters.append(waiter)
             try:
@@ -355,6 +354,9 @@ class CommandServer:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
+                channel = self._next_pending()  # a guest that came as the deadline passed
+                if channel is not None:
+                    return channel
                 raise AcceptTimeout(
                     f"no guest connected to {self._describe()} within {timeout} s"
                 ) from None
@@ -365,6 +367,13 @@ class CommandServer:
             finally:
                 with contextlib.suppress(ValueError):
                     self._accept_waiters.remove(waiter)
+
+    def _next_pending(self) -> GuestChannel | None:
+        while self._pending:
+            channel = self._pending.popleft()
+            if not channel.closed:
+                return channel
+        return None
 
     def _describe(self) -> str:
         return ", ".join(str(lst.address) for lst in self._listeners) or "no address"
