@@ -299,18 +299,24 @@ async def test_oversized_output_fails_and_drops_only_that_guest(setup: Setup) ->
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "answer",
-    [(b"", b"", 1), (b"ready\n", b"", 0), (b"", b"warning", 0)],
+    ("answer", "seen", "message"),
+    [
+        ((b"", b"", 1), CommandResult(b"", b"", 1), "answered exit code 1"),
+        ((b"ready\n", b"", 0), CommandResult(b"", b"", None), "answered 6 bytes of stdout"),
+        ((b"", b"warning", 0), CommandResult(b"", b"", None), "answered 7 bytes of stderr"),
+    ],
     ids=["exit-1", "stdout", "stderr"],
 )
-async def test_wrong_probe_answer(setup: Setup, answer: tuple[bytes, bytes, int]) -> None:
+async def test_wrong_probe_answer(
+    setup: Setup, answer: tuple[bytes, bytes, int], seen: CommandResult, message: str
+) -> None:
     async def wrong(command: bytes) -> Answer:
         return answer
 
     channel, guest = await setup.guest(wrong)
-    with pytest.raises(ProbeFailed) as info:
+    with pytest.raises(ProbeFailed, match=message) as info:
         await channel.probe(timeout=1)
-    assert info.value.result == CommandResult(*answer)
+    assert info.value.result == seen
     assert channel.closed
     await guest.close()
 
@@ -463,3 +469,45 @@ async def test_cancel_landing_as_a_guest_arrives_is_honoured(
         assert (await channel.run("exit 6")).exit_code == 6
         await channel.aclose()
         await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_no_time_left_means_nothing_is_sent(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    with pytest.raises(CommandTimeout, match="never sent") as info:
+        await channel.run("rm -rf /important", timeout=0)
+    assert info.value.result.timed_out
+    assert not channel.closed
+    assert (await channel.run("exit 8")).exit_code == 8
+    assert guest.commands == [b"exit 8"]
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_probe_answer_with_output_is_never_buffered(setup: Setup) -> None:
+    """A guest answering ':' with a huge stdout fails at the prefix, before any byte of it."""
+
+    async def flood(command: bytes) -> Answer:
+        return Raw(b"\x03\x00\x00\x00" + b"x" * 100_000)  # 48 MiB announced, within Limits
+
+    channel, guest = await setup.guest(flood)
+    with pytest.raises(ProbeFailed, match="answered 50331648 bytes of stdout"):
+        await channel.probe(timeout=5)
+    assert channel.closed
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_run_after_a_probe_gets_the_full_limits_back(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    await channel.probe()
+    assert len((await channel.run("big 100000")).stdout) == 100_000
+    await channel.probe()
+    await guest.close()
+
+
+def test_lone_surrogates_are_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="cannot be sent as UTF-8"):
+        vsock_async.compose_command("echo \ud800")
+    with pytest.raises(UsageError, match="cannot be sent as UTF-8"):
+        vsock_async.compose_command("ls", env={"X": "\udfff"})

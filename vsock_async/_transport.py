@@ -17,12 +17,14 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .errors import ConnectionClosed, PeerError, ProtocolError, VsockAsyncError
-from .protocol import Limits, ResultDecoder
+from .protocol import PROBE_COMMAND, Limits, ResultDecoder, encode_command
 from .results import CommandResult
 
 logger = logging.getLogger("vsock_async")
 
 ResultFuture = asyncio.Future[CommandResult]
+
+_PROBE_FRAME = encode_command(PROBE_COMMAND)
 
 
 class GuestConnection(asyncio.BufferedProtocol):
@@ -32,6 +34,7 @@ class GuestConnection(asyncio.BufferedProtocol):
         self._limits = limits
         self._on_made = on_made
         self._decoder = ResultDecoder(limits)
+        self._probing = False
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._current: ResultFuture | None = None
@@ -185,6 +188,15 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def _write(self, frame: bytes) -> None:
         assert self.transport is not None
+        probe = frame == _PROBE_FRAME
+        if probe is not self._probing:
+            # A probe's answer must be empty: buffer none of it, so a hostile guest cannot
+            # make the automatic probe of each new connection cost the full output limits.
+            self._probing = probe
+            limits = self._limits
+            self._decoder.set_output_limits(
+                *((0, 0) if probe else (limits.max_stdout, limits.max_stderr))
+            )
         self.bytes_sent += len(frame)
         self.transport.write(frame)
 

@@ -42,7 +42,14 @@ from .addresses import (
     parse_address,
 )
 from .errors import ConnectFailed, ProtocolError, UsageError
-from .protocol import Command, CommandDecoder, Limits, OversizedCommand, result_frame_parts
+from .protocol import (
+    PROBE_COMMAND,
+    Command,
+    CommandDecoder,
+    Limits,
+    OversizedCommand,
+    result_frame_parts,
+)
 
 __all__ = [
     "AGENT_DEFAULT_ADDRESS",
@@ -52,7 +59,6 @@ __all__ = [
 ]
 
 AGENT_DEFAULT_ADDRESS = "vsock://host:1024"
-PROBE_COMMAND = b":"
 _CONNECT_TIMEOUT = 10.0
 _U32_MAX = 0xFFFF_FFFF
 

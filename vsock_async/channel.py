@@ -12,14 +12,20 @@ from typing import Any, Final
 
 from ._transport import GuestConnection
 from .commandline import CommandLike, compose_command
-from .errors import CommandFailed, CommandTimeout, ConnectionClosed, ProbeFailed, UsageError
-from .protocol import encode_command
+from .errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConnectionClosed,
+    FrameTooLarge,
+    ProbeFailed,
+    UsageError,
+)
+from .protocol import PROBE_COMMAND, encode_command
 from .results import CommandResult
 
 __all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "GuestChannel", "Timeout"]
 
 DEFAULT_TIMEOUT: Final = 30.0
-PROBE_COMMAND: Final = b":"
 
 
 class _Default(enum.Enum):
@@ -136,9 +142,14 @@ class GuestChannel:
     async def probe(self, *, timeout: Timeout = DEFAULT) -> None:
         """Check the guest is ready: ``:`` must come back as exit 0 with empty output.
 
-        A wrong answer raises :class:`ProbeFailed` and closes the channel.
+        A wrong answer raises :class:`ProbeFailed` and closes the channel. The answer may
+        hold no output, so none is buffered: its first byte of output already fails it.
         """
-        result = await self._exchange(PROBE_COMMAND, timeout)
+        try:
+            result = await self._exchange(PROBE_COMMAND, timeout)
+        except FrameTooLarge as exc:
+            message = f"probe ':' on channel {self.id} answered {exc.length} bytes of {exc.what}"
+            raise ProbeFailed(message, CommandResult(b"", b"", None)) from None
         if result.exit_code != 0 or result.stdout or result.stderr:
             message = (
                 f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
@@ -153,6 +164,9 @@ class GuestChannel:
             timeout = self._default_timeout
         else:
             check_timeout(timeout)
+        if timeout is not None and timeout <= 0:  # no time to send it: never put it on the wire
+            result = CommandResult(b"", b"", None, timed_out=True)
+            raise CommandTimeout(self._timeout_message(line, timeout, False), result)
         future = self._conn.exchange(encode_command(line))
         # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
         # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
@@ -227,8 +241,8 @@ class GuestChannel:
         if was_sent:
             return f"command {shown!r} timed out after {timeout:.3g} s; channel {self.id} closed"
         return (
-            f"command {shown!r} timed out after {timeout:.3g} s while queued behind another call;"
-            f" it was never sent and channel {self.id} stays open"
+            f"command {shown!r} timed out after {timeout:.3g} s and was never sent (it was"
+            f" queued behind another call, or given no time); channel {self.id} stays open"
         )
 
     # -- closing -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from .channel import DEFAULT, GuestChannel, Timeout, check_timeout
 from .commandline import CommandLike, compose_command
 from .errors import CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
+from .protocol import PROBE_COMMAND
 from .results import CommandResult
 
 __all__ = ["Guest", "GuestEvent"]
@@ -142,7 +143,7 @@ class Guest:
     async def probe(self, *, timeout: Timeout = DEFAULT, wait: bool = True) -> None:
         """Probe one free connection (``:`` must give exit 0, no output); see :meth:`run`."""
         deadline, timeout = self._deadline(timeout)
-        channel = await self._lease(b":", timeout, deadline, wait)
+        channel = await self._lease(PROBE_COMMAND, timeout, deadline, wait)
         try:
             await channel.probe(timeout=_remaining(deadline))
         finally:

@@ -27,6 +27,7 @@ from .errors import FrameTooLarge, ProtocolError, UsageError
 from .results import CommandResult
 
 __all__ = [
+    "PROBE_COMMAND",
     "Command",
     "CommandDecoder",
     "Limits",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+
+PROBE_COMMAND = b":"
+"""The readiness probe: a ready guest answers exit 0 with empty stdout and stderr."""
 
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
@@ -358,8 +362,15 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
     def __init__(self, limits: Limits | None = None) -> None:
         limits = limits or Limits()
         super().__init__((limits.max_stdout, limits.max_stderr))
-        self._max_out = min(limits.max_stdout, _INLINE_MAX)
-        self._max_err = min(limits.max_stderr, _INLINE_MAX)
+        self.set_output_limits(limits.max_stdout, limits.max_stderr)
+
+    def set_output_limits(self, max_stdout: int, max_stderr: int) -> None:
+        """Limits for the next result (a probe's answer, for one, must be empty)."""
+        if self.in_frame:
+            raise UsageError("output limits can only change between results")
+        self._limits = (max_stdout, max_stderr)
+        self._max_out = min(max_stdout, _INLINE_MAX)
+        self._max_err = min(max_stderr, _INLINE_MAX)
 
     def buffer_updated(self, nbytes: int) -> None:
         start = self._start
