@@ -216,6 +216,17 @@ def test_missing_directory_and_no_permission(tmp_path: Path) -> None:
         assert_one_line_error(result, "permission denied")
 
 
+def test_control_socket_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """Someone else's open directory (say /tmp/vsock-async-UID made first) could swap the socket."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by all, not sticky
+    control = f"unix:{shared}/c.sock"
+    result = serve_error("--listen", f"unix:{tmp_path}/g.sock", "--control", control)
+    assert_one_line_error(result, "not writable by others")
+    assert not (shared / "c.sock").exists()
+
+
 def test_tcp_control_needs_a_token_and_loopback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

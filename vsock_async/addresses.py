@@ -139,7 +139,7 @@ def _split_port(text: str, rest: str, max_port: int) -> tuple[str, int]:
     head, sep, port_text = rest.rpartition(":")
     if not sep:
         raise InvalidAddress(f"{text!r}: missing ':PORT' at the end")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise InvalidAddress(f"{text!r}: port {port_text!r} is not a number")
     port = int(port_text)
     if port > max_port:
@@ -150,7 +150,7 @@ def _split_port(text: str, rest: str, max_port: int) -> tuple[str, int]:
 def _parse_cid(text: str, cid_text: str) -> int:
     if cid_text in _CID_NAMES:
         return _CID_NAMES[cid_text]
-    if not cid_text.isdigit():
+    if not (cid_text.isascii() and cid_text.isdigit()):
         names = ", ".join(_CID_NAMES)
         raise InvalidAddress(f"{text!r}: CID {cid_text!r} is neither a number nor one of {names}")
     cid = int(cid_text)

@@ -460,8 +460,8 @@ def _close_listener(listener: socket.socket, address: Address) -> None:
 def _seconds(value: Any, what: str, *, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        none = " or None" if allow_none else ""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        none = " or None" if allow_none else ""  # "not >= 0" refuses NaN too
         raise UsageError(f"{what} must be a number of seconds >= 0{none}, not {value!r}")
     return value
 

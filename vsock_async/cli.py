@@ -70,7 +70,7 @@ def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument("--shell", default="/bin/sh", help="shell that runs each command with -c")
     parser.add_argument(
         "--command-timeout",
-        type=float,
+        type=_seconds,
         metavar="S",
         help="kill a command's process group after S seconds and answer exit code 124",
     )
@@ -90,7 +90,7 @@ def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument(
         "--output-grace",
-        type=float,
+        type=_seconds,
         default=DEFAULT_OUTPUT_GRACE,
         metavar="S",
         help=(
@@ -161,13 +161,13 @@ def _size(text: str) -> int:
     number, unit = text, 1
     if text[-1:].lower() in units:
         number, unit = text[:-1], units[text[-1].lower()]
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K/M/G)")
     return int(number) * unit
 
 
 def _cid(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a CID (a number)")
     return int(text)
 

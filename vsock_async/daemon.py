@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -231,10 +232,20 @@ class Daemon:
             parent = os.path.dirname(os.path.abspath(address.path))
             try:
                 os.makedirs(parent, mode=0o700, exist_ok=True)
+                st = os.lstat(parent)
             except OSError as exc:
                 raise UsageError(
                     f"cannot create {parent} for the control socket: {exc.strerror or exc}"
                 ) from None
+            # A directory another user made (say /tmp/vsock-async-UID, left open) would let
+            # them swap the socket for their own: only ours or root's, and shared only if sticky.
+            trusted_owner = st.st_uid in (os.geteuid(), 0)
+            shared = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+            if not stat.S_ISDIR(st.st_mode) or not trusted_owner or shared:
+                raise UsageError(
+                    f"refusing to put the control socket in {parent}: it must be a directory"
+                    " owned by this user or root, and not writable by others (unless sticky)"
+                )
         sock = bind_listener(address, unix=UnixSocketOptions(mode=0o600))
         if isinstance(address, UnixAddress):
             self._control_path = address.path
