@@ -511,3 +511,20 @@ def test_lone_surrogates_are_a_usage_error() -> None:
         vsock_async.compose_command("echo \ud800")
     with pytest.raises(UsageError, match="cannot be sent as UTF-8"):
         vsock_async.compose_command("ls", env={"X": "\udfff"})
+
+
+@pytest.mark.asyncio
+async def test_an_earlier_short_deadline_never_cuts_a_later_long_call(setup: Setup) -> None:
+    """The channel's one deadline timer stays armed after a quick call; when it fires during a
+    later call with a longer deadline, that call must go on."""
+
+    async def slow_on_demand(command: bytes) -> Answer:
+        if command == b"slow":
+            await asyncio.sleep(0.15)
+        return command, b"", 0
+
+    channel, guest = await setup.guest(slow_on_demand)
+    assert (await channel.run("quick", timeout=0.05)).stdout == b"quick"
+    assert (await channel.run("slow", timeout=5)).stdout == b"slow"
+    assert not channel.closed
+    await guest.close()
