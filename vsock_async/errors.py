@@ -131,7 +131,7 @@ class CommandTimeout(DeadlineExceeded):
     """An exchange missed its deadline. The channel has been closed: its stream is out of step.
 
     ``result`` has ``timed_out=True`` and ``exit_code=None``; its stdout and
-    stderr hold whatever had fully arrived before the deadline.
+    stderr hold whatever bytes of the result had arrived before the deadline.
     """
 
     def __init__(self, message: str, result: CommandResult) -> None:
