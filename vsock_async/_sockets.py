@@ -200,12 +200,16 @@ async def connect_socket(address: Address) -> socket.socket:
             )
         sock = _vsock_socket(ConnectFailed)
         target: object = (address.cid, address.port)
-    elif isinstance(address, TcpAddress):
-        family, _, _, _, target = _resolve(address, ConnectFailed)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
     else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = address.path if isinstance(address, UnixAddress) else address.uds_path
+        if isinstance(address, TcpAddress):
+            family, _, _, _, target = _resolve(address, ConnectFailed)[0]
+        else:
+            family = socket.AF_UNIX
+            target = address.path if isinstance(address, UnixAddress) else address.uds_path
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE, ENOBUFS: a ConnectFailed that callers retry and log
+            raise ConnectFailed(f"cannot connect to {address}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, target)  # type: ignore[arg-type]
