@@ -13,6 +13,7 @@ from .errors import UsageError
 
 __all__ = [
     "CONTROL_ENV",
+    "RAW_RESULT_TYPE",
     "TOKEN_FILE_ENV",
     "default_control_address",
     "default_control_path",
@@ -21,6 +22,8 @@ __all__ = [
 
 CONTROL_ENV: Final = "VSOCK_ASYNC_CONTROL"
 TOKEN_FILE_ENV: Final = "VSOCK_ASYNC_TOKEN_FILE"
+RAW_RESULT_TYPE: Final = "application/vnd.vsock-async.result"
+"""The media type of ``run``'s raw answer: the v1 result frame, byte for byte."""
 
 
 def default_control_path() -> str:

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ._control_defaults import RAW_RESULT_TYPE
 from .channel import DEFAULT, Timeout
 from .commandline import compose_command
 from .errors import (
@@ -46,7 +47,6 @@ __all__ = ["ERROR_STATUS", "RAW_RESULT_TYPE", "ControlAPI", "guest_json"]
 
 logger = logging.getLogger("vsock_async.control")
 
-RAW_RESULT_TYPE: Final = "application/vnd.vsock-async.result"
 _OCTET_STREAM: Final = "application/octet-stream"
 _BODY_OVERHEAD: Final = 64 * 1024
 _RUN_FIELDS: Final = frozenset({"command", "timeout", "wait", "cwd", "env"})

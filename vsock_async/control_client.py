@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Final, Literal, TextIO
 
 from ._control_defaults import (
     CONTROL_ENV,
+    RAW_RESULT_TYPE,
     TOKEN_FILE_ENV,
     default_control_address,
     default_control_path,
@@ -48,7 +49,6 @@ __all__ = [
     "read_token_file",
 ]
 
-RAW_RESULT_TYPE: Final = "application/vnd.vsock-async.result"
 """Media type of the raw run result: the v1 result frame, byte for byte."""
 
 EXIT_TIMEOUT: Final = 124
