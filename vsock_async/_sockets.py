@@ -57,6 +57,26 @@ def _vsock_socket(error: type[ConnectFailed] | type[ListenFailed]) -> socket.soc
         raise error(f"cannot create an AF_VSOCK socket: {exc.strerror or exc}") from exc
 
 
+class SocketFile:
+    """A Unix socket file this process bound, removed on close only while it is still ours.
+
+    A successor may have replaced the file since (a restart racing this one's
+    exit): its inode tells them apart, so we never unlink someone else's socket.
+    """
+
+    __slots__ = ("_inode", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._inode = os.stat(path).st_ino
+
+    def remove(self) -> None:
+        """Unlink the file if it is still the one we bound."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+
 def listen_path(address: UnixAddress | HybridVsockAddress) -> str:
     """The filesystem path a listener on ``address`` binds."""
     return address.path if isinstance(address, UnixAddress) else address.listen_path

@@ -12,9 +12,7 @@ command runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import random
 import select
 import socket
@@ -30,6 +28,7 @@ from ._agent_exec import (
 )
 from ._sockets import (
     FORBID_VSOCK_CONNECT_ENV,
+    SocketFile,
     bind_listener,
     connect_socket,
     vsock_connect_forbidden,
@@ -137,9 +136,11 @@ class GuestAgent:
                 f"refusing to dial {self.address}: AF_VSOCK connects are forbidden in this"
                 f" process ({FORBID_VSOCK_CONNECT_ENV}=1); give a unix: or tcp:// address"
             )
-        listener = None
+        listener = socket_file = None
         if self.listen:
             listener = bind_listener(self.address, backlog=self.connections)
+            if isinstance(self.address, UnixAddress):
+                socket_file = SocketFile(self.address.path)
         self._stop = stop = asyncio.Event()
         if listener is not None:
             workers = [asyncio.create_task(self._accept_forever(listener))]
@@ -155,7 +156,9 @@ class GuestAgent:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             if listener is not None:
-                _close_listener(listener, self.address)
+                listener.close()
+            if socket_file is not None:
+                socket_file.remove()
             self._stop = None
             logger.info("agent stopped", extra={"fields": {"address": str(self.address)}})
 
@@ -448,13 +451,6 @@ def _log_answer(command: Command | OversizedCommand, outcome: Outcome, seconds: 
             }
         },
     )
-
-
-def _close_listener(listener: socket.socket, address: Address) -> None:
-    listener.close()
-    if isinstance(address, UnixAddress):
-        with contextlib.suppress(OSError):
-            os.unlink(address.path)
 
 
 def _seconds(value: Any, what: str, *, allow_none: bool = False) -> Any:

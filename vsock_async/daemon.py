@@ -15,7 +15,6 @@ starts, so ``python -m vsock_async agent`` never needs it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._control_defaults import default_control_address, default_control_path, read_token_file
 from ._logging import configure_logging
-from ._sockets import UnixSocketOptions, bind_listener
+from ._sockets import SocketFile, UnixSocketOptions, bind_listener
 from .addresses import (
     DEFAULT_ADDRESS,
     Address,
@@ -190,8 +189,7 @@ class Daemon:
         self.metrics = ServeMetrics()
         self.server = CommandServer(limits=config.limits, default_timeout=config.default_timeout)
         self.control: ControlAPI | None = None
-        self._control_path: str | None = None
-        self._control_inode: int | None = None
+        self._control_file: SocketFile | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
@@ -248,8 +246,7 @@ class Daemon:
                 )
         sock = bind_listener(address, unix=UnixSocketOptions(mode=0o600))
         if isinstance(address, UnixAddress):
-            self._control_path = address.path
-            self._control_inode = os.stat(address.path).st_ino
+            self._control_file = SocketFile(address.path)
         return sock
 
     def _control_text(self, sock: socket.socket) -> str:
@@ -405,10 +402,8 @@ class Daemon:
         await self.server.aclose()
         if self.control is not None:
             await self.control.aclose()
-        if self._control_path is not None:
-            with contextlib.suppress(OSError):
-                if os.stat(self._control_path).st_ino == self._control_inode:
-                    os.unlink(self._control_path)
+        if self._control_file is not None:
+            self._control_file.remove()
 
 
 def run_serve(config: ServeConfig) -> int:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import socket
 import weakref
 from collections import deque
@@ -16,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from ._opening import Opening
-from ._sockets import UnixSocketOptions, bind_listener, listen_path
+from ._sockets import SocketFile, UnixSocketOptions, bind_listener, listen_path
 from ._transport import GuestConnection
 from .addresses import (
     DEFAULT_ADDRESS,
@@ -54,18 +53,16 @@ class _Listener:
         self.allowed_cids = allowed_cids
         self.sock = sock
         self.server: asyncio.Server | None = None
-        self.path = (
-            listen_path(address) if isinstance(address, UnixAddress | HybridVsockAddress) else None
+        self.socket_file = (
+            SocketFile(listen_path(address))
+            if isinstance(address, UnixAddress | HybridVsockAddress)
+            else None
         )
-        self._inode = os.stat(self.path).st_ino if self.path else None
 
     def remove_socket_file(self) -> None:
         """Unlink our socket file, unless someone else's listener has replaced it since."""
-        if self.path is None:
-            return
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
+        if self.socket_file is not None:
+            self.socket_file.remove()
 
 
 class CommandServer:
