@@ -21,12 +21,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ChildProcess",
     "Endpoint",
     "Row",
     "Table",
     "endpoint",
     "fresh_dir",
     "guest_process",
+    "python_process",
     "raise_nofile_limit",
     "read_status_kib",
     "reset_peak_rss",
@@ -216,19 +218,23 @@ def fresh_dir() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def guest_process(args: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python -m benchmarks._guest ARGS`` for the duration; killed (by its pid) after."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks._guest", *args],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-    )
+def python_process(args: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python ARGS`` from the repository for the duration; killed (by its pid) after."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdin=subprocess.DEVNULL)
     try:
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+ChildProcess = contextlib.AbstractContextManager[subprocess.Popen[bytes]]
+
+
+def guest_process(args: Sequence[str]) -> ChildProcess:
+    """Run ``python -m benchmarks._guest ARGS`` for the duration; killed (by its pid) after."""
+    return python_process(["-m", "benchmarks._guest", *args])
 
 
 def read_status_kib(field_name: str) -> int:

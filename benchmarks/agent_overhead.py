@@ -11,36 +11,22 @@ does. The probe ``:`` needs no process at all and is benchmark 1's subject.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import vsock_async
 
-from ._harness import REPO, Table, fresh_dir
+from ._harness import ChildProcess, Table, fresh_dir, python_process
 
 NAME = "agent"
 TARGET = 1.3
 
 
-@contextlib.contextmanager
-def agent_process(address: str) -> Iterator[subprocess.Popen[bytes]]:
+def agent_process(address: str) -> ChildProcess:
     """The real agent dialling ``address``; killed by its pid afterwards."""
     args = ["-m", "vsock_async", "agent", "--connect", address, "--log-level", "warning"]
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    return python_process(args)
 
 
 async def ours_per_command(channel: vsock_async.GuestChannel, n: int) -> float:
