@@ -121,6 +121,18 @@ def bind_listener(
     return sock
 
 
+def stop_polling_accepts(sock: socket.socket) -> None:
+    """Make the running loop stop accepting on ``sock`` (left open): call before Server.close().
+
+    asyncio accepts in a reader callback and attaches each new transport to its Server
+    in a task one loop iteration later; a Server.close() in between fails that task and
+    strands the accepted socket, open and unread, so its peer hangs (CPython gh-109564).
+    Remove the reader, let one loop iteration pass, and only then close the Server.
+    """
+    if sock.fileno() >= 0:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+
+
 def _bind_error(address: Address, exc: OSError) -> str:
     reason = {
         errno.EADDRINUSE: "address already in use",

@@ -24,6 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ._control_defaults import RAW_RESULT_TYPE
+from ._sockets import stop_polling_accepts
 from .channel import DEFAULT, Timeout
 from .commandline import compose_command
 from .errors import (
@@ -180,6 +181,7 @@ class ControlAPI:
         """True once shutdown began: runs and probes are refused with 503."""
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
+        self._sock: socket.socket | None = None
         self.app = self._make_app()
 
     def _make_app(self) -> web.Application:
@@ -205,6 +207,7 @@ class ControlAPI:
         )
         await runner.setup()
         self._runner = runner
+        self._sock = sock
         self._site = web.SockSite(runner, sock)
         await self._site.start()
 
@@ -213,6 +216,9 @@ class ControlAPI:
         self.draining = True
         if self._site is not None:
             site, self._site = self._site, None
+            if self._sock is not None:
+                stop_polling_accepts(self._sock)
+            await asyncio.sleep(0)  # connections just accepted get their transport first
             await site.stop()
 
     @property
@@ -226,7 +232,7 @@ class ControlAPI:
 
     async def aclose(self) -> None:
         """Close every connection of the API (after :meth:`stop_accepting` and a drain)."""
-        self.draining = True
+        await self.stop_accepting()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()

@@ -15,7 +15,13 @@ from types import TracebackType
 from typing import Any
 
 from ._opening import Opening
-from ._sockets import SocketFile, UnixSocketOptions, bind_listener, listen_path
+from ._sockets import (
+    SocketFile,
+    UnixSocketOptions,
+    bind_listener,
+    listen_path,
+    stop_polling_accepts,
+)
 from ._transport import GuestConnection
 from .addresses import (
     DEFAULT_ADDRESS,
@@ -377,15 +383,21 @@ class CommandServer:
 
     def stop_listening(self) -> None:
         """Accept no new connection; open ones carry on until :meth:`aclose` (a graceful stop)."""
+        loop = asyncio.get_running_loop()
         for listener in self._listeners:
             if listener.server is not None:
-                listener.server.close()
+                stop_polling_accepts(listener.sock)
+                loop.call_soon(listener.server.close)  # after connections just accepted attach
 
     async def aclose(self) -> None:
         """Stop listening, close every channel and remove the socket files."""
         if self._closed:
             return
         self._closed = True
+        for listener in self._listeners:
+            if listener.server is not None:
+                stop_polling_accepts(listener.sock)
+        await asyncio.sleep(0)  # connections just accepted attach, to be closed below
         for listener in self._listeners:
             if listener.server is not None:
                 listener.server.close()
