@@ -23,12 +23,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vsock_async"
 MODULES = (
     "errors",
     "results",
-    "protocol",
+    "protocol/limits",
+    "protocol/v1",
     "addresses",
     "_sockets",
     "_logging",
-    "_agent_exec",
-    "agent",
+    "agent/runner",
+    "agent/agent",
 )
 CLI_FUNCTIONS = ("_add_agent_parser", "_run_agent")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vsock_async.control_client import ControlClient
 from vsock_async.errors import VsockAsyncError
+from vsock_async.serve.control_client import ControlClient
 
 LONG = 20.0
 

@@ -28,7 +28,7 @@ from vsock_async import (
     GuestChannel,
 )
 
-from .test_agent import agent_process, eventually
+from .agent_process import agent_process, eventually
 from .vm.plugin import in_vm
 
 pytestmark = pytest.mark.vm

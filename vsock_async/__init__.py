@@ -32,10 +32,7 @@ from .addresses import (
 from .addresses import (
     parse_address as parse_address,
 )
-from .agent import GuestAgent as GuestAgent
-from .channel import GuestChannel as GuestChannel
-from .commandline import compose_command as compose_command
-from .connect import connect as connect
+from .agent.agent import GuestAgent as GuestAgent
 from .errors import (
     AcceptTimeout as AcceptTimeout,
 )
@@ -87,12 +84,15 @@ from .errors import (
 from .errors import (
     VsockAsyncError as VsockAsyncError,
 )
-from .guests import Guest as Guest
-from .guests import GuestEvent as GuestEvent
+from .host.channel import GuestChannel as GuestChannel
+from .host.commandline import compose_command as compose_command
+from .host.connect import connect as connect
+from .host.guests import Guest as Guest
+from .host.guests import GuestEvent as GuestEvent
+from .host.server import CommandServer as CommandServer
+from .host.server import listen as listen
 from .protocol import Limits as Limits
 from .results import CommandResult as CommandResult
-from .server import CommandServer as CommandServer
-from .server import listen as listen
 
 __version__ = "0.1.0"
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .agent import AGENT_DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT, DEFAULT_OUTPUT_GRACE
+    from .agent.agent import AGENT_DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT, DEFAULT_OUTPUT_GRACE
     from .protocol import Limits
 
     parser = subparsers.add_parser(
@@ -115,7 +115,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     import signal
 
     from ._logging import configure_logging
-    from .agent import GuestAgent
+    from .agent.agent import GuestAgent
     from .errors import VsockAsyncError
 
     async def run(agent: GuestAgent) -> None:
@@ -173,8 +173,8 @@ def _cid(text: str) -> int:
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ._control_defaults import default_control_address
-    from .daemon import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
+    from .serve.daemon import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
+    from .serve.defaults import default_control_address
 
     p = subparsers.add_parser(
         "serve",
@@ -264,8 +264,8 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .daemon import ServeConfig, run_serve
     from .errors import UsageError
+    from .serve.daemon import ServeConfig, run_serve
 
     try:
         config = ServeConfig.from_options(
@@ -337,7 +337,7 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _run_exec(args: argparse.Namespace) -> int:
-    from .control_client import exec_command
+    from .serve.control_client import exec_command
 
     parser: argparse.ArgumentParser = args.parser
     if (args.command_line is None) == (not args.argv):
@@ -360,7 +360,7 @@ def _add_guests_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _run_guests(args: argparse.Namespace) -> int:
-    from .control_client import list_guests
+    from .serve.control_client import list_guests
 
     return list_guests(control=args.control, token_file=args.token_file, as_json=args.json)
 
@@ -382,6 +382,6 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .serve.demo import run_demo
 
     return run_demo()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.test_agent import agent_process, alive, children_of, eventually
+from tests.agent_process import agent_process, alive, children_of, eventually
 from vsock_async import CommandServer, CommandTimeout, GuestChannel, listen
 from vsock_async.protocol import encode_command
 

@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 
 from vsock_async import CommandServer, UsageError, listen
-from vsock_async.control import ControlAPI
-from vsock_async.metrics import ServeMetrics
+from vsock_async.serve.control_api import ControlAPI
+from vsock_async.serve.metrics import ServeMetrics
 
 from .hostile import RawGuest, accept_guest, answer_forever, dial_address
 

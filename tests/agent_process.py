@@ -1,0 +1,115 @@
+"""Helpers for tests that run the guest agent: as a child process or a task, and what is left
+of the processes it started (from /proc)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from vsock_async.agent import GuestAgent
+
+LONG = 20.0
+
+
+@contextlib.asynccontextmanager
+async def agent_process(
+    *args: str, tmp_path: Path, cwd: Path | None = None, python: tuple[str, ...] = ()
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m vsock_async agent ARGS`` as a child process, terminated and reaped at the end."""
+    log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115 - closed below
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *python,
+        "-m",
+        "vsock_async",
+        "agent",
+        "--log-level",
+        "debug",
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        cwd=cwd,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def agent_task(agent: GuestAgent) -> AsyncIterator[GuestAgent]:
+    """Run a GuestAgent in this event loop for the duration of the block."""
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, LONG)
+
+
+def children_of(pid: int) -> set[int]:
+    """Live and zombie children of ``pid``, from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def live_members(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are not zombies.
+
+    Orphans killed with their group become children of init, whose reaping is
+    none of the agent's business (in containers it can take seconds or never happen).
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+async def eventually(predicate: object, what: str, limit: float = LONG) -> None:
+    """Poll ``predicate()`` until true; fail with ``what`` if it never becomes true."""
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+def short_socket_path(tmp_path: Path, name: str) -> str:
+    """A Unix socket path short enough for sun_path (pytest's tmp_path can be long)."""
+    path = tmp_path / name
+    if len(str(path)) < 100:
+        return str(path)
+    return f"/tmp/vsa-{os.getpid()}-{name}"

@@ -1,0 +1,327 @@
+"""``serve`` as a child process: socket modes, token auth on TCP, probing, logging, startup
+errors, and the graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import (
+    LONG,
+    Daemon,
+    Stack,
+    eventually,
+    python_m,
+    stack,
+    wait_for_guest,
+)
+from vsock_async.cli import main
+from vsock_async.errors import ConnectFailed
+from vsock_async.protocol import CommandDecoder, encode_result
+from vsock_async.serve.control_client import ControlClient, ControlError
+
+__all__ = ["stack"]
+
+
+def gate(directory: Path, name: str) -> tuple[str, Path]:
+    """A command that runs until the returned file exists, then prints ``released``."""
+    marker = directory / name
+    return f"while [ ! -e {marker} ]; do sleep 0.01; done; echo released", marker
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def serve_error(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run serve expecting it to fail at startup."""
+    return subprocess.run(
+        python_m("serve", "--log-level", "warning", *args),
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+        check=False,
+    )
+
+
+def serve_usage_error(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run serve in this process with options it must refuse before starting anything."""
+    status = main(["serve", *args])
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vsock-async serve: error: ")
+    assert fragment in lines[0]
+
+
+# -- sockets, auth ----------------------------------------------------------------------------
+
+
+def test_socket_files_are_0600_and_removed_on_exit(stack: Stack) -> None:
+    daemon = stack.daemon()
+    for path in (daemon.control_socket, daemon.guest_socket):
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+    assert daemon.stop() == 0
+    assert not os.path.exists(daemon.control_socket)
+    assert not os.path.exists(daemon.guest_socket)
+
+
+def test_control_directory_is_created_private(stack: Stack) -> None:
+    control = stack.directory / "run" / "vsock-async" / "control.sock"
+    daemon = stack.daemon("--control", f"unix:{control}", ready=False)
+    daemon.wait_ready(daemon.client(address=f"unix:{control}"))
+    assert stat.S_IMODE(os.stat(control.parent).st_mode) == 0o700
+
+
+def test_tcp_control_requires_the_bearer_token(stack: Stack) -> None:
+    token = "s3cret-token-value"
+    token_file = stack.directory / "token"
+    token_file.write_text(token + "\n")
+    port = free_tcp_port()
+    address = f"tcp://127.0.0.1:{port}"
+    daemon = stack.daemon("--control", address, "--token-file", str(token_file), ready=False)
+    good = daemon.client(token=token, address=address)
+    daemon.wait_ready(good)
+    stack.agent(daemon.guest_address)
+    wait_for_guest(good, "vm1")
+
+    for client in (daemon.client(address=address), daemon.client(token="wrong", address=address)):
+        for call in (client.health, client.guests, client.metrics):
+            with pytest.raises(ControlError) as info:
+                call()
+            assert (info.value.status, info.value.code) == (401, "unauthorized")
+    assert good.run("vm1", "echo authorised").stdout == b"authorised\n"
+
+    result = subprocess.run(
+        python_m("exec", "--control", address, "--token-file", str(token_file), "--", "true"),
+        capture_output=True,
+        timeout=LONG,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    daemon.stop()
+    assert token not in daemon.log()
+
+
+def test_unix_control_with_a_token_file_requires_it_too(stack: Stack) -> None:
+    token_file = stack.directory / "token"
+    token_file.write_text("tok")
+    daemon = stack.daemon("--token-file", str(token_file), ready=False)
+    daemon.wait_ready(daemon.client(token="tok"))
+    with pytest.raises(ControlError) as info:
+        daemon.client().health()
+    assert info.value.status == 401
+
+
+# -- guests: probing, logging ---------------------------------------------------------------
+
+
+def answer_probe_wrongly(path: str, done: threading.Event) -> None:
+    """A guest that answers the probe ``:`` with exit code 1, then waits to be dropped."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        decoder = CommandDecoder()
+        while (event := decoder.next_event()) is None:
+            decoder.receive_data(sock.recv(4096))
+        assert getattr(event, "command", None) == b":"
+        sock.sendall(encode_result(b"", b"", 1))
+        sock.settimeout(LONG)
+        if sock.recv(1) == b"":
+            done.set()
+
+
+def test_a_guest_failing_its_first_probe_is_dropped_and_logged(stack: Stack) -> None:
+    daemon = stack.daemon()
+    dropped = threading.Event()
+    guest = threading.Thread(target=answer_probe_wrongly, args=(daemon.guest_socket, dropped))
+    guest.start()
+    guest.join(LONG)
+    assert dropped.is_set()
+    eventually(lambda: daemon.client().guests() == [], "the guest gone from the registry")
+    eventually(lambda: "failed its first probe" in daemon.log(), "the drop logged")
+    assert "exit code 1" in daemon.log()
+
+
+def test_connect_probe_and_disconnect_are_logged_and_idle_guests_reprobed(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "0.2")
+    agent = stack.agent(daemon.guest_address)
+    client = daemon.client()
+    first = wait_for_guest(client, "vm1")["last_probe"]
+    assert isinstance(first, str)
+    eventually(
+        lambda: client.guest("vm1")["last_probe"] > first, "a periodic probe of the idle guest"
+    )
+    agent.stop()
+    eventually(lambda: client.guests() == [], "the guest gone after its agent stopped")
+    log = daemon.log()
+    assert "guest 'vm1' connected" in log
+    assert "guest 'vm1' answered its first probe" in log
+    assert "guest 'vm1' is gone" in log
+
+
+def test_json_log_lines(stack: Stack) -> None:
+    daemon = stack.daemon("--log-format", "json")
+    daemon.stop()
+    entries = [json.loads(line) for line in daemon.log().splitlines()]
+    assert entries
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert any(e["message"].startswith("control API on unix:") for e in entries)
+
+
+# -- startup errors ---------------------------------------------------------------------------
+
+
+def test_bad_address_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    status, err = serve_usage_error(capsys, "--listen", "vsock://any", "--control", "unix:/x")
+    assert status == 2
+    assert err == "vsock-async serve: error: 'vsock://any': missing ':PORT' at the end\n"
+
+
+def test_address_in_use(stack: Stack) -> None:
+    daemon = stack.daemon()
+    other = stack.directory / "other.sock"
+    result = serve_error("--listen", daemon.guest_address, "--control", f"unix:{other}")
+    assert result.returncode == 1
+    assert_one_line_error(result, "address already in use")
+    result = serve_error("--listen", f"unix:{other}", "--control", f"unix:{daemon.control_socket}")
+    assert_one_line_error(result, "address already in use")
+    assert not other.exists()  # the guest listener opened first was closed and removed
+    assert daemon.client().health()["status"] == "ok"
+
+
+def test_missing_directory_and_no_permission(tmp_path: Path) -> None:
+    control = f"unix:{tmp_path}/c.sock"
+    result = serve_error("--listen", "unix:/nonexistent-dir/g.sock", "--control", control)
+    assert_one_line_error(result, "directory does not exist")
+    if os.geteuid() != 0:
+        result = serve_error("--listen", "tcp://127.0.0.1:1", "--control", control)
+        assert_one_line_error(result, "permission denied")
+
+
+def test_control_socket_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """Someone else's open directory (say /tmp/vsock-async-UID made first) could swap the socket."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by all, not sticky
+    control = f"unix:{shared}/c.sock"
+    result = serve_error("--listen", f"unix:{tmp_path}/g.sock", "--control", control)
+    assert_one_line_error(result, "not writable by others")
+    assert not (shared / "c.sock").exists()
+
+
+def test_tcp_control_needs_a_token_and_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("tok")
+    for args, fragment in [
+        (["--control", "tcp://127.0.0.1:0"], "needs --token-file"),
+        (["--control", "tcp://192.0.2.1:0", "--token-file", str(token)], "--control-allow-remote"),
+        (["--control", "tcp://[::1]:0", "--token-file", str(tmp_path / "no")], "cannot read"),
+        (["--control", "vsock://any:5"], "unix:PATH or tcp://HOST:PORT"),
+        (["--listen", "vm=vsock://any:1024"], "labels are for"),
+        (["--listen", "unix:/g.sock", "--allowed-cid", "3"], "--allowed-cid applies"),
+    ]:
+        status, err = serve_usage_error(capsys, *args)
+        assert status == 2
+        assert err.startswith("vsock-async serve: error: ") and err.count("\n") == 1
+        assert fragment in err
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+def start_exec(daemon: Daemon, command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        python_m("exec", "--control", f"unix:{daemon.control_socket}", "-c", command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def busy(client: ControlClient) -> bool:
+    return bool(client.guest("vm1")["busy_connections"])
+
+
+def refused(client: ControlClient) -> bool:
+    try:
+        client.health()
+    except ConnectFailed:
+        return True
+    return False
+
+
+def draining_setup(
+    stack: Stack, grace: str, gate_name: str
+) -> tuple[Daemon, ControlClient, subprocess.Popen[bytes], Path]:
+    """serve with ``--grace``, an agent, and ``exec`` of a command held until the marker exists."""
+    daemon = stack.daemon("--grace", grace, "--probe-interval", "0")  # busy means: the command
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    command, marker = gate(stack.directory, gate_name)
+    running = start_exec(daemon, command)
+
+    def started() -> bool:
+        if running.poll() is not None:
+            pytest.fail(f"exec ended early: {running.communicate()}\n{daemon.log()}")
+        return busy(client)
+
+    eventually(started, "the command running")
+    return daemon, client, running, marker
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> None:
+    daemon, client, running, marker = draining_setup(stack, str(LONG), "go")
+    daemon.send(signum)
+    eventually(lambda: refused(client), "the control API refusing new connections")
+    with socket.socket(socket.AF_UNIX) as guest, pytest.raises(ConnectionRefusedError):
+        guest.connect(daemon.guest_socket)
+    assert daemon.proc.poll() is None  # still draining
+    marker.touch()
+    stdout, stderr = running.communicate(timeout=LONG)
+    assert (running.returncode, stdout) == (0, b"released\n"), stderr
+    assert daemon.proc.wait(LONG) == 0
+    assert not os.path.exists(daemon.control_socket)
+    assert not os.path.exists(daemon.guest_socket)
+    assert "waiting for 1 running command" in daemon.log()
+
+
+def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
+    daemon, _, running, _ = draining_setup(stack, "0.2", "never")
+    daemon.send(signal.SIGTERM)
+    _, stderr = running.communicate(timeout=LONG)
+    assert running.returncode == 125
+    assert b"guest_failed" in stderr
+    assert daemon.proc.wait(LONG) == 0
+    assert "still running: closing their connections" in daemon.log()
+
+
+def test_a_second_signal_stops_at_once(stack: Stack) -> None:
+    daemon, _, running, _ = draining_setup(stack, "3600", "never")
+    daemon.send(signal.SIGTERM)
+    eventually(lambda: "waiting for 1 running command" in daemon.log(), "the drain begun")
+    daemon.send(signal.SIGTERM)
+    assert daemon.proc.wait(LONG) == 0
+    running.communicate(timeout=LONG)
+    assert running.returncode == 125
+    assert "again: stopping at once" in daemon.log()

@@ -1,0 +1,468 @@
+"""``GuestAgent``: the guest side of protocol v1. Standard library only.
+
+It dials the host (redialling with capped exponential backoff and jitter
+whenever the connection goes) or, with ``listen=True``, waits for the host
+to dial in. Each connection answers one command at a time; while a command
+runs the agent stops reading that connection (a host that pipelines gets
+read-side back-pressure) and watches it only for a hang-up, which kills the
+command's process group. See :mod:`vsock_async.agent.runner` for how a
+command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import select
+import socket
+import time
+from typing import Any, cast
+
+from .._sockets import (
+    FORBID_VSOCK_CONNECT_ENV,
+    SocketFile,
+    bind_listener,
+    connect_socket,
+    vsock_connect_forbidden,
+)
+from ..addresses import (
+    Address,
+    HybridVsockAddress,
+    UnixAddress,
+    VsockAddress,
+    parse_address,
+)
+from ..errors import ConnectFailed, ProtocolError, UsageError
+from ..protocol import (
+    PROBE_COMMAND,
+    Command,
+    CommandDecoder,
+    Limits,
+    OversizedCommand,
+    result_frame_parts,
+)
+from .runner import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_OUTPUT_GRACE,
+    Outcome,
+    refuse,
+    run_command,
+)
+
+__all__ = [
+    "AGENT_DEFAULT_ADDRESS",
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_OUTPUT_GRACE",
+    "GuestAgent",
+]
+
+AGENT_DEFAULT_ADDRESS = "vsock://host:1024"
+_CONNECT_TIMEOUT = 10.0
+_U32_MAX = 0xFFFF_FFFF
+
+logger = logging.getLogger("vsock_async.agent")
+
+
+class GuestAgent:
+    """Answers the host's commands: ``await agent.run()`` until :meth:`stop` is called.
+
+    ``address`` is dialled (default ``vsock://host:1024``), or listened on
+    with ``listen=True``. ``connections`` connections are kept open (or
+    accepted at once), so the host can run that many commands concurrently.
+    """
+
+    def __init__(
+        self,
+        address: str | Address | None = None,
+        *,
+        listen: bool = False,
+        connections: int = 1,
+        shell: str = "/bin/sh",
+        command_timeout: float | None = None,
+        max_command: int = Limits().max_command,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        output_grace: float = DEFAULT_OUTPUT_GRACE,
+        reconnect_delay: float = 0.1,
+        max_reconnect_delay: float = 5.0,
+    ) -> None:
+        if address is None:
+            if listen:
+                raise UsageError("listen=True needs an address to listen on")
+            address = AGENT_DEFAULT_ADDRESS
+        self.address: Address = parse_address(address)
+        if isinstance(self.address, HybridVsockAddress):
+            raise UsageError(
+                f"{self.address} is a host-side address; a guest dials vsock://host:PORT"
+                " (the VMM forwards it to the host's hvsock listener)"
+            )
+        self.listen = listen
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise UsageError(f"connections must be an int >= 1, not {connections!r}")
+        self.connections = connections
+        self.shell = shell
+        self.command_timeout = _seconds(command_timeout, "command_timeout", allow_none=True)
+        self.max_command = _size(max_command, "max_command")
+        self.max_output = _size(max_output, "max_output")
+        self.output_grace = _seconds(output_grace, "output_grace")
+        self.reconnect_delay = _seconds(reconnect_delay, "reconnect_delay")
+        self.max_reconnect_delay = _seconds(max_reconnect_delay, "max_reconnect_delay")
+        self._stop: asyncio.Event | None = None
+        self._open: set[_AgentConnection] = set()
+        self.commands_answered = 0
+        """Commands answered since the agent started, probes included."""
+
+    def __repr__(self) -> str:
+        mode = "listen" if self.listen else "connect"
+        return f"<GuestAgent {mode} {self.address} open={len(self._open)}/{self.connections}>"
+
+    @property
+    def connections_open(self) -> int:
+        """Connections to the host open right now."""
+        return len(self._open)
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; running commands are killed on the way out.
+
+        Raises :class:`ListenFailed` if ``listen=True`` and the address cannot
+        be bound, and :class:`ConnectFailed` at once if dialling AF_VSOCK is
+        forbidden in this process; other connection failures are retried.
+        """
+        if self._stop is not None:
+            raise UsageError("this GuestAgent is already running")
+        dialing_vsock = not self.listen and isinstance(self.address, VsockAddress)
+        if dialing_vsock and vsock_connect_forbidden():
+            raise ConnectFailed(
+                f"refusing to dial {self.address}: AF_VSOCK connects are forbidden in this"
+                f" process ({FORBID_VSOCK_CONNECT_ENV}=1); give a unix: or tcp:// address"
+            )
+        listener = socket_file = None
+        if self.listen:
+            listener = bind_listener(self.address, backlog=self.connections)
+            if isinstance(self.address, UnixAddress):
+                socket_file = SocketFile(self.address.path)
+        self._stop = stop = asyncio.Event()
+        if listener is not None:
+            workers = [asyncio.create_task(self._accept_forever(listener))]
+            logger.info("agent listening", extra={"fields": {"address": str(self.address)}})
+        else:
+            workers = [
+                asyncio.create_task(self._dial_forever(slot)) for slot in range(self.connections)
+            ]
+        try:
+            await stop.wait()
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            if listener is not None:
+                listener.close()
+            if socket_file is not None:
+                socket_file.remove()
+            self._stop = None
+            logger.info("agent stopped", extra={"fields": {"address": str(self.address)}})
+
+    def stop(self) -> None:
+        """Make :meth:`run` return: connections close, running commands are killed."""
+        if self._stop is not None:
+            self._stop.set()
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def _dial_forever(self, slot: int) -> None:
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    sock = await connect_socket(self.address)
+            except (ConnectFailed, TimeoutError) as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                logger.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "cannot reach the host; retrying",
+                    extra={
+                        "fields": {
+                            "slot": slot,
+                            "error": str(exc) or "connect timed out",
+                            "attempt": failures,
+                            "retry_in": round(delay, 3),
+                        }
+                    },
+                )
+                await asyncio.sleep(delay)
+                continue
+            logger.info(
+                "connected to the host",
+                extra={"fields": {"slot": slot, "address": str(self.address)}},
+            )
+            answered = await self._serve(sock)
+            failures = 0 if answered else failures + 1
+            await asyncio.sleep(self._backoff(max(failures, 1)))
+
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.connections)
+        serving: set[asyncio.Task[int]] = set()
+
+        async def serve(sock: socket.socket) -> int:
+            try:
+                return await self._serve(sock)
+            finally:
+                slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    sock, _ = await loop.sock_accept(listener)
+                except OSError as exc:
+                    slots.release()
+                    logger.warning("accept failed", extra={"fields": {"error": str(exc)}})
+                    await asyncio.sleep(self.reconnect_delay)
+                    continue
+                except BaseException:
+                    slots.release()
+                    raise
+                task = asyncio.create_task(serve(sock))
+                serving.add(task)
+                task.add_done_callback(serving.discard)
+        finally:
+            for task in serving:
+                task.cancel()
+            await asyncio.gather(*serving, return_exceptions=True)
+
+    async def _serve(self, sock: socket.socket) -> int:
+        """Answer commands on one connection until it closes; return how many were answered."""
+        loop = asyncio.get_running_loop()
+        conn = _AgentConnection(self)
+        try:
+            await loop.connect_accepted_socket(lambda: conn, sock)
+        except OSError as exc:
+            sock.close()
+            logger.warning("cannot use a new connection", extra={"fields": {"error": str(exc)}})
+            return 0
+        except BaseException:
+            sock.close()
+            raise
+        self._open.add(conn)
+        try:
+            await conn.wait_closed()
+        finally:
+            conn.close()
+            await conn.wait_finished()
+            self._open.discard(conn)
+        logger.info(
+            "connection closed",
+            extra={"fields": {"peer": conn.peer, "answered": conn.answered, "why": conn.why}},
+        )
+        return conn.answered
+
+    def _backoff(self, failures: int) -> float:
+        """Capped exponential backoff with jitter (half to all of the capped delay)."""
+        delay = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(failures - 1, 30))
+        return random.uniform(delay / 2, delay)
+
+    async def _outcome(self, command: Command | OversizedCommand) -> Outcome:
+        """What the agent answers for one decoded command frame."""
+        if isinstance(command, OversizedCommand):
+            return refuse(
+                f"the command of {command.length} bytes is longer than the agent's limit of"
+                f" {command.limit} bytes (--max-command); it was discarded, not run",
+                self.max_output,
+            )
+        if command.command == PROBE_COMMAND:
+            return Outcome(b"", b"", 0)
+        return await run_command(
+            command.command,
+            shell=self.shell,
+            timeout=self.command_timeout,
+            max_output=self.max_output,
+            grace=self.output_grace,
+        )
+
+
+class _AgentConnection(asyncio.BufferedProtocol):
+    """One connection to the host: decodes commands, answers them one at a time, in order."""
+
+    def __init__(self, agent: GuestAgent) -> None:
+        self._agent = agent
+        self._loop = asyncio.get_running_loop()
+        self._decoder = CommandDecoder(agent.max_command, skip_oversized=True)
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._writable: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._hangup: select.epoll | None = None
+        self._watching = False
+        self.peer: Any = None
+        self.answered = 0
+        self.why = "closed by the agent"
+
+    # -- asyncio.BufferedProtocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        # The transport's reader is off while a command runs; this epoll, registered for
+        # hang-ups only, is what notices the host going away meanwhile.
+        self._hangup = select.epoll()
+        self._hangup.register(sock.fileno(), select.EPOLLRDHUP)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._abort(f"protocol error: {exc}")
+            return
+        self._next()
+
+    def eof_received(self) -> bool:
+        self.why = "the host closed the connection"
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.why == "closed by the agent":
+            self.why = f"connection lost: {exc}"
+        self._unwatch()
+        if self._hangup is not None:
+            self._hangup.close()
+        if self._task is not None:
+            self._task.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- control -------------------------------------------------------------------------
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def wait_finished(self) -> None:
+        """Wait until the command being answered (if any) has been killed and reaped."""
+        task = self._task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _abort(self, why: str) -> None:
+        self.why = why
+        self.close()
+
+    # -- exchanges -----------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start answering the next decoded command, if none is being answered."""
+        if self._task is not None or self._closed.done():
+            return
+        command = self._decoder.next_event()
+        if command is None:
+            return
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._watch()
+        self._task = self._loop.create_task(self._answer(command))
+
+    async def _answer(self, command: Command | OversizedCommand) -> None:
+        agent = self._agent
+        started = time.monotonic()
+        try:
+            outcome = await agent._outcome(command)
+        except Exception:
+            logger.exception("answering a command failed; closing the connection")
+            self._abort("the agent failed to answer a command")
+            return
+        assert self._transport is not None
+        if self._transport.is_closing():
+            return
+        self._transport.writelines(
+            result_frame_parts(outcome.stdout, outcome.stderr, outcome.exit_code)
+        )
+        self.answered += 1
+        agent.commands_answered += 1
+        _log_answer(command, outcome, time.monotonic() - started)
+        while self._write_paused and not self._transport.is_closing():
+            self._writable = self._loop.create_future()
+            await self._writable
+        self._task = None
+        self._unwatch()
+        if self._transport.is_closing():
+            return
+        self._next()
+        if self._task is None:
+            self._transport.resume_reading()
+
+    def _watch(self) -> None:
+        if self._hangup is not None and not self._watching:
+            self._loop.add_reader(self._hangup.fileno(), self._on_hangup)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching and self._hangup is not None:
+            self._loop.remove_reader(self._hangup.fileno())
+            self._watching = False
+
+    def _on_hangup(self) -> None:
+        self._unwatch()
+        if self._task is not None:
+            logger.info(
+                "the host went away while a command ran; killing its process group",
+                extra={"fields": {"peer": self.peer}},
+            )
+        self._abort("the host closed the connection")
+
+
+def _log_answer(command: Command | OversizedCommand, outcome: Outcome, seconds: float) -> None:
+    if isinstance(command, OversizedCommand):
+        logger.warning(
+            "refused an oversized command",
+            extra={"fields": {"command_bytes": command.length, "limit": command.limit}},
+        )
+        return
+    probe = command.command == PROBE_COMMAND
+    logger.log(
+        logging.DEBUG if probe else logging.INFO,
+        "probe answered" if probe else "command answered",
+        extra={
+            "fields": {
+                "command_bytes": len(command.command),
+                "exit_code": outcome.exit_code,
+                "stdout_bytes": len(outcome.stdout),
+                "stderr_bytes": len(outcome.stderr),
+                "seconds": round(seconds, 3),
+            }
+        },
+    )
+
+
+def _seconds(value: Any, what: str, *, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        none = " or None" if allow_none else ""  # "not >= 0" refuses NaN too
+        raise UsageError(f"{what} must be a number of seconds >= 0{none}, not {value!r}")
+    return value
+
+
+def _size(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U32_MAX:
+        raise UsageError(f"{what} must be a number of bytes in 0..{_U32_MAX}, not {value!r}")
+    return value

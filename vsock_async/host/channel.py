@@ -1,0 +1,268 @@
+"""``GuestChannel``: run commands and probes on one guest connection, with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final
+
+from ..errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConnectionClosed,
+    FrameTooLarge,
+    ProbeFailed,
+    UsageError,
+)
+from ..protocol import PROBE_COMMAND, encode_command
+from ..results import CommandResult
+from .commandline import CommandLike, compose_command
+from .transport import GuestConnection
+
+__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "GuestChannel", "Timeout"]
+
+DEFAULT_TIMEOUT: Final = 30.0
+
+
+class _Default(enum.Enum):
+    DEFAULT = "DEFAULT"
+
+
+DEFAULT: Final = _Default.DEFAULT
+"""Stands for "the channel's default timeout" in signatures."""
+
+Timeout = float | None | _Default
+
+_ids = itertools.count(1)
+
+
+class _DeadlinePassed(Exception):
+    """Set on an exchange's future when its deadline fires; never leaves the channel."""
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
+    """Validate a deadline in seconds; None means none."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+    ):  # "not >= 0" refuses NaN too: a NaN deadline fires at once or never
+        raise UsageError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
+    return timeout
+
+
+class GuestChannel:
+    """One connection to a guest agent. Calls run one at a time, in the order they were made.
+
+    A call whose deadline fires (or that is cancelled) while its command is
+    on the wire closes the channel: the stream is out of step and the late
+    result must never be read as the answer to the next command. A call that
+    gives up while still queued leaves the channel as it was.
+    """
+
+    def __init__(
+        self,
+        connection: GuestConnection,
+        *,
+        default_timeout: float | None = DEFAULT_TIMEOUT,
+        key: Any = None,
+        listener: str | None = None,
+    ) -> None:
+        self._conn = connection
+        self._default_timeout = check_timeout(default_timeout, "default_timeout")
+        self.id: int = next(_ids)
+        """Unique id of this connection within the process."""
+        self.peer: Any = connection.peer
+        """The peer address the kernel reported: ``(cid, port)`` on AF_VSOCK."""
+        self.key: Any = key
+        """The guest this connection belongs to (its CID, or a listener's label)."""
+        self.listener = listener
+        """The address of the listener that accepted it, or None for an outgoing connection."""
+        self.connected_at = time.time()
+        self.last_probe: float | None = None
+        """When a probe last succeeded on this channel (``time.time()``), or None."""
+        self._deadlines: dict[asyncio.Future[CommandResult], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        connection.add_close_callback(self._stop_timer)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "busy" if self.busy else "idle"
+        return f"<GuestChannel id={self.id} key={self.key!r} peer={self.peer!r} {state}>"
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel can no longer be used."""
+        return self._conn.closed
+
+    @property
+    def busy(self) -> bool:
+        """True while an exchange is on the wire."""
+        return self._conn.busy
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the one in flight."""
+        return self._conn.queued
+
+    @property
+    def connection(self) -> GuestConnection:
+        """The underlying protocol object (byte counters, close callbacks)."""
+        return self._conn
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def run(
+        self,
+        command: CommandLike,
+        *,
+        timeout: Timeout = DEFAULT,
+        check: bool = False,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        """Run ``command`` in the guest and return its stdout, stderr and exit code.
+
+        ``command`` is a shell command line (``str`` or ``bytes``) or a list of
+        arguments (quoted with ``shlex.join``). ``timeout`` covers the whole
+        call, queueing included; ``None`` waits forever. Raises
+        :class:`CommandTimeout` when it fires, :class:`CommandFailed` for a
+        non-zero exit with ``check=True``, :class:`ConnectionClosed` or
+        :class:`ProtocolError` when the guest fails.
+        """
+        line = compose_command(command, cwd=cwd, env=env)
+        result = await self._exchange(line, timeout)
+        if check and result.exit_code != 0:
+            raise CommandFailed(line, result)
+        return result
+
+    async def probe(self, *, timeout: Timeout = DEFAULT) -> None:
+        """Check the guest is ready: ``:`` must come back as exit 0 with empty output.
+
+        A wrong answer raises :class:`ProbeFailed` and closes the channel. The answer may
+        hold no output, so none is buffered: its first byte of output already fails it.
+        """
+        try:
+            result = await self._exchange(PROBE_COMMAND, timeout)
+        except FrameTooLarge as exc:
+            message = f"probe ':' on channel {self.id} answered {exc.length} bytes of {exc.what}"
+            raise ProbeFailed(message, CommandResult(b"", b"", None)) from None
+        if result.exit_code != 0 or result.stdout or result.stderr:
+            message = (
+                f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
+                f" with {len(result.stdout)} bytes of stdout and {len(result.stderr)} of stderr"
+            )
+            self._conn.abort(ConnectionClosed(f"channel closed: {message}"))
+            raise ProbeFailed(message, result)
+        self.last_probe = time.time()
+
+    async def _exchange(self, line: bytes, timeout: Timeout) -> CommandResult:
+        if timeout is DEFAULT:
+            timeout = self._default_timeout
+        else:
+            check_timeout(timeout)
+        if timeout is not None and timeout <= 0:  # no time to send it: never put it on the wire
+            result = CommandResult(b"", b"", None, timed_out=True)
+            raise CommandTimeout(self._timeout_message(line, timeout, False), result)
+        future = self._conn.exchange(encode_command(line))
+        # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
+        # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
+        # 3.11 it swallows a cancel that lands as the result arrives.
+        if timeout is not None:
+            self._watch(future, timeout)
+        try:
+            return await future
+        except _DeadlinePassed:
+            result, was_sent = self._abandon(
+                future, f"the exchange timed out after {timeout:.3g} s"
+            )
+            raise CommandTimeout(self._timeout_message(line, timeout, was_sent), result) from None
+        except asyncio.CancelledError:
+            self._abandon(future, "the exchange was cancelled")
+            raise
+        finally:
+            if timeout is not None:
+                self._deadlines.pop(future, None)
+
+    # -- deadlines -----------------------------------------------------------------------
+    #
+    # One loop timer per channel rather than one per call: it is armed for the earliest
+    # pending deadline and left armed when calls finish first. When it fires it fails every
+    # call whose deadline has passed and re-arms itself for the earliest one left, so each
+    # deadline still fires at its own time, never before; a stream of calls that answer
+    # within their timeout costs one timer per timeout period instead of one per call.
+
+    def _watch(self, future: asyncio.Future[CommandResult], timeout: float) -> None:
+        loop = future.get_loop()
+        deadline = loop.time() + timeout
+        self._deadlines[future] = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        deadlines = self._deadlines
+        if not deadlines:
+            return
+        now = loop.time()
+        passed = sorted((d, i, f) for i, (f, d) in enumerate(deadlines.items()) if d <= now)
+        for _, _, future in passed:
+            if not future.done():  # a result that came first wins
+                future.set_exception(_DeadlinePassed())
+        left = [d for d in deadlines.values() if d > now]
+        if left:
+            self._timer = loop.call_at(min(left), self._on_timer, loop)
+
+    def _stop_timer(self, _: GuestConnection) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _abandon(
+        self, future: asyncio.Future[CommandResult], why: str
+    ) -> tuple[CommandResult, bool]:
+        """Give up on ``future``; close the channel if its command is on the wire (True)."""
+        conn = self._conn
+        if conn.in_flight(future):
+            stdout, stderr = conn.partial_output()
+            conn.abort(ConnectionClosed(f"channel closed because {why}; its stream is out of step"))
+            return CommandResult(stdout, stderr, None, timed_out=True), True
+        conn.withdraw(future)
+        return CommandResult(b"", b"", None, timed_out=True), False
+
+    def _timeout_message(self, line: bytes, timeout: float | None, was_sent: bool) -> str:
+        shown = line if len(line) <= 60 else line[:57] + b"..."
+        if was_sent:
+            return f"command {shown!r} timed out after {timeout:.3g} s; channel {self.id} closed"
+        return (
+            f"command {shown!r} timed out after {timeout:.3g} s and was never sent (it was"
+            f" queued behind another call, or given no time); channel {self.id} stays open"
+        )
+
+    # -- closing -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still pending get :class:`ConnectionClosed`."""
+        self._conn.abort(ConnectionClosed(f"channel {self.id} was closed by aclose()"))
+        await self._conn.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone, for whatever reason."""
+        await self._conn.wait_closed()
+
+    async def __aenter__(self) -> GuestChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,484 @@
+"""``listen()`` and ``CommandServer``: accept guest connections on several addresses, keep the
+registry of connected guests, with a CID allowlist."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import weakref
+from collections import deque
+from collections.abc import Callable, Collection, Hashable
+from types import TracebackType
+from typing import Any
+
+from .._sockets import (
+    SocketFile,
+    UnixSocketOptions,
+    bind_listener,
+    listen_path,
+    stop_polling_accepts,
+)
+from ..addresses import (
+    DEFAULT_ADDRESS,
+    Address,
+    HybridVsockAddress,
+    UnixAddress,
+    VsockAddress,
+    parse_address,
+)
+from ..errors import AcceptTimeout, ConnectionClosed, UnknownGuest, UsageError
+from ..protocol import Limits
+from .channel import DEFAULT_TIMEOUT, GuestChannel, check_timeout
+from .guests import Guest, GuestEvent
+from .opening import Opening
+from .transport import GuestConnection
+
+__all__ = ["CommandServer", "GuestCallback", "listen"]
+
+logger = logging.getLogger("vsock_async")
+
+GuestCallback = Callable[[GuestEvent], object]
+"""Called with each :class:`GuestEvent`; an awaitable it returns runs as a server task."""
+
+
+class _Listener:
+    """One listening socket of a server and what it admits."""
+
+    def __init__(
+        self,
+        address: Address,
+        label: str | None,
+        allowed_cids: frozenset[int] | None,
+        sock: socket.socket,
+    ) -> None:
+        self.address = address
+        self.label = label
+        self.allowed_cids = allowed_cids
+        self.sock = sock
+        self.server: asyncio.Server | None = None
+        self.socket_file = (
+            SocketFile(listen_path(address))
+            if isinstance(address, UnixAddress | HybridVsockAddress)
+            else None
+        )
+
+    def remove_socket_file(self) -> None:
+        """Unlink our socket file, unless someone else's listener has replaced it since."""
+        if self.socket_file is not None:
+            self.socket_file.remove()
+
+
+class CommandServer:
+    """Accepts guest agents' connections on one or more addresses and keeps a guest registry.
+
+    Each connection is a :class:`GuestChannel`; connections are grouped by
+    guest key (the CID on ``vsock://`` listeners, the listener's label
+    otherwise) into :class:`Guest` handles. Take connections one by one with
+    :meth:`accept`, or address guests by key with :meth:`guest` and
+    :meth:`wait_for_guest`; :meth:`subscribe` reports every connect and
+    disconnect. Use it as ``async with await listen(...) as server`` (or
+    ``async with listen(...)``); :meth:`aclose` stops listening, closes every
+    channel and removes socket files.
+
+    With ``replace_older=True`` a new connection of a guest closes the
+    guest's older ones (a rebooted or snapshot-restored VM whose old
+    connections the host has not noticed dying yet).
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        default_timeout: float | None = DEFAULT_TIMEOUT,
+        replace_older: bool = False,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.default_timeout = check_timeout(default_timeout, "default_timeout")
+        self.replace_older = replace_older
+        self._listeners: list[_Listener] = []
+        self._channels: dict[int, GuestChannel] = {}
+        self._pending: deque[GuestChannel] = deque()
+        self._accept_waiters: deque[asyncio.Future[None]] = deque()
+        self._guests: dict[Hashable, Guest] = {}
+        # Handles of guests gone away that someone still holds: a reconnect revives them.
+        self._detached: weakref.WeakValueDictionary[Hashable, Guest] = weakref.WeakValueDictionary()
+        self._guest_waiters: list[tuple[Hashable, asyncio.Future[Guest]]] = []
+        self._subscribers: list[GuestCallback] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        addresses = ", ".join(str(lst.address) for lst in self._listeners)
+        return f"<CommandServer [{addresses}] channels={len(self._channels)}>"
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The addresses listened on."""
+        return [lst.address for lst in self._listeners]
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (to learn a port the kernel picked, for example)."""
+        return [lst.sock for lst in self._listeners]
+
+    @property
+    def channels(self) -> list[GuestChannel]:
+        """Every open channel, accepted or not yet."""
+        return list(self._channels.values())
+
+    # -- the guest registry --------------------------------------------------------------
+
+    @property
+    def guests(self) -> list[Guest]:
+        """Every guest with at least one open connection, in the order they connected."""
+        return [guest for guest in self._guests.values() if guest.connected]
+
+    def guest(self, key: Hashable) -> Guest:
+        """The connected guest with ``key``; a string of digits also finds a CID.
+
+        Raises :class:`UnknownGuest` when no such guest is connected.
+        """
+        guest = self._find_guest(key)
+        if guest is None or not guest.connected:
+            known = ", ".join(repr(g.key) for g in self.guests) or "none"
+            raise UnknownGuest(f"no guest {key!r} is connected (connected: {known})")
+        return guest
+
+    def _find_guest(self, key: Hashable) -> Guest | None:
+        guest = self._guests.get(key)
+        # A CID is a u32: up to 10 ASCII digits (int() refuses "²" and 5,000-digit strings).
+        if guest is None and isinstance(key, str) and key.isascii() and key.isdigit():
+            guest = self._guests.get(int(key)) if len(key) <= 10 else None
+        return guest
+
+    async def wait_for_guest(self, key: Hashable, *, timeout: float | None = None) -> Guest:
+        """The guest ``key`` once it has an open connection; AcceptTimeout after ``timeout`` s."""
+        check_timeout(timeout)
+        if self._closed:
+            raise ConnectionClosed("the server is closed")
+        guest = self._find_guest(key)
+        if guest is not None and guest.connected:
+            return guest
+        waiter: asyncio.Future[Guest] = asyncio.get_running_loop().create_future()
+        entry = (key, waiter)
+        self._guest_waiters.append(entry)
+        try:
+            # Not wait_for: on 3.11 it swallows a cancel that lands as the guest arrives.
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                return waiter.result()
+            raise AcceptTimeout(
+                f"guest {key!r} did not connect to {self._describe()} within {timeout} s"
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._guest_waiters.remove(entry)
+
+    def subscribe(self, callback: GuestCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every connection that comes or goes; returns an unsubscribe.
+
+        The callback runs in the event loop as the connection arrives or
+        leaves, before any call can use it. If it returns an awaitable (an
+        ``async def`` callback), that runs as a task. :meth:`aclose` cancels
+        the tasks still running, then waits for those started for the
+        disconnects it causes. Exceptions from callbacks are logged, never raised.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, event: GuestEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                outcome = callback(event)
+            except Exception:
+                logger.exception("guest event callback %r failed on %s", callback, event.kind)
+                continue
+            if inspect.isawaitable(outcome):
+                task = asyncio.ensure_future(outcome)
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("guest event callback task failed", exc_info=task.exception())
+
+    def _key_for(self, listener: _Listener, peer: Any) -> Hashable:
+        if isinstance(listener.address, VsockAddress) and isinstance(peer, tuple) and peer:
+            return int(peer[0])
+        return listener.label if listener.label is not None else str(listener.address)
+
+    def _register(self, channel: GuestChannel) -> Guest:
+        key = channel.key
+        guest = self._guests.get(key)
+        if guest is None:
+            guest = self._detached.pop(key, None) or Guest(
+                key, default_timeout=self.default_timeout
+            )
+            self._guests[key] = guest
+        older = guest.channels
+        guest.add_channel(channel)
+        if self.replace_older:
+            for old in older:
+                logger.info(
+                    "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
+                )
+                old.connection.abort(
+                    ConnectionClosed(
+                        f"connection {old.id} of guest {key!r} was replaced by connection"
+                        f" {channel.id}"
+                    )
+                )
+        for waiting_key, waiter in list(self._guest_waiters):
+            if not waiter.done() and (waiting_key == key or str(waiting_key) == str(key)):
+                waiter.set_result(guest)
+        return guest
+
+    async def add_listener(
+        self,
+        address: str | Address,
+        *,
+        label: str | None = None,
+        allowed_cids: Collection[int] | None = None,
+        unix_options: UnixSocketOptions | None = None,
+        backlog: int = 128,
+    ) -> None:
+        """Start listening on one more address; ``label`` is its guest key (not for vsock://)."""
+        if self._closed:
+            raise UsageError("the server is closed")
+        parsed = parse_address(address)
+        if label is not None and isinstance(parsed, VsockAddress):
+            raise UsageError(
+                f"label applies to unix:, hvsock: and tcp:// listeners, not {parsed}:"
+                " a vsock:// guest is known by its CID"
+            )
+        cids: frozenset[int] | None = None
+        if allowed_cids is not None:
+            if not isinstance(parsed, VsockAddress):
+                raise UsageError(
+                    f"allowed_cids applies to vsock:// listeners only, not {parsed}:"
+                    " other address kinds report no CID to check"
+                )
+            cids = frozenset(allowed_cids)
+        sock = bind_listener(parsed, backlog=backlog, unix=unix_options)
+        listener = _Listener(parsed, label, cids, sock)
+        loop = asyncio.get_running_loop()
+        try:
+            listener.server = await loop.create_server(
+                lambda: GuestConnection(
+                    self.limits, lambda conn: self._connection_made(listener, conn)
+                ),
+                sock=sock,
+            )
+        except BaseException:
+            sock.close()
+            listener.remove_socket_file()
+            raise
+        self._listeners.append(listener)
+        logger.info("listening on %s", parsed)
+
+    def _connection_made(self, listener: _Listener, conn: GuestConnection) -> None:
+        peer = conn.peer
+        if listener.allowed_cids is not None:
+            cid = peer[0] if isinstance(peer, tuple) and peer else None
+            if cid not in listener.allowed_cids:
+                logger.warning(
+                    "refused a connection from CID %s on %s: not in allowed_cids",
+                    cid,
+                    listener.address,
+                )
+                conn.abort(ConnectionClosed(f"CID {cid} is not allowed"))
+                return
+        channel = GuestChannel(
+            conn,
+            default_timeout=self.default_timeout,
+            key=self._key_for(listener, peer),
+            listener=str(listener.address),
+        )
+        self._channels[channel.id] = channel
+        self._pending.append(channel)
+        conn.add_close_callback(lambda _: self._channel_gone(channel))
+        logger.info(
+            "guest %r connected: channel %s from %r on %s",
+            channel.key,
+            channel.id,
+            peer,
+            listener.address,
+        )
+        guest = self._register(channel)
+        self._wake_one_acceptor()
+        self._notify(GuestEvent("connected", guest, channel))
+
+    def _wake_one_acceptor(self, skip: asyncio.Future[None] | None = None) -> None:
+        for waiter in self._accept_waiters:
+            if waiter is not skip and not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _channel_gone(self, channel: GuestChannel) -> None:
+        self._channels.pop(channel.id, None)
+        with contextlib.suppress(ValueError):
+            self._pending.remove(channel)
+        error = channel.connection.error
+        logger.info("guest %r disconnected: channel %s (%s)", channel.key, channel.id, error)
+        guest = self._guests.get(channel.key)
+        if guest is None:
+            return
+        if guest.remove_channel(channel):
+            del self._guests[channel.key]
+            self._detached[channel.key] = guest
+        self._notify(GuestEvent("disconnected", guest, channel, error))
+
+    async def accept(self, timeout: float | None = None) -> GuestChannel:
+        """The next guest connection not yet accepted; AcceptTimeout after ``timeout`` seconds."""
+        check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._closed:
+                raise ConnectionClosed("the server is closed")
+            channel = self._next_pending()
+            if channel is not None:
+                return channel
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._accept_waiters.append(waiter)
+            try:
+                # Not wait_for: on 3.11 it swallows a cancel that lands as a guest arrives.
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                channel = self._next_pending()  # a guest that came as the deadline passed
+                if channel is not None:
+                    return channel
+                raise AcceptTimeout(
+                    f"no guest connected to {self._describe()} within {timeout} s"
+                ) from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one_acceptor(skip=waiter)  # pass the news on; the channel waits
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._accept_waiters.remove(waiter)
+
+    def _next_pending(self) -> GuestChannel | None:
+        while self._pending:
+            channel = self._pending.popleft()
+            if not channel.closed:
+                return channel
+        return None
+
+    def _describe(self) -> str:
+        return ", ".join(str(lst.address) for lst in self._listeners) or "no address"
+
+    def stop_listening(self) -> None:
+        """Accept no new connection; open ones carry on until :meth:`aclose` (a graceful stop)."""
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            if listener.server is not None:
+                stop_polling_accepts(listener.sock)
+                loop.call_soon(listener.server.close)  # after connections just accepted attach
+
+    async def aclose(self) -> None:
+        """Stop listening, close every channel and remove the socket files."""
+        if self._closed:
+            return
+        self._closed = True
+        for listener in self._listeners:
+            if listener.server is not None:
+                stop_polling_accepts(listener.sock)
+        await asyncio.sleep(0)  # connections just accepted attach, to be closed below
+        for listener in self._listeners:
+            if listener.server is not None:
+                listener.server.close()
+            listener.remove_socket_file()
+        for waiter in self._accept_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for _, guest_waiter in self._guest_waiters:
+            if not guest_waiter.done():
+                guest_waiter.set_exception(ConnectionClosed("the server is closing"))
+        running = list(self._tasks)
+        for task in running:
+            task.cancel()
+        channels = list(self._channels.values())
+        for channel in channels:
+            channel.connection.abort(ConnectionClosed("the server is closing"))
+        for channel in channels:
+            await channel.wait_closed()
+        await asyncio.gather(*running, return_exceptions=True)
+        # What callbacks started for the disconnects just caused runs to its end: every
+        # disconnect gets reported.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for listener in self._listeners:
+            if listener.server is not None:
+                await listener.server.wait_closed()
+        logger.info("server closed: %s", self._describe())
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has begun."""
+        return self._closed
+
+    async def __aenter__(self) -> CommandServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def _listen(
+    address: str | Address,
+    allowed_cids: Collection[int] | None,
+    limits: Limits | None,
+    default_timeout: float | None,
+    label: str | None,
+    unix_options: UnixSocketOptions | None,
+    replace_older: bool,
+) -> CommandServer:
+    server = CommandServer(
+        limits=limits, default_timeout=default_timeout, replace_older=replace_older
+    )
+    await server.add_listener(
+        address, label=label, allowed_cids=allowed_cids, unix_options=unix_options
+    )
+    return server
+
+
+def listen(
+    address: str | Address = DEFAULT_ADDRESS,
+    *,
+    allowed_cids: Collection[int] | None = None,
+    limits: Limits | None = None,
+    default_timeout: float | None = DEFAULT_TIMEOUT,
+    label: str | None = None,
+    unix_options: UnixSocketOptions | None = None,
+    replace_older: bool = False,
+) -> Opening[CommandServer]:
+    """Listen for guest agents on ``address`` (default ``vsock://any:1024``).
+
+    ``allowed_cids`` (vsock:// only) closes, at once and with a log line, any
+    connection from a CID outside it. ``label`` is the guest key of a Unix,
+    hybrid-vsock or TCP listener (default: the address string); on vsock://
+    the key is the peer's CID. ``replace_older`` closes a guest's older
+    connections when a new one arrives. More addresses can be added with
+    :meth:`CommandServer.add_listener`. Await it, or use it with ``async with``.
+    """
+    return Opening(
+        _listen(address, allowed_cids, limits, default_timeout, label, unix_options, replace_older)
+    )

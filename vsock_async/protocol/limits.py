@@ -1,0 +1,29 @@
+"""Size limits shared by every protocol version: what a peer may make us hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import UsageError
+
+__all__ = ["U32_MAX", "Limits", "MiB"]
+
+MiB: Final = 1024 * 1024
+U32_MAX: Final = 0xFFFF_FFFF
+"""The largest length a u32 prefix can carry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Largest bodies a decoder accepts. A security limit: a guest is untrusted input."""
+
+    max_command: int = 1 * MiB
+    max_stdout: int = 64 * MiB
+    max_stderr: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_command", "max_stdout", "max_stderr"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= U32_MAX:
+                raise UsageError(f"Limits.{name} must be an int in 0..{U32_MAX}, not {value!r}")

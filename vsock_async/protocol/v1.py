@@ -1,0 +1,467 @@
+"""The v1 wire protocol, sans I/O: encoders and incremental decoders, no sockets, no clock.
+
+Command, host to guest: ``u32 BE length N`` then ``N`` bytes.
+Result, guest to host: ``u32 BE length`` + stdout, ``u32 BE length`` + stderr,
+then one byte, the exit code.
+
+The decoders take bytes in any chunking, either pushed with
+:meth:`receive_data` or written by the caller into the memory that
+:meth:`get_buffer` lends and committed with :meth:`buffer_updated` (the
+shape of ``asyncio.BufferedProtocol``, which lets a socket ``recv_into`` a
+large body in place). Both paths run the same parser. Complete frames come
+out of :meth:`next_event`. Length prefixes are attacker-controlled: a body
+above its limit fails with :class:`FrameTooLarge` before anything is
+allocated for it, and a body below it gets memory only as its bytes arrive.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ..errors import FrameTooLarge, ProtocolError, UsageError
+from ..results import CommandResult
+from .limits import U32_MAX, Limits
+
+__all__ = [
+    "PROBE_COMMAND",
+    "Command",
+    "CommandDecoder",
+    "OversizedCommand",
+    "ResultDecoder",
+    "encode_command",
+    "encode_result",
+    "result_frame_parts",
+]
+
+PROBE_COMMAND = b":"
+"""The readiness probe: a ready guest answers exit 0 with empty stdout and stderr."""
+
+_U32 = struct.Struct(">I")
+_unpack_u32 = _U32.unpack_from
+_pack_u32 = _U32.pack
+
+# Per-connection scratch for prefixes and small bodies. Kept small because
+# an idle connection holds one; larger bodies get their own growing chunks.
+_SCRATCH_SIZE = 8 * 1024
+_INLINE_MAX = 4 * 1024
+_FIRST_CHUNK = 64 * 1024
+# Once 1/_WHOLE_AFTER of a large body has arrived, the body gets its final home: one
+# object of its full length, whose pages the kernel provides only as bytes land in them.
+_WHOLE_AFTER = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A complete command frame, as the guest receives it."""
+
+    command: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedCommand:
+    """A command longer than the limit; its body was read and discarded."""
+
+    length: int
+    limit: int
+
+
+def encode_command(command: bytes) -> bytes:
+    """Frame one command for the wire."""
+    if len(command) > U32_MAX:
+        raise UsageError(f"a command of {len(command)} bytes cannot be framed (u32 length)")
+    return _pack_u32(len(command)) + command
+
+
+def result_frame_parts(stdout: bytes, stderr: bytes, exit_code: int) -> list[bytes]:
+    """The pieces of one result frame, for ``writelines`` without copying large outputs."""
+    if not 0 <= exit_code <= 255:
+        raise UsageError(f"exit code {exit_code} is outside 0..255")
+    if len(stdout) > U32_MAX or len(stderr) > U32_MAX:
+        raise UsageError("stdout and stderr must each be shorter than 4 GiB")
+    return [_pack_u32(len(stdout)), stdout, _pack_u32(len(stderr)), stderr, bytes((exit_code,))]
+
+
+def encode_result(stdout: bytes, stderr: bytes, exit_code: int) -> bytes:
+    """Frame one result for the wire."""
+    return b"".join(result_frame_parts(stdout, stderr, exit_code))
+
+
+_Event = TypeVar("_Event")
+
+# Results are immutable, so every empty answer with a given exit code (each probe) can be
+# one shared object instead of a new one per exchange.
+_EMPTY_RESULTS = tuple(CommandResult(b"", b"", code) for code in range(256))
+
+
+class _WholeBody:
+    """A large body's final ``bytes`` object, filled in place through ``io.BytesIO``.
+
+    ``BytesIO(bytes(n))`` adopts that object, ``getbuffer()`` lends its storage,
+    and once no view of it is left ``getvalue()`` returns the object itself:
+    the body is never copied, and no second buffer exists beside it.
+    """
+
+    __slots__ = ("_io", "length", "view")
+
+    def __init__(self, length: int, chunks: list[bytearray]) -> None:
+        self.length = length
+        self._io = io.BytesIO(bytes(length))
+        for chunk in chunks:
+            self._io.write(chunk)
+        self.view = self._io.getbuffer()
+
+    def peek(self, received: int) -> bytes:
+        """A copy of the first ``received`` bytes."""
+        return self.view[:received].tobytes()
+
+    def finish(self) -> bytes:
+        """The body, as ``bytes``; a copy only if a lent view is still alive somewhere."""
+        self.view.release()
+        return self._io.getvalue()
+
+
+def _len(field: bytes | _WholeBody) -> int:
+    return len(field) if isinstance(field, bytes) else field.length
+
+
+class _FrameDecoder(Generic[_Event]):
+    """A parser for frames made of length-prefixed fields, optionally ended by one byte.
+
+    Prefixes and small bodies are parsed in place in a fixed scratch buffer.
+    A body larger than ``_INLINE_MAX`` gets chunks that grow with what has
+    arrived (never more than about twice the bytes received); once an eighth
+    of it is in, it gets its final ``bytes`` object (:class:`_WholeBody`).
+    The caller's reads go straight into that memory.
+    """
+
+    _names: tuple[str, ...]
+    _trailer: bool
+
+    def __init__(self, limits: Sequence[int]) -> None:
+        self._limits = tuple(limits)
+        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0
+        self._end = 0
+        self._fields: list[bytes | _WholeBody] = []
+        self._length = -1  # length of the body being read; -1 while waiting for a prefix
+        self._chunks: list[bytearray] | None = None
+        self._whole: _WholeBody | None = None
+        self._fill = 0  # bytes written into the last chunk
+        self._received = 0  # body bytes received so far in chunk mode
+        self._events: deque[_Event] = deque()
+        self._error: ProtocolError | None = None
+        self._eof = False
+
+    # -- input --------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
+        if self._error is not None or self._eof:
+            self._check_usable()
+        if self._whole is not None:
+            return self._whole.view[self._received :]
+        chunks = self._chunks
+        if chunks is not None:
+            chunk = chunks[-1]
+            if self._fill == len(chunk):
+                if self._received * _WHOLE_AFTER >= self._length:
+                    self._whole = _WholeBody(self._length, chunks)
+                    self._chunks = None
+                    return self._whole.view[self._received :]
+                chunk = bytearray(
+                    min(self._length - self._received, max(self._received, _FIRST_CHUNK))
+                )
+                chunks.append(chunk)
+                self._fill = 0
+            return memoryview(chunk)[self._fill :]
+        if self._end == _SCRATCH_SIZE:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Commit ``nbytes`` written at the start of the last buffer lent."""
+        if nbytes <= 0:
+            return
+        if self._whole is not None:
+            self._received += nbytes
+            if self._received == self._length:
+                whole, self._whole = self._whole, None
+                # Finished with the frame: by then the view lent for this read is gone.
+                self._field_done(whole)
+                self._parse()
+            return
+        if self._chunks is not None:
+            self._fill += nbytes
+            self._received += nbytes
+            if self._received == self._length:
+                chunks = self._chunks
+                self._chunks = None
+                self._field_done(bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks))
+                self._parse()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: bytes) -> None:
+        """Push bytes received from the peer; ``b""`` means end of stream."""
+        if not data:
+            self.receive_eof()
+            return
+        src = memoryview(data)
+        while src:
+            with self.get_buffer() as dst:
+                n = min(len(dst), len(src))
+                dst[:n] = src[:n]
+            src = src[n:]
+            self.buffer_updated(n)
+
+    def receive_eof(self) -> None:
+        """The peer will send nothing more."""
+        self._eof = True
+
+    # -- output -------------------------------------------------------------------------
+
+    def next_event(self) -> _Event | None:
+        """The next complete frame, or None when more bytes are needed."""
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has arrived and the rest has not."""
+        return bool(self._fields) or self._length >= 0 or self._end > self._start
+
+    @property
+    def eof(self) -> bool:
+        """True once :meth:`receive_eof` was called."""
+        return self._eof
+
+    def bytes_in_frame(self) -> int:
+        """How many bytes of the unfinished frame have arrived (for error messages)."""
+        held = sum(4 + _len(f) for f in self._fields) + (self._end - self._start)
+        if self._chunks is not None or self._whole is not None:
+            held += 4 + self._received
+        elif self._length >= 0:
+            held += 4
+        return held
+
+    # -- parser -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise ProtocolError(f"decoder unusable after an earlier error: {self._error}")
+        if self._eof:
+            raise ProtocolError("data after end of stream")
+
+    def _fail(self, error: ProtocolError) -> ProtocolError:
+        self._error = error
+        return error
+
+    def _compact(self) -> None:
+        start, end = self._start, self._end
+        if start:
+            self._scratch[: end - start] = self._view[start:end]
+            self._start, self._end = 0, end - start
+
+    def _field_done(self, body: bytes | _WholeBody) -> None:
+        self._length = -1
+        self._fields.append(body)
+        if len(self._fields) == len(self._names) and not self._trailer:
+            self._frame_done(None)
+
+    def _frame_done(self, trailer: int | None) -> None:
+        fields = [f if isinstance(f, bytes) else f.finish() for f in self._fields]
+        self._fields = []
+        self._events.append(self._make_event(fields, trailer))
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> _Event:
+        raise NotImplementedError
+
+    def _on_too_large(self, length: int, limit: int) -> bool:
+        """Handle a prefix above the limit; True if parsing goes on at ``self._start``."""
+        raise self._fail(FrameTooLarge(self._names[len(self._fields)], length, limit))
+
+    def _parse(self) -> None:
+        view = self._view
+        start, end = self._start, self._end
+        nfields = len(self._names)
+        while True:
+            length = self._length
+            if length < 0:
+                if len(self._fields) == nfields:  # only the trailing byte is missing
+                    if start == end:
+                        break
+                    trailer = view[start]
+                    start += 1
+                    self._frame_done(trailer)
+                    continue
+                if end - start < 4:
+                    break
+                (length,) = _unpack_u32(view, start)
+                start += 4
+                limit = self._limits[len(self._fields)]
+                if length > limit:
+                    self._start = start
+                    self._end = end
+                    if not self._on_too_large(length, limit):
+                        return
+                    start, end = self._start, self._end
+                    continue
+                self._length = length
+            available = end - start
+            if length <= available:
+                body = view[start : start + length].tobytes() if length else b""
+                start += length
+                self._field_done(body)
+                continue
+            if length > _INLINE_MAX:
+                first = bytearray(min(length, max(_FIRST_CHUNK, available)))
+                first[:available] = view[start:end]
+                self._chunks = [first]
+                self._fill = available
+                self._received = available
+                start = end = 0
+            break
+        if start == end:
+            start = end = 0
+        self._start = start
+        self._end = end
+
+
+class ResultDecoder(_FrameDecoder[CommandResult]):
+    """Decodes result frames (guest to host) into :class:`CommandResult` events."""
+
+    _names = ("stdout", "stderr")
+    _trailer = True
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        super().__init__((limits.max_stdout, limits.max_stderr))
+        self.set_output_limits(limits.max_stdout, limits.max_stderr)
+
+    def set_output_limits(self, max_stdout: int, max_stderr: int) -> None:
+        """Limits for the next result (a probe's answer, for one, must be empty)."""
+        if self.in_frame:
+            raise UsageError("output limits can only change between results")
+        self._limits = (max_stdout, max_stderr)
+        self._max_out = min(max_stdout, _INLINE_MAX)
+        self._max_err = min(max_stderr, _INLINE_MAX)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        start = self._start
+        end = self._end + nbytes
+        # Fast path, taken by every probe: one whole small result at a frame boundary.
+        if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
+            view = self._view
+            (n_out,) = _unpack_u32(view, start)
+            err_at = start + 4 + n_out
+            if n_out <= self._max_out and err_at + 5 <= end:
+                (n_err,) = _unpack_u32(view, err_at)
+                code_at = err_at + 4 + n_err
+                if n_err <= self._max_err and code_at < end:
+                    self._events.append(
+                        CommandResult(
+                            view[start + 4 : err_at].tobytes(),
+                            view[err_at + 4 : code_at].tobytes(),
+                            view[code_at],
+                        )
+                        if n_out or n_err
+                        else _EMPTY_RESULTS[view[code_at]]
+                    )
+                    start = code_at + 1
+                    if start == end:
+                        self._start = self._end = 0
+                        return
+                    self._start = start
+                    self._end = end
+                    self._parse()
+                    return
+        super().buffer_updated(nbytes)
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> CommandResult:
+        assert trailer is not None
+        return CommandResult(fields[0], fields[1], trailer)
+
+    def partial_output(self) -> tuple[bytes, bytes]:
+        """The stdout and stderr bytes of the unfinished frame that have arrived so far."""
+        fields = [f if isinstance(f, bytes) else f.peek(f.length) for f in self._fields]
+        if len(fields) < 2:
+            if self._whole is not None:
+                tail = self._whole.peek(self._received)
+            elif self._chunks is not None:
+                tail = b"".join(self._chunks)[: self._received]
+            elif self._length >= 0:
+                tail = self._view[self._start : self._end].tobytes()
+            else:
+                tail = b""
+            fields.append(tail)
+        while len(fields) < 2:
+            fields.append(b"")
+        return fields[0], fields[1]
+
+
+class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
+    """Decodes command frames (host to guest) into :class:`Command` events.
+
+    With ``skip_oversized=True`` (what an agent wants) a command above the
+    limit is read and dropped piece by piece, then reported as one
+    :class:`OversizedCommand` event, so the stream stays in step.
+    """
+
+    _names = ("command",)
+    _trailer = False
+
+    def __init__(self, max_command: int = Limits().max_command, *, skip_oversized: bool = False):
+        super().__init__((max_command,))
+        self._skip_oversized = skip_oversized
+        self._skipping = 0
+        self._skipped: OversizedCommand | None = None
+
+    def _make_event(self, fields: list[bytes], trailer: int | None) -> Command:
+        return Command(fields[0])
+
+    @property
+    def in_frame(self) -> bool:
+        return self._skipping > 0 or super().in_frame
+
+    def _on_too_large(self, length: int, limit: int) -> bool:
+        if not self._skip_oversized:
+            return super()._on_too_large(length, limit)
+        self._skipped = OversizedCommand(length, limit)
+        self._skipping = length
+        return self._discard_scratch()
+
+    def _discard_scratch(self) -> bool:
+        """Drop buffered bytes of the skipped body; True once all of it is gone."""
+        n = min(self._skipping, self._end - self._start)
+        self._skipping -= n
+        self._start += n
+        if self._skipping == 0:
+            assert self._skipped is not None
+            self._events.append(self._skipped)
+            self._skipped = None
+            return True
+        if self._start == self._end:
+            self._start = self._end = 0
+        return False
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._skipping:
+            self._check_usable()
+            return self._view[: min(self._skipping, _SCRATCH_SIZE)]
+        return super().get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._skipping and nbytes > 0:
+            self._start, self._end = 0, nbytes
+            if self._discard_scratch():
+                self._parse()
+            return
+        super().buffer_updated(nbytes)

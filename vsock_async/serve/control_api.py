@@ -1,0 +1,495 @@
+"""``serve``'s HTTP control API (aiohttp): guests, run, probe, drop, health, metrics.
+
+The only module of the package that imports aiohttp; ``serve`` imports it
+when it starts, so the core and the agent run on the standard library.
+Routes, bodies and error codes are those of docs/openapi.yaml. Every error
+is ``{"error": {"code": CODE, "message": TEXT}}`` with a stable ``CODE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from aiohttp import web
+
+from .._sockets import stop_polling_accepts
+from ..errors import (
+    AcceptTimeout,
+    CommandTimeout,
+    ConnectionClosed,
+    DeadlineExceeded,
+    GuestBusy,
+    PeerError,
+    ProbeFailed,
+    UnknownGuest,
+    UsageError,
+)
+from ..host.channel import DEFAULT, Timeout
+from ..host.commandline import compose_command
+from ..host.guests import Guest
+from ..host.server import CommandServer
+from ..protocol import result_frame_parts
+from ..results import CommandResult
+from .defaults import RAW_RESULT_TYPE
+from .metrics import PROMETHEUS_CONTENT_TYPE, ServeMetrics
+
+__all__ = ["ERROR_STATUS", "RAW_RESULT_TYPE", "ControlAPI", "guest_json"]
+
+logger = logging.getLogger("vsock_async.control")
+
+_OCTET_STREAM: Final = "application/octet-stream"
+_BODY_OVERHEAD: Final = 64 * 1024
+_RUN_FIELDS: Final = frozenset({"command", "timeout", "wait", "cwd", "env"})
+_PROBE_FIELDS: Final = frozenset({"timeout"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+ERROR_STATUS: Final = {
+    "bad_request": 400,
+    "command_too_large": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "guest_not_found": 404,
+    "method_not_allowed": 405,
+    "guest_busy": 409,
+    "body_too_large": 413,
+    "internal": 500,
+    "guest_failed": 502,
+    "probe_failed": 502,
+    "shutting_down": 503,
+    "command_timeout": 504,
+}
+"""Every error code the API answers with, and its HTTP status. Codes never change meaning."""
+
+_HTTP_CODES: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+class ApiError(Exception):
+    """An error answer: a stable code (which fixes the HTTP status), a message, extra fields."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = ERROR_STATUS[code]
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        body = {"error": {"code": self.code, "message": self.message}, **self.extra}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+def _timestamp(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+
+
+def _peer_text(peer: object) -> str | None:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer) if peer else None
+
+
+def guest_json(guest: Guest) -> dict[str, Any]:
+    """What the API says about one guest."""
+    channels = guest.channels
+    return {
+        "key": str(guest.key),
+        "cid": guest.key if isinstance(guest.key, int) else None,
+        "connections": len(channels),
+        "busy_connections": sum(1 for c in channels if c.busy),
+        "busy": guest.busy,
+        "waiting": guest.waiting,
+        "peer": _peer_text(guest.peer),
+        "listener": channels[-1].listener if channels else None,
+        "connected_at": _timestamp(guest.connected_at),
+        "last_probe": _timestamp(guest.last_probe),
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _timeout_field(body: Mapping[str, Any]) -> Timeout:
+    if "timeout" not in body:
+        return DEFAULT
+    value = body["timeout"]
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ApiError(
+            "bad_request", f"timeout must be a number of seconds >= 0 or null, not {value!r}"
+        )
+    return float(value)
+
+
+def _wants_raw(request: web.Request) -> bool:
+    if request.query.get("raw", "") not in ("", "0", "false"):
+        return True
+    accept = request.headers.get("Accept", "")
+    return RAW_RESULT_TYPE in accept or _OCTET_STREAM in accept
+
+
+class ControlAPI:
+    """The control API of one :class:`CommandServer`; :meth:`start` it on a socket.
+
+    ``token``, when set, must arrive as ``Authorization: Bearer TOKEN`` on
+    every request; it is compared in constant time and never logged.
+    """
+
+    def __init__(
+        self,
+        server: CommandServer,
+        metrics: ServeMetrics,
+        *,
+        token: str | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        self.server = server
+        self.metrics = metrics
+        self._token = token.encode() if token is not None else None
+        self._started_at = started_at or time.time()
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        """True once shutdown began: runs and probes are refused with 503."""
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._sock: socket.socket | None = None
+        self.app = self._make_app()
+
+    def _make_app(self) -> web.Application:
+        max_body = 2 * self.server.limits.max_command + _BODY_OVERHEAD
+        app = web.Application(
+            client_max_size=max_body, middlewares=[self._errors_middleware, self._auth_middleware]
+        )
+        app.router.add_get("/v1/health", self._health)
+        app.router.add_get("/v1/guests", self._list_guests)
+        app.router.add_get("/v1/guests/{key}", self._get_guest)
+        app.router.add_delete("/v1/guests/{key}", self._drop_guest)
+        app.router.add_post("/v1/guests/{key}/run", self._run)
+        app.router.add_post("/v1/guests/{key}/probe", self._probe)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on ``sock``, a bound and listening socket."""
+        runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        self._runner = runner
+        self._sock = sock
+        self._site = web.SockSite(runner, sock)
+        await self._site.start()
+
+    async def stop_accepting(self) -> None:
+        """Refuse new connections and new runs; requests in progress carry on."""
+        self.draining = True
+        if self._site is not None:
+            site, self._site = self._site, None
+            if self._sock is not None:
+                stop_polling_accepts(self._sock)
+            await asyncio.sleep(0)  # connections just accepted get their transport first
+            await site.stop()
+
+    @property
+    def running(self) -> int:
+        """Runs and probes in progress."""
+        return self._running
+
+    async def wait_idle(self) -> None:
+        """Return once no run or probe is in progress."""
+        await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Close every connection of the API (after :meth:`stop_accepting` and a drain)."""
+        await self.stop_accepting()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    @contextlib.contextmanager
+    def _exchange(self) -> Any:
+        if self.draining:
+            raise ApiError("shutting_down", "the daemon is shutting down")
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    # -- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        start = time.monotonic()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+            response = ApiError(code, exc.reason).response()
+        except Exception:
+            logger.exception("%s %s failed", request.method, request.path)
+            response = ApiError("internal", "internal error; see the daemon's log").response()
+        logger.debug(
+            "%s %s -> %s in %.3f s",
+            request.method,
+            request.path,
+            response.status,
+            time.monotonic() - start,
+        )
+        return response
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self._token
+            ):
+                raise ApiError("unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _guest(self, request: web.Request) -> Guest:
+        key = request.match_info["key"]
+        try:
+            return self.server.guest(key)
+        except UnknownGuest as exc:
+            raise ApiError("guest_not_found", str(exc)) from None
+
+    async def _json_body(self, request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
+        limit = request.client_max_size
+        if request.content_length is not None and request.content_length > limit:
+            # Refused before reading: a client announcing more than that need not be waited for.
+            raise ApiError("body_too_large", f"the body is larger than {limit} bytes")
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ApiError("bad_request", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError("bad_request", "the body must be a JSON object")
+        unknown = sorted(set(body) - fields)
+        if unknown:
+            raise ApiError(
+                "bad_request",
+                f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}",
+            )
+        return body
+
+    # -- routes --------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "draining" if self.draining else "ok",
+                "guests": len(self.server.guests),
+                "listeners": [str(a) for a in self.server.addresses],
+                "uptime": round(time.time() - self._started_at, 3),
+            }
+        )
+
+    async def _list_guests(self, request: web.Request) -> web.Response:
+        return web.json_response({"guests": [guest_json(g) for g in self.server.guests]})
+
+    async def _get_guest(self, request: web.Request) -> web.Response:
+        wait_text = request.query.get("wait")
+        if wait_text is None:
+            return web.json_response(guest_json(self._guest(request)))
+        try:
+            wait = float(wait_text)
+        except ValueError:
+            wait = -1.0
+        if not (math.isfinite(wait) and wait >= 0):
+            raise ApiError("bad_request", f"wait must be seconds >= 0, not {wait_text!r}")
+        key = request.match_info["key"]
+        try:
+            guest = await self.server.wait_for_guest(key, timeout=wait)
+        except AcceptTimeout as exc:
+            raise ApiError("guest_not_found", str(exc)) from None
+        except ConnectionClosed as exc:
+            raise ApiError("shutting_down", str(exc)) from None
+        return web.json_response(guest_json(guest))
+
+    async def _drop_guest(self, request: web.Request) -> web.Response:
+        guest = self._guest(request)
+        closed = len(guest.channels)
+        logger.info("dropping guest %r (%d connections) on request", guest.key, closed)
+        await guest.aclose()
+        return web.json_response({"key": str(guest.key), "connections_closed": closed})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(self.server).encode(),
+            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE},
+        )
+
+    async def _probe(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request, _PROBE_FIELDS)
+        timeout = _timeout_field(body)
+        guest = self._guest(request)
+        with self._exchange():
+            start = time.monotonic()
+            self.metrics.probes.inc()
+            try:
+                await guest.probe(timeout=timeout)
+            except (PeerError, DeadlineExceeded, GuestBusy) as exc:
+                self.metrics.probes_failed.inc()
+                raise _guest_failure(exc, time.monotonic() - start) from None
+            finally:
+                self.metrics.exchange_seconds.observe(time.monotonic() - start)
+        return web.json_response(
+            {"key": str(guest.key), "ok": True, "duration": time.monotonic() - start}
+        )
+
+    async def _run(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_body(request, _RUN_FIELDS)
+        line = self._command_line(body)
+        timeout = _timeout_field(body)
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise ApiError("bad_request", f"wait must be true or false, not {wait!r}")
+        guest = self._guest(request)
+        with self._exchange():
+            start = time.monotonic()
+            self.metrics.commands.inc()
+            try:
+                result = await guest.run(line, timeout=timeout, wait=wait)
+            except (PeerError, DeadlineExceeded, GuestBusy) as exc:
+                if isinstance(exc, CommandTimeout):
+                    self.metrics.commands_timed_out.inc()
+                elif not isinstance(exc, GuestBusy):
+                    self.metrics.commands_failed.inc()
+                raise _guest_failure(exc, time.monotonic() - start) from None
+            finally:
+                self.metrics.exchange_seconds.observe(time.monotonic() - start)
+            duration = time.monotonic() - start
+            if result.exit_code != 0:
+                self.metrics.commands_failed.inc()
+            if _wants_raw(request):
+                return await self._raw_result(request, result, duration)
+        return web.json_response(
+            {
+                "exit_code": result.exit_code,
+                "stdout": _b64(result.stdout),
+                "stderr": _b64(result.stderr),
+                "duration": duration,
+                "timed_out": False,
+            }
+        )
+
+    def _command_line(self, body: Mapping[str, Any]) -> bytes:
+        command = body.get("command")
+        if isinstance(command, list) and not all(isinstance(a, str) for a in command):
+            command = None
+        if not (isinstance(command, str) and command) and not (
+            isinstance(command, list) and command
+        ):
+            raise ApiError(
+                "bad_request",
+                "command must be a non-empty string (a shell command line)"
+                " or a non-empty list of strings (argv, quoted with shlex.join)",
+            )
+        env = body.get("env")
+        cwd = body.get("cwd")
+        if env is not None and not isinstance(env, dict):
+            raise ApiError("bad_request", "env must be an object of strings")
+        try:
+            line = compose_command(command, cwd=cwd, env=env)
+        except UsageError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        limit = self.server.limits.max_command
+        if len(line) > limit:
+            raise ApiError(
+                "command_too_large",
+                f"the command is {len(line)} bytes; the daemon's limit is {limit}"
+                " (serve --max-command)",
+            )
+        return line
+
+    async def _raw_result(
+        self, request: web.Request, result: CommandResult, duration: float
+    ) -> web.StreamResponse:
+        assert result.exit_code is not None
+        parts = result_frame_parts(result.stdout, result.stderr, result.exit_code)
+        asked = request.headers.get("Accept", "")
+        plain = _OCTET_STREAM in asked and RAW_RESULT_TYPE not in asked
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": _OCTET_STREAM if plain else RAW_RESULT_TYPE,
+                "Vsock-Async-Exit-Code": str(result.exit_code),
+                "Vsock-Async-Duration": f"{duration:.6f}",
+                "Vsock-Async-Stdout-Length": str(len(result.stdout)),
+                "Vsock-Async-Stderr-Length": str(len(result.stderr)),
+            }
+        )
+        response.content_length = sum(len(p) for p in parts)
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+
+def _guest_failure(exc: Exception, duration: float) -> ApiError:
+    """The API error for a run or probe that did not produce a result."""
+    if isinstance(exc, GuestBusy):
+        return ApiError("guest_busy", str(exc))
+    if isinstance(exc, CommandTimeout):
+        partial = exc.result
+        return ApiError(
+            "command_timeout",
+            str(exc),
+            exit_code=None,
+            stdout=_b64(partial.stdout),
+            stderr=_b64(partial.stderr),
+            duration=duration,
+            timed_out=True,
+        )
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError("command_timeout", str(exc), duration=duration, timed_out=True)
+    if isinstance(exc, ProbeFailed):
+        return ApiError("probe_failed", str(exc))
+    return ApiError("guest_failed", str(exc))
