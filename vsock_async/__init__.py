@@ -37,6 +37,9 @@ from .errors import (
     AcceptTimeout as AcceptTimeout,
 )
 from .errors import (
+    ClosedLocally as ClosedLocally,
+)
+from .errors import (
     CommandFailed as CommandFailed,
 )
 from .errors import (
@@ -47,6 +50,9 @@ from .errors import (
 )
 from .errors import (
     ConnectionClosed as ConnectionClosed,
+)
+from .errors import (
+    ConnectionLost as ConnectionLost,
 )
 from .errors import (
     ConnectTimeout as ConnectTimeout,
@@ -100,6 +106,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "AcceptTimeout",
     "Address",
+    "ClosedLocally",
     "CommandFailed",
     "CommandResult",
     "CommandServer",
@@ -107,6 +114,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectTimeout",
     "ConnectionClosed",
+    "ConnectionLost",
     "DeadlineExceeded",
     "FrameTooLarge",
     "Guest",

@@ -4,10 +4,14 @@
 
     VsockAsyncError                     everything this library raises
     ├── PeerError                       the other side misbehaved or went away
-    │   ├── ProtocolError               bytes that break the v1 wire protocol
+    │   ├── ProtocolError               bytes that break the wire protocol
     │   │   └── FrameTooLarge           a length prefix above the configured limit
-    │   ├── ConnectionClosed            the connection is gone; the channel is unusable
+    │   ├── ConnectionLost              the peer closed or reset it (also ConnectionClosed)
     │   └── ProbeFailed                 ``:`` did not come back as exit 0 with no output
+    ├── ConnectionClosed                the connection is gone, whoever closed it
+    │   ├── ConnectionLost              ... because of the peer (also PeerError)
+    │   └── ClosedLocally               ... because we closed it: aclose(), a server closing, a
+    │                                   timeout or cancel that put its stream out of step
     ├── CommandFailed                   ``check=True`` and a non-zero exit code
     ├── GuestBusy                       every connection of a guest is busy and ``wait=False``
     ├── UnknownGuest                    no guest with that key is connected (also LookupError)
@@ -21,7 +25,9 @@
         └── InvalidAddress              an address string that does not parse
 
 Peer errors say the guest (or the network path to it) is at fault; a usage error
-says the calling code is. Timeouts subclass :class:`TimeoutError` so that code
+says the calling code is; :class:`ClosedLocally` says this process closed the
+connection itself. ``except ConnectionClosed`` catches a closed connection
+whoever closed it. Timeouts subclass :class:`TimeoutError` so that code
 written for ``asyncio.timeout`` or ``anyio.fail_after`` catches them too.
 """
 
@@ -34,11 +40,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AcceptTimeout",
+    "ClosedLocally",
     "CommandFailed",
     "CommandTimeout",
     "ConnectFailed",
     "ConnectTimeout",
     "ConnectionClosed",
+    "ConnectionLost",
     "DeadlineExceeded",
     "FrameTooLarge",
     "GuestBusy",
@@ -78,8 +86,17 @@ class FrameTooLarge(ProtocolError):
         self.limit = limit
 
 
-class ConnectionClosed(PeerError):
-    """The connection is closed: by the peer, by a reset, or after a timeout put it out of step."""
+class ConnectionClosed(VsockAsyncError):
+    """The connection is closed and the channel unusable; the subclass says who closed it."""
+
+
+class ConnectionLost(ConnectionClosed, PeerError):
+    """The peer closed or reset the connection, or the path to it failed."""
+
+
+class ClosedLocally(ConnectionClosed):
+    """We closed the connection: ``aclose()``, the server closing, or a timeout or cancel that
+    put its stream out of step (on v1 a late answer must never be read as the next one's)."""
 
 
 class ProbeFailed(PeerError):

@@ -3,54 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 from ..errors import (
+    ClosedLocally,
     CommandFailed,
     CommandTimeout,
-    ConnectionClosed,
     FrameTooLarge,
     ProbeFailed,
-    UsageError,
 )
 from ..protocol import PROBE_COMMAND, encode_command
 from ..results import CommandResult
+from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from .commandline import CommandLike, compose_command
 from .transport import GuestConnection
 
-__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "GuestChannel", "Timeout"]
-
-DEFAULT_TIMEOUT: Final = 30.0
-
-
-class _Default(enum.Enum):
-    DEFAULT = "DEFAULT"
-
-
-DEFAULT: Final = _Default.DEFAULT
-"""Stands for "the channel's default timeout" in signatures."""
-
-Timeout = float | None | _Default
+__all__ = ["GuestChannel"]
 
 _ids = itertools.count(1)
 
 
 class _DeadlinePassed(Exception):
     """Set on an exchange's future when its deadline fires; never leaves the channel."""
-
-
-def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
-    """Validate a deadline in seconds; None means none."""
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
-    ):  # "not >= 0" refuses NaN too: a NaN deadline fires at once or never
-        raise UsageError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
-    return timeout
 
 
 class GuestChannel:
@@ -155,7 +133,7 @@ class GuestChannel:
                 f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
                 f" with {len(result.stdout)} bytes of stdout and {len(result.stderr)} of stderr"
             )
-            self._conn.abort(ConnectionClosed(f"channel closed: {message}"))
+            self._conn.abort(ClosedLocally(f"channel closed: {message}"))
             raise ProbeFailed(message, result)
         self.last_probe = time.time()
 
@@ -231,7 +209,7 @@ class GuestChannel:
         conn = self._conn
         if conn.in_flight(future):
             stdout, stderr = conn.partial_output()
-            conn.abort(ConnectionClosed(f"channel closed because {why}; its stream is out of step"))
+            conn.abort(ClosedLocally(f"channel closed because {why}; its stream is out of step"))
             return CommandResult(stdout, stderr, None, timed_out=True), True
         conn.withdraw(future)
         return CommandResult(b"", b"", None, timed_out=True), False
@@ -249,7 +227,7 @@ class GuestChannel:
 
     async def aclose(self) -> None:
         """Close the connection; calls still pending get :class:`ConnectionClosed`."""
-        self._conn.abort(ConnectionClosed(f"channel {self.id} was closed by aclose()"))
+        self._conn.abort(ClosedLocally(f"channel {self.id} was closed by aclose()"))
         await self._conn.wait_closed()
 
     async def wait_closed(self) -> None:

@@ -9,7 +9,8 @@ from .._sockets import connect_socket
 from ..addresses import Address, HybridVsockAddress, parse_address
 from ..errors import ConnectTimeout
 from ..protocol import Limits
-from .channel import DEFAULT_TIMEOUT, GuestChannel, check_timeout
+from ..timeouts import DEFAULT_TIMEOUT, check_timeout
+from .channel import GuestChannel
 from .hybrid import connect_hybrid
 from .opening import Opening
 from .transport import GuestConnection

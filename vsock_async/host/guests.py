@@ -18,10 +18,11 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
+from ..errors import ClosedLocally, CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
 from ..protocol import PROBE_COMMAND
 from ..results import CommandResult
-from .channel import DEFAULT, GuestChannel, Timeout, check_timeout
+from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
+from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
 
 __all__ = ["Guest", "GuestEvent"]
@@ -136,7 +137,7 @@ class Guest:
         deadline, timeout = self._deadline(timeout)
         channel = await self._lease(line, timeout, deadline, wait)
         try:
-            return await channel.run(line, timeout=_remaining(deadline), check=check)
+            return await channel.run(line, timeout=remaining(deadline), check=check)
         finally:
             self._release(channel)
 
@@ -145,7 +146,7 @@ class Guest:
         deadline, timeout = self._deadline(timeout)
         channel = await self._lease(PROBE_COMMAND, timeout, deadline, wait)
         try:
-            await channel.probe(timeout=_remaining(deadline))
+            await channel.probe(timeout=remaining(deadline))
         finally:
             self._release(channel)
         self._last_probe = channel.last_probe
@@ -155,7 +156,7 @@ class Guest:
         channels = self.channels
         for channel in channels:
             channel.connection.abort(
-                ConnectionClosed(f"connection {channel.id} of guest {self.key!r} was dropped")
+                ClosedLocally(f"connection {channel.id} of guest {self.key!r} was dropped")
             )
         self._fail_waiters()
         for channel in channels:
@@ -291,9 +292,3 @@ class Guest:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(self._no_connection())
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return max(0.0, deadline - asyncio.get_running_loop().time())

@@ -29,9 +29,10 @@ from ..addresses import (
     VsockAddress,
     parse_address,
 )
-from ..errors import AcceptTimeout, ConnectionClosed, UnknownGuest, UsageError
+from ..errors import AcceptTimeout, ClosedLocally, UnknownGuest, UsageError
 from ..protocol import Limits
-from .channel import DEFAULT_TIMEOUT, GuestChannel, check_timeout
+from ..timeouts import DEFAULT_TIMEOUT, check_timeout
+from .channel import GuestChannel
 from .guests import Guest, GuestEvent
 from .opening import Opening
 from .transport import GuestConnection
@@ -158,7 +159,7 @@ class CommandServer:
         """The guest ``key`` once it has an open connection; AcceptTimeout after ``timeout`` s."""
         check_timeout(timeout)
         if self._closed:
-            raise ConnectionClosed("the server is closed")
+            raise ClosedLocally("the server is closed")
         guest = self._find_guest(key)
         if guest is not None and guest.connected:
             return guest
@@ -234,7 +235,7 @@ class CommandServer:
                     "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
                 )
                 old.connection.abort(
-                    ConnectionClosed(
+                    ClosedLocally(
                         f"connection {old.id} of guest {key!r} was replaced by connection"
                         f" {channel.id}"
                     )
@@ -297,7 +298,7 @@ class CommandServer:
                     cid,
                     listener.address,
                 )
-                conn.abort(ConnectionClosed(f"CID {cid} is not allowed"))
+                conn.abort(ClosedLocally(f"CID {cid} is not allowed"))
                 return
         channel = GuestChannel(
             conn,
@@ -346,7 +347,7 @@ class CommandServer:
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             if self._closed:
-                raise ConnectionClosed("the server is closed")
+                raise ClosedLocally("the server is closed")
             channel = self._next_pending()
             if channel is not None:
                 return channel
@@ -407,13 +408,13 @@ class CommandServer:
                 waiter.set_result(None)
         for _, guest_waiter in self._guest_waiters:
             if not guest_waiter.done():
-                guest_waiter.set_exception(ConnectionClosed("the server is closing"))
+                guest_waiter.set_exception(ClosedLocally("the server is closing"))
         running = list(self._tasks)
         for task in running:
             task.cancel()
         channels = list(self._channels.values())
         for channel in channels:
-            channel.connection.abort(ConnectionClosed("the server is closing"))
+            channel.connection.abort(ClosedLocally("the server is closing"))
         for channel in channels:
             await channel.wait_closed()
         await asyncio.gather(*running, return_exceptions=True)

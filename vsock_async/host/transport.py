@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from ..errors import ConnectionClosed, PeerError, ProtocolError, VsockAsyncError
+from ..errors import ConnectionLost, PeerError, ProtocolError, VsockAsyncError
 from ..protocol import PROBE_COMMAND, Limits, ResultDecoder, encode_command
 from ..results import CommandResult
 
@@ -85,16 +85,16 @@ class GuestConnection(asyncio.BufferedProtocol):
         if self._decoder.in_frame:
             held = self._decoder.bytes_in_frame()
             self.abort(
-                ConnectionClosed(f"the guest closed the connection after {held} bytes of a result")
+                ConnectionLost(f"the guest closed the connection after {held} bytes of a result")
             )
         else:
-            self.abort(ConnectionClosed("the guest closed the connection"))
+            self.abort(ConnectionLost("the guest closed the connection"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._error is None:
             reason = f": {exc}" if exc else ""
-            self._fail_all(ConnectionClosed(f"the connection was lost{reason}"))
+            self._fail_all(ConnectionLost(f"the connection was lost{reason}"))
         if not self._lost.done():
             self._lost.set_result(None)
         callbacks, self._on_close = self._on_close, []

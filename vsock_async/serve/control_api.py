@@ -35,12 +35,12 @@ from ..errors import (
     UnknownGuest,
     UsageError,
 )
-from ..host.channel import DEFAULT, Timeout
 from ..host.commandline import compose_command
 from ..host.guests import Guest
 from ..host.server import CommandServer
 from ..protocol import result_frame_parts
 from ..results import CommandResult
+from ..timeouts import DEFAULT, Timeout
 from .defaults import RAW_RESULT_TYPE
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServeMetrics
 
@@ -375,7 +375,7 @@ class ControlAPI:
             self.metrics.probes.inc()
             try:
                 await guest.probe(timeout=timeout)
-            except (PeerError, DeadlineExceeded, GuestBusy) as exc:
+            except (PeerError, ConnectionClosed, DeadlineExceeded, GuestBusy) as exc:
                 self.metrics.probes_failed.inc()
                 raise _guest_failure(exc, time.monotonic() - start) from None
             finally:
@@ -397,7 +397,7 @@ class ControlAPI:
             self.metrics.commands.inc()
             try:
                 result = await guest.run(line, timeout=timeout, wait=wait)
-            except (PeerError, DeadlineExceeded, GuestBusy) as exc:
+            except (PeerError, ConnectionClosed, DeadlineExceeded, GuestBusy) as exc:
                 if isinstance(exc, CommandTimeout):
                     self.metrics.commands_timed_out.inc()
                 elif not isinstance(exc, GuestBusy):

@@ -37,11 +37,18 @@ from ..addresses import (
     VsockAddress,
     parse_address,
 )
-from ..errors import DeadlineExceeded, PeerError, UsageError, VsockAsyncError
-from ..host.channel import DEFAULT_TIMEOUT, GuestChannel
+from ..errors import (
+    ConnectionClosed,
+    DeadlineExceeded,
+    PeerError,
+    UsageError,
+    VsockAsyncError,
+)
+from ..host.channel import GuestChannel
 from ..host.guests import Guest, GuestEvent
 from ..host.server import CommandServer
 from ..protocol import Limits
+from ..timeouts import DEFAULT_TIMEOUT
 from .defaults import default_control_address, default_control_path, read_token_file
 from .metrics import ServeMetrics
 
@@ -275,7 +282,7 @@ class Daemon:
         self.metrics.probes.inc()
         try:
             await channel.probe(timeout=self.config.probe_timeout)
-        except (PeerError, DeadlineExceeded) as exc:
+        except (PeerError, ConnectionClosed, DeadlineExceeded) as exc:
             self.metrics.probes_failed.inc()
             logger.warning(
                 "guest %r failed its %s probe on connection %s: %s; dropping the connection",
