@@ -127,11 +127,7 @@ def parse_address(address: str | Address) -> Address:
         return UnixAddress(path)
     if text.startswith("tcp://"):
         host, port = _split_port(text, text[len("tcp://") :], 65535)
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not host:
-            raise InvalidAddress(f"{text!r}: tcp:// needs a host, as in tcp://127.0.0.1:1024")
-        return TcpAddress(host, port)
+        return TcpAddress(_parse_host(text, host), port)
     raise InvalidAddress(f"{address!r} is not an address: expected {_FORMS}")
 
 
@@ -145,6 +141,20 @@ def _split_port(text: str, rest: str, max_port: int) -> tuple[str, int]:
     if port > max_port:
         raise InvalidAddress(f"{text!r}: port {port} is above {max_port}")
     return head, port
+
+
+def _parse_host(text: str, host: str) -> str:
+    """The host of a tcp:// address: an IPv6 address goes in brackets, which are dropped."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if "[" in host or "]" in host:
+        raise InvalidAddress(f"{text!r}: unbalanced brackets around the host")
+    if not host:
+        raise InvalidAddress(f"{text!r}: tcp:// needs a host, as in tcp://127.0.0.1:1024")
+    if ":" in host and not bracketed:
+        raise InvalidAddress(f"{text!r}: put an IPv6 host in brackets, as in tcp://[::1]:80")
+    return host
 
 
 def _parse_cid(text: str, cid_text: str) -> int:
