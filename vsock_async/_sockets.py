@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -156,18 +157,77 @@ def _remove_stale_socket(path: str, address: Address) -> None:
         raise ListenFailed(f"cannot listen on {address}: {exc.strerror or exc}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ListenFailed(f"cannot listen on {address}: {path} exists and is not a socket")
+    live = _listening_on(path, st)
+    if live is None:
+        live = _answers_connect(path, address)
+    if live:
+        raise ListenFailed(f"cannot listen on {address}: address already in use (a live listener)")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+_PROC_NET_UNIX = "/proc/net/unix"
+_SO_ACCEPTCON = 0x10000  # the Flags column of a listening socket
+# "%pK: %08X %08X %08X %04X %02X %5lu", then " PATH" for a bound socket (net/unix/af_unix.c)
+_PROC_NET_UNIX_LINE = re.compile(
+    rb"[0-9A-Fa-f]+: [0-9A-F]{8} [0-9A-F]{8} ([0-9A-F]{8}) [0-9A-F]{4} [0-9A-F]{2} +[0-9]+"
+    rb"(?: (.*))?"
+)
+
+
+def _listening_on(path: str, st: os.stat_result) -> bool | None:
+    """Whether a listening socket is bound to the file ``st`` at ``path``, per /proc/net/unix.
+
+    Unlike a connect(), reading the table is invisible to the listener: a live
+    CommandServer never sees the check as a guest. None when the table cannot
+    tell: no /proc, a path holding a newline, or a listener bound by a relative
+    path with our file's name (relative to a directory we cannot know). The
+    table covers this network namespace only.
+    """
+    wanted = os.fsencode(path)
+    if b"\n" in wanted:
+        return None
+    try:
+        with open(_PROC_NET_UNIX, "rb") as table:
+            lines = table.read().split(b"\n")[1:]
+    except OSError:
+        return None
+    name = os.path.basename(wanted)
+    unsure = False
+    for line in lines:
+        entry = _PROC_NET_UNIX_LINE.fullmatch(line)
+        if entry is None or not int(entry[1], 16) & _SO_ACCEPTCON:
+            continue
+        bound = entry[2]
+        if bound is None or os.path.basename(bound) != name:
+            continue
+        if not os.path.isabs(bound):
+            unsure = True
+            continue
+        try:
+            other = os.lstat(bound)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return None if unsure else False
+
+
+def _answers_connect(path: str, address: Address) -> bool:
+    """Whether something accepts connections at ``path``: the check of last resort.
+
+    A live CommandServer takes it for a guest that connects and leaves at once.
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        return False
     except OSError as exc:
         raise ListenFailed(f"cannot listen on {address}: {exc.strerror or exc}") from None
     finally:
         probe.close()
-    raise ListenFailed(f"cannot listen on {address}: address already in use (a live listener)")
+    return True
 
 
 def _apply_unix_options(path: str, options: UnixSocketOptions, address: Address) -> None:

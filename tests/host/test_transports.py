@@ -29,12 +29,15 @@ from vsock_async import (
     ConnectFailed,
     ConnectionClosed,
     ConnectTimeout,
+    GuestEvent,
     HybridVsockAddress,
     ListenFailed,
     ProtocolError,
+    UnixAddress,
     UnixSocketOptions,
     UsageError,
 )
+from vsock_async._sockets import bind_listener
 from vsock_async.host.hybrid import connect_hybrid
 from vsock_async.protocol.hybrid import MAX_REPLY, OkReplyParser, encode_connect
 
@@ -371,6 +374,52 @@ async def test_a_live_listener_or_a_regular_file_is_never_replaced(tmp_path: Pat
     with pytest.raises(ListenFailed, match="not a socket"):
         await vsock_async.listen(f"unix:{tmp_path}/file")
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.asyncio
+async def test_a_second_listen_on_a_live_path_plants_no_guest_in_the_live_server(
+    tmp_path: Path,
+) -> None:
+    async with vsock_async.listen(f"unix:{tmp_path}/g.sock", label="a") as server:
+        events: list[GuestEvent] = []
+        server.subscribe(events.append)
+        with pytest.raises(ListenFailed, match="live listener"):
+            await vsock_async.listen(f"unix:{tmp_path}/g.sock")
+        for _ in range(5):
+            await asyncio.sleep(0.001)
+        assert events == [], "the check came and went as a guest"
+        assert server.channels == []
+        assert server.guests == []
+
+
+@pytest.mark.parametrize("name", ["g.sock", "with space.sock", " lead and trail .sock"])
+def test_the_liveness_check_never_connects_to_a_live_listener(tmp_path: Path, name: str) -> None:
+    path = str(tmp_path / name)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with live:
+        live.bind(path)
+        live.listen()
+        live.setblocking(False)
+        with pytest.raises(ListenFailed, match="live listener"):
+            bind_listener(UnixAddress(path))
+        with pytest.raises(BlockingIOError):
+            live.accept()  # nobody dialled it
+    # Closed, the same file is stale: replaced without a word.
+    bind_listener(UnixAddress(path)).close()
+
+
+def test_a_listener_bound_by_a_relative_path_elsewhere_is_still_seen_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with live:
+        live.bind("g.sock")  # /proc/net/unix shows the path as bound: relative
+        live.listen()
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ListenFailed, match="live listener"):
+            bind_listener(UnixAddress(str(tmp_path / "sub" / "g.sock")))
 
 
 @pytest.mark.asyncio
