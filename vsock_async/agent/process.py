@@ -1,0 +1,494 @@
+"""One process of a v2 stream, from its :class:`~.request.ExecSpec` until it is reaped.
+
+Standard library only. The process runs in a session (and so a process group) of
+its own, optionally on a pseudo-terminal. Its output is read only while the host
+has granted credit for that channel: a process whose output nobody reads blocks
+on its own write, and no other stream notices. Its exit is noticed without
+reaping it (a pidfd), its output is drained with a bounded grace, and only then
+is it reaped, so its process group id cannot be reused before every kill is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, Protocol
+
+from . import pty
+from .request import ExecSpec, Refused
+
+__all__ = ["STDERR", "STDOUT", "Process", "StreamLink", "signal_session"]
+
+STDOUT: Final = 1
+STDERR: Final = 2
+"""Channel numbers, as on the wire."""
+
+
+class StreamLink(Protocol):
+    """What a process needs from its connection."""
+
+    def credit(self, channel: int) -> int:
+        """Bytes the host will take on ``channel`` now (0 also while the connection is paused)."""
+
+    def send_output(self, channel: int, data: bytes, end: bool) -> None:
+        """Send output (at most :meth:`credit` bytes); ``end``: the channel is closed after it."""
+
+    def stdin_consumed(self, n: int) -> None:
+        """``n`` bytes of stdin were written to the process (or discarded): return the credit."""
+
+    def exited(
+        self, exit_code: int | None, signal: int | None, timed_out: bool, output_incomplete: bool
+    ) -> None:
+        """The last word on the stream."""
+
+
+class _Output:
+    """One output channel: the fd it is read from, and whether it is being read or is done."""
+
+    __slots__ = ("channel", "closed", "fd", "reading")
+
+    def __init__(self, channel: int, fd: int) -> None:
+        self.channel = channel
+        self.fd = fd
+        self.reading = False
+        self.closed = False
+
+
+class Process:
+    """A started process of one stream; :meth:`run` supervises it until EXIT has been sent.
+
+    Cancelling :meth:`run` (the connection is gone) kills the process's session with
+    SIGKILL and reaps it before the cancellation goes on; nothing is sent.
+    """
+
+    def __init__(
+        self,
+        spec: ExecSpec,
+        link: StreamLink,
+        *,
+        shell: str,
+        output_grace: float,
+        max_read: int,
+    ) -> None:
+        """Start the process (synchronously: no await between fork and owning the pid).
+
+        Raises :class:`Refused` (``spawn_failed``, with the errno name) if it cannot start.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._link = link
+        self._grace = output_grace
+        self._max_read = max_read
+        self._timeout = spec.timeout
+        self._kill_grace = spec.kill_grace
+        self._master = -1
+        self._stdin = -1
+        self._stdin_queue: deque[memoryview] = deque()
+        self._stdin_end = False
+        self._stdin_writing = False
+        self._outputs: list[_Output] = []
+        self._changed = asyncio.Event()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._exited: asyncio.Future[None] = self._loop.create_future()
+        self._pidfd = -1
+        self._poller: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._discard = False
+        self.timed_out = False
+        self.proc = _spawn(spec, shell, self)
+        self.pid = self.proc.pid
+        self.session = self.proc.pid  # setsid: the process leads its session and its group
+
+    # -- the host's requests -------------------------------------------------------------
+
+    def write_stdin(self, data: bytes | memoryview, end: bool) -> None:
+        """Queue bytes for stdin (credit comes back as they are written); ``end``: then EOF."""
+        if self._stdin < 0 or self._stdin_end:
+            self._link.stdin_consumed(len(data))  # nobody reads them: drop, but keep credit flowing
+            return
+        if data:
+            # The caller's buffer may be reused once this returns: keep a copy of what waits.
+            self._stdin_queue.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
+        self._stdin_end = end
+        if not self._stdin_writing:
+            self._write_stdin()
+
+    def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the process group (on a terminal: the foreground group)."""
+        group = self.session
+        if self._master >= 0:
+            with contextlib.suppress(OSError):  # no foreground group any more: the session's
+                group = pty.foreground_group(self._master)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the terminal; :class:`Refused` if the process has none."""
+        if self._master < 0:
+            raise Refused("bad_request", "RESIZE on a stream that has no pty")
+        pty.set_size(self._master, rows, cols)
+
+    def close(self) -> None:
+        """The host gave up: TERM the session, KILL after the grace, read and drop its output."""
+        self._discard = True
+        self._close_stdin()
+        self._stop()
+        self._update_readers()
+
+    def credit_changed(self) -> None:
+        """The host granted credit, or the connection was paused or resumed."""
+        self._update_readers()
+
+    # -- supervision ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Supervise until the exit has been reported."""
+        try:
+            self._watch_exit()
+            for output in self._outputs:
+                if output.fd < 0:  # no pipe for this channel: it is closed from the start
+                    self._end(output)
+            self._update_readers()
+            if self._timeout is not None:
+                self._deadline = self._loop.call_later(self._timeout, self._time_out)
+            await asyncio.shield(self._exited)
+            if self._deadline is not None:  # a limit on its life, which has ended
+                self._deadline.cancel()
+            complete = await self._drain_output()
+        except BaseException:
+            signal_session(self.session, signal.SIGKILL)
+            self._release()
+            try:
+                await asyncio.shield(self._exited)
+            finally:
+                self.proc.wait()  # at once: it has exited, or SIGKILL is on its way
+            raise
+        if not complete or self._stopping:
+            signal_session(self.session, signal.SIGKILL)
+        for output in self._outputs:
+            if not output.closed:
+                self._end(output)
+        self._release()
+        returncode = self.proc.wait()
+        self._link.exited(
+            returncode if returncode >= 0 else None,
+            -returncode if returncode < 0 else None,
+            self.timed_out,
+            not complete,
+        )
+
+    async def _drain_output(self) -> bool:
+        """Wait for EOF on every output; False if the grace ran out first.
+
+        The grace clock runs only while every open channel is being read: time spent
+        waiting for the host's credit never cuts output from a process that has exited.
+        """
+        left = self._grace
+        while any(not output.closed for output in self._outputs):
+            self._changed.clear()
+            if not all(output.reading for output in self._outputs if not output.closed):
+                await self._changed.wait()
+                continue
+            if left <= 0:
+                return False
+            started = self._loop.time()
+            try:
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
+            except TimeoutError:
+                return False
+            left -= self._loop.time() - started
+        return True
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self._stop()
+
+    def _stop(self) -> None:
+        """TERM the session now, KILL it after the grace (once, whoever asks)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        signal_session(self.session, signal.SIGTERM)
+        self._kill_timer = self._loop.call_later(
+            self._kill_grace, signal_session, self.session, signal.SIGKILL
+        )
+
+    # -- exit ----------------------------------------------------------------------------
+
+    def _watch_exit(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll instead
+            self._poller = self._loop.create_task(self._poll_exit())
+        else:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    async def _poll_exit(self) -> None:
+        # Without a pidfd there is nothing to wait on that does not reap; this never blocks.
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
+            await asyncio.sleep(0.05)
+        self._on_exit()
+
+    # -- output --------------------------------------------------------------------------
+
+    def _update_readers(self) -> None:
+        """Read each open channel exactly while it has credit (or its output is discarded)."""
+        toggled = False
+        for output in self._outputs:
+            want = not output.closed and (self._discard or self._link.credit(output.channel) > 0)
+            if want != output.reading:
+                toggled = True
+                output.reading = want
+                if want:
+                    self._loop.add_reader(output.fd, self._on_readable, output)
+                else:
+                    self._loop.remove_reader(output.fd)
+        if toggled:
+            self._changed.set()
+
+    def _on_readable(self, output: _Output) -> None:
+        size = self._max_read
+        if not self._discard:
+            size = min(size, self._link.credit(output.channel))
+        if size <= 0:
+            self._update_readers()
+            return
+        try:
+            data = os.read(output.fd, size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: a terminal whose every slave fd is closed
+                raise
+            data = b""
+        if not data:
+            self._end(output)
+            return
+        if not self._discard:
+            self._link.send_output(output.channel, data, False)
+            if self._link.credit(output.channel) <= 0:
+                self._update_readers()
+
+    def _end(self, output: _Output) -> None:
+        """Stop reading a channel and tell the host it is closed."""
+        if output.reading:
+            self._loop.remove_reader(output.fd)
+            output.reading = False
+        output.closed = True
+        self._close_output_fd(output)
+        self._link.send_output(output.channel, b"", True)
+        self._changed.set()
+
+    def _close_output_fd(self, output: _Output) -> None:
+        if output.fd >= 0 and output.fd != self._master:
+            os.close(output.fd)
+        output.fd = -1
+
+    # -- stdin ---------------------------------------------------------------------------
+
+    def _write_stdin(self) -> None:
+        queue = self._stdin_queue
+        while queue:
+            try:
+                written = os.write(self._stdin, queue[0])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EIO):
+                    raise
+                self._drop_stdin()  # the process closed its stdin: nobody will read these
+                return
+            self._link.stdin_consumed(written)
+            if written == len(queue[0]):
+                queue.popleft()
+            else:
+                queue[0] = queue[0][written:]
+        if queue:
+            if not self._stdin_writing:
+                self._loop.add_writer(self._stdin, self._write_stdin)
+                self._stdin_writing = True
+            return
+        if self._stdin_writing:
+            self._loop.remove_writer(self._stdin)
+            self._stdin_writing = False
+        if self._stdin_end:
+            if self._stdin == self._master:  # a terminal has no half-close: type its EOF
+                with contextlib.suppress(OSError):
+                    os.write(self._master, pty.eof_char(self._master))
+                self._stdin = -1
+            else:
+                self._close_stdin()
+
+    def _drop_stdin(self) -> None:
+        dropped = sum(len(chunk) for chunk in self._stdin_queue)
+        self._close_stdin()
+        if dropped:
+            self._link.stdin_consumed(dropped)
+
+    def _close_stdin(self) -> None:
+        self._stdin_queue.clear()
+        self._stdin_end = True
+        if self._stdin < 0:
+            return
+        if self._stdin_writing:
+            self._loop.remove_writer(self._stdin)
+            self._stdin_writing = False
+        if self._stdin != self._master:
+            os.close(self._stdin)
+        self._stdin = -1
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Stop every timer, reader and writer, close every fd (the process stays unreaped)."""
+        for timer in (self._deadline, self._kill_timer):
+            if timer is not None:
+                timer.cancel()
+        for output in self._outputs:
+            if output.reading:
+                self._loop.remove_reader(output.fd)
+                output.reading = False
+            output.closed = True
+            self._close_output_fd(output)
+        self._close_stdin()
+        if self._master >= 0:
+            os.close(self._master)
+            self._master = -1
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+
+def _argv(spec: ExecSpec, shell: str) -> list[bytes]:
+    if spec.argv is not None:
+        return list(spec.argv)
+    assert spec.command is not None
+    return [os.fsencode(shell), b"-c", spec.command]
+
+
+def _spawn(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
+    """Fork and exec the process in a new session, wiring its stdio into ``process``."""
+    argv = _argv(spec, shell)
+    env = dict(os.environb)
+    user = spec.user
+    if user is not None and user.name is not None:
+        env[b"USER"] = env[b"LOGNAME"] = os.fsencode(user.name)
+        if user.home is not None:
+            env[b"HOME"] = os.fsencode(user.home)
+    env.update(spec.env)
+    child_fds: list[int] = []  # the child's ends, closed here once it has them
+    preexec: Callable[[], None] | None = None
+    try:
+        if spec.pty is not None:
+            master, slave = pty.open_pty(*spec.pty)
+            process._master = master
+            child_fds.append(slave)
+            if user is not None:
+                os.fchown(slave, user.uid, -1)
+            stdin: int = slave
+            stdout: int = slave
+            stderr: int = slave
+            preexec = pty.take_terminal
+            process._outputs = [_Output(STDOUT, master), _Output(STDERR, -1)]
+            if spec.stdin:
+                process._stdin = master
+        else:
+            stdin = subprocess.DEVNULL
+            if spec.stdin:
+                stdin, process._stdin = os.pipe()
+                child_fds.append(stdin)
+                os.set_blocking(process._stdin, False)
+            out_read, stdout = os.pipe()
+            child_fds.append(stdout)
+            process._outputs = [_Output(STDOUT, out_read)]
+            if spec.stderr == "pipe":
+                err_read, stderr = os.pipe()
+                child_fds.append(stderr)
+                process._outputs.append(_Output(STDERR, err_read))
+            else:
+                stderr = subprocess.STDOUT if spec.stderr == "stdout" else subprocess.DEVNULL
+                process._outputs.append(_Output(STDERR, -1))
+            for output in process._outputs:
+                if output.fd >= 0:
+                    os.set_blocking(output.fd, False)
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=spec.cwd,
+                env=env,
+                start_new_session=True,
+                user=None if user is None else user.uid,
+                group=None if user is None else user.gid,
+                extra_groups=None if user is None else list(user.groups),
+                preexec_fn=preexec,
+            )
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0)
+            program = os.fsdecode(argv[0])
+            what = os.fsdecode(exc.filename) if exc.filename else program
+            raise Refused(
+                "spawn_failed", f"cannot start {program}: {exc.strerror} ({what})", name
+            ) from None
+        except subprocess.SubprocessError as exc:
+            raise Refused("spawn_failed", f"cannot start {os.fsdecode(argv[0])}: {exc}") from None
+    except BaseException:
+        process._release()
+        raise
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+
+
+def signal_session(session: int, signum: int) -> None:
+    """Send ``signum`` to every process group of ``session``.
+
+    The session's own group first; then any group a process of the session made
+    (job control in a shell on a terminal), found in /proc. A process that left
+    the session (``setsid``) is out of reach.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signum)
+    for group in _other_groups(session):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+
+
+def _other_groups(session: int) -> set[int]:
+    groups: set[int] = set()
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return groups
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session and int(fields[2]) != session:
+            groups.add(int(fields[2]))
+    return groups
