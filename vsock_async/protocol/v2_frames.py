@@ -1,0 +1,376 @@
+"""Protocol v2 frames, sans I/O: the header, the frame types, encoders and an incremental decoder.
+
+Every frame, in both directions (docs/protocol.md, "Wire protocol v2")::
+
+    u32 BE payload length | u32 BE stream id | u8 type | u8 flags | payload
+
+Import these names from :mod:`vsock_async.protocol.v2`.
+
+The decoder follows the v1 memory rules: a payload length is hostile, so it
+is checked against its limit before anything is allocated (data types, EXEC
+and unknown types against ``max_frame``; the other control types against
+``max_control``), headers and small payloads are parsed in a fixed scratch
+buffer, and a large payload gets memory only as its bytes arrive. The payload
+of a frame of an unknown type is read and dropped, never stored.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..errors import FrameTooLarge, ProtocolError, UsageError
+from .limits import U32_MAX, MiB
+from .v1 import _WholeBody
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "FLAG_END",
+    "HEADER",
+    "MAX_CONTROL",
+    "MAX_CREDIT",
+    "Channel",
+    "Frame",
+    "FrameDecoder",
+    "FrameType",
+    "encode_frame",
+    "encode_json",
+    "encode_window",
+    "frame_parts",
+]
+
+HEADER: Final = struct.Struct(">IIBB")
+"""The frame header: payload length, stream id, type, flags."""
+
+DEFAULT_MAX_FRAME: Final = 1 * MiB
+"""The default largest payload of a data frame (STDIN, STDOUT, STDERR) and of EXEC."""
+
+MAX_CONTROL: Final = 64 * 1024
+"""The largest payload of the other control frames; every v2 peer accepts this much."""
+
+MAX_CREDIT: Final = 2**31 - 1
+"""The largest credit a channel may hold; a WINDOW that would exceed it is a violation."""
+
+FLAG_END: Final = 0x01
+"""STDIN/STDOUT/STDERR flag: the channel ends after this frame's bytes."""
+
+
+class FrameType(enum.IntEnum):
+    """The type byte of a v2 frame."""
+
+    EXEC = 0x01
+    STARTED = 0x02
+    STDIN = 0x10
+    STDOUT = 0x11
+    STDERR = 0x12
+    WINDOW = 0x20
+    SIGNAL = 0x30
+    RESIZE = 0x31
+    CLOSE = 0x32
+    EXIT = 0x40
+    ERROR = 0x50
+    PING = 0x60
+    PONG = 0x61
+
+
+class Channel(enum.IntEnum):
+    """The channel byte of a WINDOW frame, and which data type a credit is for."""
+
+    STDIN = 0
+    STDOUT = 1
+    STDERR = 2
+
+
+_KNOWN_TYPES: Final = frozenset(FrameType)
+# Limited by max_control; everything else (data, EXEC, unknown types) by max_frame.
+_CONTROL_TYPES: Final = frozenset(
+    {
+        FrameType.STARTED,
+        FrameType.WINDOW,
+        FrameType.SIGNAL,
+        FrameType.RESIZE,
+        FrameType.CLOSE,
+        FrameType.EXIT,
+        FrameType.ERROR,
+        FrameType.PING,
+        FrameType.PONG,
+    }
+)
+_WINDOW = struct.Struct(">BI")
+
+
+def type_name(type: int) -> str:
+    """``STDOUT`` for a known type, ``type 0x7f`` for another: for messages."""
+    return FrameType(type).name if type in _KNOWN_TYPES else f"type {type:#04x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. A frame of an unknown type carries an empty payload (it was skipped)."""
+
+    stream: int
+    type: int
+    flags: int = 0
+    payload: bytes = b""
+
+    @property
+    def end(self) -> bool:
+        """True when the END flag is set."""
+        return bool(self.flags & FLAG_END)
+
+
+def frame_parts(
+    stream: int, type: int, flags: int, payload: bytes | bytearray | memoryview
+) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """The header and the payload of one frame, for ``writelines`` without copying the payload."""
+    if not 0 <= stream <= U32_MAX:
+        raise UsageError(f"stream id {stream} is outside 0..{U32_MAX}")
+    if not 0 <= type <= 0xFF or not 0 <= flags <= 0xFF:
+        raise UsageError(f"frame type {type} and flags {flags} must each fit in one byte")
+    length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+    if length > U32_MAX:
+        raise UsageError(f"a payload of {length} bytes cannot be framed (u32 length)")
+    return HEADER.pack(length, stream, type, flags), payload
+
+
+def encode_frame(
+    stream: int, type: int, flags: int = 0, payload: bytes | bytearray | memoryview = b""
+) -> bytes:
+    """One whole frame as ``bytes``."""
+    header, body = frame_parts(stream, type, flags, payload)
+    return header + body
+
+
+def json_payload(obj: Mapping[str, Any]) -> bytes:
+    """A JSON object as compact UTF-8; :class:`UsageError` for what JSON cannot carry."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise UsageError(f"cannot encode {obj!r} as a v2 JSON payload: {exc}") from None
+
+
+def encode_json(stream: int, type: int, obj: Mapping[str, Any]) -> bytes:
+    """One frame whose payload is ``obj`` as compact UTF-8 JSON."""
+    return encode_frame(stream, type, 0, json_payload(obj))
+
+
+def encode_window(stream: int, channel: Channel, increment: int) -> bytes:
+    """One WINDOW frame: ``increment`` more bytes of credit on ``channel`` of ``stream``."""
+    if not 0 <= increment <= MAX_CREDIT:
+        raise UsageError(f"a credit increment must be in 0..{MAX_CREDIT}, not {increment}")
+    return encode_frame(stream, FrameType.WINDOW, 0, _WINDOW.pack(channel, increment))
+
+
+def decode_window(payload: bytes) -> tuple[int, int]:
+    """``(channel, increment)`` from a WINDOW payload; :class:`ProtocolError` if malformed."""
+    if len(payload) != _WINDOW.size:
+        raise ProtocolError(f"a WINDOW payload is 5 bytes, not {len(payload)}")
+    channel, increment = _WINDOW.unpack(payload)
+    return channel, increment
+
+
+# Scratch for headers and small payloads; larger payloads get growing chunks, then their
+# final object once an eighth has arrived (as in v1).
+_SCRATCH_SIZE = 8 * 1024
+_INLINE_MAX = 4 * 1024
+_FIRST_CHUNK = 64 * 1024
+_WHOLE_AFTER = 8
+
+
+class FrameDecoder:
+    """Turns v2 bytes, in any chunking, into :class:`Frame` objects.
+
+    Push bytes with :meth:`receive_data`, or write them into the memory
+    :meth:`get_buffer` lends and commit them with :meth:`buffer_updated` (the
+    ``asyncio.BufferedProtocol`` shape, so a large payload is received in
+    place). Read frames with :meth:`next_frame`. A payload above its limit
+    raises :class:`FrameTooLarge`; after that the decoder is unusable. Input
+    after an error or after :meth:`receive_eof` is a :class:`UsageError`.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_control: int = MAX_CONTROL):
+        for name, value in (("max_frame", max_frame), ("max_control", max_control)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
+                raise UsageError(f"{name} must be an int in 0..{U32_MAX}, not {value!r}")
+        self.max_frame = max_frame
+        self.max_control = max_control
+        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0
+        self._end = 0
+        self._length = -1  # payload length of the frame being read; -1 while reading a header
+        self._stream = 0
+        self._type = 0
+        self._flags = 0
+        self._skip = 0  # bytes of an unknown type's payload still to drop
+        self._chunks: list[bytearray] | None = None
+        self._whole: _WholeBody | None = None
+        self._fill = 0  # bytes written into the last chunk
+        self._received = 0  # payload bytes received so far in chunk or whole mode
+        self._lent = -1  # size of the buffer last lent; -1 when none is outstanding
+        self._frames: deque[Frame] = deque()
+        self._error: ProtocolError | None = None
+        self._eof = False
+
+    # -- input --------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
+        self._check_usable()
+        buffer = self._next_buffer()
+        self._lent = len(buffer)
+        return buffer
+
+    def _next_buffer(self) -> memoryview:
+        if self._whole is not None:
+            return self._whole.view[self._received :]
+        chunks = self._chunks
+        if chunks is not None:
+            chunk = chunks[-1]
+            if self._fill == len(chunk):
+                if self._received * _WHOLE_AFTER >= self._length:
+                    self._whole = _WholeBody(self._length, chunks)
+                    self._chunks = None
+                    return self._whole.view[self._received :]
+                chunk = bytearray(
+                    min(self._length - self._received, max(self._received, _FIRST_CHUNK))
+                )
+                chunks.append(chunk)
+                self._fill = 0
+            return memoryview(chunk)[self._fill :]
+        if self._start and _SCRATCH_SIZE - self._end < _INLINE_MAX:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Commit ``nbytes`` written at the start of the buffer last lent by :meth:`get_buffer`."""
+        self._check_usable()
+        if not 0 <= nbytes <= self._lent:
+            lent = "no buffer was lent" if self._lent < 0 else f"{self._lent} bytes were lent"
+            raise UsageError(f"buffer_updated({nbytes}) but {lent}")
+        self._lent = -1
+        if nbytes == 0:
+            return
+        if self._whole is not None:
+            self._received += nbytes
+            if self._received == self._length:
+                whole, self._whole = self._whole, None
+                self._frame_done(whole.finish())
+                self._parse()
+            return
+        if self._chunks is not None:
+            self._fill += nbytes
+            self._received += nbytes
+            if self._received == self._length:
+                chunks, self._chunks = self._chunks, None
+                self._frame_done(bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks))
+                self._parse()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Push bytes received from the peer; ``b""`` means end of stream."""
+        if not data:
+            self.receive_eof()
+            return
+        src = memoryview(data).cast("B")
+        while src:
+            with self.get_buffer() as dst:
+                n = min(len(dst), len(src))
+                dst[:n] = src[:n]
+            src = src[n:]
+            self.buffer_updated(n)
+
+    def receive_eof(self) -> None:
+        """The peer will send nothing more (see :attr:`in_frame` for a cut frame)."""
+        self._eof = True
+
+    # -- output -------------------------------------------------------------------------
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None when more bytes are needed."""
+        return self._frames.popleft() if self._frames else None
+
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has arrived and the rest has not."""
+        return self._length >= 0 or self._skip > 0 or self._end > self._start
+
+    @property
+    def eof(self) -> bool:
+        """True once :meth:`receive_eof` was called."""
+        return self._eof
+
+    # -- parser -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise UsageError(f"the v2 decoder is unusable after an earlier error: {self._error}")
+        if self._eof:
+            raise UsageError("data fed to a v2 decoder after the end of the stream")
+
+    def _compact(self) -> None:
+        start, end = self._start, self._end
+        self._scratch[: end - start] = self._view[start:end]
+        self._start, self._end = 0, end - start
+
+    def _frame_done(self, payload: bytes) -> None:
+        self._length = -1
+        self._frames.append(Frame(self._stream, self._type, self._flags, payload))
+
+    def _parse(self) -> None:
+        view = self._view
+        start, end = self._start, self._end
+        while True:
+            if self._skip:
+                n = min(self._skip, end - start)
+                self._skip -= n
+                start += n
+                if self._skip:
+                    break
+                self._frame_done(b"")
+                continue
+            length = self._length
+            if length < 0:
+                if end - start < HEADER.size:
+                    break
+                length, stream, type, flags = HEADER.unpack_from(view, start)
+                start += HEADER.size
+                limit = self.max_control if type in _CONTROL_TYPES else self.max_frame
+                if length > limit:
+                    self._start, self._end = start, end
+                    what = f"{type_name(type)} payload on stream {stream}"
+                    self._error = FrameTooLarge(what, length, limit)
+                    raise self._error
+                self._stream, self._type, self._flags = stream, type, flags
+                if type not in _KNOWN_TYPES:
+                    self._length = -1
+                    self._skip = length
+                    if not length:
+                        self._frame_done(b"")
+                    continue
+                self._length = length
+            available = end - start
+            if length <= available:
+                payload = view[start : start + length].tobytes() if length else b""
+                start += length
+                self._frame_done(payload)
+                continue
+            if length > _INLINE_MAX:
+                first = bytearray(min(length, max(_FIRST_CHUNK, available)))
+                first[:available] = view[start:end]
+                self._chunks = [first]
+                self._fill = available
+                self._received = available
+                start = end = 0
+            break
+        if start == end:
+            start = end = 0
+        self._start = start
+        self._end = end
