@@ -12,7 +12,7 @@ from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .channel import GuestChannel
 from .hybrid import connect_hybrid
-from .opening import Opening
+from .opening import Opening, running_loop
 from .transport import GuestConnection
 
 __all__ = ["connect"]
@@ -35,10 +35,10 @@ async def _connect(
     default_timeout: float | None,
     key: object,
 ) -> GuestChannel:
+    loop = running_loop()
     parsed = parse_address(address)
     check_timeout(timeout)
     sock = await _open_socket(parsed, timeout)
-    loop = asyncio.get_running_loop()
     try:
         _, conn = await loop.create_connection(
             lambda: GuestConnection(limits or Limits()), sock=sock
@@ -67,7 +67,7 @@ def connect(
     dials a Firecracker / Cloud Hypervisor VMM socket and does its
     ``CONNECT PORT`` handshake, retrying on a new connection while nothing
     listens in the guest yet; ``unix:`` and ``tcp://`` dial directly.
-    ``timeout`` covers it all: :class:`ConnectTimeout` when it fires,
-    :class:`ConnectFailed` for a refusal. Await it, or use it with ``async with``.
+    ``timeout`` covers it all: :class:`ConnectTimeout` (also a ConnectFailed)
+    when it fires, :class:`ConnectFailed` for a refusal. Await it, or use it with ``async with``.
     """
     return Opening(_connect(address, timeout, limits, default_timeout, key))

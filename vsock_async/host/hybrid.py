@@ -17,6 +17,7 @@ from .._sockets import connect_socket
 from ..addresses import HybridVsockAddress
 from ..errors import ConnectFailed, ConnectTimeout, ProtocolError
 from ..protocol.hybrid import OkReplyParser, encode_connect
+from .opening import running_loop
 
 __all__ = ["connect_hybrid"]
 
@@ -53,15 +54,15 @@ async def connect_hybrid(address: HybridVsockAddress, timeout: float | None) -> 
 
     While the VMM refuses (the guest's listener is not up yet), retry on a
     new connection with a growing pause, until ``timeout``. Raises
-    :class:`ConnectFailed` if the VMM still refuses at the deadline,
-    :class:`ConnectTimeout` if the deadline fires during an attempt, and
-    ConnectFailed at once if the VMM's socket cannot be reached or answers
-    something that is not ``OK <port>``.
+    :class:`ConnectTimeout` when the deadline comes, saying whether the VMM
+    kept refusing (nothing listens in the guest) or never answered; and
+    :class:`ConnectFailed` at once if the VMM's socket cannot be reached or
+    answers something that is not ``OK <port>``.
     """
     attempts = 0
     refused = False
     delay = FIRST_RETRY_DELAY
-    loop = asyncio.get_running_loop()
+    loop = running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     try:
         async with asyncio.timeout_at(deadline):
@@ -88,19 +89,20 @@ async def connect_hybrid(address: HybridVsockAddress, timeout: float | None) -> 
                     )
                     return sock
                 if deadline is not None and loop.time() + delay >= deadline:
-                    break
+                    break  # the next attempt would come after the deadline
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
     except TimeoutError:
-        if not refused:
-            raise ConnectTimeout(
-                f"could not connect to {address} within {timeout} s:"
-                f" the VMM at {address.uds_path} did not answer CONNECT {address.port}"
-                " (is the guest booted, with its vsock driver loaded?)"
-            ) from None
-    raise ConnectFailed(
-        f"cannot connect to {address}: the VMM closed the connection after"
-        f" CONNECT {address.port} on all {attempts} attempt(s) within {timeout} s;"
-        f" nothing listens on vsock port {address.port} in the guest (is its agent running"
-        f" with --listen vsock://any:{address.port}?)",
-    )
+        pass
+    if refused:
+        why = (
+            f"the VMM closed the connection after CONNECT {address.port} on all {attempts}"
+            f" attempt(s); nothing listens on vsock port {address.port} in the guest (is its"
+            f" agent running with --listen vsock://any:{address.port}?)"
+        )
+    else:
+        why = (
+            f"the VMM at {address.uds_path} did not answer CONNECT {address.port}"
+            " (is the guest booted, with its vsock driver loaded?)"
+        )
+    raise ConnectTimeout(f"could not connect to {address} within {timeout} s: {why}")

@@ -1,10 +1,25 @@
-"""Lets ``listen()`` and ``connect()`` be used both as ``await f()`` and ``async with f()``."""
+"""What ``listen()`` and ``connect()`` share: the asyncio loop they need, and being usable
+both as ``await f()`` and ``async with f()``."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine, Generator
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
+
+from ..errors import UsageError
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio loop; a clear :class:`UsageError` under any other (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise UsageError(
+            "vsock_async needs a running asyncio event loop"
+            " (anyio on the asyncio backend works; trio does not)"
+        ) from None
 
 
 class _Closable(Protocol):
