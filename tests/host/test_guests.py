@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Hashable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,11 +21,14 @@ from vsock_async import (
     CommandServer,
     CommandTimeout,
     ConnectionClosed,
+    Guest,
     GuestBusy,
+    GuestChannel,
     GuestEvent,
     UnknownGuest,
     UsageError,
 )
+from vsock_async.host.guests import guest_key
 
 
 @pytest_asyncio.fixture
@@ -424,3 +429,179 @@ async def test_a_spent_deadline_sends_nothing(server: CommandServer, tmp_path: P
         assert agent.script.commands == [b"next"]
     finally:
         await agent.aclose()
+
+
+# -- guest keys --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "normal"),
+    [
+        (3, 3),
+        ("3", 3),
+        ("0003", 3),
+        ("4294967295", 4294967295),
+        ("12345678901", "12345678901"),  # more than 10 digits: not a CID, stays a string
+        ("", ""),
+        (" 3", " 3"),
+        ("3a", "3a"),
+        ("²", "²"),  # a digit, but not an ASCII one
+        ("vm1", "vm1"),
+        (("a", 1), ("a", 1)),
+    ],
+)
+def test_guest_key_turns_a_string_of_digits_into_the_cid(key: Hashable, normal: object) -> None:
+    assert guest_key(key) == normal
+    assert type(guest_key(key)) is type(normal)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("asked", [3, "3"])
+async def test_a_key_finds_a_guest_whether_it_is_there_already_or_comes_later(
+    tmp_path: Path, asked: int | str
+) -> None:
+    async with vsock_async.listen(f"unix:{tmp_path}/n.sock", label="3") as server:
+        later = asyncio.ensure_future(server.wait_for_guest(asked, timeout=2))
+        await asyncio.sleep(0)
+        agent = await dial(tmp_path / "n.sock")
+        try:
+            arrived = await later
+            assert arrived.key == 3
+            assert await server.wait_for_guest(asked, timeout=2) is arrived
+            assert server.guest(asked) is arrived
+            assert server.guest(3) is server.guest("3")
+        finally:
+            await agent.aclose()
+
+
+# -- cost per connection -----------------------------------------------------------------------
+
+
+def count_channel_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count reads of each connection's state, comparisons between connections, and of
+    ``Guest.channels``: a path that looks at every connection of a guest shows up here."""
+    reads: Counter[str] = Counter()
+    for name in ("closed", "busy", "queued"):
+        getter = getattr(GuestChannel, name).fget
+
+        def counted(self: GuestChannel, getter: Any = getter, name: str = name) -> Any:
+            reads[name] += 1
+            return getter(self)
+
+        monkeypatch.setattr(GuestChannel, name, property(counted))
+    compare = GuestChannel.__eq__
+
+    def eq(self: GuestChannel, other: object) -> bool:
+        reads["__eq__"] += 1
+        return compare(self, other)
+
+    monkeypatch.setattr(GuestChannel, "__eq__", eq)
+    listing = vars(Guest)["channels"].fget
+
+    def channels(self: Guest) -> Any:
+        reads["Guest.channels"] += 1
+        return listing(self)
+
+    monkeypatch.setattr(Guest, "channels", property(channels))
+    return reads
+
+
+@pytest.mark.asyncio
+async def test_connect_run_and_disconnect_never_look_at_every_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    many = 2000
+    path = tmp_path / "m.sock"
+    async with vsock_async.listen(f"unix:{path}", label="m", max_connections_per_guest=None) as srv:
+        agent = await dial(path, count=many)
+        try:
+            await until(lambda: len(srv.channels) == many, within=30)
+            guest = srv.guest("m")
+            reads = count_channel_reads(monkeypatch)
+            assert (await guest.run("x", timeout=5)).stdout == b"guest:x"
+            assert sum(reads.values()) < 20, reads
+            reads.clear()
+            await agent.dial(1)
+            await until(lambda: guest.connection_count == many + 1)
+            assert sum(reads.values()) < 20, reads
+            reads.clear()
+            agent.drop(many - 10)  # late in every list: a scan would compare ~2000 connections
+            await until(lambda: guest.connection_count == many)
+            assert sum(reads.values()) < 20, reads
+            reads.clear()
+            calls = [asyncio.ensure_future(guest.run(f"wait {i}", timeout=5)) for i in range(3)]
+            for _ in calls:
+                await asyncio.wait_for(agent.script.started.get(), 2)
+            assert (await guest.run("y", timeout=5)).stdout == b"guest:y"
+            for i in range(3):
+                agent.script.release(str(i).encode())
+            await asyncio.gather(*calls)
+            assert sum(reads.values()) < 60, reads
+        finally:
+            await agent.aclose()
+
+
+@pytest.mark.asyncio
+async def test_connections_beyond_the_cap_are_refused_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.sock"
+    async with vsock_async.listen(f"unix:{path}", label="c", max_connections_per_guest=2) as srv:
+        assert srv.max_connections_per_guest == 2
+        agent = await dial(path, count=2)
+        try:
+            await until(lambda: len(srv.channels) == 2)
+            with caplog.at_level(logging.WARNING, "vsock_async"):
+                await agent.dial(1)
+                await until(lambda: agent.tasks[2].done())  # closed at once: the guest saw EOF
+            refusals = [r for r in caplog.records if "max_connections_per_guest" in r.message]
+            assert len(refusals) == 1
+            assert "'c'" in refusals[0].message
+            assert srv.guest("c").connection_count == 2
+            agent.drop(0)
+            await until(lambda: srv.guest("c").connection_count == 1)
+            await agent.dial(1)
+            await until(lambda: srv.guest("c").connection_count == 2)
+        finally:
+            await agent.aclose()
+
+
+def test_the_cap_defaults_to_64_and_must_be_a_positive_int_or_none() -> None:
+    assert CommandServer().max_connections_per_guest == 64
+    assert CommandServer(max_connections_per_guest=None).max_connections_per_guest is None
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(UsageError, match="max_connections_per_guest"):
+            CommandServer(max_connections_per_guest=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_replace_older_is_never_refused_by_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "r.sock"
+    async with vsock_async.listen(
+        f"unix:{path}", label="r", replace_older=True, max_connections_per_guest=1
+    ) as srv:
+        agent = await dial(path, count=3)
+        try:
+            await until(lambda: agent.tasks[0].done() and agent.tasks[1].done())
+            assert srv.guest("r").connection_count == 1
+        finally:
+            await agent.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_guest_losing_every_connection_at_once_is_gone_once(tmp_path: Path) -> None:
+    server = await vsock_async.listen(f"unix:{tmp_path}/g.sock", label="g")
+    gone: list[GuestEvent] = []
+    server.subscribe(lambda e: gone.append(e) if not e.guest.connected else None)
+    agent = await dial(tmp_path / "g.sock", count=3)
+    try:
+        await until(lambda: len(server.channels) == 3)
+        await server.guest("g").aclose()
+        assert len(gone) == 1, "only its last disconnect leaves the guest without a connection"
+        await agent.dial(2)
+        await until(lambda: len(server.channels) == 2)
+        await server.aclose()
+        assert len(gone) == 2
+    finally:
+        await agent.aclose()
+        await server.aclose()

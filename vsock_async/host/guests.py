@@ -7,13 +7,17 @@ calls wait in FIFO order for the next connection to come free. A call never
 moves to another connection once its command is sent: when a connection
 drops, the calls on it fail with :class:`ConnectionClosed` and are never
 replayed.
+
+Connecting, disconnecting and each call cost the same however many
+connections a guest holds: the open connections and the free ones are kept
+in insertion-ordered maps, and no path looks at all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +29,21 @@ from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
 
-__all__ = ["Guest", "GuestEvent"]
+__all__ = ["Guest", "GuestEvent", "guest_key"]
+
+_MAX_CID_DIGITS = 10  # a CID is a u32: at most 10 digits
+
+
+def guest_key(key: Hashable) -> Hashable:
+    """The one form of a guest key: a string of 1 to 10 ASCII digits is the int CID.
+
+    Every lookup and every label goes through it, so ``3``, ``"3"`` and ``"003"``
+    name the same guest: the vsock guest with CID 3 and a listener labelled
+    ``"3"`` share a key. Any other key (an int, any other string) stays as it is.
+    """
+    if isinstance(key, str) and 0 < len(key) <= _MAX_CID_DIGITS and key.isascii() and key.isdigit():
+        return int(key)
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +66,29 @@ class Guest:
 
     The handle stays valid across reconnects: if the guest loses every
     connection and later dials in again while you still hold the handle, the
-    same object serves the new connections.
+    same object serves the new connections. A connection counts as the
+    guest's until its ``"disconnected"`` event, even in the moment between
+    being closed and that event.
     """
 
     __slots__ = (
         "__weakref__",
         "_channels",
         "_default_timeout",
+        "_idle",
         "_last_probe",
-        "_leased",
         "_waiters",
         "key",
     )
 
     def __init__(self, key: Hashable, *, default_timeout: float | None) -> None:
         self.key: Any = key
-        """The CID on AF_VSOCK, the listener's label otherwise."""
+        """The CID on AF_VSOCK, the listener's label otherwise (see :func:`guest_key`)."""
         self._default_timeout = default_timeout
-        self._channels: list[GuestChannel] = []
-        self._leased: set[int] = set()
+        self._channels: OrderedDict[int, GuestChannel] = OrderedDict()
+        """Every connection of the guest, oldest first."""
+        self._idle: OrderedDict[int, GuestChannel] = OrderedDict()
+        """Connections no call through this handle holds, most recently released first."""
         self._waiters: deque[asyncio.Future[GuestChannel]] = deque()
         self._last_probe: float | None = None
 
@@ -77,24 +99,32 @@ class Guest:
 
     @property
     def channels(self) -> list[GuestChannel]:
-        """The guest's open connections, oldest first."""
-        return [channel for channel in self._channels if not channel.closed]
+        """The guest's connections, oldest first (a new list each time)."""
+        return list(self._channels.values())
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections it holds: ``len(channels)`` without building the list."""
+        return len(self._channels)
 
     @property
     def connected(self) -> bool:
-        """True while the guest holds at least one open connection."""
-        return bool(self.channels)
+        """True while the guest holds at least one connection."""
+        return bool(self._channels)
 
     @property
     def connected_at(self) -> float | None:
-        """When its oldest open connection arrived (``time.time()``), or None."""
-        return min((channel.connected_at for channel in self.channels), default=None)
+        """When its oldest connection arrived (``time.time()``), or None."""
+        for channel in self._channels.values():
+            return channel.connected_at
+        return None
 
     @property
     def peer(self) -> Any:
-        """The peer address of its newest open connection: ``(cid, port)`` on AF_VSOCK."""
-        channels = self.channels
-        return channels[-1].peer if channels else None
+        """The peer address of its newest connection: ``(cid, port)`` on AF_VSOCK."""
+        for channel in reversed(self._channels.values()):
+            return channel.peer
+        return None
 
     @property
     def busy(self) -> bool:
@@ -109,7 +139,7 @@ class Guest:
     @property
     def last_probe(self) -> float | None:
         """When a probe last succeeded on any of its connections (``time.time()``), or None."""
-        times = [c.last_probe for c in self._channels if c.last_probe is not None]
+        times = [c.last_probe for c in self._channels.values() if c.last_probe is not None]
         if self._last_probe is not None:
             times.append(self._last_probe)
         return max(times, default=None)
@@ -166,20 +196,21 @@ class Guest:
 
     def add_channel(self, channel: GuestChannel) -> None:
         """Serve calls on ``channel`` from now on; hand it to the longest waiting call."""
-        self._channels.append(channel)
-        self._hand_over(channel)
+        self._channels[channel.id] = channel
+        if not self._hand_over(channel):
+            self._idle[channel.id] = channel
 
     def remove_channel(self, channel: GuestChannel) -> bool:
-        """Forget a closed ``channel``; True if no connection is left, not even a closing one.
+        """Forget a closed ``channel``; True if that was its last connection.
 
-        Waiting calls fail as soon as no open connection is left.
+        Calls waiting for a connection fail once none is left.
         """
-        with contextlib.suppress(ValueError):
-            self._channels.remove(channel)
-        self._leased.discard(channel.id)
-        if not self.channels:
-            self._fail_waiters()
-        return not self._channels
+        self._channels.pop(channel.id, None)
+        self._idle.pop(channel.id, None)
+        if self._channels:
+            return False
+        self._fail_waiters()
+        return True
 
     # -- scheduling ----------------------------------------------------------------------
 
@@ -193,15 +224,22 @@ class Guest:
         return asyncio.get_running_loop().time() + timeout, timeout
 
     def _free_channel(self) -> GuestChannel | None:
-        for channel in self._channels:
-            if (
-                channel.id not in self._leased
-                and not channel.closed
-                and not channel.busy
-                and not channel.queued
-            ):
-                return channel
-        return None
+        """The most recently released connection with nothing to do, if any.
+
+        Only connections busy with calls made on the channel itself, not through
+        this handle, are looked at and passed over; closed ones are dropped.
+        """
+        found = None
+        gone = []
+        for channel_id, channel in self._idle.items():
+            if channel.closed:
+                gone.append(channel_id)
+            elif not channel.busy and not channel.queued:
+                found = channel
+                break
+        for channel_id in gone:
+            del self._idle[channel_id]
+        return found
 
     def _unleased_channel(self) -> GuestChannel | None:
         """An open connection busy with a call made on the channel itself, not through us.
@@ -210,7 +248,7 @@ class Guest:
         hand-over that may never come, the call queues on that channel.
         """
         return min(
-            (c for c in self.channels if c.id not in self._leased),
+            (c for c in self._idle.values() if not c.closed),
             key=lambda c: c.queued,
             default=None,
         )
@@ -218,22 +256,25 @@ class Guest:
     def _no_connection(self) -> ConnectionClosed:
         return ConnectionClosed(f"guest {self.key!r} has no open connection")
 
+    def _take(self, channel: GuestChannel) -> GuestChannel:
+        del self._idle[channel.id]
+        return channel
+
     async def _lease(
         self, line: bytes, timeout: float | None, deadline: float | None, wait: bool
     ) -> GuestChannel:
         """A connection reserved for one call: a free one now, or the next one to come free."""
         while True:
-            if not self.channels:
+            if not self._channels:
                 raise self._no_connection()
             if not self._waiters:
                 channel = self._free_channel() or (self._unleased_channel() if wait else None)
                 if channel is not None:
-                    self._leased.add(channel.id)
-                    return self._in_time(channel, line, timeout, deadline)
+                    return self._in_time(self._take(channel), line, timeout, deadline)
             if not wait:
                 raise GuestBusy(
                     f"every connection of guest {self.key!r} is busy"
-                    f" ({len(self.channels)} open, {self.waiting} calls waiting)"
+                    f" ({len(self._channels)} open, {self.waiting} calls waiting)"
                 )
             waiter: asyncio.Future[GuestChannel] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -255,7 +296,6 @@ class Guest:
                     self._waiters.remove(waiter)
             if not channel.closed:
                 return self._in_time(channel, line, timeout, deadline)
-            self._leased.discard(channel.id)
 
     def _in_time(
         self, channel: GuestChannel, line: bytes, timeout: float | None, deadline: float | None
@@ -275,17 +315,21 @@ class Guest:
         )
 
     def _release(self, channel: GuestChannel) -> None:
-        self._leased.discard(channel.id)
-        if not channel.closed:
-            self._hand_over(channel)
+        """A call is done with ``channel``: hand it to the next waiting call, or mark it free."""
+        if channel.id not in self._channels or channel.closed:
+            return
+        if not self._hand_over(channel):
+            self._idle[channel.id] = channel
+            self._idle.move_to_end(channel.id, last=False)
 
-    def _hand_over(self, channel: GuestChannel) -> None:
+    def _hand_over(self, channel: GuestChannel) -> bool:
+        """Give ``channel`` to the longest waiting call; False if no call waits."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self._leased.add(channel.id)
                 waiter.set_result(channel)
-                return
+                return True
+        return False
 
     def _fail_waiters(self) -> None:
         while self._waiters:

@@ -9,10 +9,10 @@ import inspect
 import logging
 import socket
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from .._sockets import (
     SocketFile,
@@ -33,11 +33,14 @@ from ..errors import AcceptTimeout, ClosedLocally, UnknownGuest, UsageError
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .channel import GuestChannel
-from .guests import Guest, GuestEvent
-from .opening import Opening
+from .guests import Guest, GuestEvent, guest_key
+from .opening import Opening, running_loop
 from .transport import GuestConnection
 
-__all__ = ["CommandServer", "GuestCallback", "listen"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS_PER_GUEST", "CommandServer", "GuestCallback", "listen"]
+
+DEFAULT_MAX_CONNECTIONS_PER_GUEST: Final = 64
+"""How many connections one guest key may hold at once unless told otherwise."""
 
 logger = logging.getLogger("vsock_async")
 
@@ -57,6 +60,8 @@ class _Listener:
     ) -> None:
         self.address = address
         self.label = label
+        self.key = guest_key(label) if label is not None else str(address)
+        """The guest key of its connections (on vsock://, the peer's CID instead)."""
         self.allowed_cids = allowed_cids
         self.sock = sock
         self.server: asyncio.Server | None = None
@@ -71,22 +76,45 @@ class _Listener:
         if self.socket_file is not None:
             self.socket_file.remove()
 
+    def stop(self) -> None:
+        """Accept nothing more; the Server closes one loop iteration later (gh-109564).
+
+        Connections accepted just before are attached to the Server by tasks
+        already queued; closing it only after them never strands one.
+        """
+        if self.server is not None:
+            stop_polling_accepts(self.sock)
+            asyncio.get_running_loop().call_soon(self.server.close)
+
+    def describe_peer(self, peer: Any) -> str:
+        """`` from PEER`` for a log line; empty for a Unix peer, which has no name."""
+        if not peer:
+            return ""
+        if isinstance(self.address, VsockAddress):
+            return f" from CID {peer[0]} port {peer[1]}"
+        if isinstance(peer, tuple):
+            host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+            return f" from {host}:{peer[1]}"
+        return f" from {peer!r}"
+
 
 class CommandServer:
     """Accepts guest agents' connections on one or more addresses and keeps a guest registry.
 
     Each connection is a :class:`GuestChannel`; connections are grouped by
     guest key (the CID on ``vsock://`` listeners, the listener's label
-    otherwise) into :class:`Guest` handles. Take connections one by one with
-    :meth:`accept`, or address guests by key with :meth:`guest` and
-    :meth:`wait_for_guest`; :meth:`subscribe` reports every connect and
-    disconnect. Use it as ``async with await listen(...) as server`` (or
-    ``async with listen(...)``); :meth:`aclose` stops listening, closes every
-    channel and removes socket files.
+    otherwise; see :func:`guest_key`) into :class:`Guest` handles. Take
+    connections one by one with :meth:`accept`, or address guests by key with
+    :meth:`guest` and :meth:`wait_for_guest`; :meth:`subscribe` reports every
+    connect and disconnect. Use it as ``async with await listen(...) as
+    server`` (or ``async with listen(...)``); :meth:`aclose` stops listening,
+    closes every channel and removes socket files.
 
     With ``replace_older=True`` a new connection of a guest closes the
     guest's older ones (a rebooted or snapshot-restored VM whose old
-    connections the host has not noticed dying yet).
+    connections the host has not noticed dying yet). Otherwise a guest key
+    holds at most ``max_connections_per_guest`` connections (``None``: no
+    cap); one more is closed at once, with a warning in the log.
     """
 
     def __init__(
@@ -95,21 +123,24 @@ class CommandServer:
         limits: Limits | None = None,
         default_timeout: float | None = DEFAULT_TIMEOUT,
         replace_older: bool = False,
+        max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
     ) -> None:
         self.limits = limits or Limits()
         self.default_timeout = check_timeout(default_timeout, "default_timeout")
         self.replace_older = replace_older
+        self.max_connections_per_guest = _check_cap(max_connections_per_guest)
         self._listeners: list[_Listener] = []
         self._channels: dict[int, GuestChannel] = {}
-        self._pending: deque[GuestChannel] = deque()
+        self._pending: OrderedDict[int, GuestChannel] = OrderedDict()
         self._accept_waiters: deque[asyncio.Future[None]] = deque()
         self._guests: dict[Hashable, Guest] = {}
         # Handles of guests gone away that someone still holds: a reconnect revives them.
         self._detached: weakref.WeakValueDictionary[Hashable, Guest] = weakref.WeakValueDictionary()
-        self._guest_waiters: list[tuple[Hashable, asyncio.Future[Guest]]] = []
+        self._guest_waiters: dict[Hashable, list[asyncio.Future[Guest]]] = {}
         self._subscribers: list[GuestCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self._closing = False  # aclose() has begun: nothing new is let in
+        self._closed = False  # aclose() has finished
 
     def __repr__(self) -> str:
         addresses = ", ".join(str(lst.address) for lst in self._listeners)
@@ -134,38 +165,32 @@ class CommandServer:
 
     @property
     def guests(self) -> list[Guest]:
-        """Every guest with at least one open connection, in the order they connected."""
-        return [guest for guest in self._guests.values() if guest.connected]
+        """Every guest with at least one connection, in the order they connected."""
+        return list(self._guests.values())
 
     def guest(self, key: Hashable) -> Guest:
-        """The connected guest with ``key``; a string of digits also finds a CID.
+        """The connected guest with ``key`` (``3`` and ``"3"`` alike: see :func:`guest_key`).
 
         Raises :class:`UnknownGuest` when no such guest is connected.
         """
-        guest = self._find_guest(key)
-        if guest is None or not guest.connected:
+        guest = self._guests.get(guest_key(key))
+        if guest is None:
             known = ", ".join(repr(g.key) for g in self.guests) or "none"
             raise UnknownGuest(f"no guest {key!r} is connected (connected: {known})")
         return guest
 
-    def _find_guest(self, key: Hashable) -> Guest | None:
-        guest = self._guests.get(key)
-        # A CID is a u32: up to 10 ASCII digits (int() refuses "²" and 5,000-digit strings).
-        if guest is None and isinstance(key, str) and key.isascii() and key.isdigit():
-            guest = self._guests.get(int(key)) if len(key) <= 10 else None
-        return guest
-
     async def wait_for_guest(self, key: Hashable, *, timeout: float | None = None) -> Guest:
-        """The guest ``key`` once it has an open connection; AcceptTimeout after ``timeout`` s."""
+        """The guest ``key`` once it has a connection; AcceptTimeout after ``timeout`` s."""
         check_timeout(timeout)
-        if self._closed:
+        loop = running_loop()
+        if self._closing:
             raise ClosedLocally("the server is closed")
-        guest = self._find_guest(key)
-        if guest is not None and guest.connected:
+        normal = guest_key(key)
+        guest = self._guests.get(normal)
+        if guest is not None:
             return guest
-        waiter: asyncio.Future[Guest] = asyncio.get_running_loop().create_future()
-        entry = (key, waiter)
-        self._guest_waiters.append(entry)
+        waiter: asyncio.Future[Guest] = loop.create_future()
+        self._guest_waiters.setdefault(normal, []).append(waiter)
         try:
             # Not wait_for: on 3.11 it swallows a cancel that lands as the guest arrives.
             async with asyncio.timeout(timeout):
@@ -177,8 +202,11 @@ class CommandServer:
                 f"guest {key!r} did not connect to {self._describe()} within {timeout} s"
             ) from None
         finally:
-            with contextlib.suppress(ValueError):
-                self._guest_waiters.remove(entry)
+            waiters = self._guest_waiters.get(normal)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._guest_waiters[normal]
 
     def subscribe(self, callback: GuestCallback) -> Callable[[], None]:
         """Call ``callback(event)`` for every connection that comes or goes; returns an unsubscribe.
@@ -214,11 +242,6 @@ class CommandServer:
         if not task.cancelled() and task.exception() is not None:
             logger.error("guest event callback task failed", exc_info=task.exception())
 
-    def _key_for(self, listener: _Listener, peer: Any) -> Hashable:
-        if isinstance(listener.address, VsockAddress) and isinstance(peer, tuple) and peer:
-            return int(peer[0])
-        return listener.label if listener.label is not None else str(listener.address)
-
     def _register(self, channel: GuestChannel) -> Guest:
         key = channel.key
         guest = self._guests.get(key)
@@ -227,21 +250,20 @@ class CommandServer:
                 key, default_timeout=self.default_timeout
             )
             self._guests[key] = guest
-        older = guest.channels
+        # Every older connection is closed here, so listing them costs O(1) per connection.
+        older = guest.channels if self.replace_older else []
         guest.add_channel(channel)
-        if self.replace_older:
-            for old in older:
-                logger.info(
-                    "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
+        for old in older:
+            logger.info(
+                "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
+            )
+            old.connection.abort(
+                ClosedLocally(
+                    f"connection {old.id} of guest {key!r} was replaced by connection {channel.id}"
                 )
-                old.connection.abort(
-                    ClosedLocally(
-                        f"connection {old.id} of guest {key!r} was replaced by connection"
-                        f" {channel.id}"
-                    )
-                )
-        for waiting_key, waiter in list(self._guest_waiters):
-            if not waiter.done() and (waiting_key == key or str(waiting_key) == str(key)):
+            )
+        for waiter in self._guest_waiters.pop(key, ()):
+            if not waiter.done():
                 waiter.set_result(guest)
         return guest
 
@@ -255,7 +277,8 @@ class CommandServer:
         backlog: int = 128,
     ) -> None:
         """Start listening on one more address; ``label`` is its guest key (not for vsock://)."""
-        if self._closed:
+        loop = running_loop()
+        if self._closing:
             raise UsageError("the server is closed")
         parsed = parse_address(address)
         if label is not None and isinstance(parsed, VsockAddress):
@@ -273,7 +296,6 @@ class CommandServer:
             cids = frozenset(allowed_cids)
         sock = bind_listener(parsed, backlog=backlog, unix=unix_options)
         listener = _Listener(parsed, label, cids, sock)
-        loop = asyncio.get_running_loop()
         try:
             listener.server = await loop.create_server(
                 lambda: GuestConnection(
@@ -286,10 +308,17 @@ class CommandServer:
             listener.remove_socket_file()
             raise
         self._listeners.append(listener)
+        if self._closing:  # aclose() began while the listener was being set up
+            listener.stop()
+            listener.remove_socket_file()
+            raise ClosedLocally(f"the server closed while it set up a listener on {parsed}")
         logger.info("listening on %s", parsed)
 
     def _connection_made(self, listener: _Listener, conn: GuestConnection) -> None:
         peer = conn.peer
+        if self._closing:  # accepted just before aclose() stopped the listeners
+            conn.abort(ClosedLocally("the server is closing"))
+            return
         if listener.allowed_cids is not None:
             cid = peer[0] if isinstance(peer, tuple) and peer else None
             if cid not in listener.allowed_cids:
@@ -300,20 +329,40 @@ class CommandServer:
                 )
                 conn.abort(ClosedLocally(f"CID {cid} is not allowed"))
                 return
+        key = _key_for(listener, peer)
+        cap = self.max_connections_per_guest
+        guest = self._guests.get(key)
+        if (
+            cap is not None
+            and not self.replace_older
+            and guest is not None
+            and guest.connection_count >= cap
+        ):
+            logger.warning(
+                "refused a connection of guest %r%s on %s: it holds %d connections already"
+                " (max_connections_per_guest=%d)",
+                key,
+                listener.describe_peer(peer),
+                listener.address,
+                guest.connection_count,
+                cap,
+            )
+            conn.abort(ClosedLocally(f"guest {key!r} holds {cap} connections already"))
+            return
         channel = GuestChannel(
             conn,
             default_timeout=self.default_timeout,
-            key=self._key_for(listener, peer),
+            key=key,
             listener=str(listener.address),
         )
         self._channels[channel.id] = channel
-        self._pending.append(channel)
+        self._pending[channel.id] = channel
         conn.add_close_callback(lambda _: self._channel_gone(channel))
         logger.info(
-            "guest %r connected: channel %s from %r on %s",
+            "guest %r connected: channel %s%s on %s",
             channel.key,
             channel.id,
-            peer,
+            listener.describe_peer(peer),
             listener.address,
         )
         guest = self._register(channel)
@@ -328,8 +377,7 @@ class CommandServer:
 
     def _channel_gone(self, channel: GuestChannel) -> None:
         self._channels.pop(channel.id, None)
-        with contextlib.suppress(ValueError):
-            self._pending.remove(channel)
+        self._pending.pop(channel.id, None)
         error = channel.connection.error
         logger.info("guest %r disconnected: channel %s (%s)", channel.key, channel.id, error)
         guest = self._guests.get(channel.key)
@@ -343,10 +391,10 @@ class CommandServer:
     async def accept(self, timeout: float | None = None) -> GuestChannel:
         """The next guest connection not yet accepted; AcceptTimeout after ``timeout`` seconds."""
         check_timeout(timeout)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            if self._closed:
+            if self._closing:
                 raise ClosedLocally("the server is closed")
             channel = self._next_pending()
             if channel is not None:
@@ -374,7 +422,7 @@ class CommandServer:
 
     def _next_pending(self) -> GuestChannel | None:
         while self._pending:
-            channel = self._pending.popleft()
+            _, channel = self._pending.popitem(last=False)
             if not channel.closed:
                 return channel
         return None
@@ -384,52 +432,54 @@ class CommandServer:
 
     def stop_listening(self) -> None:
         """Accept no new connection; open ones carry on until :meth:`aclose` (a graceful stop)."""
-        loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            if listener.server is not None:
-                stop_polling_accepts(listener.sock)
-                loop.call_soon(listener.server.close)  # after connections just accepted attach
+            listener.stop()
 
     async def aclose(self) -> None:
-        """Stop listening, close every channel and remove the socket files."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop listening, close every channel and remove the socket files.
+
+        Everything is stopped at once, before the first await; what follows only
+        waits for it to take effect (channels torn down, disconnect callbacks
+        run, listeners closed). Cancelled, it leaves nothing open, and a call
+        made again waits for what is left.
+        """
+        if not self._closing:
+            self._closing = True
+            self._stop_everything()
+        for channel in list(self._channels.values()):
+            await channel.wait_closed()
+        # The disconnects just caused run their callbacks to the end: every one gets reported.
+        # asyncio.wait, not gather: a cancelled aclose() must not cancel them.
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
         for listener in self._listeners:
             if listener.server is not None:
-                stop_polling_accepts(listener.sock)
-        await asyncio.sleep(0)  # connections just accepted attach, to be closed below
+                await listener.server.wait_closed()
+        if not self._closed:
+            self._closed = True
+            logger.info("server closed: %s", self._describe())
+
+    def _stop_everything(self) -> None:
+        """aclose() without waiting: stop listening, fail waiters, cancel tasks, abort channels."""
         for listener in self._listeners:
-            if listener.server is not None:
-                listener.server.close()
+            listener.stop()
             listener.remove_socket_file()
         for waiter in self._accept_waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        for _, guest_waiter in self._guest_waiters:
-            if not guest_waiter.done():
-                guest_waiter.set_exception(ClosedLocally("the server is closing"))
-        running = list(self._tasks)
-        for task in running:
+        for waiters in self._guest_waiters.values():
+            for guest_waiter in waiters:
+                if not guest_waiter.done():
+                    guest_waiter.set_exception(ClosedLocally("the server is closing"))
+        for task in self._tasks:
             task.cancel()
-        channels = list(self._channels.values())
-        for channel in channels:
+        for channel in list(self._channels.values()):
             channel.connection.abort(ClosedLocally("the server is closing"))
-        for channel in channels:
-            await channel.wait_closed()
-        await asyncio.gather(*running, return_exceptions=True)
-        # What callbacks started for the disconnects just caused runs to its end: every
-        # disconnect gets reported.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for listener in self._listeners:
-            if listener.server is not None:
-                await listener.server.wait_closed()
-        logger.info("server closed: %s", self._describe())
 
     @property
     def closed(self) -> bool:
         """True once :meth:`aclose` has begun."""
-        return self._closed
+        return self._closing
 
     async def __aenter__(self) -> CommandServer:
         return self
@@ -443,6 +493,22 @@ class CommandServer:
         await self.aclose()
 
 
+def _key_for(listener: _Listener, peer: Any) -> Hashable:
+    """The guest key of a connection: the peer's CID on vsock://, else the listener's key."""
+    if isinstance(listener.address, VsockAddress) and isinstance(peer, tuple) and peer:
+        return int(peer[0])
+    return listener.key
+
+
+def _check_cap(cap: int | None) -> int | None:
+    if cap is not None and (type(cap) is not int or cap < 1):
+        raise UsageError(
+            f"max_connections_per_guest must be a whole number >= 1, or None for no cap;"
+            f" not {cap!r}"
+        )
+    return cap
+
+
 async def _listen(
     address: str | Address,
     allowed_cids: Collection[int] | None,
@@ -451,9 +517,13 @@ async def _listen(
     label: str | None,
     unix_options: UnixSocketOptions | None,
     replace_older: bool,
+    max_connections_per_guest: int | None,
 ) -> CommandServer:
     server = CommandServer(
-        limits=limits, default_timeout=default_timeout, replace_older=replace_older
+        limits=limits,
+        default_timeout=default_timeout,
+        replace_older=replace_older,
+        max_connections_per_guest=max_connections_per_guest,
     )
     await server.add_listener(
         address, label=label, allowed_cids=allowed_cids, unix_options=unix_options
@@ -470,16 +540,29 @@ def listen(
     label: str | None = None,
     unix_options: UnixSocketOptions | None = None,
     replace_older: bool = False,
+    max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
 ) -> Opening[CommandServer]:
     """Listen for guest agents on ``address`` (default ``vsock://any:1024``).
 
     ``allowed_cids`` (vsock:// only) closes, at once and with a log line, any
     connection from a CID outside it. ``label`` is the guest key of a Unix,
-    hybrid-vsock or TCP listener (default: the address string); on vsock://
-    the key is the peer's CID. ``replace_older`` closes a guest's older
-    connections when a new one arrives. More addresses can be added with
+    hybrid-vsock or TCP listener (default: the address string; a label of
+    digits is the int it spells, see :func:`guest_key`); on vsock:// the key
+    is the peer's CID. ``replace_older`` closes a guest's older connections
+    when a new one arrives; otherwise a guest key holds at most
+    ``max_connections_per_guest`` connections (``None``: no cap) and one more
+    is closed at once with a log line. More addresses can be added with
     :meth:`CommandServer.add_listener`. Await it, or use it with ``async with``.
     """
     return Opening(
-        _listen(address, allowed_cids, limits, default_timeout, label, unix_options, replace_older)
+        _listen(
+            address,
+            allowed_cids,
+            limits,
+            default_timeout,
+            label,
+            unix_options,
+            replace_older,
+            max_connections_per_guest,
+        )
     )
