@@ -179,6 +179,26 @@ async def test_timeout_while_waiting_leaves_the_connection_usable(
 
 
 @pytest.mark.asyncio
+async def test_a_timeout_after_waiting_for_a_connection_names_the_callers_timeout(
+    server: CommandServer, tmp_path: Path
+) -> None:
+    agent = await dial(tmp_path / "a.sock")
+    try:
+        guest = await server.wait_for_guest("a", timeout=2)
+        first = asyncio.ensure_future(guest.run("wait first", timeout=5))
+        await agent.script.started.get()
+        late = asyncio.ensure_future(guest.run("wait never", timeout=0.05))
+        await asyncio.sleep(0.03)  # the late call waits most of its time for the connection
+        agent.script.release(b"first")
+        await first
+        with pytest.raises(CommandTimeout, match=r"after 0\.05 s") as info:
+            await late
+        assert info.value.result.timed_out
+    finally:
+        await agent.aclose()
+
+
+@pytest.mark.asyncio
 async def test_a_dropped_connection_fails_its_calls_and_waiting_ones(
     server: CommandServer, tmp_path: Path
 ) -> None:

@@ -34,6 +34,11 @@ __all__ = ["Guest", "GuestEvent", "guest_key"]
 _MAX_CID_DIGITS = 10  # a CID is a u32: at most 10 digits
 
 
+def _shown(line: bytes) -> str:
+    """A command line as error messages show it: its repr, cut at 60 bytes."""
+    return repr(line if len(line) <= 60 else line[:57] + b"...")
+
+
 def guest_key(key: Hashable) -> Hashable:
     """The one form of a guest key: a string of 1 to 10 ASCII digits is the int CID.
 
@@ -168,6 +173,8 @@ class Guest:
         channel = await self._lease(line, timeout, deadline, wait)
         try:
             return await channel.run(line, timeout=remaining(deadline), check=check)
+        except CommandTimeout as exc:
+            raise self._timed_out(exc, line, timeout, channel) from None
         finally:
             self._release(channel)
 
@@ -177,6 +184,8 @@ class Guest:
         channel = await self._lease(PROBE_COMMAND, timeout, deadline, wait)
         try:
             await channel.probe(timeout=remaining(deadline))
+        except CommandTimeout as exc:
+            raise self._timed_out(exc, PROBE_COMMAND, timeout, channel) from None
         finally:
             self._release(channel)
         self._last_probe = channel.last_probe
@@ -307,11 +316,24 @@ class Guest:
         return channel
 
     def _wait_timeout(self, line: bytes, timeout: float | None) -> CommandTimeout:
-        shown = line if len(line) <= 60 else line[:57] + b"..."
         return CommandTimeout(
-            f"command {shown!r} timed out after {timeout:.3g} s waiting for a free"
+            f"command {_shown(line)} timed out after {timeout:.3g} s waiting for a free"
             f" connection of guest {self.key!r}; it was never sent",
             CommandResult(b"", b"", None, timed_out=True),
+        )
+
+    def _timed_out(
+        self, exc: CommandTimeout, line: bytes, timeout: float | None, channel: GuestChannel
+    ) -> CommandTimeout:
+        """The channel's timeout told with the caller's ``timeout``: the channel had only
+        what was left of it after waiting for a connection."""
+        where = f"connection {channel.id} of guest {self.key!r}"
+        if channel.closed:  # the deadline fired with the command on the wire
+            outcome = f"{where} closed"
+        else:
+            outcome = f"it was never sent (queued behind a call made on {where} itself)"
+        return CommandTimeout(
+            f"command {_shown(line)} timed out after {timeout:.3g} s; {outcome}", exc.result
         )
 
     def _release(self, channel: GuestChannel) -> None:
