@@ -5,6 +5,18 @@ carries many process streams on one connection with per-stream credit flow
 control. docs/protocol.md ("Wire protocol v2") specifies it byte for byte.
 """
 
+from .hello import HELLO_PREFIX as HELLO_PREFIX
+from .hello import MAX_HELLO_ANSWER as MAX_HELLO_ANSWER
+from .hello import VERSIONS as VERSIONS
+from .hello import AgentLimits as AgentLimits
+from .hello import HelloAnswer as HelloAnswer
+from .hello import HelloRequest as HelloRequest
+from .hello import hello_answer as hello_answer
+from .hello import hello_answer_problem as hello_answer_problem
+from .hello import hello_command as hello_command
+from .hello import new_nonce as new_nonce
+from .hello import parse_hello_answer as parse_hello_answer
+from .hello import parse_hello_command as parse_hello_command
 from .v2_frames import DEFAULT_MAX_FRAME as DEFAULT_MAX_FRAME
 from .v2_frames import FLAG_END as FLAG_END
 from .v2_frames import HEADER as HEADER
@@ -18,19 +30,69 @@ from .v2_frames import encode_frame as encode_frame
 from .v2_frames import encode_json as encode_json
 from .v2_frames import encode_window as encode_window
 from .v2_frames import frame_parts as frame_parts
+from .v2_session import DEFAULT_WINDOW as DEFAULT_WINDOW
+from .v2_session import MAX_PING as MAX_PING
+from .v2_session import AgentEvent as AgentEvent
+from .v2_session import AgentSession as AgentSession
+from .v2_session import CloseRequested as CloseRequested
+from .v2_session import ExecRequested as ExecRequested
+from .v2_session import Exited as Exited
+from .v2_session import HostEvent as HostEvent
+from .v2_session import HostSession as HostSession
+from .v2_session import Output as Output
+from .v2_session import OutputCredit as OutputCredit
+from .v2_session import Pong as Pong
+from .v2_session import RequestFailed as RequestFailed
+from .v2_session import ResizeRequested as ResizeRequested
+from .v2_session import SignalRequested as SignalRequested
+from .v2_session import Started as Started
+from .v2_session import StdinCredit as StdinCredit
+from .v2_session import StdinData as StdinData
+from .v2_session import StreamError as StreamError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_WINDOW",
     "FLAG_END",
     "HEADER",
+    "HELLO_PREFIX",
     "MAX_CONTROL",
     "MAX_CREDIT",
+    "MAX_HELLO_ANSWER",
+    "MAX_PING",
+    "VERSIONS",
+    "AgentEvent",
+    "AgentLimits",
+    "AgentSession",
     "Channel",
+    "CloseRequested",
+    "ExecRequested",
+    "Exited",
     "Frame",
     "FrameDecoder",
     "FrameType",
+    "HelloAnswer",
+    "HelloRequest",
+    "HostEvent",
+    "HostSession",
+    "Output",
+    "OutputCredit",
+    "Pong",
+    "RequestFailed",
+    "ResizeRequested",
+    "SignalRequested",
+    "Started",
+    "StdinCredit",
+    "StdinData",
+    "StreamError",
     "encode_frame",
     "encode_json",
     "encode_window",
     "frame_parts",
+    "hello_answer",
+    "hello_answer_problem",
+    "hello_command",
+    "new_nonce",
+    "parse_hello_answer",
+    "parse_hello_command",
 ]

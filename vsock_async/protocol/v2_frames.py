@@ -86,7 +86,8 @@ class Channel(enum.IntEnum):
     STDERR = 2
 
 
-_KNOWN_TYPES: Final = frozenset(FrameType)
+KNOWN_TYPES: Final = frozenset(FrameType)
+"""The type bytes this version knows; frames of other types are skipped and answered ERROR."""
 # Limited by max_control; everything else (data, EXEC, unknown types) by max_frame.
 _CONTROL_TYPES: Final = frozenset(
     {
@@ -106,7 +107,7 @@ _WINDOW = struct.Struct(">BI")
 
 def type_name(type: int) -> str:
     """``STDOUT`` for a known type, ``type 0x7f`` for another: for messages."""
-    return FrameType(type).name if type in _KNOWN_TYPES else f"type {type:#04x}"
+    return FrameType(type).name if type in KNOWN_TYPES else f"type {type:#04x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,21 @@ def json_payload(obj: Mapping[str, Any]) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise UsageError(f"cannot encode {obj!r} as a v2 JSON payload: {exc}") from None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_json(payload: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from strict UTF-8; :class:`ProtocolError` naming ``what`` otherwise."""
+    try:
+        obj = json.loads(payload.decode(), parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is JSON but not an object: {payload[:100]!r}")
+    return obj
 
 
 def encode_json(stream: int, type: int, obj: Mapping[str, Any]) -> bytes:
@@ -349,7 +365,7 @@ class FrameDecoder:
                     self._error = FrameTooLarge(what, length, limit)
                     raise self._error
                 self._stream, self._type, self._flags = stream, type, flags
-                if type not in _KNOWN_TYPES:
+                if type not in KNOWN_TYPES:
                     self._length = -1
                     self._skip = length
                     if not length:
