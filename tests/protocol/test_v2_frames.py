@@ -120,7 +120,6 @@ def test_large_payload_is_received_in_place() -> None:
     [
         (FrameType.STDOUT, "max_frame"),
         (FrameType.STDIN, "max_frame"),
-        (FrameType.EXEC, "max_frame"),
         (0x7F, "max_frame"),
         (FrameType.EXIT, "max_control"),
         (FrameType.PING, "max_control"),
@@ -142,6 +141,15 @@ def test_payload_over_its_limit_fails_before_allocating(type: int, limit_name: s
         decoder.receive_data(b"x")
     with pytest.raises(UsageError):
         decoder.get_buffer()
+
+
+@pytest.mark.parametrize(("max_frame", "max_control"), [(5000, 100), (100, 5000)])
+def test_exec_is_limited_by_the_larger_limit(max_frame: int, max_control: int) -> None:
+    decoder = FrameDecoder(max_frame=max_frame, max_control=max_control)
+    decoder.receive_data(HEADER.pack(5000, 1, FrameType.EXEC, 0) + b"x" * 5000)
+    assert len(frames_of(decoder)) == 1
+    with pytest.raises(FrameTooLarge):
+        decoder.receive_data(HEADER.pack(5001, 3, FrameType.EXEC, 0))
 
 
 def test_u32_max_length_is_refused_at_once() -> None:

@@ -7,11 +7,12 @@ Every frame, in both directions (docs/protocol.md, "Wire protocol v2")::
 Import these names from :mod:`vsock_async.protocol.v2`.
 
 The decoder follows the v1 memory rules: a payload length is hostile, so it
-is checked against its limit before anything is allocated (data types, EXEC
-and unknown types against ``max_frame``; the other control types against
-``max_control``), headers and small payloads are parsed in a fixed scratch
-buffer, and a large payload gets memory only as its bytes arrive. The payload
-of a frame of an unknown type is read and dropped, never stored.
+is checked against its limit before anything is allocated (data and unknown
+types against ``max_frame``, EXEC against the larger of the two limits, the
+other control types against ``max_control``); headers and small payloads are
+parsed in a fixed scratch buffer, and a large payload gets memory only as its
+bytes arrive. The payload of a frame of an unknown type is read and dropped,
+never stored.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ HEADER: Final = struct.Struct(">IIBB")
 """The frame header: payload length, stream id, type, flags."""
 
 DEFAULT_MAX_FRAME: Final = 1 * MiB
-"""The default largest payload of a data frame (STDIN, STDOUT, STDERR) and of EXEC."""
+"""The default largest payload of a data frame (STDIN, STDOUT, STDERR)."""
 
 MAX_CONTROL: Final = 64 * 1024
-"""The largest payload of the other control frames; every v2 peer accepts this much."""
+"""The default largest payload of a control frame; every v2 peer accepts at least this much."""
 
 MAX_CREDIT: Final = 2**31 - 1
 """The largest credit a channel may hold; a WINDOW that would exceed it is a violation."""
@@ -88,7 +89,8 @@ class Channel(enum.IntEnum):
 
 KNOWN_TYPES: Final = frozenset(FrameType)
 """The type bytes this version knows; frames of other types are skipped and answered ERROR."""
-# Limited by max_control; everything else (data, EXEC, unknown types) by max_frame.
+# Limited by max_control; EXEC (whose argv can be large) by the larger of max_control and
+# max_frame; everything else (data, unknown types) by max_frame.
 _CONTROL_TYPES: Final = frozenset(
     {
         FrameType.STARTED,
@@ -103,6 +105,8 @@ _CONTROL_TYPES: Final = frozenset(
     }
 )
 _WINDOW = struct.Struct(">BI")
+WINDOW_SIZE: Final = _WINDOW.size
+"""The length of a WINDOW payload: u8 channel, u32 increment."""
 
 
 def type_name(type: int) -> str:
@@ -183,9 +187,7 @@ def encode_window(stream: int, channel: Channel, increment: int) -> bytes:
 
 
 def decode_window(payload: bytes) -> tuple[int, int]:
-    """``(channel, increment)`` from a WINDOW payload; :class:`ProtocolError` if malformed."""
-    if len(payload) != _WINDOW.size:
-        raise ProtocolError(f"a WINDOW payload is 5 bytes, not {len(payload)}")
+    """``(channel, increment)`` from a WINDOW payload, which must be 5 bytes long."""
     channel, increment = _WINDOW.unpack(payload)
     return channel, increment
 
@@ -331,6 +333,14 @@ class FrameDecoder:
         if self._eof:
             raise UsageError("data fed to a v2 decoder after the end of the stream")
 
+    def _limit(self, type: int) -> int:
+        """The largest payload a frame of ``type`` may announce."""
+        if type in _CONTROL_TYPES:
+            return self.max_control
+        if type == FrameType.EXEC:
+            return max(self.max_frame, self.max_control)
+        return self.max_frame
+
     def _compact(self) -> None:
         start, end = self._start, self._end
         self._scratch[: end - start] = self._view[start:end]
@@ -358,7 +368,7 @@ class FrameDecoder:
                     break
                 length, stream, type, flags = HEADER.unpack_from(view, start)
                 start += HEADER.size
-                limit = self.max_control if type in _CONTROL_TYPES else self.max_frame
+                limit = self._limit(type)
                 if length > limit:
                     self._start, self._end = start, end
                     what = f"{type_name(type)} payload on stream {stream}"

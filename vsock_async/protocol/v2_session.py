@@ -29,6 +29,7 @@ from .v2_frames import (
     KNOWN_TYPES,
     MAX_CONTROL,
     MAX_CREDIT,
+    WINDOW_SIZE,
     Channel,
     Frame,
     FrameDecoder,
@@ -386,13 +387,29 @@ class _Session:
             error["errno"] = errno
         self._queue_json(stream, FrameType.ERROR, error)
 
-    def _queue_data(
-        self, stream: int, channel: Channel, data: bytes | bytearray | memoryview, end: bool
-    ) -> None:
-        """``data`` in frames no larger than the peer accepts; END on the last one."""
-        type = _CHANNEL_TYPE[channel]
+    def _send_data(
+        self,
+        stream: int,
+        state: _Stream,
+        channel: Channel,
+        data: bytes | bytearray | memoryview,
+        end: bool,
+    ) -> int:
+        """Queue what the credit of ``channel`` allows of ``data``; how many bytes that is."""
         # A view of bytes is safe to keep until sent; other buffers may change: copy them.
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        accepted = min(len(data), state.credit[channel])
+        if accepted or (end and not data):
+            whole = accepted == len(data)
+            self._queue_data(stream, channel, memoryview(data)[:accepted], end and whole)
+            state.credit[channel] -= accepted
+            state.ended[channel] = end and whole
+        return accepted
+
+    def _queue_data(self, stream: int, channel: Channel, view: memoryview, end: bool) -> None:
+        """``view`` in frames no larger than the peer accepts; END on the last one."""
+        type = _CHANNEL_TYPE[channel]
         size = self._peer_max_frame
         for start in range(0, len(view), size):
             last = start + size >= len(view)
@@ -442,6 +459,8 @@ class _Session:
         # Otherwise the stream has ended, and this frame crossed its last one on the wire.
 
     def _on_window(self, state: _Stream, frame: Frame) -> None:
+        if len(frame.payload) != WINDOW_SIZE:
+            raise _violation(frame, f"a WINDOW payload is 5 bytes, not {len(frame.payload)}")
         channel, increment = decode_window(frame.payload)
         if channel not in self._credited:
             raise _violation(frame, f"credit for channel {channel} never flows this way")
@@ -546,10 +565,12 @@ class HostSession(_Session):
         if stream > U32_MAX:
             raise UsageError("this connection has used all its stream ids: open a new one")
         payload = json_payload({**request, "window": window})
-        if len(payload) > limits.max_frame:
+        largest = max(limits.max_frame, limits.max_control)
+        if len(payload) > largest:
             raise UsageError(
-                f"the EXEC request takes {len(payload)} bytes, more than the agent's max_frame"
-                f" of {limits.max_frame}: shorten argv, command or env"
+                f"the EXEC request takes {len(payload)} bytes, more than the {largest} the agent"
+                " accepts (the larger of its max_frame and max_control): shorten argv, command"
+                " or env"
             )
         self._send.append(encode_frame(stream, FrameType.EXEC, 0, payload))
         self._last_id = stream
@@ -572,16 +593,7 @@ class HostSession(_Session):
             raise UsageError(f"stream {stream} was opened without a stdin pipe (stdin: false)")
         if state.ended[Channel.STDIN]:
             raise UsageError(f"the stdin of stream {stream} was already ended")
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        accepted = min(size, state.credit[Channel.STDIN])
-        if accepted or (end and not size):
-            whole = accepted == size
-            self._queue_data(
-                stream, Channel.STDIN, data[:accepted] if not whole else data, end and whole
-            )
-            state.credit[Channel.STDIN] -= accepted
-            state.ended[Channel.STDIN] = end and whole
-        return accepted
+        return self._send_data(stream, state, Channel.STDIN, data, end)
 
     def send_signal(self, stream: int, signal: int) -> None:
         """Queue SIGNAL: deliver ``signal`` to the process group of ``stream``."""
@@ -806,19 +818,11 @@ class AgentSession(_Session):
             raise UsageError(f"stream {stream} has not started: call started() first")
         if state.ended[channel]:
             raise UsageError(f"{channel.name} of stream {stream} has already ended")
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
         if state.closing:
             if end:
-                state.ended[channel] = True
-                self._queue_data(stream, channel, b"", True)
-            return size
-        accepted = min(size, state.credit[channel])
-        if accepted or (end and not size):
-            whole = accepted == size
-            self._queue_data(stream, channel, data if whole else data[:accepted], end and whole)
-            state.credit[channel] -= accepted
-            state.ended[channel] = end and whole
-        return accepted
+                self._send_data(stream, state, channel, b"", True)
+            return len(data) if not isinstance(data, memoryview) else data.nbytes
+        return self._send_data(stream, state, channel, data, end)
 
     def exited(
         self,
