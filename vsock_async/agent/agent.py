@@ -59,6 +59,7 @@ __all__ = [
 
 AGENT_DEFAULT_ADDRESS = "vsock://host:1024"
 _CONNECT_TIMEOUT = 10.0
+_WRITE_SLICE = 1024 * 1024
 _U32_MAX = 0xFFFF_FFFF
 
 logger = logging.getLogger("vsock_async.agent")
@@ -393,15 +394,12 @@ class _AgentConnection(asyncio.BufferedProtocol):
         assert self._transport is not None
         if self._transport.is_closing():
             return
-        self._transport.writelines(
-            result_frame_parts(outcome.stdout, outcome.stderr, outcome.exit_code)
-        )
+        await self._send(result_frame_parts(outcome.stdout, outcome.stderr, outcome.exit_code))
+        if self._transport.is_closing():
+            return
         self.answered += 1
         agent.commands_answered += 1
         _log_answer(command, outcome, time.monotonic() - started)
-        while self._write_paused and not self._transport.is_closing():
-            self._writable = self._loop.create_future()
-            await self._writable
         self._task = None
         self._unwatch()
         if self._transport.is_closing():
@@ -409,6 +407,23 @@ class _AgentConnection(asyncio.BufferedProtocol):
         self._next()
         if self._task is None:
             self._transport.resume_reading()
+
+    async def _send(self, parts: list[bytes | bytearray]) -> None:
+        """Write a result frame a slice at a time, each once the transport has drained.
+
+        The output buffers are written from, never joined, and the transport never
+        holds more than about a slice (Python 3.11 copies what it cannot send at once).
+        """
+        assert self._transport is not None
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), _WRITE_SLICE):
+                self._transport.write(view[start : start + _WRITE_SLICE])
+                while self._write_paused and not self._transport.is_closing():
+                    self._writable = self._loop.create_future()
+                    await self._writable
+                if self._transport.is_closing():
+                    return
 
     def _watch(self) -> None:
         if self._hangup is not None and not self._watching:

@@ -5,6 +5,10 @@ The exchange ends when the shell exits. Output still arriving after that
 read for ``grace`` seconds; if the pipes are still open then, the whole
 process group is killed and the answer goes out with what was read. A
 process that detached its output (``cmd >/dev/null 2>&1 &``) is left running.
+
+Memory: each stream is read straight from its pipe into one ``bytearray``
+that grows to at most the cap, and that buffer is what the answer is sent
+from; the command's output is never copied whole.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import os
 import signal
 import subprocess
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from ..protocol import Limits
 
 __all__ = [
+    "ARGV_STRING_MAX",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_OUTPUT_GRACE",
     "EXIT_NO_SHELL",
@@ -37,14 +41,19 @@ EXIT_TIMEOUT = 124
 EXIT_REFUSED = 126
 EXIT_NO_SHELL = 127
 NOTE_PREFIX = b"vsock-async agent: "
+ARGV_STRING_MAX = 128 * 1024
+"""Linux refuses an argv string this long or longer (MAX_ARG_STRLEN with 4 KiB pages, NUL
+included): a command of this size or more reaches the shell through a memfd instead."""
+_READ_SIZE = 256 * 1024
+_READS_PER_WAKEUP = 16  # a pipe that never empties still lets the event loop run
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What the agent answers for one command."""
+    """What the agent answers for one command (the buffers it read the output into)."""
 
-    stdout: bytes
-    stderr: bytes
+    stdout: bytes | bytearray
+    stderr: bytes | bytearray
     exit_code: int
 
 
@@ -53,44 +62,53 @@ def refuse(message: str, max_output: int, exit_code: int = EXIT_REFUSED) -> Outc
     return Outcome(b"", _render([message])[:max_output], exit_code)
 
 
-class _CappedStream:
-    """One output stream: the first ``cap`` bytes kept, the rest counted and dropped."""
+class _Capture:
+    """One of the command's output pipes, read as the event loop says it is readable.
 
-    def __init__(self, cap: int) -> None:
-        self._room = cap
-        self._chunks: list[bytes] = []
+    The first ``cap`` bytes are kept in :attr:`data`; the rest are counted and dropped,
+    so the command never blocks on a full pipe. ``closed`` resolves at end of file.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, cap: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._cap = cap
+        self.data = bytearray()
         self.total = 0
-
-    def feed(self, data: bytes) -> None:
-        self.total += len(data)
-        if self._room <= 0:
-            return
-        if len(data) > self._room:
-            data = data[: self._room]
-        self._chunks.append(data)
-        self._room -= len(data)
+        self.closed: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self.read)
 
     @property
     def cut(self) -> bool:
-        return self.total > sum(map(len, self._chunks))
+        return self.total > len(self.data)
 
-    def value(self) -> bytes:
-        return b"".join(self._chunks)
+    def read(self) -> None:
+        """Read what the pipe holds now (up to a bound); at end of file, stop watching it."""
+        if self._fd < 0:
+            return
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                chunk = os.read(self._fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close()
+                return
+            self.total += len(chunk)
+            room = self._cap - len(self.data)
+            if room >= len(chunk):
+                self.data += chunk
+            elif room > 0:
+                self.data += memoryview(chunk)[:room]
 
-
-class _PipeReader(asyncio.Protocol):
-    """Feeds one of the child's output pipes into a capped stream; ``closed`` resolves at EOF."""
-
-    def __init__(self, stream: _CappedStream, closed: asyncio.Future[None]) -> None:
-        self._stream = stream
-        self._closed = closed
-
-    def data_received(self, data: bytes) -> None:
-        self._stream.feed(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._closed.done():
-            self._closed.set_result(None)
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _Shell:
@@ -101,34 +119,29 @@ class _Shell:
     process group id, and ``killpg`` can never hit a stranger's group.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes], cap: int):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        proc: subprocess.Popen[bytes],
+        pipes: tuple[int, int],
+        cap: int,
+        script: int,
+    ) -> None:
         self._loop = loop
         self.proc = proc
         self.group = proc.pid  # start_new_session: the shell leads its own group
-        self.stdout = _CappedStream(cap)
-        self.stderr = _CappedStream(cap)
+        self.stdout = _Capture(loop, pipes[0], cap)
+        self.stderr = _Capture(loop, pipes[1], cap)
         self.exited: asyncio.Future[None] = loop.create_future()
-        self._pipes: list[asyncio.Future[None]] = []
-        self._transports: list[asyncio.BaseTransport] = []
+        self._script = script
         self._pidfd = -1
         self._poller: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Begin watching for the shell's exit and reading both pipes."""
         try:
-            self._pidfd = os.pidfd_open(self.proc.pid)
+            self._pidfd = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll instead
-            self._poller = self._loop.create_task(self._poll_exit())
+            self._poller = loop.create_task(self._poll_exit())
         else:
-            self._loop.add_reader(self._pidfd, self._on_exit)
-        for pipe, stream in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
-            assert pipe is not None
-            closed: asyncio.Future[None] = self._loop.create_future()
-            transport, _ = await self._loop.connect_read_pipe(
-                functools.partial(_PipeReader, stream, closed), pipe
-            )
-            self._pipes.append(closed)
-            self._transports.append(transport)
+            loop.add_reader(self._pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
         if not self.exited.done():
@@ -146,8 +159,14 @@ class _Shell:
         return await _wait([self.exited], timeout)
 
     async def wait_output(self, timeout: float | None) -> bool:
-        """Wait until stdout and stderr are both closed; False if ``timeout`` ran out."""
-        return await _wait(self._pipes, timeout)
+        """Wait until stdout and stderr are both closed; False if ``timeout`` ran out.
+
+        What the pipes hold already is read first, so a zero ``timeout`` loses nothing
+        the shell wrote before it exited.
+        """
+        for capture in (self.stdout, self.stderr):
+            capture.read()
+        return await _wait([self.stdout.closed, self.stderr.closed], timeout)
 
     def kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -159,11 +178,11 @@ class _Shell:
         return self.proc.wait()
 
     def close(self) -> None:
-        for transport in self._transports:
-            transport.close()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()  # a no-op for a pipe a transport took and closed
+        self.stdout.close()
+        self.stderr.close()
+        if self._script >= 0:
+            os.close(self._script)
+            self._script = -1
         if self._pidfd >= 0:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
@@ -172,16 +191,58 @@ class _Shell:
             self._poller.cancel()
 
 
+def _spawn(shell: str, command: bytes) -> tuple[subprocess.Popen[bytes], tuple[int, int], int]:
+    """Start ``shell -c command``; the shell, the read ends of its stdout and stderr pipes,
+    and the memfd that holds a long command (-1 for a short one).
+
+    A command too long for one argv string goes into a memfd that the shell sources as
+    ``. /proc/AGENT/fd/N``: the agent's descriptor, so the command's processes inherit no
+    extra one. A ``.`` script keeps what matters of ``-c``: ``$0``, ``$#``, ``exit N``.
+    """
+    script = -1
+    if len(command) < ARGV_STRING_MAX:
+        argv = [os.fsencode(shell), b"-c", command]
+    else:
+        script = os.memfd_create("vsock-async-command", os.MFD_CLOEXEC)
+        rest = memoryview(command)
+        while rest:
+            rest = rest[os.write(script, rest) :]
+        argv = [os.fsencode(shell), b"-c", b". /proc/%d/fd/%d" % (os.getpid(), script)]
+    fds: list[int] = []
+    try:
+        out_r, out_w = os.pipe()
+        fds += (out_r, out_w)
+        err_r, err_w = os.pipe()
+        fds += (err_r, err_w)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            start_new_session=True,
+        )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        if script >= 0:
+            os.close(script)
+        raise
+    os.close(out_w)
+    os.close(err_w)
+    return proc, (out_r, err_r), script
+
+
 async def run_command(
     command: bytes,
     *,
     shell: str = "/bin/sh",
     timeout: float | None = None,
     max_output: int = DEFAULT_MAX_OUTPUT,
-    grace: float = DEFAULT_OUTPUT_GRACE,
+    grace: float | None = DEFAULT_OUTPUT_GRACE,
 ) -> Outcome:
     """Run ``shell -c command`` and return its output and exit code (signal S gives 128+S).
 
+    ``timeout`` and ``grace`` follow :mod:`vsock_async.timeouts` (None: no limit).
     Cancelling it kills the process group and reaps the shell before it returns.
     """
     if b"\0" in command:
@@ -192,21 +253,14 @@ async def run_command(
     try:
         # Synchronous on purpose: with no await between the fork and holding the pid,
         # a cancellation can never leave a started shell behind unowned.
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            [os.fsencode(shell), b"-c", command],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc, pipes, script = _spawn(shell, command)
     except OSError as exc:
         code = EXIT_NO_SHELL if exc.errno == errno.ENOENT else EXIT_REFUSED
         return refuse(f"cannot start the shell {shell}: {exc.strerror or exc}", max_output, code)
-    child = _Shell(asyncio.get_running_loop(), proc, max_output)
+    child = _Shell(asyncio.get_running_loop(), proc, pipes, max_output, script)
     notes: list[str] = []
     timed_out = False
     try:
-        await child.start()
         if not await child.wait_exit(timeout):
             child.kill_group()
             timed_out = True
@@ -238,6 +292,8 @@ async def run_command(
 
 async def _wait(futures: list[asyncio.Future[None]], timeout: float | None) -> bool:
     """Wait for all ``futures`` without cancelling them; False if ``timeout`` ran out first."""
+    if all(future.done() for future in futures):
+        return True
     _, pending = await asyncio.wait(futures, timeout=timeout)
     return not pending
 
@@ -247,18 +303,19 @@ def _render(notes: list[str]) -> bytes:
 
 
 def _finish(
-    stdout: _CappedStream, stderr: _CappedStream, notes: list[str], cap: int, exit_code: int
+    stdout: _Capture, stderr: _Capture, notes: list[str], cap: int, exit_code: int
 ) -> Outcome:
     """Put the agent's notes at the end of stderr, cutting stderr so that the notes fit in the cap.
 
-    stdout stays an exact prefix of what the command wrote.
+    stdout stays an exact prefix of what the command wrote. Both buffers are edited in
+    place: the notes are small, the output is never copied.
     """
     if stdout.cut:
         notes.insert(
             0,
             f"stdout cut to its first {cap} bytes of {stdout.total} (--max-output)",
         )
-    err = stderr.value()
+    err = stderr.data
     tail = _render(notes)
     if stderr.cut or len(err) + len(tail) > cap:
         notes.insert(
@@ -267,5 +324,7 @@ def _finish(
             f" {cap} (--max-output) with these notes",
         )
         tail = _render(notes)
-        err = err[: max(0, cap - len(tail))]
-    return Outcome(stdout.value(), (err + tail)[:cap], exit_code)
+        del err[max(0, cap - len(tail)) :]
+    err += tail
+    del err[cap:]
+    return Outcome(stdout.data, err, exit_code)

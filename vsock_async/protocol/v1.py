@@ -77,8 +77,10 @@ def encode_command(command: bytes) -> bytes:
     return _pack_u32(len(command)) + command
 
 
-def result_frame_parts(stdout: bytes, stderr: bytes, exit_code: int) -> list[bytes]:
-    """The pieces of one result frame, for ``writelines`` without copying large outputs."""
+def result_frame_parts(
+    stdout: bytes | bytearray, stderr: bytes | bytearray, exit_code: int
+) -> list[bytes | bytearray]:
+    """The pieces of one result frame, to write one by one without copying large outputs."""
     if not 0 <= exit_code <= 255:
         raise UsageError(f"exit code {exit_code} is outside 0..255")
     if len(stdout) > U32_MAX or len(stderr) > U32_MAX:
