@@ -164,10 +164,11 @@ class Process:
             complete = await self._drain_output()
         except BaseException:
             signal_session(self.session, signal.SIGKILL)
-            self._release()
+            self._release_io()
             try:
                 await asyncio.shield(self._exited)
             finally:
+                self._release()
                 self.proc.wait()  # at once: it has exited, or SIGKILL is on its way
             raise
         if not complete or self._stopping:
@@ -356,6 +357,17 @@ class Process:
 
     def _release(self) -> None:
         """Stop every timer, reader and writer, close every fd (the process stays unreaped)."""
+        self._release_io()
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+    def _release_io(self) -> None:
+        """Everything :meth:`_release` does except watching for the exit."""
         for timer in (self._deadline, self._kill_timer):
             if timer is not None:
                 timer.cancel()
@@ -369,13 +381,6 @@ class Process:
         if self._master >= 0:
             os.close(self._master)
             self._master = -1
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
 
 
 def _argv(spec: ExecSpec, shell: str) -> list[bytes]:
