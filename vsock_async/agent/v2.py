@@ -1,0 +1,325 @@
+"""The agent's side of a v2 connection: an :class:`AgentSession` driven by the event loop.
+
+Standard library only. After the hello (answered in v1 framing by
+:mod:`.agent`), the connection's bytes go to the session; each EXEC becomes a
+:class:`~.process.Process` on its own stream, running concurrently with the
+others. Output moves only within the credit the host grants per stream and
+channel, and not at all while the connection's write buffer is full, so one
+stalled reader never holds up another stream. When the connection goes, every
+process it started is killed (SIGKILL to its session) and reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from ..errors import ProtocolError
+from ..protocol.v2 import (
+    DEFAULT_MAX_FRAME,
+    AgentLimits,
+    AgentSession,
+    Channel,
+    CloseRequested,
+    ExecRequested,
+    FrameType,
+    HelloRequest,
+    OutputCredit,
+    RequestFailed,
+    ResizeRequested,
+    SignalRequested,
+    StdinData,
+)
+from . import pty
+from .process import Process
+from .request import Refused, parse_exec
+
+__all__ = ["V2Connection", "V2Settings", "agent_name", "capabilities"]
+
+logger = logging.getLogger("vsock_async.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class V2Settings:
+    """How the agent runs v2 processes, and the limits it announces in its hello."""
+
+    shell: str = "/bin/sh"
+    output_grace: float = 1.0
+    limits: AgentLimits = field(default_factory=AgentLimits)
+
+
+def capabilities() -> list[str]:
+    """What this agent can do here: ``pty``/``resize`` if a terminal opens, ``user`` as root."""
+    found = ["exec", "signal", "ping"]
+    if pty.pty_available():
+        found += ["pty", "resize"]
+    if os.geteuid() == 0:
+        found.append("user")
+    return found
+
+
+def agent_name() -> str:
+    """``vsock_async/<version>``, for the hello answer."""
+    from .. import __version__  # here: the package is fully imported by the time anyone asks
+
+    return f"vsock_async/{__version__}"
+
+
+class V2Connection(asyncio.BufferedProtocol):
+    """One connection after the switch to v2. Hand it the transport with :meth:`attach`.
+
+    ``on_lost`` is called with the transport's ``connection_lost`` argument once
+    the connection is gone (the v1 protocol object it replaced uses it to finish).
+    """
+
+    def __init__(
+        self,
+        hello: HelloRequest,
+        settings: V2Settings,
+        capabilities: list[str],
+        *,
+        peer: Any = None,
+        on_lost: Callable[[Exception | None], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._session = AgentSession(hello, settings.limits)
+        self._settings = settings
+        self._can_pty = "pty" in capabilities
+        self._can_switch_user = "user" in capabilities
+        # No read is larger than a frame the host takes (nor than 1 MiB, whatever it takes).
+        self._max_read = min(hello.max_frame, DEFAULT_MAX_FRAME)
+        self._peer = peer
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._processes: dict[int, Process] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused = False
+        self._dead = False
+        self.started = 0
+        """Processes started on this connection."""
+        self.why = "closed by the agent"
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Take over ``transport`` (already switched to this protocol) and start reading."""
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.resume_reading()
+
+    # -- asyncio.BufferedProtocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._session.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._abort(f"protocol error: {exc}")
+            return
+        self._handle_events()
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self.why = "the host closed the connection"
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._dead = True
+        if exc is not None and self.why == "closed by the agent":
+            self.why = f"connection lost: {exc}"
+        if self._processes:
+            logger.info(
+                "the connection is gone; killing its processes",
+                extra={"fields": {"peer": self._peer, "processes": len(self._processes)}},
+            )
+        for task in self._tasks:
+            task.cancel()
+        if self._on_lost is not None:
+            self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The host is not reading: send no output and read no requests (each may want an answer).
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._credit_changed()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+        self._credit_changed()
+
+    # -- control -------------------------------------------------------------------------
+
+    async def wait_finished(self) -> None:
+        """Wait until every process of this connection has been reaped."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Close the connection at once; its processes are killed and reaped."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _abort(self, why: str) -> None:
+        self._dead = True
+        self.why = why
+        logger.warning(
+            "closing a v2 connection", extra={"fields": {"peer": self._peer, "why": why}}
+        )
+        self.close()
+
+    # -- events --------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        session = self._session
+        while (event := session.next_event()) is not None:
+            if isinstance(event, ExecRequested):
+                self._exec(event)
+                continue
+            if isinstance(event, RequestFailed):
+                logger.info(
+                    "the host refused a frame",
+                    extra={"fields": {"stream": event.stream, "code": event.code}},
+                )
+                continue
+            process = self._processes.get(event.stream)
+            if process is None:  # its EXIT is out already; the host's frame crossed it
+                continue
+            if isinstance(event, OutputCredit):
+                process.credit_changed()
+            elif isinstance(event, StdinData):
+                process.write_stdin(event.data, event.end)
+            elif isinstance(event, SignalRequested):
+                try:
+                    process.send_signal(event.signal)
+                except (OSError, ValueError) as exc:
+                    session.request_failed(
+                        event.stream, FrameType.SIGNAL, "bad_request", f"cannot signal: {exc}"
+                    )
+            elif isinstance(event, ResizeRequested):
+                try:
+                    process.resize(event.rows, event.cols)
+                except OSError as exc:
+                    session.request_failed(
+                        event.stream, FrameType.RESIZE, "internal", f"cannot resize: {exc}"
+                    )
+            elif isinstance(event, CloseRequested):
+                process.close()
+
+    def _exec(self, event: ExecRequested) -> None:
+        stream, session = event.stream, self._session
+        try:
+            spec = parse_exec(
+                event.request,
+                max_argv_bytes=self._settings.limits.max_argv_bytes,
+                can_switch_user=self._can_switch_user,
+                can_pty=self._can_pty,
+            )
+            process = Process(
+                spec,
+                _Link(self, stream),
+                shell=self._settings.shell,
+                output_grace=self._settings.output_grace,
+                max_read=self._max_read,
+            )
+        except Refused as refused:
+            logger.info(
+                "refused an EXEC",
+                extra={"fields": {"stream": stream, "code": refused.code, "errno": refused.errno}},
+            )
+            session.exec_failed(stream, refused.code, refused.message, refused.errno)
+            return
+        session.started(stream, process.pid)
+        self.started += 1
+        self._processes[stream] = process
+        task = self._loop.create_task(self._supervise(stream, process))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _supervise(self, stream: int, process: Process) -> None:
+        started = time.monotonic()
+        try:
+            await process.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("supervising a process failed; closing the connection")
+            self._abort("the agent failed to supervise a process")
+            return
+        finally:
+            self._processes.pop(stream, None)
+        logger.info(
+            "process exited",
+            extra={
+                "fields": {
+                    "stream": stream,
+                    "pid": process.pid,
+                    "returncode": process.proc.returncode,
+                    "timed_out": process.timed_out,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            },
+        )
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self._session.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(data)
+
+    def _credit_changed(self) -> None:
+        for process in list(self._processes.values()):
+            process.credit_changed()
+
+
+class _Link:
+    """One stream's view of its connection (a :class:`~.process.StreamLink`)."""
+
+    __slots__ = ("_conn", "_stream")
+
+    def __init__(self, conn: V2Connection, stream: int) -> None:
+        self._conn = conn
+        self._stream = stream
+
+    def credit(self, channel: int) -> int:
+        conn = self._conn
+        if conn._paused or conn._dead:
+            return 0
+        return conn._session.credit(self._stream, Channel(channel))
+
+    def send_output(self, channel: int, data: bytes, end: bool) -> None:
+        conn = self._conn
+        if not conn._dead:
+            conn._session.send_output(self._stream, Channel(channel), data, end)
+            conn._flush()
+
+    def stdin_consumed(self, n: int) -> None:
+        conn = self._conn
+        if not conn._dead:
+            conn._session.stdin_consumed(self._stream, n)
+            conn._flush()
+
+    def exited(
+        self, exit_code: int | None, signal: int | None, timed_out: bool, output_incomplete: bool
+    ) -> None:
+        conn = self._conn
+        if not conn._dead:
+            conn._session.exited(
+                self._stream,
+                exit_code=exit_code,
+                signal=signal,
+                timed_out=timed_out,
+                output_incomplete=output_incomplete,
+            )
+            conn._flush()
