@@ -1,10 +1,13 @@
-"""Coverage-guided fuzzing of the v1 decoders with atheris (``fuzz/run.sh``; see docs/security.md).
+"""Coverage-guided fuzzing of the v1 decoders and the host's v1 state machine with atheris
+(``fuzz/run.sh``; see docs/security.md).
 
-The input chooses the decoder (results, commands, commands with
-``skip_oversized``), its limit, the input path (``receive_data`` or
-``get_buffer``/``buffer_updated``) and the chunking; the rest is the byte
-stream. Any exception other than ``ProtocolError`` is a crash, and so is a
-frame above the limit or a decoder holding more memory than its limit allows.
+The input chooses the target (results, commands, commands with
+``skip_oversized``, or :class:`HostConnectionV1` with some calls pending),
+its limit, the input path (``receive_data`` or ``get_buffer``/``buffer_updated``)
+and the chunking; the rest is the byte stream. A crash is: a decoder raising
+anything but ``ProtocolError``, the state machine raising at all on the guest's
+bytes, a frame above the limit, a result out of order, or more memory held than
+the limit allows. Feeding either after it failed must be a ``UsageError``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from vsock_async import CommandResult, ProtocolError
+    from vsock_async import CommandResult, ConnectionLost, ProtocolError, UsageError
     from vsock_async.protocol import (
         Command,
         CommandDecoder,
@@ -22,11 +25,15 @@ with atheris.instrument_imports():
         OversizedCommand,
         ResultDecoder,
     )
+    from vsock_async.protocol.v1_host import ConnectionEnded, HostConnectionV1, ResultReceived
 
 SLACK = 64 * 1024 + 8 * 1024  # first chunk + scratch buffer
 
 
-def feed(decoder: ResultDecoder | CommandDecoder, piece: bytes, lend: bool) -> None:
+Fed = ResultDecoder | CommandDecoder | HostConnectionV1[int]
+
+
+def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
     if not lend:
         decoder.receive_data(piece)
         return
@@ -43,18 +50,22 @@ def feed(decoder: ResultDecoder | CommandDecoder, piece: bytes, lend: bool) -> N
 
 def held(decoder: ResultDecoder | CommandDecoder) -> int:
     chunks = sum(len(c) for c in decoder._chunks or [])
-    whole = decoder._whole.length if getattr(decoder, "_whole", None) is not None else 0
+    whole = decoder._whole.length if decoder._whole is not None else 0
     fields = sum(len(f) if isinstance(f, bytes) else f.length for f in decoder._fields)
     return chunks + whole + fields
 
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    kind = fdp.ConsumeIntInRange(0, 2)
+    kind = fdp.ConsumeIntInRange(0, 3)
     limit = fdp.ConsumeIntInRange(0, 100_000)
     lend = fdp.ConsumeBool()
     cuts = [fdp.ConsumeIntInRange(1, 4096) for _ in range(fdp.ConsumeIntInRange(0, 16))]
+    calls = fdp.ConsumeIntInRange(0, 8)
     stream = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if kind == 3:
+        fuzz_host_connection(stream, cuts, limit, lend, calls)
+        return
 
     decoder: ResultDecoder | CommandDecoder
     if kind == 0:
@@ -70,7 +81,7 @@ def test_one_input(data: bytes) -> None:
         except ProtocolError:
             try:
                 decoder.receive_data(b"x")
-            except ProtocolError:
+            except UsageError:
                 return
             raise AssertionError("a failed decoder accepted more input") from None
         if held(decoder) > 2 * limit + SLACK:
@@ -85,6 +96,40 @@ def test_one_input(data: bytes) -> None:
                 ok = isinstance(event, OversizedCommand) and event.length > limit and kind == 2
             if not ok:
                 raise AssertionError(f"invalid event {event!r} with a limit of {limit}")
+
+
+def fuzz_host_connection(
+    stream: bytes, cuts: list[int], limit: int, lend: bool, calls: int
+) -> None:
+    """The guest's bytes never make the state machine raise; results come in call order."""
+    conn: HostConnectionV1[int] = HostConnectionV1(Limits(max_stdout=limit, max_stderr=limit))
+    for i in range(calls):
+        conn.send_command(i, b"c", probe=i % 3 == 2)
+    answered = 0
+    pos = 0
+    for size in [*cuts, len(stream)]:
+        piece = stream[pos : pos + size]
+        pos += len(piece)
+        feed(conn, piece, lend)
+        if held(conn._decoder) > 2 * limit + SLACK:
+            raise AssertionError(f"connection holds {held(conn._decoder)} bytes, limit {limit}")
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, ResultReceived):
+                if event.id != answered or len(event.result.stdout) > limit:
+                    raise AssertionError(f"result {event!r} out of order or too large")
+                answered += 1
+                continue
+            assert isinstance(event, ConnectionEnded)
+            if not isinstance(event.error, ProtocolError | ConnectionLost):
+                raise AssertionError(f"ended with {event.error!r}")
+            if event.unanswered != tuple(range(answered, calls)):
+                raise AssertionError(f"{event.unanswered} unanswered after {answered} results")
+            try:
+                conn.receive_data(b"x")
+            except UsageError:
+                return
+            raise AssertionError("an ended connection accepted more input")
+    conn.receive_eof()
 
 
 def main() -> None:

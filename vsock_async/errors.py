@@ -13,6 +13,9 @@
     │   └── ClosedLocally               ... because we closed it: aclose(), a server closing, a
     │                                   timeout or cancel that put its stream out of step
     ├── CommandFailed                   ``check=True`` and a non-zero exit code
+    ├── SpawnFailed                     the guest could not start a process (also OSError)
+    ├── StdinClosed                     a process ended before its stdin was all sent
+    │                                   (also BrokenPipeError)
     ├── GuestBusy                       every connection of a guest is busy and ``wait=False``
     ├── UnknownGuest                    no guest with that key is connected (also LookupError)
     ├── ConnectFailed                   a connection could not be made (also OSError)
@@ -22,7 +25,9 @@
     │   ├── ConnectTimeout              a connection could not be made in time
     │   └── CommandTimeout              an exchange did not finish in time; carries the result
     └── UsageError                      local misuse of the API (also ValueError)
-        └── InvalidAddress              an address string that does not parse
+        ├── InvalidAddress              an address string that does not parse
+        └── Unsupported                 the guest cannot do that: it speaks only v1, or its
+                                        agent lacks the capability
 
 Peer errors say the guest (or the network path to it) is at fault; a usage error
 says the calling code is; :class:`ClosedLocally` says this process closed the
@@ -33,6 +38,7 @@ written for ``asyncio.timeout`` or ``anyio.fail_after`` catches them too.
 
 from __future__ import annotations
 
+import errno as _errno
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,7 +61,10 @@ __all__ = [
     "PeerError",
     "ProbeFailed",
     "ProtocolError",
+    "SpawnFailed",
+    "StdinClosed",
     "UnknownGuest",
+    "Unsupported",
     "UsageError",
     "VsockAsyncError",
 ]
@@ -100,9 +109,13 @@ class ClosedLocally(ConnectionClosed):
 
 
 class ProbeFailed(PeerError):
-    """The readiness probe ``:`` did not come back as exit 0 with empty output."""
+    """The readiness probe ``:`` did not come back as exit 0 with empty output.
 
-    def __init__(self, message: str, result: CommandResult) -> None:
+    ``result`` is the answer when one was read whole (a non-zero exit code), and None
+    when the answer announced output: a probe's answer may hold none, so none is read.
+    """
+
+    def __init__(self, message: str, result: CommandResult | None) -> None:
         super().__init__(message)
         self.result = result
 
@@ -162,3 +175,38 @@ class UsageError(VsockAsyncError, ValueError):
 
 class InvalidAddress(UsageError):
     """An address string that does not parse, with what was expected."""
+
+
+class Unsupported(UsageError):
+    """The guest cannot do what was asked: the connection speaks only protocol v1, or the
+    guest's agent did not announce the capability the call needs (``pty``, ``user``...).
+
+    Nothing was sent; the message says what is missing and how to get it.
+    """
+
+
+class SpawnFailed(VsockAsyncError, OSError):
+    """The guest's agent could not start a process.
+
+    ``code`` is the agent's reason (``spawn_failed``, ``permission``, ``limit``,
+    ``unsupported``, ``bad_request``, ``internal``); for ``spawn_failed``,
+    ``errno`` is the OS error number (``errno.ENOENT`` for a missing program) and
+    ``errno_name`` its name, as the agent reported it.
+    """
+
+    def __init__(self, code: str, message: str, errno_name: str | None = None) -> None:
+        number = getattr(_errno, errno_name, None) if errno_name else None
+        if isinstance(number, int):
+            super().__init__(number, f"the guest could not start the process: {message}")
+        else:
+            super().__init__(f"the guest could not start the process ({code}): {message}")
+        self.code = code
+        self.errno_name = errno_name
+
+
+class StdinClosed(VsockAsyncError, BrokenPipeError):
+    """A process ended while bytes written to its stdin were still waiting to be sent.
+
+    Also a :class:`BrokenPipeError`, as writing to an exited local process is;
+    :meth:`Process.communicate` ignores it, as asyncio's does.
+    """

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from vsock_async import CommandServer
+from vsock_async import ClosedLocally, CommandServer
+from vsock_async.protocol import encode_command, encode_result
 
 from .hostile import accept_guest, answer_for, dial_address
 
@@ -89,3 +90,42 @@ async def test_cancel_landing_as_a_waiting_call_gets_its_connection_is_honoured(
             await asyncio.gather(waiting, return_exceptions=True)
         guest.close()
         await channel.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hops", range(4))
+async def test_queued_call_cancelled_as_the_answer_before_it_arrives_is_never_sent(
+    unix_server: CommandServer, hops: int
+) -> None:
+    """The answer to the call in flight releases the next queued command. A queued call
+    cancelled in the same loop iteration, before its task has run, must be skipped: its
+    caller gave up, and its command must never reach the guest."""
+    guest, channel = await accept_guest(unix_server, dial_address(unix_server))
+    first = asyncio.create_task(channel.run("first", timeout=5))
+    assert await guest.read_command() == b"first"
+    second = asyncio.create_task(channel.run("rm -rf /important", timeout=5))
+    third = asyncio.create_task(channel.run("third", timeout=5))
+    while channel.queued < 2:  # noqa: ASYNC110 (a loop iteration or two, no event to wait on)
+        await asyncio.sleep(0)
+    guest.sock.send(encode_result(*answer_for(b"first")))  # in the host's socket buffer now
+    sent_before_cancel: list[bool] = []
+
+    def cancel() -> None:
+        sent_before_cancel.append(channel.bytes_sent > len(encode_command(b"first")))
+        second.cancel()
+
+    after_iterations(hops, cancel)
+    await first
+    await asyncio.gather(second, return_exceptions=True)
+    if sent_before_cancel == [False]:
+        assert second.cancelled()
+        assert await guest.read_command() == b"third"
+        await guest.answer(*answer_for(b"third"))
+        assert (await third).stdout == answer_for(b"third")[0]
+        assert not channel.closed
+    else:  # sent already: cancelling it on the wire closes the channel
+        assert await guest.read_command() == b"rm -rf /important"
+        with pytest.raises(ClosedLocally):
+            await third
+    guest.close()
+    await channel.aclose()

@@ -66,7 +66,7 @@ async def test_bytes_nobody_asked_for_drop_the_guest(server: CommandServer) -> N
     await channel.wait_closed()
     with pytest.raises(PeerError):  # a closed channel refuses with the reason it closed
         await channel.run("x")
-    assert isinstance(channel.connection.error, ProtocolError)
+    assert isinstance(channel.error, ProtocolError)
     rogue.close()
 
 

@@ -1,4 +1,5 @@
-"""Hostile bytes into both decoders, in any chunking, through both input paths.
+"""Hostile bytes into both decoders and the host's v1 state machine, in any chunking, through
+both input paths.
 
 Every decoder is checked against a reference parser written in the plainest
 way over the whole byte string: the frames that come out must be exactly
@@ -18,7 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vsock_async import CommandResult, FrameTooLarge, Limits, ProtocolError
+from vsock_async import (
+    CommandResult,
+    ConnectionLost,
+    FrameTooLarge,
+    Limits,
+    ProtocolError,
+    UsageError,
+)
 from vsock_async.protocol import (
     Command,
     CommandDecoder,
@@ -27,10 +35,12 @@ from vsock_async.protocol import (
     encode_command,
     encode_result,
 )
+from vsock_async.protocol.v1_host import ConnectionEnded, HostConnectionV1, ResultReceived
 
 from .conftest import Scale
 
 Decoder = ResultDecoder | CommandDecoder
+Fed = Decoder | HostConnectionV1[int]  # what the feeders feed: the same two input paths
 Event = CommandResult | Command | OversizedCommand
 
 # What a decoder may hold beyond the body it is assembling: its fixed scratch
@@ -109,14 +119,14 @@ def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
     assert skipping == 0 or decoder._chunks is None  # a skipped body is never kept
 
 
-Feeder = Callable[[Decoder, bytes], None]
+Feeder = Callable[[Fed, bytes], None]
 
 
-def push(decoder: Decoder, piece: bytes) -> None:
+def push(decoder: Fed, piece: bytes) -> None:
     decoder.receive_data(piece)
 
 
-def lend(decoder: Decoder, piece: bytes) -> None:
+def lend(decoder: Fed, piece: bytes) -> None:
     """The BufferedProtocol path: write into the lent memory, commit, repeat."""
     pos = 0
     while pos < len(piece):
@@ -156,10 +166,11 @@ def assert_matches(expected: Expected, events: list[Event], error: ProtocolError
 
 
 def assert_unusable(decoder: Decoder) -> None:
-    """A decoder that failed refuses more input with ProtocolError, never anything else."""
-    with pytest.raises(ProtocolError):
+    """A decoder that failed refuses more input with UsageError (feeding it is the caller's
+    bug), never anything else."""
+    with pytest.raises(UsageError):
         decoder.receive_data(b"\0\0\0\0")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(UsageError):
         decoder.get_buffer(-1)
 
 
@@ -273,3 +284,66 @@ def test_length_bomb_above_the_limit_fails_before_allocating(announced: int) -> 
     assert info.value.length == announced and info.value.what == "stdout"
     assert held_bytes(decoder) == (0, 0)
     assert_unusable(decoder)
+
+
+def test_host_connection_on_hostile_bytes(scale: Scale) -> None:
+    """The v1 host state machine never raises on what a guest sends: results go to their own
+    calls in order, and anything else ends the connection with a ProtocolError (a
+    ConnectionLost at the end of the stream), failing every call still unanswered."""
+
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(
+        small_limit,
+        small_limit,
+        st.integers(min_value=0, max_value=5),
+        frames_and_noise(result_frames),
+        cuts,
+        feeders,
+        st.booleans(),
+    )
+    def check(
+        max_out: int,
+        max_err: int,
+        calls: int,
+        data: bytes,
+        cuts: list[int],
+        feed: Feeder,
+        eof: bool,
+    ) -> None:
+        limits = Limits(max_stdout=max_out, max_stderr=max_err)
+        conn: HostConnectionV1[int] = HostConnectionV1(limits)
+        for i in range(calls):
+            conn.send_command(i, b"c")
+        results: list[ResultReceived[int]] = []
+        endings: list[ConnectionEnded[int]] = []
+        points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        for a, b in itertools.pairwise(points):
+            if endings:
+                with pytest.raises(UsageError):
+                    feed(conn, data[a:b])
+                break
+            feed(conn, data[a:b])
+            while (event := conn.next_event()) is not None:
+                if isinstance(event, ResultReceived):
+                    assert not endings
+                    results.append(event)
+                else:
+                    endings.append(event)
+            check_memory(conn._decoder, (max_out, max_err))
+        if eof and not endings:
+            conn.receive_eof()
+            event = conn.next_event()
+            assert isinstance(event, ConnectionEnded) and isinstance(event.error, ConnectionLost)
+            endings.append(event)
+        reference = reference_results(data, limits).events
+        assert [r.id for r in results] == list(range(len(results)))
+        assert [r.result for r in results] == reference[: len(results)]
+        assert len(endings) <= 1 and conn.next_event() is None
+        if endings:
+            ending = endings[0]
+            assert isinstance(ending.error, ProtocolError | ConnectionLost)
+            assert ending.unanswered == tuple(range(len(results), calls))
+        else:
+            assert len(results) <= calls
+
+    check()

@@ -77,7 +77,7 @@ async def test_announcement_below_the_limit_costs_only_what_arrives(
     await attacker.read_command()
     sent = b"y" * MiB
     await attacker.send(bomb_prefix(64 * MiB) + sent)
-    while channel.connection.bytes_received < 4 + len(sent):  # noqa: ASYNC110 (no event to wait on)
+    while channel.bytes_received < 4 + len(sent):  # noqa: ASYNC110 (no event to wait on)
         await asyncio.sleep(0.001)
     run.cancel()  # the caller gives up; the channel must close and free what it held
     with pytest.raises(asyncio.CancelledError):

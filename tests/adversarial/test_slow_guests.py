@@ -9,10 +9,19 @@ attacker would deadlock instead of passing).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
-from vsock_async import CommandServer, CommandTimeout, ConnectionClosed
+from vsock_async import (
+    ClosedLocally,
+    CommandResult,
+    CommandServer,
+    CommandTimeout,
+    Limits,
+    listen,
+)
 from vsock_async.protocol import encode_result
 
 from .conftest import Scale
@@ -90,9 +99,21 @@ async def test_half_a_frame_then_silence(server: CommandServer, scale: Scale, cu
     await others.stop()
 
 
+@pytest_asyncio.fixture(params=["unix", "tcp"])
+async def big_command_server(
+    request: pytest.FixtureRequest, socket_dir: str
+) -> AsyncIterator[CommandServer]:
+    """A server that sends commands of up to 16 MiB (the default limit is 1 MiB)."""
+    address = f"unix:{socket_dir}/guest.sock" if request.param == "unix" else "tcp://127.0.0.1:0"
+    limits = Limits(max_command=16 * 1024 * 1024)
+    async with await listen(address, default_timeout=5, limits=limits) as srv:
+        yield srv
+
+
 @pytest.mark.asyncio
-async def test_guest_that_never_reads(server: CommandServer, scale: Scale) -> None:
+async def test_guest_that_never_reads(big_command_server: CommandServer, scale: Scale) -> None:
     """A command far larger than the socket buffers, to a guest that never reads it."""
+    server = big_command_server
     address = dial_address(server)
     others = await bystander(server, address)
     attacker, channel = await accept_guest(server, address)
@@ -128,7 +149,7 @@ async def test_many_stalled_guests_at_once(server: CommandServer, scale: Scale) 
     """A slowloris: many guests each holding half a result; the server still serves."""
     address = dial_address(server)
     others = await bystander(server, address)
-    stalled: list[tuple[RawGuest, asyncio.Task[object]]] = []
+    stalled: list[tuple[RawGuest, asyncio.Task[CommandResult]]] = []
     for _ in range(scale.guests):
         attacker, channel = await accept_guest(server, address)
         task = asyncio.create_task(channel.run("stall", timeout=None))
@@ -140,6 +161,6 @@ async def test_many_stalled_guests_at_once(server: CommandServer, scale: Scale) 
     await others.stop()
     await server.aclose()
     for attacker, task in stalled:
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ClosedLocally, match="server is closing"):
             await task
         attacker.close()

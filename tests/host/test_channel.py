@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,19 +15,22 @@ import pytest_asyncio
 import vsock_async
 from tests.guests import Answer, Handler, Raw, ScriptedGuest, Silent, echo_handler
 from vsock_async import (
+    ClosedLocally,
     CommandFailed,
     CommandResult,
     CommandServer,
     CommandTimeout,
     ConnectionClosed,
+    ConnectionLost,
     FrameTooLarge,
     GuestChannel,
     Limits,
+    PeerError,
     ProbeFailed,
     ProtocolError,
     UsageError,
 )
-from vsock_async.protocol import encode_result
+from vsock_async.protocol import encode_command, encode_result
 
 
 @dataclass
@@ -87,7 +90,7 @@ async def test_command_forms_are_composed_and_quoted(setup: Setup) -> None:
     with pytest.raises(UsageError, match="not a valid shell name"):
         await channel.run("ls", env={"BAD-NAME": "x"})
     with pytest.raises(UsageError, match="must be str, bytes"):
-        await channel.run([])  # type: ignore[arg-type]
+        await channel.run([])
     assert not channel.closed
     await guest.close()
 
@@ -276,8 +279,8 @@ async def test_unsolicited_bytes_close_an_idle_channel(setup: Setup) -> None:
     assert guest.writer is not None
     guest.writer.write(b"\0\0\0\0")
     await channel.wait_closed()
-    assert isinstance(channel.connection.error, ProtocolError)
-    assert "no command was pending" in str(channel.connection.error)
+    assert isinstance(channel.error, ProtocolError)
+    assert "no command was pending" in str(channel.error)
     await guest.close()
 
 
@@ -301,14 +304,16 @@ async def test_oversized_output_fails_and_drops_only_that_guest(setup: Setup) ->
     ("answer", "seen", "message"),
     [
         ((b"", b"", 1), CommandResult(b"", b"", 1), "answered exit code 1"),
-        ((b"ready\n", b"", 0), CommandResult(b"", b"", None), "answered 6 bytes of stdout"),
-        ((b"", b"warning", 0), CommandResult(b"", b"", None), "answered 7 bytes of stderr"),
+        ((b"ready\n", b"", 0), None, "answered 6 bytes of stdout"),
+        ((b"", b"warning", 0), None, "answered 7 bytes of stderr"),
     ],
     ids=["exit-1", "stdout", "stderr"],
 )
 async def test_wrong_probe_answer(
-    setup: Setup, answer: tuple[bytes, bytes, int], seen: CommandResult, message: str
+    setup: Setup, answer: tuple[bytes, bytes, int], seen: CommandResult | None, message: str
 ) -> None:
+    """A whole wrong answer is the result; an answer with output is never read (None)."""
+
     async def wrong(command: bytes) -> Answer:
         return answer
 
@@ -527,3 +532,166 @@ async def test_an_earlier_short_deadline_never_cuts_a_later_long_call(setup: Set
     assert (await channel.run("slow", timeout=5)).stdout == b"slow"
     assert not channel.closed
     await guest.close()
+
+
+# -- what a channel offers other modules --------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_abort_closes_at_once_and_pending_calls_say_we_closed_it(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    closed: list[GuestChannel] = []
+    channel.add_close_callback(closed.append)
+    assert channel.error is None
+    pending = asyncio.ensure_future(channel.run("hang", timeout=None))
+    queued = asyncio.ensure_future(channel.run("exit 0", timeout=None))
+    await asyncio.sleep(0)
+    channel.abort("the test is done with it")
+    assert channel.closed and isinstance(channel.error, ClosedLocally)
+    for call in (pending, queued):
+        with pytest.raises(ClosedLocally, match="the test is done with it") as info:
+            await call
+        assert not isinstance(info.value, PeerError)
+    channel.abort("again")  # nothing more happens
+    await channel.wait_closed()
+    await asyncio.sleep(0)
+    assert closed == [channel]
+    late: list[GuestChannel] = []
+    channel.add_close_callback(late.append)  # already closed: called soon, once
+    await asyncio.sleep(0)
+    assert late == [channel] and closed == [channel]
+    assert str(channel.error) == "the test is done with it"
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_byte_counters_count_frames_both_ways(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    assert (channel.bytes_sent, channel.bytes_received) == (0, 0)
+    await channel.probe()
+    await channel.run("uname -a")
+    sent = len(encode_command(b":")) + len(encode_command(b"uname -a"))
+    received = len(encode_result(b"", b"", 0)) + len(
+        encode_result(b"uname -a", b"stderr:uname -a", 3)
+    )
+    assert (channel.bytes_sent, channel.bytes_received) == (sent, received)
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_limits_are_the_servers(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    assert channel.limits == Limits(max_stdout=80 << 20, max_stderr=1 << 20)
+    await guest.close()
+
+
+# -- errors say who is at fault -------------------------------------------------------------
+
+
+async def _aclose(channel: GuestChannel, server: CommandServer) -> None:
+    await asyncio.sleep(0.01)
+    await channel.aclose()
+
+
+async def _server_aclose(channel: GuestChannel, server: CommandServer) -> None:
+    await asyncio.sleep(0.01)
+    await server.aclose()
+
+
+async def _timeout(channel: GuestChannel, server: CommandServer) -> None:
+    with pytest.raises(CommandTimeout):
+        await channel.run("hang", timeout=0.01)
+
+
+async def _cancel(channel: GuestChannel, server: CommandServer) -> None:
+    task = asyncio.ensure_future(channel.run("hang", timeout=None))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _failed_probe(channel: GuestChannel, server: CommandServer) -> None:
+    with pytest.raises(ProbeFailed, match="exit code 1"):
+        await channel.probe()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "close", [_aclose, _server_aclose, _timeout, _cancel, _failed_probe], ids=lambda f: f.__name__
+)
+async def test_a_channel_we_closed_raises_closed_locally(
+    setup: Setup, close: Callable[[GuestChannel, CommandServer], Awaitable[None]]
+) -> None:
+    """Whatever closed it on our side, the call waiting behind and every later call get
+    ClosedLocally, never a PeerError: the guest did nothing wrong."""
+
+    async def silent_but_probe(command: bytes) -> Answer:
+        return (b"", b"", 1) if command == b":" else Silent()
+
+    channel, guest = await setup.guest(silent_but_probe)
+    closing = asyncio.ensure_future(close(channel, setup.server))
+    await asyncio.sleep(0)  # its call, if any, is on the wire
+    waiting = asyncio.ensure_future(channel.run("waiting", timeout=None))
+    await closing
+    errors: list[BaseException | None] = [channel.error]
+    for call in (waiting, channel.run("later")):
+        with pytest.raises(ConnectionClosed) as info:
+            await call
+        errors.append(info.value)
+    for error in errors:
+        assert isinstance(error, ClosedLocally) and not isinstance(error, PeerError), error
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_a_channel_the_guest_closed_raises_connection_lost(setup: Setup) -> None:
+    channel, guest = await setup.guest()
+    pending = asyncio.ensure_future(channel.run("hang", timeout=None))
+    await asyncio.sleep(0.01)
+    await guest.close()
+    with pytest.raises(ConnectionLost):
+        await pending
+    await channel.wait_closed()
+    assert isinstance(channel.error, ConnectionLost) and isinstance(channel.error, PeerError)
+    await channel.aclose()  # closing it again afterwards does not change who closed it
+    assert isinstance(channel.error, ConnectionLost)
+
+
+# -- defects found by the review -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_run_colon_is_an_ordinary_command(setup: Setup) -> None:
+    """Found: run(":") was taken for a probe (zero output limits) and failed on output."""
+
+    async def chatty_colon(command: bytes) -> Answer:
+        return (b"colon says hi", b"and warns", 0) if command == b":" else (b"", b"", 0)
+
+    channel, guest = await setup.guest(chatty_colon)
+    result = await channel.run(":", timeout=5)
+    assert result == CommandResult(b"colon says hi", b"and warns", 0)
+    assert not channel.closed
+    with pytest.raises(ProbeFailed):  # the probe itself still allows no output
+        await channel.probe(timeout=5)
+    await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_a_command_longer_than_max_command_is_refused_before_sending(
+    tmp_path: Path,
+) -> None:
+    """Found: the host sent commands above Limits.max_command; the guest drops them."""
+    path = str(tmp_path / "small.sock")
+    async with vsock_async.listen(f"unix:{path}", limits=Limits(max_command=100)) as server:
+        guest = ScriptedGuest()
+        await guest.connect(path)
+        channel = await server.accept(timeout=5)
+        for timeout in (5.0, 0.0):
+            with pytest.raises(UsageError, match=r"101 bytes is longer than Limits\.max_command"):
+                await channel.run("x" * 101, timeout=timeout)
+        with pytest.raises(UsageError, match="max_command"):
+            await channel.run("x" * 90, cwd="/a/longer/directory")  # the composed line counts
+        assert not channel.closed and channel.bytes_sent == 0
+        assert (await channel.run("x" * 100)).stdout == b"x" * 100
+        assert guest.commands == [b"x" * 100]
+        await guest.close()

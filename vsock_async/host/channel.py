@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -15,8 +16,9 @@ from ..errors import (
     CommandTimeout,
     FrameTooLarge,
     ProbeFailed,
+    VsockAsyncError,
 )
-from ..protocol import PROBE_COMMAND, encode_command
+from ..protocol import PROBE_COMMAND, Limits
 from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from .commandline import CommandLike, compose_command
@@ -28,7 +30,15 @@ _ids = itertools.count(1)
 
 
 class _DeadlinePassed(Exception):
-    """Set on an exchange's future when its deadline fires; never leaves the channel."""
+    """Set on an exchange's future when its deadline fires; never leaves the channel.
+
+    ``result`` holds what had arrived; ``was_sent`` says the command was on the wire (and
+    the channel was closed) rather than still queued.
+    """
+
+    def __init__(self, result: CommandResult, was_sent: bool) -> None:
+        self.result = result
+        self.was_sent = was_sent
 
 
 class GuestChannel:
@@ -63,6 +73,7 @@ class GuestChannel:
         """When a probe last succeeded on this channel (``time.time()``), or None."""
         self._deadlines: dict[asyncio.Future[CommandResult], float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # when the timer fires; inf while there is none
         connection.add_close_callback(self._stop_timer)
 
     def __repr__(self) -> str:
@@ -87,9 +98,41 @@ class GuestChannel:
         return self._conn.queued
 
     @property
+    def error(self) -> VsockAsyncError | None:
+        """Why the channel closed (:class:`ClosedLocally` if we closed it), or None while open."""
+        return self._conn.error
+
+    @property
+    def limits(self) -> Limits:
+        """The longest command it sends and the most stdout and stderr it accepts."""
+        return self._conn.limits
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the guest so far."""
+        return self._conn.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the guest so far."""
+        return self._conn.bytes_received
+
+    @property
     def connection(self) -> GuestConnection:
-        """The underlying protocol object (byte counters, close callbacks)."""
+        """The underlying protocol object. Internal: use the channel's own methods instead."""
         return self._conn
+
+    def add_close_callback(self, callback: Callable[[GuestChannel], None]) -> None:
+        """Call ``callback(channel)`` once, when the connection is gone (at once, via the loop,
+        if it already is)."""
+        self._conn.add_close_callback(lambda _: callback(self))
+
+    def abort(self, reason: str) -> None:
+        """Close at once, without waiting; pending and queued calls get ``ClosedLocally(reason)``.
+
+        Does nothing if the channel is already closed.
+        """
+        self._conn.abort(ClosedLocally(reason))
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -112,7 +155,7 @@ class GuestChannel:
         :class:`ProtocolError` when the guest fails.
         """
         line = compose_command(command, cwd=cwd, env=env)
-        result = await self._exchange(line, timeout)
+        result = await self._exchange(line, timeout, probe=False)
         if check and result.exit_code != 0:
             raise CommandFailed(line, result)
         return result
@@ -121,31 +164,30 @@ class GuestChannel:
         """Check the guest is ready: ``:`` must come back as exit 0 with empty output.
 
         A wrong answer raises :class:`ProbeFailed` and closes the channel. The answer may
-        hold no output, so none is buffered: its first byte of output already fails it.
+        hold no output, so none is buffered: the length prefix of any output already fails
+        it, and then :attr:`ProbeFailed.result` is None (no whole answer was read).
         """
         try:
-            result = await self._exchange(PROBE_COMMAND, timeout)
+            result = await self._exchange(PROBE_COMMAND, timeout, probe=True)
         except FrameTooLarge as exc:
             message = f"probe ':' on channel {self.id} answered {exc.length} bytes of {exc.what}"
-            raise ProbeFailed(message, CommandResult(b"", b"", None)) from None
-        if result.exit_code != 0 or result.stdout or result.stderr:
-            message = (
-                f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
-                f" with {len(result.stdout)} bytes of stdout and {len(result.stderr)} of stderr"
-            )
+            raise ProbeFailed(message, None) from None
+        if result.exit_code != 0:  # its output is empty: the probe's limits are zero
+            message = f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
             self._conn.abort(ClosedLocally(f"channel closed: {message}"))
             raise ProbeFailed(message, result)
         self.last_probe = time.time()
 
-    async def _exchange(self, line: bytes, timeout: Timeout) -> CommandResult:
+    async def _exchange(self, line: bytes, timeout: Timeout, probe: bool) -> CommandResult:
         if timeout is DEFAULT:
             timeout = self._default_timeout
         else:
             check_timeout(timeout)
         if timeout is not None and timeout <= 0:  # no time to send it: never put it on the wire
+            self._conn.check_command(line)
             result = CommandResult(b"", b"", None, timed_out=True)
             raise CommandTimeout(self._timeout_message(line, timeout, False), result)
-        future = self._conn.exchange(encode_command(line))
+        future = self._conn.exchange(line, probe)
         # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
         # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
         # 3.11 it swallows a cancel that lands as the result arrives.
@@ -153,11 +195,9 @@ class GuestChannel:
             self._watch(future, timeout)
         try:
             return await future
-        except _DeadlinePassed:
-            result, was_sent = self._abandon(
-                future, f"the exchange timed out after {timeout:.3g} s"
-            )
-            raise CommandTimeout(self._timeout_message(line, timeout, was_sent), result) from None
+        except _DeadlinePassed as passed:
+            message = self._timeout_message(line, timeout, passed.was_sent)
+            raise CommandTimeout(message, passed.result) from None
         except asyncio.CancelledError:
             self._abandon(future, "the exchange was cancelled")
             raise
@@ -177,42 +217,50 @@ class GuestChannel:
         loop = future.get_loop()
         deadline = loop.time() + timeout
         self._deadlines[future] = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer, loop)
+            self._timer_at = deadline
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
+        self._timer_at = math.inf
         deadlines = self._deadlines
         if not deadlines:
             return
         now = loop.time()
         passed = sorted((d, i, f) for i, (f, d) in enumerate(deadlines.items()) if d <= now)
+        conn = self._conn
         for _, _, future in passed:
             if not future.done():  # a result that came first wins
-                future.set_exception(_DeadlinePassed())
+                # Settled now, not when the caller wakes: a result arriving in between must
+                # not be taken for this call's, nor this call's command be sent from the queue.
+                sent = conn.in_flight(future)
+                stdout, stderr = conn.partial_output() if sent else (b"", b"")
+                result = CommandResult(stdout, stderr, None, timed_out=True)
+                future.set_exception(_DeadlinePassed(result, sent))
+                self._abandon(future, "a command missed its deadline")
         left = [d for d in deadlines.values() if d > now]
         if left:
-            self._timer = loop.call_at(min(left), self._on_timer, loop)
+            self._timer_at = min(left)
+            self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
 
     def _stop_timer(self, _: GuestConnection) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = math.inf
 
-    def _abandon(
-        self, future: asyncio.Future[CommandResult], why: str
-    ) -> tuple[CommandResult, bool]:
-        """Give up on ``future``; close the channel if its command is on the wire (True)."""
+    def _abandon(self, future: asyncio.Future[CommandResult], why: str) -> None:
+        """Give up on ``future``: close the channel if its command is on the wire (the stream
+        is out of step), else drop it from the queue unsent."""
         conn = self._conn
         if conn.in_flight(future):
-            stdout, stderr = conn.partial_output()
-            conn.abort(ClosedLocally(f"channel closed because {why}; its stream is out of step"))
-            return CommandResult(stdout, stderr, None, timed_out=True), True
-        conn.withdraw(future)
-        return CommandResult(b"", b"", None, timed_out=True), False
+            reason = f"channel {self.id} closed because {why}; its stream is out of step"
+            conn.abort(ClosedLocally(reason))
+        else:
+            conn.withdraw(future)
 
     def _timeout_message(self, line: bytes, timeout: float | None, was_sent: bool) -> str:
         shown = line if len(line) <= 60 else line[:57] + b"..."

@@ -1,45 +1,47 @@
-"""The host side of one connection: an ``asyncio.BufferedProtocol`` feeding the result decoder.
+"""The host side of one connection in asyncio: a ``BufferedProtocol`` that feeds the v1 core.
 
-It owns the v1 rule of one exchange at a time: frames wait in a FIFO and
-each is written only once the previous result is in. Reads go straight into
-the decoder's memory (``recv_into``), so a large result is assembled in
-place. Reading needs no pausing: the host only reads results it asked for,
-each bounded by the limits, and any byte that arrives unasked is a protocol
-error that closes the connection.
+:class:`~vsock_async.protocol.v1_host.HostConnectionV1` holds the rules (one
+exchange at a time, the FIFO, a probe's zero output limits, which bytes are
+a protocol error); this layer only moves bytes between it and the socket and
+turns its events into futures. Reads go straight into the decoder's memory
+(``recv_into``), so a large result is assembled in place. Reading needs no
+pausing: the host only reads results it asked for, each bounded by the
+limits, and any byte that arrives unasked fails the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from ..errors import ConnectionLost, PeerError, ProtocolError, VsockAsyncError
-from ..protocol import PROBE_COMMAND, Limits, ResultDecoder, encode_command
+from ..errors import ConnectionLost, PeerError, VsockAsyncError
+from ..protocol import Limits
+from ..protocol.v1_host import (
+    ConnectionEnded,
+    ConnectionState,
+    HostConnectionV1,
+    ResultReceived,
+    copy_error,
+)
 from ..results import CommandResult
 
 logger = logging.getLogger("vsock_async")
 
 ResultFuture = asyncio.Future[CommandResult]
 
-_PROBE_FRAME = encode_command(PROBE_COMMAND)
-
 
 class GuestConnection(asyncio.BufferedProtocol):
-    """One guest connection: sends command frames in order, resolves one future per result."""
+    """One guest connection: a v1 core over a socket, one future per call."""
 
     def __init__(self, limits: Limits, on_made: Callable[[GuestConnection], None] | None = None):
-        self._limits = limits
         self._on_made = on_made
-        self._decoder = ResultDecoder(limits)
-        self._probing = False
+        self._conn: HostConnectionV1[ResultFuture] = HostConnectionV1(
+            limits, abandoned=asyncio.Future.done
+        )
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._current: ResultFuture | None = None
-        self._queue: deque[tuple[bytes, ResultFuture]] = deque()
-        self._error: VsockAsyncError | None = None
         self._lost = self._loop.create_future()
         self._on_close: list[Callable[[GuestConnection], None]] = []
         self.bytes_sent = 0
@@ -54,101 +56,99 @@ class GuestConnection(asyncio.BufferedProtocol):
             self._on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer(sizehint)
+        return self._conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
-        if self._current is None:
-            self.abort(ProtocolError("the guest sent bytes while no command was pending"))
+        conn = self._conn
+        conn.buffer_updated(nbytes)
+        event = conn.next_event()  # buffer_updated() gives at most one
+        if event is None:  # most reads of a large result complete nothing
             return
-        decoder = self._decoder
-        try:
-            decoder.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self.abort(exc)
-            return
-        result = decoder.next_event()
-        if result is None:
-            return
-        current = self._current
-        if decoder.in_frame or decoder.next_event() is not None:
-            self.abort(ProtocolError("the guest sent bytes beyond the result of its command"))
-            return
-        self._current = None
-        if not current.done():
-            current.set_result(result)
-        if self._queue:
-            self._send_next()
+        if isinstance(event, ResultReceived):
+            future = event.id
+            if not future.done():  # a caller that gave up has no use for it
+                future.set_result(event.result)
+            data = conn.data_to_send()  # the next queued command, if any
+            if data:
+                self._write(data)
+        else:
+            self._ended(event)
 
     def eof_received(self) -> bool:
-        self._decoder.receive_eof()
-        if self._decoder.in_frame:
-            held = self._decoder.bytes_in_frame()
-            self.abort(
-                ConnectionLost(f"the guest closed the connection after {held} bytes of a result")
-            )
-        else:
-            self.abort(ConnectionLost("the guest closed the connection"))
+        self._conn.receive_eof()
+        self._settle()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._error is None:
-            reason = f": {exc}" if exc else ""
-            self._fail_all(ConnectionLost(f"the connection was lost{reason}"))
         if not self._lost.done():
             self._lost.set_result(None)
+        reason = f": {exc}" if exc else ""
+        self._conn.close(ConnectionLost(f"the connection was lost{reason}"))
+        self._settle()
         callbacks, self._on_close = self._on_close, []
         for callback in callbacks:
             callback(self)
 
     # -- exchanges -----------------------------------------------------------------------
 
-    def exchange(self, frame: bytes) -> ResultFuture:
-        """Queue one command frame; the future gets its result (or the connection's error)."""
-        if self._error is not None:
-            raise _copy(self._error)
+    def exchange(self, command: bytes, probe: bool = False) -> ResultFuture:
+        """Send ``command`` (or queue it); the future gets its result or the connection's error.
+
+        ``probe=True``: the answer may hold no output. Raises :class:`UsageError`
+        for a command above ``limits.max_command``, and the connection's error
+        once it is closed.
+        """
         future: ResultFuture = self._loop.create_future()
-        if self._current is None:
-            self._current = future
-            self._write(frame)
-        else:
-            self._queue.append((frame, future))
+        conn = self._conn
+        conn.send_command(future, command, probe)  # events only come from the guest
+        data = conn.data_to_send()
+        if data:
+            assert self.transport is not None
+            self.bytes_sent += len(data)
+            self.transport.write(data)
         return future
 
+    def check_command(self, command: bytes) -> None:
+        """Raise :class:`UsageError` if ``command`` is longer than ``limits.max_command``."""
+        self._conn.check_command(command)
+
     def in_flight(self, future: ResultFuture) -> bool:
-        """True if ``future``'s frame has been sent and its result is awaited."""
-        return future is self._current
+        """True if ``future``'s command has been sent and its result is awaited."""
+        return self._conn.in_flight(future)
 
     def withdraw(self, future: ResultFuture) -> None:
-        """Drop a queued frame that was never sent (its caller gave up)."""
-        for i, (_, queued) in enumerate(self._queue):
-            if queued is future:
-                del self._queue[i]
-                return
+        """Drop a queued command that was never sent (its caller gave up)."""
+        self._conn.withdraw(future)
 
     def partial_output(self) -> tuple[bytes, bytes]:
         """What has arrived of the result being received."""
-        return self._decoder.partial_output()
+        return self._conn.partial_output()
+
+    @property
+    def limits(self) -> Limits:
+        """The largest command sent and the largest stdout and stderr accepted."""
+        return self._conn.limits
 
     @property
     def queued(self) -> int:
         """Calls waiting behind the one in flight."""
-        return len(self._queue)
+        return self._conn.queued
 
     @property
     def busy(self) -> bool:
         """True while an exchange is in flight."""
-        return self._current is not None
+        return self._conn.state is ConnectionState.AWAITING_RESULT
 
     @property
     def closed(self) -> bool:
         """True once the connection has failed or been closed; it never reopens."""
-        return self._error is not None
+        return self._conn.state is ConnectionState.CLOSED
 
     @property
     def error(self) -> VsockAsyncError | None:
         """Why the connection is closed, or None while it is open."""
-        return self._error
+        return self._conn.error
 
     def add_close_callback(self, callback: Callable[[GuestConnection], None]) -> None:
         """Call ``callback(self)`` once the connection is gone."""
@@ -159,14 +159,8 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def abort(self, error: VsockAsyncError) -> None:
         """Close at once, failing the call in flight and every queued call with ``error``."""
-        if self._error is None:
-            if isinstance(error, PeerError):
-                logger.info("closing guest connection %s: %s", self.peer, error)
-            self._fail_all(error)
-        if self.transport is not None:
-            self.transport.abort()
-        elif not self._lost.done():
-            self._lost.set_result(None)
+        self._conn.close(error)
+        self._settle()
 
     async def wait_closed(self) -> None:
         """Wait until the transport has been torn down."""
@@ -177,43 +171,31 @@ class GuestConnection(asyncio.BufferedProtocol):
         """The peer address as the kernel reports it: ``(cid, port)`` on AF_VSOCK."""
         return self.transport.get_extra_info("peername") if self.transport else None
 
-    def _send_next(self) -> None:
-        queue = self._queue
-        while queue:
-            frame, future = queue.popleft()
-            if not future.done():
-                self._current = future
-                self._write(frame)
-                return
+    # -- the core's output ---------------------------------------------------------------
 
-    def _write(self, frame: bytes) -> None:
+    def _settle(self) -> None:
+        """Act on the event that ending the core gave (receive_eof() or close(), never a
+        result); none if it had already ended."""
+        event = self._conn.next_event()
+        if event is not None:
+            assert isinstance(event, ConnectionEnded)
+            self._ended(event)
+
+    def _write(self, data: bytes) -> None:
         assert self.transport is not None
-        probe = frame == _PROBE_FRAME
-        if probe is not self._probing:
-            # A probe's answer must be empty: buffer none of it, so a hostile guest cannot
-            # make the automatic probe of each new connection cost the full output limits.
-            self._probing = probe
-            limits = self._limits
-            self._decoder.set_output_limits(
-                *((0, 0) if probe else (limits.max_stdout, limits.max_stderr))
-            )
-        self.bytes_sent += len(frame)
-        self.transport.write(frame)
+        self.bytes_sent += len(data)
+        self.transport.write(data)
 
-    def _fail_all(self, error: VsockAsyncError) -> None:
-        self._error = error
-        current, self._current = self._current, None
-        if current is not None and not current.done():
-            current.set_exception(_copy(error))
-        while self._queue:
-            _, future = self._queue.popleft()
+    def _ended(self, event: ConnectionEnded[ResultFuture]) -> None:
+        error = event.error
+        if isinstance(error, PeerError) and not self._lost.done():
+            logger.info("closing guest connection %s: %s", self.peer, error)
+        for future in event.unanswered:
             if not future.done():
-                future.set_exception(_copy(error))
-
-
-def _copy(error: VsockAsyncError) -> VsockAsyncError:
-    """A fresh exception per waiter, so tracebacks of different callers never pile up on one."""
-    clone = type(error).__new__(type(error))
-    clone.__dict__.update(error.__dict__)
-    clone.args = error.args
-    return clone
+                future.set_exception(copy_error(error))
+        if self._lost.done():
+            return
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self._lost.set_result(None)

@@ -257,10 +257,11 @@ class _FrameDecoder(Generic[_Event]):
     # -- parser -------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
+        # Feeding a decoder that failed, or after saying the stream ended, is the caller's bug.
         if self._error is not None:
-            raise ProtocolError(f"decoder unusable after an earlier error: {self._error}")
+            raise UsageError(f"bytes fed to a decoder after an earlier error: {self._error}")
         if self._eof:
-            raise ProtocolError("data after end of stream")
+            raise UsageError("bytes fed to a decoder after the end of the stream")
 
     def _fail(self, error: ProtocolError) -> ProtocolError:
         self._error = error
@@ -386,6 +387,11 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                     self._parse()
                     return
         super().buffer_updated(nbytes)
+
+    def holds_more(self) -> bool:
+        """True if bytes beyond the results already taken are held: another result, or part
+        of one (what a host that asked for one result must never see)."""
+        return bool(self._events or self._fields) or self._length >= 0 or self._end > self._start
 
     def _make_event(self, fields: list[bytes], trailer: int | None) -> CommandResult:
         assert trailer is not None

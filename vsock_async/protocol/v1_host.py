@@ -1,0 +1,310 @@
+"""The host side of one v1 connection as a state machine, sans I/O: no sockets, no clock.
+
+v1 carries one exchange at a time, and this class owns its rules:
+
+- commands go out in the order they were given, each only once the result
+  of the one before has arrived whole (the others wait in a FIFO);
+- a probe's answer may hold no output, so its limits are zero: a hostile
+  guest cannot make the automatic probe of each connection cost the full
+  output limits;
+- a byte that arrives while no command is pending, or beyond the result of
+  the pending one, is a :class:`ProtocolError`;
+- the end of the stream while a command is pending is a :class:`ConnectionLost`.
+
+The I/O layer feeds the guest's bytes in (:meth:`~HostConnectionV1.get_buffer`
+and :meth:`~HostConnectionV1.buffer_updated`, the shape of
+``asyncio.BufferedProtocol``, or :meth:`~HostConnectionV1.receive_data`),
+writes what :meth:`~HostConnectionV1.data_to_send` returns and acts on
+:meth:`~HostConnectionV1.next_event`. Each call carries an id chosen by the
+caller and given back in its :class:`ResultReceived`, or in the
+:class:`ConnectionEnded` that ends it unanswered.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Final, Generic, NamedTuple, TypeVar
+
+from ..errors import ConnectionLost, ProtocolError, UsageError, VsockAsyncError
+from ..results import CommandResult
+from .limits import Limits
+from .v1 import ResultDecoder
+
+__all__ = [
+    "ConnectionEnded",
+    "ConnectionState",
+    "HostConnectionV1",
+    "HostEventV1",
+    "ResultReceived",
+    "copy_error",
+]
+
+Id = TypeVar("Id")
+
+
+class ConnectionState(enum.Enum):
+    """Where a v1 connection stands."""
+
+    IDLE = "idle"
+    """Nothing is on the wire; the next command goes out at once."""
+    AWAITING_RESULT = "awaiting result"
+    """A command was sent and its result is not whole yet; later commands wait."""
+    CLOSED = "closed"
+    """The connection ended (see :attr:`HostConnectionV1.error`); it never reopens."""
+
+
+_pack_u32 = struct.Struct(">I").pack
+
+_IDLE: Final = ConnectionState.IDLE
+_AWAITING: Final = ConnectionState.AWAITING_RESULT
+_CLOSED: Final = ConnectionState.CLOSED
+
+
+# Events are named tuples, not frozen dataclasses: as immutable, and one is made per
+# exchange, where a frozen dataclass's __init__ costs twice as much.
+
+
+class ResultReceived(NamedTuple, Generic[Id]):
+    """The result of call ``id`` arrived whole."""
+
+    id: Id
+    result: CommandResult
+
+
+class ConnectionEnded(NamedTuple, Generic[Id]):
+    """The connection is over because of ``error``; every call in ``unanswered`` (the one in
+    flight first, then the queued ones in order) ends with it. Always the last event."""
+
+    error: VsockAsyncError
+    unanswered: tuple[Id, ...]
+
+
+HostEventV1 = ResultReceived[Id] | ConnectionEnded[Id]
+
+
+def copy_error(error: VsockAsyncError) -> VsockAsyncError:
+    """A fresh instance of ``error`` for one more raise, so that the tracebacks of different
+    callers failed by one event never pile up on a single exception object."""
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    return clone
+
+
+class HostConnectionV1(Generic[Id]):
+    """The v1 rules for one host-side connection: a FIFO of calls, one exchange in flight.
+
+    ``abandoned(id)``, when given, is asked about a queued call when its turn
+    comes; a call it says was given up is dropped unsent. (The asyncio layer
+    passes ``Future.done``: a caller cancelled in the same loop iteration as
+    the answer before its own must not see its command run.)
+    """
+
+    def __init__(
+        self, limits: Limits | None = None, *, abandoned: Callable[[Id], bool] | None = None
+    ) -> None:
+        self._limits = limits = limits or Limits()
+        self._abandoned = abandoned
+        self._decoder = ResultDecoder(limits)
+        self.get_buffer = self._decoder.get_buffer  # the hot path: no call in between
+        """``get_buffer(sizehint=-1)``: memory for the next bytes from the guest; fill it, then
+        call :meth:`buffer_updated`. Large results are assembled in this memory, so a socket's
+        ``recv_into`` lands their bytes in place."""
+        self._probing = False  # the decoder holds a probe's zero limits
+        self._state = _IDLE
+        self._current: Id | None = None
+        self._queue: deque[tuple[Id, bytes, bool]] = deque()
+        self._to_send = b""
+        self._events: deque[HostEventV1[Id]] = deque()
+        self._error: VsockAsyncError | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        """Where the connection stands."""
+        return self._state
+
+    @property
+    def limits(self) -> Limits:
+        """The largest command this side sends and the largest output it accepts."""
+        return self._limits
+
+    @property
+    def error(self) -> VsockAsyncError | None:
+        """Why the connection ended, or None while it is open."""
+        return self._error
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting behind the one in flight."""
+        return len(self._queue)
+
+    def in_flight(self, id: Id) -> bool:
+        """True if ``id``'s command is the one on the wire."""
+        return self._state is _AWAITING and self._current == id
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def send_command(self, id: Id, command: bytes, probe: bool = False) -> None:
+        """Send ``command`` as call ``id`` now if the line is free, else queue it.
+
+        With ``probe=True`` the answer may hold no output: its first byte of
+        stdout or stderr fails the connection with :class:`FrameTooLarge`.
+        Raises :class:`UsageError` for a command above ``limits.max_command``
+        (nothing is sent or queued) and, once the connection has ended, the
+        error that ended it.
+        """
+        state = self._state
+        if state is _CLOSED:
+            assert self._error is not None
+            raise copy_error(self._error)
+        if len(command) > self._limits.max_command:
+            self.check_command(command)
+        frame = _pack_u32(len(command)) + command  # max_command fits a u32
+        if state is _IDLE:
+            self._start(id, frame, probe)
+        else:
+            self._queue.append((id, frame, probe))
+
+    def check_command(self, command: bytes) -> None:
+        """Raise :class:`UsageError` if ``command`` is longer than ``limits.max_command``."""
+        if len(command) > self._limits.max_command:
+            raise UsageError(
+                f"a command of {len(command)} bytes is longer than Limits.max_command"
+                f" ({self._limits.max_command} bytes), so the guest would refuse it;"
+                " send a shorter one, or raise max_command on both sides"
+            )
+
+    def withdraw(self, id: Id) -> bool:
+        """Drop queued call ``id`` unsent (its caller gave up); False if it is not queued."""
+        for i, (queued, _, _) in enumerate(self._queue):
+            if queued == id:
+                del self._queue[i]
+                return True
+        return False
+
+    def close(self, error: VsockAsyncError) -> None:
+        """End the connection with ``error`` (we close it, or the I/O layer lost it).
+
+        Emits :class:`ConnectionEnded`; does nothing once the connection has ended.
+        """
+        if self._state is not _CLOSED:
+            self._fail(error)
+
+    # -- output --------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the guest now, in order; ``b""`` when there are none."""
+        data, self._to_send = self._to_send, b""
+        return data
+
+    def next_event(self) -> HostEventV1[Id] | None:
+        """The next event, or None when there is none until more bytes arrive or more calls
+        are made."""
+        events = self._events
+        return events.popleft() if events else None
+
+    def partial_output(self) -> tuple[bytes, bytes]:
+        """The stdout and stderr of the result being received, as far as they have arrived."""
+        return self._decoder.partial_output()
+
+    # -- input ---------------------------------------------------------------------------
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Take ``nbytes`` written at the start of the memory :meth:`get_buffer` lent."""
+        if self._state is not _AWAITING:
+            if self._state is _CLOSED:
+                raise self._misuse()
+            if nbytes > 0:
+                self._fail(ProtocolError("the guest sent bytes while no command was pending"))
+            return
+        decoder = self._decoder
+        try:
+            decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        result = decoder.next_event()
+        if result is None:
+            return
+        if decoder.holds_more():
+            self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
+            return
+        self._events.append(ResultReceived(self._current, result))  # type: ignore[arg-type]
+        self._current = None
+        self._state = _IDLE
+        if self._queue:
+            self._start_next()
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the guest; ``b""`` means the end of the stream."""
+        if not data:
+            self.receive_eof()
+            return
+        src = memoryview(data)
+        while src:
+            with self.get_buffer() as dst:
+                n = min(len(dst), len(src))
+                dst[:n] = src[:n]
+            src = src[n:]
+            self.buffer_updated(n)
+            if self._state is _CLOSED:
+                return  # the rest is not read: the connection failed on what came before
+
+    def receive_eof(self) -> None:
+        """The guest will send nothing more: a pending call ends with :class:`ConnectionLost`.
+
+        Does nothing once the connection has ended.
+        """
+        if self._state is _CLOSED:
+            return
+        decoder = self._decoder
+        decoder.receive_eof()
+        if decoder.in_frame:
+            held = decoder.bytes_in_frame()
+            self._fail(
+                ConnectionLost(f"the guest closed the connection after {held} bytes of a result")
+            )
+        elif self._state is _AWAITING:
+            self._fail(ConnectionLost("the guest closed the connection before it answered"))
+        else:
+            self._fail(ConnectionLost("the guest closed the connection"))
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def _start(self, id: Id, frame: bytes, probe: bool) -> None:
+        if probe is not self._probing:
+            self._probing = probe
+            limits = self._limits
+            self._decoder.set_output_limits(
+                *((0, 0) if probe else (limits.max_stdout, limits.max_stderr))
+            )
+        self._current = id
+        self._state = _AWAITING
+        self._to_send = self._to_send + frame if self._to_send else frame
+
+    def _start_next(self) -> None:
+        queue = self._queue
+        abandoned = self._abandoned
+        while queue:
+            id, frame, probe = queue.popleft()
+            if abandoned is None or not abandoned(id):
+                self._start(id, frame, probe)
+                return
+
+    def _fail(self, error: VsockAsyncError) -> None:
+        unanswered = [self._current] if self._state is _AWAITING else []
+        unanswered.extend(id for id, _, _ in self._queue)
+        self._queue.clear()
+        self._current = None
+        self._to_send = b""
+        self._state = _CLOSED
+        self._error = error
+        self._events.append(ConnectionEnded(error, tuple(unanswered)))  # type: ignore[arg-type]
+
+    def _misuse(self) -> UsageError:
+        return UsageError(f"bytes fed to a v1 connection that has ended ({self._error})")
