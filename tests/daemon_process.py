@@ -49,7 +49,9 @@ def stop_process(proc: subprocess.Popen[bytes], signum: int) -> int:
 class Daemon:
     """One ``python -m vsock_async serve`` child; its stderr goes to a log file."""
 
-    def __init__(self, directory: Path, *args: str, guest_label: str | None = "vm1") -> None:
+    def __init__(
+        self, directory: Path, *args: str, guest_label: str | None = "vm1", umask: int = -1
+    ) -> None:
         self.directory = directory
         self.guest_socket = str(directory / "guest.sock")
         self.control_socket = str(directory / "control.sock")
@@ -63,7 +65,11 @@ class Daemon:
             argv += ["--control", f"unix:{self.control_socket}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            python_m(*argv, *args), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+            python_m(*argv, *args),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            umask=umask,
         )
 
     def client(self, token: str | None = None, address: str | None = None) -> ControlClient:
@@ -134,9 +140,11 @@ class Stack:
         self.directory = directory
         self._stops: list[Callable[[], object]] = []
 
-    def daemon(self, *args: str, guest_label: str | None = "vm1", ready: bool = True) -> Daemon:
-        """Start serve (and wait for its control API unless ``ready=False``)."""
-        daemon = Daemon(self.directory, *args, guest_label=guest_label)
+    def daemon(
+        self, *args: str, guest_label: str | None = "vm1", ready: bool = True, umask: int = -1
+    ) -> Daemon:
+        """Start serve (``umask`` -1: ours); wait for its control API unless ``ready=False``."""
+        daemon = Daemon(self.directory, *args, guest_label=guest_label, umask=umask)
         self._stops.append(daemon.stop)
         if ready:
             daemon.wait_ready()

@@ -46,7 +46,7 @@ def served() -> Iterator[Served]:
     with short_directory() as directory:
         processes = Stack(directory)
         try:
-            daemon = processes.daemon("--probe-interval", "0")
+            daemon = processes.daemon("--probe-interval", "none")
             processes.agent(daemon.guest_address)
             wait_for_guest(daemon.client(), "vm1")
             yield Served(daemon, directory)
@@ -93,6 +93,29 @@ def test_command_is_required_once(served: Served) -> None:
         result = served.exec(*args)
         assert result.returncode == 2
         assert b"exactly one of them" in result.stderr
+
+
+def test_options_of_the_guest_command_get_a_hint_about_the_double_dash(served: Served) -> None:
+    result = served.exec("ls", "-l", "/")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        b"put the command after --: vsock-async exec [options] -- ls -l /"
+    )
+    result = served.exec("-c", "ls", "-l", "/")
+    assert result.returncode == 2
+    assert b"quote the whole command line: vsock-async exec [options] -c 'ls -l /'" in (
+        result.stderr
+    )
+
+
+def test_timeout_none_is_no_deadline_and_0_is_no_time(served: Served) -> None:
+    result = served.exec("--timeout", "none", "--", "echo", "waited")
+    assert (result.returncode, result.stdout) == (0, b"waited\n"), result.stderr
+    result = served.exec("--timeout", "0", "--", "echo", "never sent")
+    assert (result.returncode, result.stdout) == (124, b""), result.stderr
+    result = served.exec("--timeout", "-1", "--", "true")
+    assert result.returncode == 2
+    assert b"--timeout must be a finite number of seconds >= 0" in result.stderr
 
 
 def test_timeout_exits_124(served: Served) -> None:

@@ -2,16 +2,40 @@
 
 Each subcommand has one function that adds its parser and one that runs it.
 Only the standard library and the core modules are imported at the top:
-``agent`` must run in a guest that has nothing else installed.
+``agent`` must run in a guest that has nothing else installed. The exit
+codes below are the only ones the tool uses (besides a guest's own exit
+code, passed through by ``exec``); docs/serve.md lists them.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
+from typing import Final, NoReturn
 
-__all__ = ["main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "main",
+]
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+"""``serve`` could not start; ``guests`` could not reach the daemon."""
+EXIT_USAGE: Final = 2
+"""A bad option or argument (argparse's own status)."""
+EXIT_TIMEOUT: Final = 124
+"""``exec``: the command's deadline fired (as with timeout(1))."""
+EXIT_FAILED: Final = 125
+"""``exec``: the daemon, the guest or its connection failed; the reason is on stderr."""
+EXIT_INTERRUPTED: Final = 130
+"""Interrupted by Ctrl-C (128 + SIGINT)."""
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -28,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_exec_parser(subparsers)
     _add_guests_parser(subparsers)
     _add_demo_parser(subparsers)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.subcommand == "exec":
+        _exec_misparsed(args, unknown)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     runner: Runner = args.run
     try:
         return runner(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 # -- agent -------------------------------------------------------------------------------
@@ -172,9 +200,24 @@ def _cid(text: str) -> int:
     return int(text)
 
 
+def _timeout(what: str) -> Callable[[str], float | None]:
+    """An argparse type: seconds or ``none``, by the rule of :mod:`vsock_async.timeouts`."""
+    from .errors import UsageError
+    from .timeouts import parse_timeout
+
+    def parse(text: str) -> float | None:
+        try:
+            return parse_timeout(text, what)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .serve.daemon import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
+    from .serve.config import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
     from .serve.defaults import default_control_address
+    from .timeouts import DEFAULT_TIMEOUT
 
     p = subparsers.add_parser(
         "serve",
@@ -182,6 +225,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         description=(
             "Accept guest agents' connections, probe them, and serve an HTTP+JSON control API"
             " (on a Unix socket, mode 0600, by default) to run commands in them."
+            " Times are seconds, or 'none' for no limit."
         ),
     )
     p.add_argument(
@@ -219,28 +263,29 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     p.add_argument(
         "--default-timeout",
-        type=_seconds,
-        default=30.0,
+        type=_timeout("--default-timeout"),
+        default=DEFAULT_TIMEOUT,
         metavar="S",
-        help="command timeout when a request gives none; 0 means none (default %(default)s)",
+        help="command deadline when a request gives none; 'none': no deadline"
+        " (default %(default)s)",
     )
     p.add_argument(
         "--probe-interval",
-        type=_seconds,
+        type=_timeout("--probe-interval"),
         default=DEFAULT_PROBE_INTERVAL,
         metavar="S",
-        help="re-probe connections idle this long; 0 disables (default %(default)s)",
+        help="re-probe connections idle this long; 'none': never (default %(default)s)",
     )
     p.add_argument(
         "--probe-timeout",
-        type=_seconds,
+        type=_timeout("--probe-timeout"),
         default=DEFAULT_PROBE_TIMEOUT,
         metavar="S",
         help="deadline of each probe (default %(default)s)",
     )
     p.add_argument(
         "--grace",
-        type=_seconds,
+        type=_timeout("--grace"),
         default=DEFAULT_GRACE,
         metavar="S",
         help="on SIGTERM/SIGINT, let running commands finish this long (default %(default)s)",
@@ -264,8 +309,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .errors import UsageError
-    from .serve.daemon import ServeConfig, run_serve
+    from .errors import UsageError, VsockAsyncError
+    from .serve.config import ServeConfig
+    from .serve.daemon import run_serve
 
     try:
         config = ServeConfig.from_options(
@@ -274,8 +320,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             control=args.control,
             token_file=args.token_file,
             control_allow_remote=args.control_allow_remote,
-            default_timeout=args.default_timeout or None,
-            probe_interval=args.probe_interval or None,
+            default_timeout=args.default_timeout,
+            probe_interval=args.probe_interval,
             probe_timeout=args.probe_timeout,
             grace=args.grace,
             max_command=args.max_command,
@@ -286,8 +332,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
     except UsageError as exc:
         print(f"vsock-async serve: error: {exc}", file=sys.stderr)
-        return 2
-    return run_serve(config)
+        return EXIT_USAGE
+    try:
+        run_serve(config)
+    except (VsockAsyncError, OSError) as exc:
+        print(f"vsock-async serve: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 # -- exec, guests ---------------------------------------------------------------------------
@@ -308,13 +359,15 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .timeouts import DEFAULT
+
     p = subparsers.add_parser(
         "exec",
         help="run a command in a guest through serve; exit with its exit code",
         description=(
             "Run a command in a guest through `serve`, write the guest's stdout and stderr"
-            " to ours, and exit with the guest's exit code (124: it timed out; 125: the"
-            " daemon or the guest connection failed)."
+            f" to ours, and exit with the guest's exit code ({EXIT_TIMEOUT}: it timed out;"
+            f" {EXIT_FAILED}: the daemon or the guest connection failed)."
         ),
         usage="vsock-async exec [options] (-c 'COMMAND LINE' | -- ARGV...)",
     )
@@ -322,9 +375,10 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--guest", metavar="KEY", help="the guest (CID or label); optional with one")
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_timeout("--timeout"),
+        default=DEFAULT,
         metavar="S",
-        help="command deadline; 0 means none (default: the daemon's)",
+        help="command deadline in seconds; 'none': no deadline (default: the daemon's)",
     )
     p.add_argument(
         "-c",
@@ -336,8 +390,23 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.set_defaults(run=_run_exec, parser=p)
 
 
+def _exec_misparsed(args: argparse.Namespace, unknown: list[str]) -> NoReturn:
+    """Options of the guest's command taken for ours: say how to pass them."""
+    parser: argparse.ArgumentParser = args.parser
+    if args.command_line is not None:
+        line = " ".join([args.command_line, *unknown, *args.argv])
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)}; quote the whole command line:"
+            f" vsock-async exec [options] -c {shlex.quote(line)}"
+        )
+    parser.error(
+        f"unrecognized arguments: {' '.join(unknown)}; put the command after --:"
+        f" vsock-async exec [options] -- {shlex.join([*args.argv, *unknown])}"
+    )
+
+
 def _run_exec(args: argparse.Namespace) -> int:
-    from .serve.control_client import exec_command
+    from .cli_exec import exec_command
 
     parser: argparse.ArgumentParser = args.parser
     if (args.command_line is None) == (not args.argv):
@@ -360,7 +429,7 @@ def _add_guests_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _run_guests(args: argparse.Namespace) -> int:
-    from .serve.control_client import list_guests
+    from .cli_exec import list_guests
 
     return list_guests(control=args.control, token_file=args.token_file, as_json=args.json)
 

@@ -63,7 +63,7 @@ def api() -> Iterator[Api]:
     with short_directory() as directory:
         stack = Stack(directory)
         try:
-            daemon = stack.daemon("--max-command", "4K", "--probe-interval", "0")
+            daemon = stack.daemon("--max-command", "4K", "--probe-interval", "none")
             stack.agent(daemon.guest_address, "--connections", "2")
             client = daemon.client()
             wait_for_guest(client, "vm1")

@@ -91,6 +91,14 @@ def test_control_directory_is_created_private(stack: Stack) -> None:
     assert stat.S_IMODE(os.stat(control.parent).st_mode) == 0o700
 
 
+def test_every_directory_serve_creates_is_private_even_under_umask_0(stack: Stack) -> None:
+    control = stack.directory / "a" / "b" / "c" / "control.sock"
+    daemon = stack.daemon("--control", f"unix:{control}", ready=False, umask=0)
+    daemon.wait_ready(daemon.client(address=f"unix:{control}"))
+    for directory in (control.parent, control.parent.parent, control.parent.parent.parent):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+
+
 def test_tcp_control_requires_the_bearer_token(stack: Stack) -> None:
     token = "s3cret-token-value"
     token_file = stack.directory / "token"
@@ -177,6 +185,18 @@ def test_connect_probe_and_disconnect_are_logged_and_idle_guests_reprobed(stack:
     assert "guest 'vm1' is gone" in log
 
 
+def test_a_guest_gone_is_logged_once_whatever_its_connection_count(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none")
+    agent = stack.agent(daemon.guest_address, "--connections", "4")
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    eventually(lambda: client.guest("vm1")["connections"] == 4, "4 connections")
+    agent.stop()
+    eventually(lambda: client.guests() == [], "the guest gone after its agent stopped")
+    eventually(lambda: daemon.log().count("disconnected") >= 4, "4 disconnects logged")
+    assert daemon.log().count("guest 'vm1' is gone") == 1
+
+
 def test_json_log_lines(stack: Stack) -> None:
     daemon = stack.daemon("--log-format", "json")
     daemon.stop()
@@ -246,6 +266,27 @@ def test_tcp_control_needs_a_token_and_loopback(
         assert fragment in err
 
 
+def test_a_probe_interval_of_0_is_refused(tmp_path: Path) -> None:
+    result = serve_error(
+        *("--listen", f"unix:{tmp_path}/g.sock", "--control", f"unix:{tmp_path}/c.sock"),
+        *("--probe-interval", "0"),
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result, "use 'none' to turn periodic probes off")
+
+
+def test_timeouts_follow_the_one_rule(stack: Stack) -> None:
+    """0 is no time at all (a run is never sent); none is no deadline, also for the grace."""
+    daemon = stack.daemon("--default-timeout", "0", "--grace", "none", "--probe-timeout", "none")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    with pytest.raises(ControlError) as info:
+        client.run("vm1", "echo never sent")
+    assert (info.value.status, info.value.code) == (504, "command_timeout")
+    assert client.run("vm1", "echo given time", timeout=LONG).stdout == b"given time\n"
+
+
 # -- shutdown ---------------------------------------------------------------------------------
 
 
@@ -273,7 +314,7 @@ def draining_setup(
     stack: Stack, grace: str, gate_name: str
 ) -> tuple[Daemon, ControlClient, subprocess.Popen[bytes], Path]:
     """serve with ``--grace``, an agent, and ``exec`` of a command held until the marker exists."""
-    daemon = stack.daemon("--grace", grace, "--probe-interval", "0")  # busy means: the command
+    daemon = stack.daemon("--grace", grace, "--probe-interval", "none")  # busy means: the command
     stack.agent(daemon.guest_address)
     client = daemon.client()
     wait_for_guest(client, "vm1")

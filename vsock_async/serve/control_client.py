@@ -1,4 +1,4 @@
-"""A small client of ``serve``'s control API, standard library only (``http.client``).
+"""A small client library of ``serve``'s control API, standard library only (``http.client``).
 
 ``exec``, ``guests`` and ``demo`` use it; so can any script that has no
 aiohttp. It speaks HTTP/1.1 over the daemon's Unix socket (or TCP with a
@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import socket
 import struct
-import sys
-import threading
-import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, Literal, TextIO
+from typing import Any
 
 from ..addresses import TcpAddress, UnixAddress, parse_address
 from ..errors import ConnectFailed, ProtocolError, UsageError, VsockAsyncError
+from ..timeouts import DEFAULT, Timeout, check_timeout
 from .defaults import (
     CONTROL_ENV,
     RAW_RESULT_TYPE,
@@ -44,15 +40,8 @@ __all__ = [
     "decode_raw_result",
     "default_control_address",
     "default_control_path",
-    "exec_command",
-    "list_guests",
     "read_token_file",
 ]
-
-"""Media type of the raw run result: the v1 result frame, byte for byte."""
-
-EXIT_TIMEOUT: Final = 124
-EXIT_FAILED: Final = 125
 
 _U32 = struct.Struct(">I")
 
@@ -215,19 +204,20 @@ class ControlClient:
         key: str,
         command: str | list[str],
         *,
-        timeout: float | Literal["default"] | None = "default",
+        timeout: Timeout = DEFAULT,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
     ) -> RunOutcome:
-        """``POST /v1/guests/{key}/run`` in raw form; ``timeout="default"``: the daemon's.
+        """``POST /v1/guests/{key}/run`` in raw form; ``timeout=DEFAULT``: the daemon's.
 
+        ``timeout`` follows :mod:`vsock_async.timeouts` (``None``: no deadline).
         A timeout raises ControlError with code ``command_timeout``; its body
         holds the partial output (base64).
         """
         request: dict[str, Any] = {"command": command, "wait": wait}
-        if timeout != "default":
-            request["timeout"] = timeout
+        if timeout is not DEFAULT:
+            request["timeout"] = check_timeout(timeout)
         if cwd is not None:
             request["cwd"] = cwd
         if env is not None:
@@ -269,142 +259,3 @@ def _error_from(reply: Reply) -> ControlError:
     except (ValueError, KeyError, TypeError):
         text = reply.body.decode(errors="replace").strip()[:200]
         return ControlError(reply.status, "http_error", text or f"HTTP {reply.status}", {})
-
-
-# -- the exec and guests subcommands ----------------------------------------------------
-
-
-def _client(control: str | None, token_file: str | None) -> ControlClient:
-    token_path = token_file or os.environ.get(TOKEN_FILE_ENV)
-    token = read_token_file(token_path) if token_path else None
-    return ControlClient(control, token=token)
-
-
-def _pick_guest(client: ControlClient, guest: str | None) -> str:
-    if guest is not None:
-        return guest
-    keys = [g["key"] for g in client.guests()]
-    if len(keys) == 1:
-        return str(keys[0])
-    if not keys:
-        raise UsageError("no guest is connected to the daemon (see `vsock-async guests`)")
-    raise UsageError(
-        f"{len(keys)} guests are connected ({', '.join(sorted(keys))}): pick one with --guest"
-    )
-
-
-class _ElapsedTicker:
-    """Shows ``[3s]`` on a terminal's stderr while a command runs; nothing when not a tty."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._shown = False
-
-    def __enter__(self) -> _ElapsedTicker:
-        if self._stream.isatty():
-            self._thread = threading.Thread(target=self._tick, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-
-    def _tick(self) -> None:
-        start = time.monotonic()
-        while not self._done.wait(1.0):
-            self._stream.write(f"\r\x1b[K[running {time.monotonic() - start:.0f}s]")
-            self._stream.flush()
-            self._shown = True
-
-
-def _write(stream: BinaryIO, data: bytes) -> None:
-    stream.write(data)
-    stream.flush()
-
-
-def exec_command(
-    command: str | list[str],
-    *,
-    control: str | None = None,
-    token_file: str | None = None,
-    guest: str | None = None,
-    timeout: float | None = None,
-) -> int:
-    """Run ``command`` in a guest through the daemon, copy its output, return its exit code.
-
-    ``timeout`` 0 means none; ``None`` leaves the daemon's default. Returns
-    124 when the command timed out (its partial output is still written)
-    and 125 when the daemon or the guest connection failed.
-    """
-    try:
-        client = _client(control, token_file)
-        key = _pick_guest(client, guest)
-        with _ElapsedTicker(sys.stderr):
-            outcome = client.run(
-                key, command, timeout="default" if timeout is None else timeout or None
-            )
-    except ControlError as exc:
-        if exc.code == "command_timeout":
-            _write(sys.stdout.buffer, _b64(exc.body.get("stdout")))
-            _write(sys.stderr.buffer, _b64(exc.body.get("stderr")))
-            print(f"vsock-async exec: {exc.message}", file=sys.stderr)
-            return EXIT_TIMEOUT
-        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except VsockAsyncError as exc:
-        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        _write(sys.stdout.buffer, outcome.stdout)
-        _write(sys.stderr.buffer, outcome.stderr)
-    except BrokenPipeError:
-        # The reader went away (``exec ... | head``): exit as a shell pipeline member would.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-    return outcome.exit_code
-
-
-def _b64(value: object) -> bytes:
-    import base64
-
-    return base64.b64decode(value) if isinstance(value, str) else b""
-
-
-def list_guests(
-    *, control: str | None = None, token_file: str | None = None, as_json: bool = False
-) -> int:
-    """Print the connected guests: a table, or the API's JSON with ``as_json``."""
-    try:
-        guests = _client(control, token_file).guests()
-    except VsockAsyncError as exc:
-        print(f"vsock-async guests: error: {exc}", file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps({"guests": guests}, indent=2))
-        return 0
-    if not guests:
-        print("no guests connected")
-        return 0
-    header = ("KEY", "CONNECTIONS", "BUSY", "PEER", "CONNECTED AT", "LAST PROBE")
-    rows = [
-        (
-            str(g["key"]),
-            str(g["connections"]),
-            f"{g['busy_connections']}/{g['connections']}",
-            str(g["peer"] or "-"),
-            str(g["connected_at"] or "-"),
-            str(g["last_probe"] or "-"),
-        )
-        for g in guests
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0

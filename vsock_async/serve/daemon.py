@@ -15,177 +15,44 @@ starts, so ``python -m vsock_async agent`` never needs it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
 import socket
 import stat
-import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from .._logging import configure_logging
 from .._sockets import SocketFile, UnixSocketOptions, bind_listener
-from ..addresses import (
-    DEFAULT_ADDRESS,
-    Address,
-    TcpAddress,
-    UnixAddress,
-    VsockAddress,
-    parse_address,
-)
-from ..errors import (
-    ConnectionClosed,
-    DeadlineExceeded,
-    PeerError,
-    UsageError,
-    VsockAsyncError,
-)
+from ..addresses import TcpAddress, UnixAddress, VsockAddress
+from ..errors import ConnectionClosed, DeadlineExceeded, PeerError, UsageError
 from ..host.channel import GuestChannel
 from ..host.guests import Guest, GuestEvent
 from ..host.server import CommandServer
-from ..protocol import Limits
-from ..timeouts import DEFAULT_TIMEOUT
-from .defaults import default_control_address, default_control_path, read_token_file
+from .config import ServeConfig
 from .metrics import ServeMetrics
 
 if TYPE_CHECKING:
     from .control_api import ControlAPI
 
-__all__ = [
-    "DEFAULT_GRACE",
-    "DEFAULT_PROBE_INTERVAL",
-    "DEFAULT_PROBE_TIMEOUT",
-    "Daemon",
-    "ListenSpec",
-    "ServeConfig",
-    "parse_listen_spec",
-    "run_serve",
-]
-
-DEFAULT_PROBE_INTERVAL: Final = 30.0
-DEFAULT_PROBE_TIMEOUT: Final = 5.0
-DEFAULT_GRACE: Final = 10.0
+__all__ = ["Daemon", "run_serve"]
 
 logger = logging.getLogger("vsock_async.serve")
 
 
-@dataclass(frozen=True, slots=True)
-class ListenSpec:
-    """One address guests dial in to, and the label naming the guest behind it."""
-
-    address: Address
-    label: str | None = None
-
-
-def parse_listen_spec(text: str) -> ListenSpec:
-    """``[LABEL=]ADDRESS``: a label is the part before ``=`` when it holds no ``:`` or ``/``."""
-    label, sep, rest = text.partition("=")
-    if sep and label and ":" not in label and "/" not in label:
-        address = parse_address(rest)
-        if isinstance(address, VsockAddress):
-            raise UsageError(
-                f"{text!r}: a vsock:// listener names each guest by its CID; labels are for"
-                " hvsock:, unix: and tcp:// listeners"
-            )
-        return ListenSpec(address, label)
-    return ListenSpec(parse_address(text))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    """Everything ``serve`` is told on its command line, checked."""
-
-    listeners: tuple[ListenSpec, ...] = (ListenSpec(DEFAULT_ADDRESS),)
-    allowed_cids: frozenset[int] | None = None
-    control: UnixAddress | TcpAddress = field(
-        default_factory=lambda: UnixAddress(default_control_path())
-    )
-    token: str | None = field(default=None, repr=False)
-    limits: Limits = field(default_factory=Limits)
-    default_timeout: float | None = DEFAULT_TIMEOUT
-    probe_interval: float | None = DEFAULT_PROBE_INTERVAL
-    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
-    grace: float = DEFAULT_GRACE
-    log_level: str = "info"
-    log_format: str = "text"
-
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        listen: Sequence[str] = (),
-        allowed_cids: Sequence[int] | None = None,
-        control: str | None = None,
-        token_file: str | None = None,
-        control_allow_remote: bool = False,
-        default_timeout: float | None = DEFAULT_TIMEOUT,
-        probe_interval: float | None = DEFAULT_PROBE_INTERVAL,
-        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
-        grace: float = DEFAULT_GRACE,
-        max_command: int | None = None,
-        max_stdout: int | None = None,
-        max_stderr: int | None = None,
-        log_level: str = "info",
-        log_format: str = "text",
-    ) -> ServeConfig:
-        """Check and combine command-line options; UsageError says what is wrong."""
-        listeners = tuple(parse_listen_spec(t) for t in listen) or (ListenSpec(DEFAULT_ADDRESS),)
-        cids = frozenset(allowed_cids) if allowed_cids else None
-        if cids and not any(isinstance(s.address, VsockAddress) for s in listeners):
-            raise UsageError("--allowed-cid applies to vsock:// listeners, and there is none")
-        control_text = control or default_control_address()
-        control_address = parse_address(control_text)
-        if not isinstance(control_address, UnixAddress | TcpAddress):
-            raise UsageError(
-                f"--control {control_text}: the control API listens on unix:PATH or tcp://HOST:PORT"
-            )
-        token = read_token_file(token_file) if token_file else None
-        if isinstance(control_address, TcpAddress):
-            if token is None:
-                raise UsageError(
-                    f"--control {control_address} needs --token-file: on TCP anyone on the"
-                    " machine could otherwise run commands in your guests"
-                )
-            if not _is_loopback(control_address.host) and not control_allow_remote:
-                raise UsageError(
-                    f"--control {control_address} is not a loopback address; add"
-                    " --control-allow-remote to serve the control API beyond this machine"
-                )
-        base = Limits()
-        limits = Limits(
-            max_command=base.max_command if max_command is None else max_command,
-            max_stdout=base.max_stdout if max_stdout is None else max_stdout,
-            max_stderr=base.max_stderr if max_stderr is None else max_stderr,
-        )
-        return cls(
-            listeners=listeners,
-            allowed_cids=cids,
-            control=control_address,
-            token=token,
-            limits=limits,
-            default_timeout=default_timeout,
-            probe_interval=probe_interval,
-            probe_timeout=probe_timeout,
-            grace=grace,
-            log_level=log_level,
-            log_format=log_format,
-        )
-
-
-# -- the daemon ---------------------------------------------------------------------------
+def _make_private_directories(path: str) -> None:
+    """Create ``path`` and its missing parents, each 0700 whatever the umask."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # made meanwhile by someone else: checked by the caller
+            continue
+        os.chmod(directory, 0o700)  # a umask can only have taken bits away
 
 
 class Daemon:
@@ -202,13 +69,21 @@ class Daemon:
         self._signals = 0
         self._probes: set[asyncio.Task[None]] = set()
         self._probing: set[int] = set()
+        self._present: set[object] = set()
+        """Keys of the guests with a connection, as the events have told."""
         self._draining = False
 
     # -- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Listen for guests and serve the control API; ListenFailed/UsageError if it cannot."""
-        from .control_api import ControlAPI
+        try:
+            from .control_api import ControlAPI
+        except ImportError as exc:
+            raise UsageError(
+                f"the control API needs aiohttp ({exc}); install it with:"
+                " pip install 'vsock_async[serve]'"
+            ) from None
 
         self.server.subscribe(self._on_guest_event)
         for spec in self.config.listeners:
@@ -236,7 +111,7 @@ class Daemon:
         if isinstance(address, UnixAddress):
             parent = os.path.dirname(os.path.abspath(address.path))
             try:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
+                _make_private_directories(parent)
                 st = os.lstat(parent)
             except OSError as exc:
                 raise UsageError(
@@ -266,11 +141,15 @@ class Daemon:
     # -- guests --------------------------------------------------------------------------
 
     def _on_guest_event(self, event: GuestEvent) -> Any:
+        key = event.guest.key
         if event.kind == "disconnected":
             self.metrics.connection_closed(event.channel.connection)
-            if not event.guest.connected:
-                logger.info("guest %r is gone: no connection left", event.guest.key)
+            # Connections that close together all see a guest with none left: say it once.
+            if not event.guest.connected and key in self._present:
+                self._present.discard(key)
+                logger.info("guest %r is gone: no connection left", key)
             return None
+        self._present.add(key)
         if self._draining:
             return None
         return self._probe(event.guest, event.channel, "first")
@@ -331,37 +210,29 @@ class Daemon:
         """Begin the graceful shutdown; a second call stops at once."""
         self._signals += 1
         if self._signals == 1:
+            grace = self.config.grace
             logger.info(
-                "%s: shutting down (up to %s s for running commands; again to stop at once)",
+                "%s: shutting down (%s for running commands; again to stop at once)",
                 why,
-                self.config.grace,
+                "no time limit" if grace is None else f"up to {grace:g} s",
             )
             self._stop.set()
         else:
             logger.info("%s again: stopping at once", why)
             self._force.set()
 
-    async def run(self) -> int:
-        """Start, serve until a signal, shut down; the exit status."""
+    async def run(self) -> None:
+        """Start, serve until a signal, shut down. What made the start fail is raised."""
         loop = asyncio.get_running_loop()
         try:
             await self.start()
-        except (VsockAsyncError, OSError) as exc:
-            print(f"vsock-async serve: error: {exc}", file=sys.stderr)
+        except BaseException:
             await self._close()
-            return 1
-        except ImportError as exc:
-            print(
-                f"vsock-async serve: error: the control API needs aiohttp ({exc});"
-                " install it with: pip install 'vsock_async[serve]'",
-                file=sys.stderr,
-            )
-            await self._close()
-            return 1
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, f"received {sig.name}")
         reprobe = None
-        if self.config.probe_interval:
+        if self.config.probe_interval is not None:
             reprobe = asyncio.create_task(self._reprobe_idle(self.config.probe_interval))
         logger.info("serving guests on %s", ", ".join(str(a) for a in self.server.addresses))
         try:
@@ -374,7 +245,6 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         logger.info("stopped")
-        return 0
 
     async def _drain(self) -> None:
         """Stop accepting; wait for running commands until they end, the grace, or a signal."""
@@ -413,10 +283,10 @@ class Daemon:
             self._control_file.remove()
 
 
-def run_serve(config: ServeConfig) -> int:
-    """Run the daemon in a new event loop until it is stopped; the exit status."""
+def run_serve(config: ServeConfig) -> None:
+    """Run the daemon in a new event loop until it is stopped.
+
+    Raises :class:`VsockAsyncError` or :class:`OSError` when it cannot start.
+    """
     configure_logging(config.log_level, config.log_format)
-    try:
-        return asyncio.run(Daemon(config).run())
-    except KeyboardInterrupt:
-        return 130
+    asyncio.run(Daemon(config).run())

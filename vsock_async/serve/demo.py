@@ -20,17 +20,18 @@ from typing import TextIO
 
 from .._sockets import FORBID_VSOCK_CONNECT_ENV
 from ..errors import VsockAsyncError
+from ..timeouts import DEFAULT, Timeout
 from .control_client import ControlClient, ControlError
 
 __all__ = ["run_demo"]
 
 GUEST_KEY = "demo"
 
-_COMMANDS: list[tuple[str, str | list[str], float | None]] = [
-    ("a shell command line", "uname -sr; echo hello from the guest", None),
-    ("stderr and an exit code", "echo 'this goes to stderr' >&2; exit 42", None),
-    ("argv, quoted with shlex.join", ["printf", "[%s]\\n", "it's one argument", "*"], None),
-    ("binary output, lossless", "printf '\\000\\001\\377'", None),
+_COMMANDS: list[tuple[str, str | list[str], Timeout]] = [
+    ("a shell command line", "uname -sr; echo hello from the guest", DEFAULT),
+    ("stderr and an exit code", "echo 'this goes to stderr' >&2; exit 42", DEFAULT),
+    ("argv, quoted with shlex.join", ["printf", "[%s]\\n", "it's one argument", "*"], DEFAULT),
+    ("binary output, lossless", "printf '\\000\\001\\377'", DEFAULT),
     ("a deadline that fires: HTTP 504", "echo started; sleep 5", 0.3),
 ]
 
@@ -98,9 +99,7 @@ def _drive(client: ControlClient) -> None:
         shown = shlex.join(command) if isinstance(command, list) else command
         print(f"\n  {title}\n    $ {shown}")
         try:
-            outcome = client.run(
-                GUEST_KEY, command, timeout="default" if timeout is None else timeout
-            )
+            outcome = client.run(GUEST_KEY, command, timeout=timeout)
         except ControlError as exc:
             print(f"    -> HTTP {exc.status} {exc.code}: {exc.message}")
             if exc.code == "command_timeout":

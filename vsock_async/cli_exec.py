@@ -1,0 +1,151 @@
+"""``vsock-async exec`` and ``vsock-async guests``: the control client library, driven from a
+terminal. Standard library only; the exit codes are :mod:`vsock_async.cli`'s."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import BinaryIO, TextIO
+
+from .cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from .errors import UsageError, VsockAsyncError
+from .serve.control_client import ControlClient, ControlError
+from .serve.defaults import TOKEN_FILE_ENV, read_token_file
+from .timeouts import Timeout
+
+__all__ = ["exec_command", "list_guests"]
+
+
+def _client(control: str | None, token_file: str | None) -> ControlClient:
+    token_path = token_file or os.environ.get(TOKEN_FILE_ENV)
+    token = read_token_file(token_path) if token_path else None
+    return ControlClient(control, token=token)
+
+
+def _pick_guest(client: ControlClient, guest: str | None) -> str:
+    if guest is not None:
+        return guest
+    keys = [g["key"] for g in client.guests()]
+    if len(keys) == 1:
+        return str(keys[0])
+    if not keys:
+        raise UsageError("no guest is connected to the daemon (see `vsock-async guests`)")
+    raise UsageError(
+        f"{len(keys)} guests are connected ({', '.join(sorted(keys))}): pick one with --guest"
+    )
+
+
+class _ElapsedTicker:
+    """Shows ``[running 3s]`` on a terminal's stderr while a command runs; nothing otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __enter__(self) -> _ElapsedTicker:
+        if self._stream.isatty():
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+    def _tick(self) -> None:
+        start = time.monotonic()
+        while not self._done.wait(1.0):
+            self._stream.write(f"\r\x1b[K[running {time.monotonic() - start:.0f}s]")
+            self._stream.flush()
+            self._shown = True
+
+
+def _write(stream: BinaryIO, data: bytes) -> None:
+    stream.write(data)
+    stream.flush()
+
+
+def _base64_field(value: object) -> bytes:
+    return base64.b64decode(value) if isinstance(value, str) else b""
+
+
+def exec_command(
+    command: str | list[str],
+    *,
+    control: str | None,
+    token_file: str | None,
+    guest: str | None,
+    timeout: Timeout,
+) -> int:
+    """Run ``command`` in a guest through the daemon, copy its output; the exit status.
+
+    The guest's exit code, or :data:`EXIT_TIMEOUT` when the deadline fired
+    (the output that arrived is still written) or :data:`EXIT_FAILED` when
+    the daemon or the guest connection failed.
+    """
+    try:
+        client = _client(control, token_file)
+        key = _pick_guest(client, guest)
+        with _ElapsedTicker(sys.stderr):
+            outcome = client.run(key, command, timeout=timeout)
+    except ControlError as exc:
+        if exc.code == "command_timeout":
+            _write(sys.stdout.buffer, _base64_field(exc.body.get("stdout")))
+            _write(sys.stderr.buffer, _base64_field(exc.body.get("stderr")))
+            print(f"vsock-async exec: {exc.message}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except VsockAsyncError as exc:
+        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        _write(sys.stdout.buffer, outcome.stdout)
+        _write(sys.stderr.buffer, outcome.stderr)
+    except BrokenPipeError:
+        # The reader went away (``exec ... | head``): exit as a shell pipeline member would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return outcome.exit_code
+
+
+def list_guests(*, control: str | None, token_file: str | None, as_json: bool) -> int:
+    """Print the connected guests: a table, or the API's JSON with ``as_json``."""
+    try:
+        guests = _client(control, token_file).guests()
+    except VsockAsyncError as exc:
+        print(f"vsock-async guests: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if as_json:
+        print(json.dumps({"guests": guests}, indent=2))
+        return EXIT_OK
+    if not guests:
+        print("no guests connected")
+        return EXIT_OK
+    header = ("KEY", "CONNECTIONS", "BUSY", "PEER", "CONNECTED AT", "LAST PROBE")
+    rows = [
+        (
+            str(g["key"]),
+            str(g["connections"]),
+            f"{g['busy_connections']}/{g['connections']}",
+            str(g["peer"] or "-"),
+            str(g["connected_at"] or "-"),
+            str(g["last_probe"] or "-"),
+        )
+        for g in guests
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
