@@ -22,7 +22,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import ClosedLocally, CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
+from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
 from ..protocol import PROBE_COMMAND
 from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
@@ -194,9 +194,7 @@ class Guest:
         """Close all its connections; their calls, and calls waiting here, get ConnectionClosed."""
         channels = self.channels
         for channel in channels:
-            channel.connection.abort(
-                ClosedLocally(f"connection {channel.id} of guest {self.key!r} was dropped")
-            )
+            channel.abort(f"connection {channel.id} of guest {self.key!r} was dropped")
         self._fail_waiters()
         for channel in channels:
             await channel.wait_closed()

@@ -257,10 +257,8 @@ class CommandServer:
             logger.info(
                 "closing connection %s of guest %r: replaced by %s", old.id, key, channel.id
             )
-            old.connection.abort(
-                ClosedLocally(
-                    f"connection {old.id} of guest {key!r} was replaced by connection {channel.id}"
-                )
+            old.abort(
+                f"connection {old.id} of guest {key!r} was replaced by connection {channel.id}"
             )
         for waiter in self._guest_waiters.pop(key, ()):
             if not waiter.done():
@@ -357,7 +355,7 @@ class CommandServer:
         )
         self._channels[channel.id] = channel
         self._pending[channel.id] = channel
-        conn.add_close_callback(lambda _: self._channel_gone(channel))
+        channel.add_close_callback(self._channel_gone)
         logger.info(
             "guest %r connected: channel %s%s on %s",
             channel.key,
@@ -378,7 +376,7 @@ class CommandServer:
     def _channel_gone(self, channel: GuestChannel) -> None:
         self._channels.pop(channel.id, None)
         self._pending.pop(channel.id, None)
-        error = channel.connection.error
+        error = channel.error
         logger.info("guest %r disconnected: channel %s (%s)", channel.key, channel.id, error)
         guest = self._guests.get(channel.key)
         if guest is None:
@@ -474,7 +472,7 @@ class CommandServer:
         for task in self._tasks:
             task.cancel()
         for channel in list(self._channels.values()):
-            channel.connection.abort(ClosedLocally("the server is closing"))
+            channel.abort("the server is closing")
 
     @property
     def closed(self) -> bool:
