@@ -378,6 +378,16 @@ def test_error_for_another_request_ends_nothing() -> None:
     assert h.data_to_send() == []  # an ERROR is never answered with an ERROR
 
 
+def test_an_error_for_another_frame_before_started_ends_nothing() -> None:
+    """The host may send a frame right behind its EXEC; an ERROR for that one is not for EXEC."""
+    h = host()
+    h.open_exec({"argv": ["x"]})
+    h.receive_data(jframe(1, T.ERROR, {"code": "unknown_type", "message": "?", "type": 0x7F}))
+    assert events(h) == [RequestFailed(1, 0x7F, "unknown_type", "?", None)]
+    h.receive_data(jframe(1, T.STARTED, {"pid": 3}))
+    assert events(h) == [Started(1, 3)]
+
+
 @pytest.mark.parametrize(
     "payload",
     [
