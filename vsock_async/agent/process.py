@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from . import pty
 from .request import ExecSpec, Refused
+from .terminal import eof_char, foreground_group, open_pty, set_size, take_terminal
 
 __all__ = ["STDERR", "STDOUT", "Process", "StreamLink", "signal_session"]
 
@@ -74,7 +74,7 @@ class Process:
         link: StreamLink,
         *,
         shell: str,
-        output_grace: float,
+        output_grace: float | None,
         max_read: int,
     ) -> None:
         """Start the process (synchronously: no await between fork and owning the pid).
@@ -102,7 +102,7 @@ class Process:
         self._stopping = False
         self._discard = False
         self.timed_out = False
-        self.proc = _spawn(spec, shell, self)
+        self.proc = _start_process(spec, shell, self)
         self.pid = self.proc.pid
         self.session = self.proc.pid  # setsid: the process leads its session and its group
 
@@ -125,7 +125,7 @@ class Process:
         group = self.session
         if self._master >= 0:
             with contextlib.suppress(OSError):  # no foreground group any more: the session's
-                group = pty.foreground_group(self._master)
+                group = foreground_group(self._master)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signum)
 
@@ -133,7 +133,7 @@ class Process:
         """Resize the terminal; :class:`Refused` if the process has none."""
         if self._master < 0:
             raise Refused("bad_request", "RESIZE on a stream that has no pty")
-        pty.set_size(self._master, rows, cols)
+        set_size(self._master, rows, cols)
 
     def close(self) -> None:
         """The host gave up: TERM the session, KILL after the grace, read and drop its output."""
@@ -186,7 +186,7 @@ class Process:
         )
 
     async def _drain_output(self) -> bool:
-        """Wait for EOF on every output; False if the grace ran out first.
+        """Wait for EOF on every output; False if the grace ran out first (None: no limit).
 
         The grace clock runs only while every open channel is being read: time spent
         waiting for the host's credit never cuts output from a process that has exited.
@@ -194,7 +194,7 @@ class Process:
         left = self._grace
         while any(not output.closed for output in self._outputs):
             self._changed.clear()
-            if not all(output.reading for output in self._outputs if not output.closed):
+            if left is None or not all(o.reading for o in self._outputs if not o.closed):
                 await self._changed.wait()
                 continue
             if left <= 0:
@@ -330,7 +330,7 @@ class Process:
         if self._stdin_end:
             if self._stdin == self._master:  # a terminal has no half-close: type its EOF
                 with contextlib.suppress(OSError):
-                    os.write(self._master, pty.eof_char(self._master))
+                    os.write(self._master, eof_char(self._master))
                 self._stdin = -1
             else:
                 self._close_stdin()
@@ -390,7 +390,7 @@ def _argv(spec: ExecSpec, shell: str) -> list[bytes]:
     return [os.fsencode(shell), b"-c", spec.command]
 
 
-def _spawn(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
+def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
     """Fork and exec the process in a new session, wiring its stdio into ``process``."""
     argv = _argv(spec, shell)
     env = dict(os.environb)
@@ -404,7 +404,7 @@ def _spawn(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[byt
     preexec: Callable[[], None] | None = None
     try:
         if spec.pty is not None:
-            master, slave = pty.open_pty(*spec.pty)
+            master, slave = open_pty(*spec.pty)
             process._master = master
             child_fds.append(slave)
             if user is not None:
@@ -412,7 +412,7 @@ def _spawn(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[byt
             stdin: int = slave
             stdout: int = slave
             stderr: int = slave
-            preexec = pty.take_terminal
+            preexec = take_terminal
             process._outputs = [_Output(STDOUT, master), _Output(STDERR, -1)]
             if spec.stdin:
                 process._stdin = master

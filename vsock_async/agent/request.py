@@ -23,7 +23,7 @@ __all__ = ["DEFAULT_KILL_GRACE", "ExecSpec", "Refused", "User", "parse_exec"]
 
 DEFAULT_KILL_GRACE: Final = 5.0
 _STDERR_MODES: Final = frozenset({"pipe", "stdout", "null"})
-_TERMINAL_MAX: Final = 0xFFFF  # struct winsize holds unsigned shorts
+_WINSIZE_MAX: Final = 0xFFFF  # struct winsize holds unsigned shorts
 
 
 class Refused(Exception):
@@ -112,7 +112,7 @@ def parse_exec(
         env=env,
         cwd=None if cwd is None else _text(cwd, "cwd"),
         user=None if user is None else _user(user, can_switch_user),
-        stdin=_bool(request.get("stdin", False), "stdin"),
+        stdin=_flag(request.get("stdin", False), "stdin"),
         stderr=_stderr(request.get("stderr", "pipe")),
         pty=pty,
         timeout=_seconds(request.get("timeout"), "timeout", allow_none=True),
@@ -153,7 +153,7 @@ def _env(value: Any) -> dict[bytes, bytes]:
     return env
 
 
-def _bool(value: Any, what: str) -> bool:
+def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise Refused("bad_request", f"{what} must be true or false, not {value!r}")
     return value
@@ -176,8 +176,8 @@ def _pty(value: Any) -> tuple[int, int] | None:
         number = value.get(key)
         if isinstance(number, bool) or not isinstance(number, int):
             raise Refused("bad_request", f"pty.{key} must be an integer, not {number!r}")
-        if not 0 <= number <= _TERMINAL_MAX:
-            raise Refused("bad_request", f"pty.{key} must be in 0..{_TERMINAL_MAX}, not {number}")
+        if not 0 <= number <= _WINSIZE_MAX:
+            raise Refused("bad_request", f"pty.{key} must be in 0..{_WINSIZE_MAX}, not {number}")
         size.append(number)
     return size[0], size[1]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +36,13 @@ from ..protocol.v2 import (
     SignalRequested,
     StdinData,
 )
-from . import pty
 from .process import Process
 from .request import Refused, parse_exec
+from .terminal import pty_available
 
 __all__ = ["V2Connection", "V2Settings", "agent_name", "capabilities"]
 
-logger = logging.getLogger("vsock_async.agent")
+_logger = logging.getLogger("vsock_async.agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +50,15 @@ class V2Settings:
     """How the agent runs v2 processes, and the limits it announces in its hello."""
 
     shell: str = "/bin/sh"
-    output_grace: float = 1.0
+    output_grace: float | None = 1.0
+    """Seconds to wait for EOF on a process's output after it exits (None: no limit)."""
     limits: AgentLimits = field(default_factory=AgentLimits)
 
 
 def capabilities() -> list[str]:
     """What this agent can do here: ``pty``/``resize`` if a terminal opens, ``user`` as root."""
     found = ["exec", "signal", "ping"]
-    if pty.pty_available():
+    if pty_available():
         found += ["pty", "resize"]
     if os.geteuid() == 0:
         found.append("user")
@@ -64,10 +66,13 @@ def capabilities() -> list[str]:
 
 
 def agent_name() -> str:
-    """``vsock_async/<version>``, for the hello answer."""
-    from .. import __version__  # here: the package is fully imported by the time anyone asks
+    """``vsock_async/<version>`` for the hello answer.
 
-    return f"vsock_async/{__version__}"
+    The version is looked up, not imported: the single-file agent has no package to import
+    it from (it answers ``vsock_async/unknown`` unless its build defines ``__version__``).
+    """
+    version = getattr(sys.modules.get("vsock_async"), "__version__", None)
+    return f"vsock_async/{version or globals().get('__version__', 'unknown')}"
 
 
 class V2Connection(asyncio.BufferedProtocol):
@@ -136,7 +141,7 @@ class V2Connection(asyncio.BufferedProtocol):
         if exc is not None and self.why == "closed by the agent":
             self.why = f"connection lost: {exc}"
         if self._processes:
-            logger.info(
+            _logger.info(
                 "the connection is gone; killing its processes",
                 extra={"fields": {"peer": self._peer, "processes": len(self._processes)}},
             )
@@ -173,7 +178,7 @@ class V2Connection(asyncio.BufferedProtocol):
     def _abort(self, why: str) -> None:
         self._dead = True
         self.why = why
-        logger.warning(
+        _logger.warning(
             "closing a v2 connection", extra={"fields": {"peer": self._peer, "why": why}}
         )
         self.close()
@@ -187,7 +192,7 @@ class V2Connection(asyncio.BufferedProtocol):
                 self._exec(event)
                 continue
             if isinstance(event, RequestFailed):
-                logger.info(
+                _logger.info(
                     "the host refused a frame",
                     extra={"fields": {"stream": event.stream, "code": event.code}},
                 )
@@ -233,7 +238,7 @@ class V2Connection(asyncio.BufferedProtocol):
                 max_read=self._max_read,
             )
         except Refused as refused:
-            logger.info(
+            _logger.info(
                 "refused an EXEC",
                 extra={"fields": {"stream": stream, "code": refused.code, "errno": refused.errno}},
             )
@@ -253,12 +258,12 @@ class V2Connection(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("supervising a process failed; closing the connection")
+            _logger.exception("supervising a process failed; closing the connection")
             self._abort("the agent failed to supervise a process")
             return
         finally:
             self._processes.pop(stream, None)
-        logger.info(
+        _logger.info(
             "process exited",
             extra={
                 "fields": {

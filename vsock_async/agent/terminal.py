@@ -12,9 +12,16 @@ import os
 import struct
 import termios
 
-__all__ = ["eof_char", "foreground_group", "open_pty", "pty_available", "set_size", "take_terminal"]
+__all__ = [
+    "eof_char",
+    "foreground_group",
+    "open_pty",
+    "pty_available",
+    "set_size",
+    "take_terminal",
+]
 
-_WINSIZE = struct.Struct("HHHH")  # struct winsize: rows, cols, xpixel, ypixel
+_WINSIZE_STRUCT = struct.Struct("HHHH")  # struct winsize: rows, cols, xpixel, ypixel
 
 
 def pty_available() -> bool:
@@ -47,7 +54,7 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
 
 def set_size(master: int, rows: int, cols: int) -> None:
     """Resize the terminal; the kernel sends ``SIGWINCH`` to its foreground process group."""
-    fcntl.ioctl(master, termios.TIOCSWINSZ, _WINSIZE.pack(rows, cols, 0, 0))
+    fcntl.ioctl(master, termios.TIOCSWINSZ, _WINSIZE_STRUCT.pack(rows, cols, 0, 0))
 
 
 def take_terminal() -> None:
