@@ -25,7 +25,12 @@ with atheris.instrument_imports():
         OversizedCommand,
         ResultDecoder,
     )
-    from vsock_async.protocol.v1_host import ConnectionEnded, HostConnectionV1, ResultReceived
+    from vsock_async.protocol.v1_host import (
+        ConnectionEnded,
+        ConnectionState,
+        HostConnectionV1,
+        ResultReceived,
+    )
 
 SLACK = 64 * 1024 + 8 * 1024  # first chunk + scratch buffer
 
@@ -38,7 +43,7 @@ def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
         decoder.receive_data(piece)
         return
     pos = 0
-    while pos < len(piece):
+    while pos < len(piece) and not ended(decoder):  # an I/O layer stops reading there
         with decoder.get_buffer(-1) as buf:
             if not len(buf):
                 raise AssertionError("an empty buffer was lent")
@@ -46,6 +51,10 @@ def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
             buf[:n] = piece[pos : pos + n]
         decoder.buffer_updated(n)
         pos += n
+
+
+def ended(decoder: Fed) -> bool:
+    return isinstance(decoder, HostConnectionV1) and decoder.state is ConnectionState.CLOSED
 
 
 def held(decoder: ResultDecoder | CommandDecoder) -> int:

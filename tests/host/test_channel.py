@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 import vsock_async
+from tests.agent_process import agent_task, short_socket_path
 from tests.guests import Answer, Handler, Raw, ScriptedGuest, Silent, echo_handler
 from vsock_async import (
     ClosedLocally,
@@ -30,7 +31,8 @@ from vsock_async import (
     ProtocolError,
     UsageError,
 )
-from vsock_async.protocol import encode_command, encode_result
+from vsock_async.agent import GuestAgent
+from vsock_async.protocol import ResultDecoder, encode_command, encode_result
 
 
 @dataclass
@@ -695,3 +697,38 @@ async def test_a_command_longer_than_max_command_is_refused_before_sending(
         assert (await channel.run("x" * 100)).stdout == b"x" * 100
         assert guest.commands == [b"x" * 100]
         await guest.close()
+
+
+@pytest.mark.asyncio
+async def test_truncation_read_from_the_real_agents_v1_answers(tmp_path: Path) -> None:
+    """Our agent, cutting output at --max-output, answers v1 with notes at the end of stderr;
+    the v1 decoder turns them into stdout_truncated / stderr_truncated."""
+    path = short_socket_path(tmp_path, "trunc.sock")
+    connected: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await connected.put((reader, writer))
+
+    async def run(command: bytes) -> CommandResult:
+        writer.write(encode_command(command))
+        decoder = ResultDecoder()
+        while (result := decoder.next_event()) is None:
+            decoder.receive_data(await reader.read(65536))
+        return result
+
+    async with (
+        await asyncio.start_unix_server(on_agent, path),
+        agent_task(GuestAgent(f"unix:{path}", max_output=300)),
+    ):
+        reader, writer = await asyncio.wait_for(connected.get(), 10)
+        out = await run(b"head -c 1000 /dev/zero | tr '\\0' o; echo fine >&2")
+        assert (out.stdout_truncated, out.stderr_truncated) == (True, False)
+        assert out.stdout == b"o" * 300 and out.stderr.startswith(b"fine\n")
+        err = await run(b"head -c 1000 /dev/zero | tr '\\0' e >&2")
+        assert (err.stdout_truncated, err.stderr_truncated) == (False, True)
+        assert len(err.stderr) == 300
+        both = await run(b"head -c 500 /dev/zero; head -c 500 /dev/zero >&2")
+        assert (both.stdout_truncated, both.stderr_truncated) == (True, True)
+        whole = await run(b"echo hi; echo there >&2; exit 3")
+        assert whole == CommandResult(b"hi\n", b"there\n", 3)
+        writer.close()

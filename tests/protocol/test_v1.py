@@ -18,6 +18,7 @@ from vsock_async.protocol import (
     encode_result,
     result_frame_parts,
 )
+from vsock_async.protocol.v1 import agent_cut_notes
 
 
 def feed_chunks(decoder: ResultDecoder | CommandDecoder, data: bytes, cuts: list[int]) -> None:
@@ -277,3 +278,63 @@ def test_skipping_never_lends_more_than_the_rest_of_the_body() -> None:
     decoder.receive_data(b"y" * 15 + encode_command(b"ok"))
     assert drain(decoder) == [OversizedCommand(20, 10), Command(b"ok")]
     assert not decoder.in_frame
+
+
+# -- what v1 results say about truncation -----------------------------------------------------
+
+STDOUT_NOTE = b"vsock-async agent: stdout cut to its first 5 bytes of 9 (--max-output)\n"
+
+
+def stderr_note(cap: int) -> bytes:
+    return (
+        b"vsock-async agent: stderr cut: the command wrote 999 bytes, more than fit in %d"
+        b" (--max-output) with these notes\n" % cap
+    )
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["one-read", "bytewise"])
+def test_results_carry_the_agents_truncation_notes(fast: bool) -> None:
+    err = b"some stderr\n" + STDOUT_NOTE + b"vsock-async agent: the command ran longer...\n"
+    both = b"x" * 10 + stderr_note(200) + STDOUT_NOTE  # as the agent cuts: mid-line
+    both = b"x" * (10 + 200 - len(both)) + stderr_note(200) + STDOUT_NOTE
+    assert len(both) == 200
+    cases = [
+        ((b"abcde", err, 0), (True, False)),
+        ((b"abcd", err, 0), (False, False)),  # the length named is not stdout's: not trusted
+        ((b"abcde", err + b"more output\n", 0), (False, False)),  # not the last lines
+        ((b"abcde", b"", 0), (False, False)),
+        ((b"abcde", both, 0), (True, True)),
+    ]
+    for answer, (out_cut, err_cut) in cases:
+        decoder = ResultDecoder()
+        data = encode_result(*answer)
+        if fast:
+            decoder.receive_data(data)
+        else:
+            feed_chunks(decoder, data, list(range(len(data))))
+        (result,) = drain(decoder)
+        assert isinstance(result, CommandResult)
+        assert (result.stdout_truncated, result.stderr_truncated) == (out_cut, err_cut), answer
+        assert result.exit_signal is None  # v1 cannot tell a signal from an exit code
+
+
+def test_only_the_last_short_lines_count_as_notes() -> None:
+    assert agent_cut_notes(b"abcde", STDOUT_NOTE) == (True, False)
+    assert agent_cut_notes(b"abcde", STDOUT_NOTE[:-1]) == (False, False)  # no newline
+    glued = b"x" * 600 + STDOUT_NOTE  # the command's last line did not end: still the note
+    assert agent_cut_notes(b"abcde", glued) == (True, False)
+    assert agent_cut_notes(b"abcde", STDOUT_NOTE + b"\n") == (False, False)  # not the last line
+    padded = STDOUT_NOTE[:-1] + b" " * 600 + b"\n"
+    assert agent_cut_notes(b"abcde", padded) == (False, False)
+    notes_then_text = STDOUT_NOTE + b"vsock-async agent: stderr cut: something else\n"
+    assert agent_cut_notes(b"abcde", notes_then_text) == (True, False)
+
+
+def test_old_result_constructors_still_work() -> None:
+    result = CommandResult(b"o", b"e", 3, False)
+    assert (result.exit_signal, result.stdout_truncated, result.stderr_truncated) == (
+        None,
+        False,
+        False,
+    )
+    assert result.returncode == 3

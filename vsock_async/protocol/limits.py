@@ -25,5 +25,5 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("max_command", "max_stdout", "max_stderr"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value <= U32_MAX:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
                 raise UsageError(f"Limits.{name} must be an int in 0..{U32_MAX}, not {value!r}")

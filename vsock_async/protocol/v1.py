@@ -17,22 +17,25 @@ allocated for it, and a body below it gets memory only as its bytes arrive.
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from ..results import CommandResult
 from .limits import U32_MAX, Limits
 
 __all__ = [
+    "AGENT_NOTE_PREFIX",
     "PROBE_COMMAND",
     "Command",
     "CommandDecoder",
     "OversizedCommand",
     "ResultDecoder",
+    "agent_cut_notes",
     "encode_command",
     "encode_result",
     "result_frame_parts",
@@ -98,6 +101,46 @@ _Event = TypeVar("_Event")
 # Results are immutable, so every empty answer with a given exit code (each probe) can be
 # one shared object instead of a new one per exchange.
 _EMPTY_RESULTS = tuple(CommandResult(b"", b"", code) for code in range(256))
+
+# v1 has no field that says output was cut: our agent says so in lines it appends to stderr
+# (vsock_async/agent/runner.py, _finish), the first of them glued to the command's own last
+# bytes when those end mid-line. Only the last lines are read, each note at most _NOTE_MAX
+# bytes, and a note counts only if the length it names is that of the stream it names.
+AGENT_NOTE_PREFIX: Final = b"vsock-async agent: "
+_NOTE_MAX = 512
+_STDOUT_CUT = re.compile(rb"stdout cut to its first (\d+) bytes of \d+ \(--max-output\)")
+_STDERR_CUT = re.compile(
+    rb"stderr cut: the command wrote \d+ bytes, more than fit in (\d+) \(--max-output\)"
+    rb" with these notes"
+)
+
+
+def agent_cut_notes(stdout: bytes, stderr: bytes) -> tuple[bool, bool]:
+    """Whether the agent's notes at the end of ``stderr`` say it cut stdout, and stderr."""
+    out_cut = err_cut = False
+    end = len(stderr)
+    while end and stderr[end - 1] == 0x0A:  # each note ends a line; stop at the first non-note
+        at = stderr.rfind(AGENT_NOTE_PREFIX, max(0, end - 1 - _NOTE_MAX), end - 1)
+        note = stderr[at + len(AGENT_NOTE_PREFIX) : end - 1]
+        if at < 0 or b"\n" in note:
+            break
+        if (match := _STDOUT_CUT.fullmatch(note)) is not None:
+            out_cut = out_cut or int(match[1]) == len(stdout)
+        elif (match := _STDERR_CUT.fullmatch(note)) is not None:
+            err_cut = err_cut or int(match[1]) == len(stderr)
+        end = at
+    return out_cut, err_cut
+
+
+def _result(stdout: bytes, stderr: bytes, exit_code: int) -> CommandResult:
+    """A v1 result, with what the agent's notes say about truncation."""
+    if stderr[-1:] == b"\n":
+        out_cut, err_cut = agent_cut_notes(stdout, stderr)
+        if out_cut or err_cut:
+            return CommandResult(
+                stdout, stderr, exit_code, stdout_truncated=out_cut, stderr_truncated=err_cut
+            )
+    return CommandResult(stdout, stderr, exit_code)
 
 
 class _WholeBody:
@@ -370,7 +413,7 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                 code_at = err_at + 4 + n_err
                 if n_err <= self._max_err and code_at < end:
                     self._events.append(
-                        CommandResult(
+                        _result(
                             view[start + 4 : err_at].tobytes(),
                             view[err_at + 4 : code_at].tobytes(),
                             view[code_at],
@@ -395,7 +438,7 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
 
     def _make_event(self, fields: list[bytes], trailer: int | None) -> CommandResult:
         assert trailer is not None
-        return CommandResult(fields[0], fields[1], trailer)
+        return _result(fields[0], fields[1], trailer)
 
     def partial_output(self) -> tuple[bytes, bytes]:
         """The stdout and stderr bytes of the unfinished frame that have arrived so far."""
