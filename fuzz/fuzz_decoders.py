@@ -8,10 +8,15 @@ and the chunking; the rest is the byte stream. A crash is: a decoder raising
 anything but ``ProtocolError``, the state machine raising at all on the guest's
 bytes, a frame above the limit, a result out of order, or more memory held than
 the limit allows. Feeding either after it failed must be a ``UsageError``.
+
+``VSOCK_ASYNC_FUZZ_TARGET=v2 fuzz/run.sh`` fuzzes protocol v2 instead
+(:func:`test_one_input_v2`): the v2 frame decoder, and the host and agent
+sessions with streams open.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import atheris
@@ -25,11 +30,21 @@ with atheris.instrument_imports():
         OversizedCommand,
         ResultDecoder,
     )
-    from vsock_async.protocol.v1_host import (
-        ConnectionEnded,
-        ConnectionState,
-        HostConnectionV1,
-        ResultReceived,
+    from vsock_async.protocol.v1_host import ConnectionEnded, HostConnectionV1, ResultReceived
+    from vsock_async.protocol.v2 import (
+        AgentLimits,
+        AgentSession,
+        Channel,
+        ExecRequested,
+        Exited,
+        FrameDecoder,
+        FrameType,
+        HelloAnswer,
+        HelloRequest,
+        HostSession,
+        Output,
+        StdinData,
+        encode_json,
     )
 
 SLACK = 64 * 1024 + 8 * 1024  # first chunk + scratch buffer
@@ -43,7 +58,7 @@ def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
         decoder.receive_data(piece)
         return
     pos = 0
-    while pos < len(piece) and not ended(decoder):  # an I/O layer stops reading there
+    while pos < len(piece):
         with decoder.get_buffer(-1) as buf:
             if not len(buf):
                 raise AssertionError("an empty buffer was lent")
@@ -51,10 +66,6 @@ def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
             buf[:n] = piece[pos : pos + n]
         decoder.buffer_updated(n)
         pos += n
-
-
-def ended(decoder: Fed) -> bool:
-    return isinstance(decoder, HostConnectionV1) and decoder.state is ConnectionState.CLOSED
 
 
 def held(decoder: ResultDecoder | CommandDecoder) -> int:
@@ -141,8 +152,129 @@ def fuzz_host_connection(
     conn.receive_eof()
 
 
+# -- protocol v2 ---------------------------------------------------------------------------
+
+U32_MAX = 0xFFFF_FFFF
+KNOWN_V2 = set(FrameType)
+CONTROL_V2 = KNOWN_V2 - {FrameType.EXEC, FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR}
+
+
+def test_one_input_v2(data: bytes) -> None:
+    """Bytes into the v2 decoder, or into a host or agent session with streams open."""
+    fdp = atheris.FuzzedDataProvider(data)
+    kind = fdp.ConsumeIntInRange(0, 2)
+    max_frame = fdp.ConsumeIntInRange(1, 100_000)
+    max_control = fdp.ConsumeIntInRange(0, 100_000)
+    window = fdp.ConsumeIntInRange(0, 5000)
+    lend = fdp.ConsumeBool()
+    cuts = [fdp.ConsumeIntInRange(1, 4096) for _ in range(fdp.ConsumeIntInRange(0, 16))]
+    stream = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if kind == 0:
+        fuzz_v2_decoder(stream, cuts, max_frame, max_control, lend)
+    else:
+        fuzz_v2_session(stream, cuts, max_frame, window, lend, host=kind == 1)
+
+
+def pieces_of(stream: bytes, cuts: list[int]) -> list[bytes]:
+    out, pos = [], 0
+    for size in [*cuts, len(stream)]:
+        out.append(stream[pos : pos + size])
+        pos += size
+    return [piece for piece in out if piece]
+
+
+def fuzz_v2_decoder(
+    stream: bytes, cuts: list[int], max_frame: int, max_control: int, lend: bool
+) -> None:
+    """Only FrameTooLarge escapes; frames keep within their type's limit; memory follows."""
+    decoder = FrameDecoder(max_frame, max_control)
+    limit = max(max_frame, max_control)
+    for piece in pieces_of(stream, cuts):
+        try:
+            feed(decoder, piece, lend)  # duck-typed: the decoder has the same input methods
+        except ProtocolError:
+            try:
+                decoder.receive_data(b"x")
+            except UsageError:
+                return
+            raise AssertionError("a failed v2 decoder accepted more input") from None
+        held = sum(len(c) for c in decoder._chunks or [])
+        held += decoder._whole.length if decoder._whole is not None else 0
+        if held > 2 * limit + SLACK:
+            raise AssertionError(f"v2 decoder holds {held} bytes with limits {limit}")
+        while (frame := decoder.next_frame()) is not None:
+            if frame.type in CONTROL_V2:
+                ok = len(frame.payload) <= max_control
+            elif frame.type in KNOWN_V2:
+                ok = len(frame.payload) <= limit
+            else:
+                ok = frame.payload == b""  # unknown types are skipped
+            if not ok:
+                raise AssertionError(f"invalid frame {frame!r}")
+
+
+def fuzz_v2_session(
+    stream: bytes, cuts: list[int], max_frame: int, window: int, lend: bool, host: bool
+) -> None:
+    """A peer's bytes only ever raise ProtocolError; credit stays in bounds; what is sent parses."""
+    limits = AgentLimits(max_frame=max_frame, max_streams=4, stdin_window=window)
+    session: HostSession | AgentSession
+    if host:
+        caps = frozenset({"exec", "signal", "resize", "pty", "ping"})
+        session = HostSession(HelloAnswer(2, limits, caps, "fuzz"), max_frame)
+        session.open_exec({"argv": ["a"], "stdin": True, "pty": {}}, window)
+        session.open_exec({"argv": ["b"]}, window)
+        prelude = encode_json(1, FrameType.STARTED, {"pid": 1})
+    else:
+        session = AgentSession(HelloRequest((2,), "0123456789abcdef", max_frame), limits)
+        prelude = encode_json(1, FrameType.EXEC, {"argv": ["a"], "stdin": True, "pty": {}})
+        prelude += encode_json(3, FrameType.EXEC, {"argv": ["b"], "window": window})
+    for piece in [prelude, *pieces_of(stream, cuts)]:
+        try:
+            feed(session, piece, lend)  # duck-typed: the session has the same input methods
+        except ProtocolError:
+            try:
+                session.receive_data(b"x")
+            except UsageError:
+                return
+            raise AssertionError("a failed v2 session accepted more input") from None
+        check_v2_session(session, max_frame)
+    session.receive_eof()
+
+
+def check_v2_session(session: HostSession | AgentSession, max_frame: int) -> None:
+    if isinstance(session, HostSession):
+        while (event := session.next_event()) is not None:
+            if isinstance(event, Output) and len(event.data) > max_frame:
+                raise AssertionError(f"{event!r} is above max_frame {max_frame}")
+            if isinstance(event, Exited) and (event.exit_code is None) == (event.signal is None):
+                raise AssertionError(f"{event!r} has not exactly one of exit_code and signal")
+    else:
+        while (agent_event := session.next_event()) is not None:
+            if isinstance(agent_event, ExecRequested):
+                session.started(agent_event.stream, 1)
+                session.send_output(agent_event.stream, Channel.STDOUT, b"o" * 100, end=True)
+            elif isinstance(agent_event, StdinData):
+                session.stdin_consumed(agent_event.stream, len(agent_event.data))
+    for stream in session.streams:
+        for channel in Channel:
+            if not 0 <= session.credit(stream, channel) <= 2**31 - 1:
+                raise AssertionError(f"credit of stream {stream} {channel!r} out of bounds")
+    sent = FrameDecoder(U32_MAX, U32_MAX)
+    for chunk in session.data_to_send():
+        sent.receive_data(bytes(chunk))
+    if sent.in_frame:
+        raise AssertionError("a session queued part of a frame")
+    while (frame := sent.next_frame()) is not None:
+        if frame.type in (FrameType.STDOUT, FrameType.STDERR) and len(frame.payload) > max_frame:
+            raise AssertionError(f"sent {frame!r} above the peer's max_frame")
+
+
 def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
+    target = (
+        test_one_input_v2 if os.environ.get("VSOCK_ASYNC_FUZZ_TARGET") == "v2" else test_one_input
+    )
+    atheris.Setup(sys.argv, target)
     atheris.Fuzz()
 
 

@@ -8,7 +8,11 @@
 The file is the package's own modules that the agent uses, concatenated in
 dependency order with their relative imports removed, and the ``agent``
 subcommand's parser taken from ``vsock_async/cli.py``: the same code, no copy
-to keep in step. It needs only the standard library.
+to keep in step. It needs only the standard library. Its usage is
+``vsock-async-agent [options]``: the ``agent`` parser on its own, no subcommand.
+
+Every module shares the file's one namespace, so the build refuses two
+top-level definitions of one name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vsock_async"
 # Dependency order: each module only uses names defined above it.
 MODULES = (
     "errors",
+    "timeouts",
     "results",
     "protocol/limits",
     "protocol/v1",
@@ -31,20 +36,28 @@ MODULES = (
     "agent/runner",
     "agent/agent",
 )
-CLI_FUNCTIONS = ("_add_agent_parser", "_run_agent")
+CLI_NAMES = (
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+    "_size",
+    "_timeout",
+    "_add_agent_parser",
+    "_run_agent",
+)
 
 MAIN = '''
 
 def main(argv: list[str] | None = None) -> int:
     """The ``agent`` subcommand of ``vsock-async``, as a program of its own."""
-    parser = argparse.ArgumentParser(prog="vsock-async-agent")
-    subparsers = parser.add_subparsers(dest="subcommand", required=True)
-    _add_agent_parser(subparsers)
-    args = parser.parse_args(["agent", *(sys.argv[1:] if argv is None else argv)])
+    parser = _add_agent_parser(argparse.ArgumentParser().add_subparsers())
+    parser.prog = "vsock-async-agent"
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
@@ -56,7 +69,8 @@ def _strip(source: str, keep: tuple[str, ...] | None = None) -> str:
     """``source`` without its docstring, ``from __future__`` and relative imports.
 
     A relative import becomes ``pass`` (it may be the only statement of a
-    block). With ``keep``, only those top-level functions are kept.
+    block). With ``keep``, only the top-level functions and assignments of
+    those names are kept.
     """
     tree = ast.parse(source)
     lines = source.splitlines()
@@ -72,7 +86,7 @@ def _strip(source: str, keep: tuple[str, ...] | None = None) -> str:
         assert first.end_lineno is not None
         replace[first.lineno] = (first.end_lineno, "")
     if keep is not None:
-        wanted = [n for n in body if isinstance(n, ast.FunctionDef) and n.name in keep]
+        wanted = [n for n in body if _defined(n) & set(keep)]
         lines_kept: list[str] = []
         for node in wanted:
             assert node.end_lineno is not None
@@ -80,6 +94,27 @@ def _strip(source: str, keep: tuple[str, ...] | None = None) -> str:
             lines_kept.extend(["", ""])
         return "\n".join(lines_kept)
     return "\n".join(_apply(lines, replace, 1, len(lines)))
+
+
+def _defined(node: ast.stmt) -> set[str]:
+    """The names a top-level statement defines (imports excluded: they may repeat)."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else []
+    if isinstance(node, ast.AnnAssign):
+        targets = [node.target]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
+def _check_names(parts: dict[str, str]) -> None:
+    """Refuse a name defined at the top level of two parts: one would replace the other."""
+    seen: dict[str, str] = {}
+    for part, source in parts.items():
+        for node in ast.parse(source).body:
+            for name in _defined(node):
+                if name in seen and name != "__all__":
+                    raise SystemExit(f"{name} is defined in both {seen[name]} and {part}")
+                seen[name] = part
 
 
 def _apply(
@@ -111,12 +146,15 @@ def build() -> str:
         "import argparse",
         "import sys",
     ]
-    for name in MODULES:
-        parts.append(f"\n# ---- vsock_async/{name}.py " + "-" * 40)
-        parts.append(_strip((PACKAGE / f"{name}.py").read_text()))
-    parts.append("\n# ---- vsock_async/cli.py (agent subcommand) " + "-" * 24)
-    parts.append(_strip((PACKAGE / "cli.py").read_text(), keep=CLI_FUNCTIONS))
-    parts.append(MAIN)
+    sources = {
+        f"vsock_async/{name}.py": _strip((PACKAGE / f"{name}.py").read_text()) for name in MODULES
+    }
+    sources["vsock_async/cli.py"] = _strip((PACKAGE / "cli.py").read_text(), keep=CLI_NAMES)
+    sources["main"] = MAIN
+    _check_names(sources)
+    for name, source in sources.items():
+        parts.append(f"\n# ---- {name} " + "-" * 40)
+        parts.append(source)
     source = "\n".join(parts)
     compile(source, "vsock-async-agent.py", "exec")
     return source

@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- agent -------------------------------------------------------------------------------
 
 
-def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_agent_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``agent``; its parser is returned for the single-file agent to use on its own."""
     from .agent.agent import AGENT_DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT, DEFAULT_OUTPUT_GRACE
     from .protocol import Limits
 
@@ -77,6 +80,8 @@ def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         description=(
             "Run in a guest: dial the host (or wait for it to dial in), run each command it"
             " sends as SHELL -c COMMAND, and answer with stdout, stderr and the exit code."
+            " Sizes are bytes, or with a K, M or G suffix (1K = 1024); times are seconds, or"
+            " 'none' for no limit."
         ),
     )
     where = parser.add_mutually_exclusive_group()
@@ -98,32 +103,36 @@ def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument("--shell", default="/bin/sh", help="shell that runs each command with -c")
     parser.add_argument(
         "--command-timeout",
-        type=_seconds,
+        type=_timeout("--command-timeout"),
         metavar="S",
-        help="kill a command's process group after S seconds and answer exit code 124",
+        help=(
+            "kill a command's process group after S seconds and answer exit code 124;"
+            " 'none' for no limit (the default); 0 is refused (it would kill every command)"
+        ),
     )
     parser.add_argument(
         "--max-command",
-        type=int,
+        type=_size,
         default=Limits().max_command,
         metavar="BYTES",
         help="longer commands are discarded and answered with exit code 126 (default %(default)s)",
     )
     parser.add_argument(
         "--max-output",
-        type=int,
+        type=_size,
         default=DEFAULT_MAX_OUTPUT,
         metavar="BYTES",
         help="stdout and stderr are each cut to BYTES, note included (default %(default)s)",
     )
     parser.add_argument(
         "--output-grace",
-        type=_seconds,
+        type=_timeout("--output-grace"),
         default=DEFAULT_OUTPUT_GRACE,
         metavar="S",
         help=(
             "after the shell exits, wait S seconds for processes it left behind to close"
-            " stdout/stderr, then kill its process group (default %(default)s)"
+            " stdout/stderr, then kill its process group; 0: kill at once, 'none': wait for"
+            " them (default %(default)s)"
         ),
     )
     parser.add_argument(
@@ -136,6 +145,7 @@ def _add_agent_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--log-format", default="text", choices=["text", "json"], help="default %(default)s"
     )
     parser.set_defaults(run=_run_agent)
+    return parser
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -165,23 +175,21 @@ def _run_agent(args: argparse.Namespace) -> int:
             output_grace=args.output_grace,
         )
         asyncio.run(run(agent))
-    except VsockAsyncError as exc:
+    except VsockAsyncError as exc:  # it could not start
         print(f"vsock-async agent: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    except ExceptionGroup as group:  # a worker kept failing; the log has the tracebacks
+        last = group.exceptions[-1]
+        print(
+            f"vsock-async agent: {group.message}; the last failure:"
+            f" {type(last).__name__}: {last} (tracebacks in the log above)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 # -- serve --------------------------------------------------------------------------------
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
-    return value
 
 
 def _size(text: str) -> int:

@@ -498,6 +498,11 @@ def test_bad_settings_are_usage_errors() -> None:
         GuestAgent("unix:/x", max_output=-1)
     with pytest.raises(vsock_async.UsageError):
         GuestAgent(listen=True)
+    with pytest.raises(vsock_async.UsageError, match="command_timeout of 0 s would kill"):
+        GuestAgent("unix:/x", command_timeout=0)
+    with pytest.raises(vsock_async.UsageError):
+        GuestAgent("unix:/x", output_grace=float("nan"))
+    assert GuestAgent("unix:/x", output_grace=None, command_timeout=None).output_grace is None
     with pytest.raises(vsock_async.InvalidAddress):
         GuestAgent("nowhere")
     assert str(GuestAgent().address) == "vsock://host:1024"

@@ -7,17 +7,25 @@ runs the agent stops reading that connection (a host that pipelines gets
 read-side back-pressure) and watches it only for a hang-up, which kills the
 command's process group. See :mod:`vsock_async.agent.runner` for how a
 command runs.
+
+Each dialling slot (or the accepting loop) is a worker under :meth:`GuestAgent.run`'s
+watch: a worker that fails is logged with its traceback and restarted after a
+backoff; one that fails :data:`WORKER_FAILURES` times within
+:data:`WORKER_FAILURE_WINDOW` seconds stops the agent, so that its supervisor
+(systemd) sees it exit and can act, instead of an agent alive with no connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import select
 import socket
 import time
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, cast
 
 from .._sockets import (
     FORBID_VSOCK_CONNECT_ENV,
@@ -36,12 +44,14 @@ from ..addresses import (
 from ..errors import ConnectFailed, ProtocolError, UsageError
 from ..protocol import (
     PROBE_COMMAND,
+    U32_MAX,
     Command,
     CommandDecoder,
     Limits,
     OversizedCommand,
     result_frame_parts,
 )
+from ..timeouts import check_timeout
 from .runner import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_OUTPUT_GRACE,
@@ -54,13 +64,17 @@ __all__ = [
     "AGENT_DEFAULT_ADDRESS",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_OUTPUT_GRACE",
+    "WORKER_FAILURES",
+    "WORKER_FAILURE_WINDOW",
     "GuestAgent",
 ]
 
 AGENT_DEFAULT_ADDRESS = "vsock://host:1024"
+WORKER_FAILURES = 5
+WORKER_FAILURE_WINDOW = 60.0
+"""A worker failing :data:`WORKER_FAILURES` times within this many seconds stops the agent."""
 _CONNECT_TIMEOUT = 10.0
 _WRITE_SLICE = 1024 * 1024
-_U32_MAX = 0xFFFF_FFFF
 
 logger = logging.getLogger("vsock_async.agent")
 
@@ -83,7 +97,7 @@ class GuestAgent:
         command_timeout: float | None = None,
         max_command: int = Limits().max_command,
         max_output: int = DEFAULT_MAX_OUTPUT,
-        output_grace: float = DEFAULT_OUTPUT_GRACE,
+        output_grace: float | None = DEFAULT_OUTPUT_GRACE,
         reconnect_delay: float = 0.1,
         max_reconnect_delay: float = 5.0,
     ) -> None:
@@ -102,12 +116,17 @@ class GuestAgent:
             raise UsageError(f"connections must be an int >= 1, not {connections!r}")
         self.connections = connections
         self.shell = shell
-        self.command_timeout = _seconds(command_timeout, "command_timeout", allow_none=True)
-        self.max_command = _size(max_command, "max_command")
-        self.max_output = _size(max_output, "max_output")
-        self.output_grace = _seconds(output_grace, "output_grace")
-        self.reconnect_delay = _seconds(reconnect_delay, "reconnect_delay")
-        self.max_reconnect_delay = _seconds(max_reconnect_delay, "max_reconnect_delay")
+        self.command_timeout = check_timeout(command_timeout, "command_timeout")
+        if self.command_timeout == 0:
+            raise UsageError(
+                "command_timeout of 0 s would kill every command as it starts: give a number"
+                " of seconds > 0, or None (--command-timeout none) for no limit"
+            )
+        self.max_command = _byte_count(max_command, "max_command")
+        self.max_output = _byte_count(max_output, "max_output")
+        self.output_grace = check_timeout(output_grace, "output_grace")
+        self.reconnect_delay = _delay(reconnect_delay, "reconnect_delay")
+        self.max_reconnect_delay = _delay(max_reconnect_delay, "max_reconnect_delay")
         self._stop: asyncio.Event | None = None
         self._open: set[_AgentConnection] = set()
         self.commands_answered = 0
@@ -128,6 +147,10 @@ class GuestAgent:
         Raises :class:`ListenFailed` if ``listen=True`` and the address cannot
         be bound, and :class:`ConnectFailed` at once if dialling AF_VSOCK is
         forbidden in this process; other connection failures are retried.
+        A worker that fails unexpectedly is logged and restarted; one that fails
+        :data:`WORKER_FAILURES` times within :data:`WORKER_FAILURE_WINDOW` seconds
+        makes ``run()`` stop everything and raise an :class:`ExceptionGroup` holding
+        its last exception.
         """
         if self._stop is not None:
             raise UsageError("this GuestAgent is already running")
@@ -144,24 +167,34 @@ class GuestAgent:
                 socket_file = SocketFile(self.address.path)
         self._stop = stop = asyncio.Event()
         if listener is not None:
-            workers = [asyncio.create_task(self._accept_forever(listener))]
+            accepting = functools.partial(self._accept_forever, listener)
+            workers = [asyncio.create_task(self._supervise(accepting, "accept"))]
             logger.info("agent listening", extra={"fields": {"address": str(self.address)}})
         else:
             workers = [
-                asyncio.create_task(self._dial_forever(slot)) for slot in range(self.connections)
+                asyncio.create_task(
+                    self._supervise(functools.partial(self._dial_forever, slot), f"dial {slot}")
+                )
+                for slot in range(self.connections)
             ]
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopped.cancel()
             for worker in workers:
                 worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(stopped, *workers, return_exceptions=True)
             if listener is not None:
                 listener.close()
             if socket_file is not None:
                 socket_file.remove()
             self._stop = None
             logger.info("agent stopped", extra={"fields": {"address": str(self.address)}})
+        for worker in workers:
+            failure = None if worker.cancelled() else worker.exception()
+            if failure is not None:
+                raise failure
 
     def stop(self) -> None:
         """Make :meth:`run` return: connections close, running commands are killed."""
@@ -170,7 +203,42 @@ class GuestAgent:
 
     # -- connections ---------------------------------------------------------------------
 
-    async def _dial_forever(self, slot: int) -> None:
+    async def _supervise(
+        self, work: Callable[[], Coroutine[Any, Any, NoReturn]], worker: str
+    ) -> NoReturn:
+        """Run ``work`` (it runs until cancelled); restart it with backoff when it fails.
+
+        Raises an :class:`ExceptionGroup` with the failure once ``work`` has failed
+        :data:`WORKER_FAILURES` times within :data:`WORKER_FAILURE_WINDOW` seconds.
+        """
+        failed_at: list[float] = []
+        while True:
+            try:
+                await work()
+            except Exception as exc:
+                now = time.monotonic()
+                failed_at = [t for t in failed_at if now - t < WORKER_FAILURE_WINDOW] + [now]
+                fields = {"worker": worker, "error": repr(exc), "failures": len(failed_at)}
+                if len(failed_at) >= WORKER_FAILURES:
+                    logger.error(
+                        "a connection worker keeps failing; the agent stops",
+                        exc_info=True,
+                        extra={"fields": fields},
+                    )
+                    raise ExceptionGroup(
+                        f"a connection worker failed {len(failed_at)} times within"
+                        f" {WORKER_FAILURE_WINDOW:g} s",
+                        [exc],
+                    ) from None
+                delay = self._backoff(len(failed_at))
+                logger.error(
+                    "a connection worker failed; restarting it",
+                    exc_info=True,
+                    extra={"fields": {**fields, "retry_in": round(delay, 3)}},
+                )
+                await asyncio.sleep(delay)
+
+    async def _dial_forever(self, slot: int) -> NoReturn:
         failures = 0
         while True:
             try:
@@ -201,7 +269,7 @@ class GuestAgent:
             failures = 0 if answered else failures + 1
             await asyncio.sleep(self._backoff(max(failures, 1)))
 
-    async def _accept_forever(self, listener: socket.socket) -> None:
+    async def _accept_forever(self, listener: socket.socket) -> NoReturn:
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self.connections)
         serving: set[asyncio.Task[int]] = set()
@@ -468,16 +536,15 @@ def _log_answer(command: Command | OversizedCommand, outcome: Outcome, seconds: 
     )
 
 
-def _seconds(value: Any, what: str, *, allow_none: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        none = " or None" if allow_none else ""  # "not >= 0" refuses NaN too
-        raise UsageError(f"{what} must be a number of seconds >= 0{none}, not {value!r}")
-    return value
+def _delay(value: Any, what: str) -> float:
+    """A wait between attempts: seconds by the rule of :mod:`vsock_async.timeouts`, not None."""
+    seconds = check_timeout(value, what)
+    if seconds is None:
+        raise UsageError(f"{what} must be a number of seconds >= 0, not None")
+    return seconds
 
 
-def _size(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U32_MAX:
-        raise UsageError(f"{what} must be a number of bytes in 0..{_U32_MAX}, not {value!r}")
+def _byte_count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
+        raise UsageError(f"{what} must be a number of bytes in 0..{U32_MAX}, not {value!r}")
     return value

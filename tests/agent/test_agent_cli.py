@@ -1,0 +1,161 @@
+"""The agent's command line: sizes with K/M/G, timeouts by the one rule of
+``vsock_async.timeouts``, and the single-file form's own usage and options."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vsock_async
+from tests.agent_process import LONG, agent_process, short_socket_path
+
+REPO = Path(vsock_async.__file__).parent.parent
+
+
+def agent_cli(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    """``python -m vsock_async agent ARGS`` run to its end (it must refuse to start)."""
+    return subprocess.run(
+        [python, "-m", "vsock_async", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+
+
+@pytest.mark.asyncio
+async def test_sizes_take_k_m_g_suffixes(tmp_path: Path) -> None:
+    path = short_socket_path(tmp_path, "sizes.sock")
+    args = ("--connect", f"unix:{path}", "--max-output", "1K", "--max-command", "1k")
+    async with (
+        vsock_async.listen(f"unix:{path}") as server,
+        agent_process(*args, tmp_path=tmp_path),
+    ):
+        guest = await server.accept(timeout=LONG)
+        cut = await guest.run("yes | head -c 5000", timeout=LONG)
+        assert cut.stdout == b"y\n" * 512
+        assert b"stdout cut to its first 1024 bytes of 5000 (--max-output)" in cut.stderr
+        assert (await guest.run(b"#" * 1024, timeout=LONG)).exit_code == 0
+        refused = await guest.run(b"#" * 1025, timeout=LONG)
+        assert refused.exit_code == 126
+        assert b"longer than the agent's limit of 1024 bytes" in refused.stderr
+
+
+@pytest.mark.asyncio
+async def test_the_sizes_of_the_issue_are_accepted(tmp_path: Path) -> None:
+    path = short_socket_path(tmp_path, "issue.sock")
+    args = ("--connect", f"unix:{path}", "--max-output", "10M", "--max-command", "2M")
+    async with (
+        vsock_async.listen(f"unix:{path}") as server,
+        agent_process(*args, tmp_path=tmp_path),
+    ):
+        guest = await server.accept(timeout=LONG)
+        result = await guest.run(f"head -c {10 * 1024 * 1024 + 1} /dev/zero", timeout=LONG)
+        assert len(result.stdout) == 10 * 1024 * 1024
+        assert b"of 10485761 (--max-output)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-output", "10Q", "'10Q' is not a size"),
+        ("--max-command", "-1", "'-1' is not a size"),
+        ("--max-output", "5G", "max_output must be a number of bytes in 0..4294967295"),
+        ("--command-timeout", "soon", "--command-timeout 'soon' is not a number of seconds"),
+        ("--command-timeout", "-1", "--command-timeout must be a finite number of seconds"),
+        ("--output-grace", "inf", "--output-grace must be a finite number of seconds"),
+        ("--command-timeout", "0", "command_timeout of 0 s would kill every command"),
+    ],
+)
+def test_bad_values_are_refused_with_exit_2(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    done = agent_cli("--connect", f"unix:{tmp_path}/none.sock", option, value)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+
+
+@pytest.mark.asyncio
+async def test_no_command_timeout_and_no_output_grace(tmp_path: Path) -> None:
+    path = short_socket_path(tmp_path, "none.sock")
+    args = ("--connect", f"unix:{path}", "--command-timeout", "none", "--output-grace", "0")
+    async with (
+        vsock_async.listen(f"unix:{path}") as server,
+        agent_process(*args, tmp_path=tmp_path),
+    ):
+        guest = await server.accept(timeout=LONG)
+        assert (await guest.run("sleep 0.2; echo slow", timeout=LONG)).stdout == b"slow\n"
+        held = await guest.run("sleep 30 & echo started", timeout=LONG)
+        assert held.stdout == b"started\n"
+        assert b"kept stdout or stderr open for 0 s" in held.stderr
+
+
+def test_help_names_the_one_timeout_rule() -> None:
+    done = agent_cli("--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: vsock-async agent [-h]")
+    text = " ".join(done.stdout.split())
+    assert "'none' for no limit" in text
+    assert "K, M or G" in text
+
+
+def build_single_file(tmp_path: Path) -> Path:
+    single = tmp_path / "vsock-async-agent.py"
+    script = REPO / "scripts" / "build-single-file-agent.py"
+    subprocess.run([sys.executable, str(script), str(single)], check=True, capture_output=True)
+    return single
+
+
+def test_single_file_usage_takes_no_subcommand(tmp_path: Path) -> None:
+    single = build_single_file(tmp_path)
+    bare = (sys.executable, "-S", "-E", str(single))
+    helped = subprocess.run([*bare, "--help"], capture_output=True, text=True, timeout=LONG)
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("usage: vsock-async-agent [-h] [--connect ADDRESS")
+    assert "vsock-async-agent agent" not in helped.stdout
+    wrong = subprocess.run([*bare, "agent"], capture_output=True, text=True, timeout=LONG)
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("usage: vsock-async-agent [-h]")
+    assert "unrecognized arguments: agent" in wrong.stderr
+
+
+@pytest.mark.asyncio
+async def test_single_file_takes_timeouts_and_sizes(tmp_path: Path) -> None:
+    single = build_single_file(tmp_path)
+    path = short_socket_path(tmp_path, "single.sock")
+    log = open(tmp_path / "single.log", "wb")  # noqa: SIM115 - closed below
+    async with vsock_async.listen(f"unix:{path}") as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-S",
+            "-E",
+            str(single),
+            "--connect",
+            f"unix:{path}",
+            "--command-timeout",
+            "0.3",
+            "--output-grace",
+            "0.5",
+            "--max-output",
+            "1K",
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+        )
+        try:
+            guest = await server.accept(timeout=LONG)
+            slow = await guest.run("sleep 30", timeout=LONG)
+            assert slow.exit_code == 124
+            assert b"ran longer than 0.3 s (--command-timeout)" in slow.stderr
+            assert len((await guest.run("yes | head -c 5000", timeout=LONG)).stdout) == 1024
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), LONG) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            log.close()
