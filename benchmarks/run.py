@@ -17,6 +17,7 @@ MODULES = {
     "bulk": "benchmarks.bulk",
     "many": "benchmarks.many_guests",
     "agent": "benchmarks.agent_overhead",
+    "agent-memory": "benchmarks.agent_memory",
 }
 
 

@@ -43,6 +43,14 @@ def _run_benchmarks(*args: str) -> str:
             ["aggregate rate: ours vs thread-per-guest", "ours: server RSS per connected guest"],
         ),
         ("agent", "4. agent overhead", ["per command: agent vs local create_subprocess_exec"]),
+        (
+            "agent-memory",
+            "4b. agent memory",
+            [
+                "peak RSS above idle: agent vs communicate()",
+                "agent: peak RSS above idle / captured bytes",
+            ],
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(name: str, title: str, rows: list[str]) -> None:
