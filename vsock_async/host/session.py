@@ -1,0 +1,391 @@
+"""The host side of one protocol v2 connection in asyncio: a ``BufferedProtocol`` over
+:class:`~vsock_async.protocol.v2.HostSession`.
+
+The pure session holds the wire rules (frames, stream ids, credit in both
+directions, limits); this layer moves bytes between it and the socket, routes
+its events to the :class:`~vsock_async.host.process.Process` of each stream,
+and turns the connection's end into errors for everyone waiting. Reads go
+straight into the session's decoder (``recv_into``). Reading never pauses:
+per-stream credit already bounds what the agent may send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..errors import (
+    ConnectionLost,
+    PeerError,
+    ProtocolError,
+    SpawnFailed,
+    Unsupported,
+    VsockAsyncError,
+)
+from ..protocol import Limits
+from ..protocol.v1_host import copy_error
+from ..protocol.v2 import (
+    Channel,
+    Exited,
+    HelloAnswer,
+    HostSession,
+    Output,
+    Pong,
+    RequestFailed,
+    Started,
+    StdinCredit,
+    StreamError,
+)
+
+if TYPE_CHECKING:
+    from .process import Process
+
+logger = logging.getLogger("vsock_async")
+
+__all__ = ["SessionConnection"]
+
+
+class SessionConnection(asyncio.BufferedProtocol):
+    """One negotiated v2 connection: many process streams, each with its own credit.
+
+    It takes over a transport that has finished the hello (see
+    :mod:`vsock_async.host.negotiate`), so :meth:`connection_made` is called by
+    whoever hands it over. Concurrent processes are limited to the agent's
+    ``max_streams``; further ones wait for a free slot, first come first served.
+    """
+
+    def __init__(self, agent: HelloAnswer, *, limits: Limits, max_frame: int) -> None:
+        self.agent = agent
+        """What the agent announced in its hello: version, limits, capabilities."""
+        self.limits = limits
+        """The host's limits; :meth:`GuestChannel.run` caps captured output with them."""
+        self._session = HostSession(agent, max_frame)
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._streams: dict[int, Process] = {}
+        self._used = 0  # stream slots taken, including ones handed to a waiter not yet resumed
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._error: VsockAsyncError | None = None
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._on_close: list[Callable[[SessionConnection], None]] = []
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._dispatching = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<SessionConnection peer={self.peer!r} streams={len(self._streams)}>"
+
+    # -- asyncio.BufferedProtocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        try:
+            self._session.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.abort(exc)
+            return
+        self._dispatch()
+
+    def eof_received(self) -> bool:
+        self._session.receive_eof()
+        self._dispatch()
+        self.abort(ConnectionLost("the guest closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            reason = f": {exc}" if exc else ""
+            self._fail_all(ConnectionLost(f"the connection was lost{reason}"))
+        self._wake_writers()
+        if not self._lost.done():
+            self._lost.set_result(None)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writers()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has failed or been closed; it never reopens."""
+        return self._error is not None
+
+    @property
+    def error(self) -> VsockAsyncError | None:
+        """Why the connection is closed, or None while it is open."""
+        return self._error
+
+    @property
+    def busy(self) -> bool:
+        """True when every stream slot the agent allows is taken: a new process would wait."""
+        return self._used >= self.agent.limits.max_streams
+
+    @property
+    def queued(self) -> int:
+        """Processes waiting for a free stream slot."""
+        return sum(1 for waiter in self._slot_waiters if not waiter.done())
+
+    @property
+    def streams(self) -> int:
+        """Process streams open right now."""
+        return len(self._streams)
+
+    @property
+    def peer(self) -> Any:
+        """The peer address as the kernel reports it: ``(cid, port)`` on AF_VSOCK."""
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+    def add_close_callback(self, callback: Callable[[SessionConnection], None]) -> None:
+        """Call ``callback(self)`` once the connection is gone."""
+        if self._lost.done():
+            self._loop.call_soon(callback, self)
+        else:
+            self._on_close.append(callback)
+
+    async def wait_closed(self) -> None:
+        """Wait until the transport has been torn down."""
+        await asyncio.shield(self._lost)
+
+    def abort(self, error: VsockAsyncError) -> None:
+        """Close at once: every process, slot waiter and ping of it fails with ``error``."""
+        if self._error is None:
+            if isinstance(error, PeerError):
+                logger.info("closing guest connection %s: %s", self.peer, error)
+            self._fail_all(error)
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self._lost.done():
+            self._lost.set_result(None)
+
+    def require(self, capability: str, what: str) -> None:
+        """Raise :class:`Unsupported` unless the agent announced ``capability``."""
+        if capability not in self.agent.capabilities:
+            announced = ", ".join(sorted(self.agent.capabilities)) or "none"
+            raise Unsupported(
+                f"the guest's agent ({self.agent.agent}) cannot {what}: it did not announce the"
+                f" {capability!r} capability (it announced: {announced})"
+            )
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def open(self, process: Process, request: dict[str, Any]) -> None:
+        """Start ``process`` with ``request`` on a new stream; return once it runs.
+
+        Waits for a free stream slot first. Raises :class:`SpawnFailed` when the
+        agent cannot start it, and the connection's error if it closes. A cancel
+        after the request went out sends CLOSE: nothing is left running.
+        """
+        self._check_open()
+        await self._take_slot()
+        try:
+            self._check_open()
+            stream = self._session.open_exec(request, request["window"])
+        except BaseException:
+            self._release_slot()
+            raise
+        process.stream = stream
+        self._streams[stream] = process
+        self._flush()
+        try:
+            await asyncio.shield(process._started)
+        except asyncio.CancelledError:
+            process._give_up()
+            raise
+
+    # The core forgets a stream as it reads the stream's last frame, before its events are
+    # dispatched: each request below first checks the stream is still open there.
+
+    def stdin_credit(self, stream: int) -> int:
+        """Bytes the agent will take into the stdin of ``stream`` now."""
+        if not self._open_stream(stream):
+            return 0
+        return self._session.credit(stream, Channel.STDIN)
+
+    def send_stdin(self, stream: int, data: bytes, end: bool) -> int:
+        """Send what the agent's stdin credit allows of ``data`` (END after all of it, if
+        ``end``); how many bytes went. ``data`` must not change afterwards (it is not copied)."""
+        if not self._open_stream(stream):
+            return 0
+        accepted = self._session.send_stdin(stream, data, end)
+        self._flush()
+        return accepted
+
+    def grant(self, stream: int, channel: Channel, n: int) -> None:
+        """The application consumed ``n`` bytes of ``channel``: give the agent that credit."""
+        if self._open_stream(stream):
+            self._session.grant(stream, channel, n)
+            self._flush()
+
+    def send_signal(self, stream: int, signum: int) -> None:
+        """Queue SIGNAL for the process group of ``stream``, if it still runs."""
+        if self._open_stream(stream):
+            self._session.send_signal(stream, signum)
+            self._flush()
+
+    def send_resize(self, stream: int, rows: int, cols: int) -> None:
+        """Queue RESIZE for the terminal of ``stream``, if it still runs."""
+        if self._open_stream(stream):
+            self._session.send_resize(stream, rows, cols)
+            self._flush()
+
+    def send_close(self, stream: int) -> None:
+        """Queue CLOSE for ``stream``, if it still runs: the agent stops it and still EXITs."""
+        if self._open_stream(stream):
+            self._session.send_close(stream)
+            self._flush()
+
+    def _open_stream(self, stream: int) -> bool:
+        return self._error is None and stream in self._streams and stream in self._session.streams
+
+    async def ping(self) -> None:
+        """One PING round trip; raises the connection's error if it closes first."""
+        self._check_open()
+        payload = os.urandom(8)
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._pings[payload] = waiter
+        try:
+            self._session.ping(payload)
+            self._flush()
+            await waiter
+        finally:
+            self._pings.pop(payload, None)
+
+    async def writable(self) -> None:
+        """Wait while the socket's send buffer is full (the transport paused writing)."""
+        while self._write_paused and self._error is None:
+            if self._writable is None or self._writable.done():
+                self._writable = self._loop.create_future()
+            await asyncio.shield(self._writable)
+        if self._error is not None:
+            raise copy_error(self._error)
+
+    # -- stream slots ----------------------------------------------------------------------
+
+    async def _take_slot(self) -> None:
+        if not self._slot_waiters and self._used < self.agent.limits.max_streams:
+            self._used += 1
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release_slot()  # handed over as we were cancelled: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._slot_waiters.remove(waiter)
+
+    def _release_slot(self) -> None:
+        self._used -= 1
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                self._used += 1
+                waiter.set_result(None)
+                return
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise copy_error(self._error)
+
+    # -- the session's output ------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand each event of the session to its process, then write what it queued."""
+        session = self._session
+        self._dispatching = True
+        try:
+            while (event := session.next_event()) is not None:
+                if isinstance(event, Output):
+                    process = self._streams.get(event.stream)
+                    if process is not None:
+                        process._on_output(event.channel, event.data, event.end)
+                elif isinstance(event, StdinCredit):
+                    process = self._streams.get(event.stream)
+                    if process is not None:
+                        process._on_stdin_credit()
+                elif isinstance(event, Started):
+                    process = self._streams.get(event.stream)
+                    if process is not None:
+                        process._on_started(event.pid)
+                elif isinstance(event, Exited):
+                    process = self._streams.pop(event.stream, None)
+                    if process is not None:
+                        self._release_slot()
+                        process._on_exit(
+                            event.exit_code, event.signal, event.timed_out, event.output_incomplete
+                        )
+                elif isinstance(event, StreamError):
+                    self._stream_error(event)
+                elif isinstance(event, Pong):
+                    waiter = self._pings.get(bytes(event.payload))
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                elif isinstance(event, RequestFailed):
+                    logger.warning(
+                        "guest %s answered %s on stream %s with error %s: %s",
+                        self.peer,
+                        "a frame" if event.type is None else f"frame type {event.type:#04x}",
+                        event.stream,
+                        event.code,
+                        event.message,
+                    )
+        finally:
+            self._dispatching = False
+        self._flush()
+
+    def _stream_error(self, event: StreamError) -> None:
+        """The agent refused an EXEC: nothing started, the stream is over."""
+        process = self._streams.pop(event.stream, None)
+        if process is not None:
+            self._release_slot()
+            process._on_error(SpawnFailed(event.code, event.message, event.errno))
+
+    def _flush(self) -> None:
+        if self._dispatching or self.transport is None:
+            return
+        data = self._session.data_to_send()
+        if data and self._error is None:
+            self.bytes_sent += sum(len(chunk) for chunk in data)
+            self.transport.writelines(data)
+
+    def _wake_writers(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _fail_all(self, error: VsockAsyncError) -> None:
+        self._error = error
+        streams, self._streams = self._streams, {}
+        for process in streams.values():
+            process._on_connection_lost(error)
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(copy_error(error))
+        for waiter in self._pings.values():
+            if not waiter.done():
+                waiter.set_exception(copy_error(error))
