@@ -208,6 +208,14 @@ def _cid(text: str) -> int:
     return int(text)
 
 
+def _cap(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1 (or 'none')")
+    return int(text)
+
+
 def _timeout(what: str) -> Callable[[str], float | None]:
     """An argparse type: seconds or ``none``, by the rule of :mod:`vsock_async.timeouts`."""
     from .errors import UsageError
@@ -223,6 +231,7 @@ def _timeout(what: str) -> Callable[[str], float | None]:
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .host.server import DEFAULT_MAX_CONNECTIONS_PER_GUEST
     from .serve.config import DEFAULT_GRACE, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT
     from .serve.defaults import default_control_address
     from .timeouts import DEFAULT_TIMEOUT
@@ -298,6 +307,14 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="S",
         help="on SIGTERM/SIGINT, let running commands finish this long (default %(default)s)",
     )
+    p.add_argument(
+        "--max-connections-per-guest",
+        type=_cap,
+        default=DEFAULT_MAX_CONNECTIONS_PER_GUEST,
+        metavar="N",
+        help="refuse (and log) a guest's connections beyond N; 'none': no cap"
+        " (default %(default)s)",
+    )
     p.add_argument("--max-command", type=_size, metavar="BYTES", help="largest command sent")
     p.add_argument("--max-stdout", type=_size, metavar="BYTES", help="largest stdout accepted")
     p.add_argument("--max-stderr", type=_size, metavar="BYTES", help="largest stderr accepted")
@@ -328,6 +345,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             control=args.control,
             token_file=args.token_file,
             control_allow_remote=args.control_allow_remote,
+            max_connections_per_guest=args.max_connections_per_guest,
             default_timeout=args.default_timeout,
             probe_interval=args.probe_interval,
             probe_timeout=args.probe_timeout,

@@ -31,6 +31,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 class Reply:
     status: int
     body: bytes
+    headers: dict[str, str]
 
     def json(self) -> dict[str, object]:
         value = json.loads(self.body)
@@ -63,14 +64,15 @@ class Api:
             lines.append(f"Content-Length: {length}")
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
-            size = {k.strip().lower(): v for k, v in fields.items()}.get(b"content-length")
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            fields = [line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line]
+            headers = {name.strip().lower(): value.strip() for name, value in fields}
+            size = headers.get("content-length")
             # Not read to EOF: a server may linger before closing after a refused body.
             payload = await (reader.readexactly(int(size)) if size else reader.read())
         finally:
             writer.close()
-        return Reply(int(head.split(b" ", 2)[1]), payload)
+        return Reply(int(head.split(" ", 2)[1]), payload, headers)
 
 
 @pytest_asyncio.fixture
@@ -168,6 +170,7 @@ async def test_the_right_token_works(api: Api) -> None:
         b'{"command": "x", "timeout": -0.001}',
         b'{"command": "x", "timeout": "5"}',
         b'{"command": "x", "timeout": true}',
+        b'{"command": "x", "timeout": 1' + b"0" * 400 + b"}",
         b'{"command": 5}',
         b'{"command": "x", "surprise": 1}',
         b"[" * 100_000 + b"]" * 100_000,
@@ -178,6 +181,16 @@ async def test_hostile_bodies_get_a_clear_400(api: Api, body: bytes) -> None:
     reply = await api.request("POST", run_path(api), body, AUTH)
     assert reply.status == 400, (body[:40], reply)
     assert reply.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_method_is_405_with_the_allowed_ones(api: Api) -> None:
+    reply = await api.request("PUT", run_path(api), b"{}", AUTH)
+    assert reply.status == 405 and b'"method_not_allowed"' in reply.body
+    assert reply.headers["allow"] == "POST"
+    reply = await api.request("POST", run_path(api).removesuffix("/run"), b"", AUTH)
+    assert reply.status == 405
+    assert {m.strip() for m in reply.headers["allow"].split(",")} == {"GET", "HEAD", "DELETE"}
 
 
 @pytest.mark.asyncio

@@ -174,6 +174,48 @@ def test_binary_output_round_trips_in_json_and_raw_forms(api: Api) -> None:
         assert float(reply.headers["vsock-async-duration"]) >= 0
 
 
+def test_large_output_in_the_json_form_decodes_byte_exactly(api: Api) -> None:
+    """The JSON form is written piece by piece; the pieces must join into valid base64."""
+    n_out, n_err = 3 * 1024 * 1024 + 1, 1024 * 1024 + 2
+    command = f"yes 0123456789 | head -c {n_out}; yes abc | head -c {n_err} >&2"
+    reply = api.client.request(
+        "POST", "/v1/guests/vm1/run", {"command": command}, wait_forever=True
+    )
+    assert int(reply.headers["content-length"]) == len(reply.body)
+    result = json.loads(reply.body)
+    assert base64.b64decode(result["stdout"], validate=True) == (b"0123456789\n" * n_out)[:n_out]
+    assert base64.b64decode(result["stderr"], validate=True) == (b"abc\n" * n_err)[:n_err]
+    assert (result["exit_code"], result["timed_out"]) == (0, False)
+
+
+@pytest.mark.parametrize(
+    ("query", "raw"),
+    [
+        ("?raw=1", True),
+        ("?raw=true", True),
+        ("?raw=YES", True),
+        ("?raw=On", True),
+        ("?raw=0", False),
+        ("?raw=false", False),
+        ("?raw=no", False),
+        ("?raw=OFF", False),
+        ("", False),
+    ],
+)
+def test_raw_is_a_boolean(api: Api, query: str, raw: bool) -> None:
+    reply = api.client.request("POST", f"/v1/guests/vm1/run{query}", {"command": "echo hi"})
+    expected = RAW_RESULT_TYPE if raw else "application/json"
+    assert reply.headers["content-type"].startswith(expected)
+
+
+def test_raw_that_is_not_a_boolean_is_400(api: Api) -> None:
+    err = error_of(
+        lambda: api.client.request("POST", "/v1/guests/vm1/run?raw=garbage", {"command": "true"})
+    )
+    assert (err.status, err.code) == (400, "bad_request")
+    assert "raw" in err.message and "garbage" in err.message
+
+
 def test_timeout_is_504_with_the_partial_facts(api: Api) -> None:
     api.connections(2)
     err = error_of(lambda: api.client.run("vm1", "sleep 5", timeout=0.05))
@@ -183,6 +225,7 @@ def test_timeout_is_504_with_the_partial_facts(api: Api) -> None:
     assert base64.b64decode(err.body["stdout"]) == b""
     assert base64.b64decode(err.body["stderr"]) == b""
     assert err.body["duration"] >= 0.05
+    assert err.message == "command 'sleep 5' timed out after 0.05 s"
     api.connections(2)  # that connection was closed; the agent dials again
 
 
@@ -330,3 +373,12 @@ def test_openapi_error_codes_match_the_code() -> None:
     spec = yaml.safe_load((DOCS / "openapi.yaml").read_text())
     error = spec["components"]["schemas"]["Error"]["properties"]["error"]
     assert set(error["properties"]["code"]["enum"]) == set(ERROR_STATUS)
+
+
+def test_openapi_raw_values_match_the_parser() -> None:
+    from vsock_async.serve.control_api import BOOLEAN_WORDS
+
+    spec = yaml.safe_load((DOCS / "openapi.yaml").read_text())
+    (raw,) = spec["paths"]["/v1/guests/{key}/run"]["post"]["parameters"]
+    assert raw["name"] == "raw"
+    assert set(raw["schema"]["enum"]) == set(BOOLEAN_WORDS)

@@ -197,6 +197,17 @@ def test_a_guest_gone_is_logged_once_whatever_its_connection_count(stack: Stack)
     assert daemon.log().count("guest 'vm1' is gone") == 1
 
 
+def test_connections_beyond_the_cap_per_guest_are_refused_and_logged(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none", "--max-connections-per-guest", "2")
+    stack.agent(daemon.guest_address, "--connections", "3")
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    eventually(
+        lambda: "refused a connection of guest 'vm1'" in daemon.log(), "the third one refused"
+    )
+    assert client.guest("vm1")["connections"] == 2
+
+
 def test_json_log_lines(stack: Stack) -> None:
     daemon = stack.daemon("--log-format", "json")
     daemon.stop()
@@ -273,6 +284,13 @@ def test_a_probe_interval_of_0_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert_one_line_error(result, "use 'none' to turn periodic probes off")
+
+
+def test_a_cap_of_0_connections_per_guest_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--max-connections-per-guest", "0"])
+    assert info.value.code == 2
+    assert "'0' is not a whole number >= 1 (or 'none')" in capsys.readouterr().err
 
 
 def test_timeouts_follow_the_one_rule(stack: Stack) -> None:

@@ -20,6 +20,7 @@ from ..addresses import (
     parse_address,
 )
 from ..errors import UsageError
+from ..host.server import DEFAULT_MAX_CONNECTIONS_PER_GUEST
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .defaults import default_control_address, default_control_path, read_token_file
@@ -85,6 +86,7 @@ class ServeConfig:
     )
     token: str | None = field(default=None, repr=False)
     limits: Limits = field(default_factory=Limits)
+    max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST
     default_timeout: float | None = DEFAULT_TIMEOUT
     probe_interval: float | None = DEFAULT_PROBE_INTERVAL
     probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT
@@ -111,6 +113,7 @@ class ServeConfig:
         control: str | None = None,
         token_file: str | None = None,
         control_allow_remote: bool = False,
+        max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
         default_timeout: float | None = DEFAULT_TIMEOUT,
         probe_interval: float | None = DEFAULT_PROBE_INTERVAL,
         probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT,
@@ -156,6 +159,7 @@ class ServeConfig:
             control=control_address,
             token=token,
             limits=limits,
+            max_connections_per_guest=max_connections_per_guest,
             default_timeout=default_timeout,
             probe_interval=probe_interval,
             probe_timeout=probe_timeout,

@@ -14,10 +14,9 @@ import contextlib
 import hmac
 import json
 import logging
-import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -26,6 +25,7 @@ from aiohttp import web
 from .._sockets import stop_polling_accepts
 from ..errors import (
     AcceptTimeout,
+    ClosedLocally,
     CommandTimeout,
     ConnectionClosed,
     DeadlineExceeded,
@@ -40,16 +40,32 @@ from ..host.guests import Guest
 from ..host.server import CommandServer
 from ..protocol import result_frame_parts
 from ..results import CommandResult
-from ..timeouts import DEFAULT, Timeout
+from ..timeouts import DEFAULT, Timeout, check_timeout, parse_timeout
 from .defaults import RAW_RESULT_TYPE
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServeMetrics
 
-__all__ = ["ERROR_STATUS", "RAW_RESULT_TYPE", "ControlAPI", "guest_json"]
+__all__ = [
+    "BOOLEAN_WORDS",
+    "ERROR_STATUS",
+    "RAW_RESULT_TYPE",
+    "ControlAPI",
+    "guest_json",
+    "send_json",
+]
 
 logger = logging.getLogger("vsock_async.control")
 
 _OCTET_STREAM: Final = "application/octet-stream"
+_JSON: Final = "application/json; charset=utf-8"
 _BODY_OVERHEAD: Final = 64 * 1024
+_WRITE_CHUNK: Final = 3 * 256 * 1024
+"""Output is written this much at a time: raw, or encoded to 1 MiB of base64 (a multiple of
+3 bytes, so the pieces join into one valid base64 string). Never one giant copy."""
+BOOLEAN_WORDS: Final = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+"""How a boolean query parameter (``?raw=``) may be spelled, in any case."""
 _RUN_FIELDS: Final = frozenset({"command", "timeout", "wait", "cwd", "env"})
 _PROBE_FIELDS: Final = frozenset({"timeout"})
 
@@ -77,19 +93,93 @@ _HTTP_CODES: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_to
 
 
 class ApiError(Exception):
-    """An error answer: a stable code (which fixes the HTTP status), a message, extra fields."""
+    """An error answer: a stable code (which fixes the HTTP status), a message, extra fields.
 
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    ``bytes`` extra fields (a timed-out command's output) are sent in base64.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = ERROR_STATUS[code]
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
+        if self.status == 401:
+            self.headers["WWW-Authenticate"] = "Bearer"
         self.extra = extra
 
-    def response(self) -> web.Response:
+    async def send(self, request: web.Request) -> web.StreamResponse:
         body = {"error": {"code": self.code, "message": self.message}, **self.extra}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        return await send_json(request, body, status=self.status, headers=self.headers)
+
+
+class _Base64:
+    """Bytes to be sent as base64, encoded a piece at a time as they are written."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return (len(self.data) + 2) // 3 * 4
+
+    def pieces(self) -> Iterator[bytes]:
+        view = memoryview(self.data)
+        for start in range(0, len(view), _WRITE_CHUNK):
+            yield base64.b64encode(view[start : start + _WRITE_CHUNK])
+
+
+def _json_parts(body: Mapping[str, Any]) -> list[bytes | _Base64]:
+    """``body`` as JSON text in parts; each ``bytes`` value becomes a base64 string."""
+    parts: list[bytes | _Base64] = []
+    for name, value in body.items():
+        start = b"{" if not parts else b", "
+        if isinstance(value, bytes):
+            parts += [start + json.dumps(name).encode() + b': "', _Base64(value), b'"']
+        else:
+            parts.append(start + f"{json.dumps(name)}: {json.dumps(value)}".encode())
+    parts.append(b"}" if parts else b"{}")
+    return parts
+
+
+def _pieces(data: bytes | bytearray) -> Iterator[memoryview]:
+    view = memoryview(data)
+    for start in range(0, len(view), _WRITE_CHUNK):
+        yield view[start : start + _WRITE_CHUNK]
+
+
+async def send_json(
+    request: web.Request,
+    body: Mapping[str, Any],
+    *,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Answer ``body`` as JSON, its ``bytes`` values in base64, streamed piece by piece.
+
+    Memory: the output is held once (by the caller) plus one encoded piece, never the
+    whole JSON text; aiohttp's writes wait for the socket to drain between pieces.
+    """
+    parts = _json_parts(body)
+    response = web.StreamResponse(status=status, headers={"Content-Type": _JSON, **(headers or {})})
+    response.content_length = sum(len(part) for part in parts)
+    await response.prepare(request)
+    for part in parts:
+        if isinstance(part, _Base64):
+            for piece in part.pieces():
+                await response.write(piece)
+        else:
+            await response.write(part)
+    await response.write_eof()
+    return response
 
 
 def _timestamp(value: float | None) -> str | None:
@@ -122,37 +212,45 @@ def guest_json(guest: Guest) -> dict[str, Any]:
     }
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
 def _timeout_field(body: Mapping[str, Any]) -> Timeout:
+    """The body's ``timeout``: seconds, null for none, absent for the daemon's default."""
     if "timeout" not in body:
         return DEFAULT
-    value = body["timeout"]
-    if value is None:
+    try:
+        return check_timeout(body["timeout"])
+    except UsageError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+
+
+def _query_flag(request: web.Request, name: str) -> bool | None:
+    """A boolean query parameter (1/true/yes/on, 0/false/no/off); None when absent or empty."""
+    text = request.query.get(name, "")
+    if not text:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    value = BOOLEAN_WORDS.get(text.lower())
+    if value is None:
         raise ApiError(
-            "bad_request", f"timeout must be a number of seconds >= 0 or null, not {value!r}"
+            "bad_request", f"{name} must be 1, true, yes, on, 0, false, no or off; not {text!r}"
         )
-    return float(value)
+    return value
 
 
 def _wants_raw(request: web.Request) -> bool:
-    if request.query.get("raw", "") not in ("", "0", "false"):
-        return True
+    raw = _query_flag(request, "raw")
+    if raw is not None:
+        return raw
     accept = request.headers.get("Accept", "")
     return RAW_RESULT_TYPE in accept or _OCTET_STREAM in accept
+
+
+def _shown(line: bytes) -> str:
+    """A command line as messages show it: text (undecodable bytes replaced), cut at 60."""
+    text = line.decode(errors="replace")
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 class ControlAPI:
@@ -202,8 +300,15 @@ class ControlAPI:
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on ``sock``, a bound and listening socket."""
+        # handler_cancellation: a client that hangs up cancels its request, so a run nobody
+        # waits for is stopped like a timeout (its guest connection closed, the command
+        # killed by the agent), a queued one is dropped and a ?wait= poll ends.
         runner = web.AppRunner(
-            self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            handler_cancellation=True,
         )
         await runner.setup()
         self._runner = runner
@@ -258,17 +363,31 @@ class ControlAPI:
     ) -> web.StreamResponse:
         start = time.monotonic()
         try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = exc.response()
-        except web.HTTPException as exc:
-            if exc.status < 400:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                fallback = "bad_request" if exc.status < 500 else "internal"
+                code = _HTTP_CODES.get(exc.status, fallback)
+                allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+                raise ApiError(code, exc.reason, headers=allow) from None
+            except (ApiError, asyncio.CancelledError):
                 raise
-            code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
-            response = ApiError(code, exc.reason).response()
-        except Exception:
-            logger.exception("%s %s failed", request.method, request.path)
-            response = ApiError("internal", "internal error; see the daemon's log").response()
+            except Exception:
+                logger.exception("%s %s failed", request.method, request.path)
+                raise ApiError("internal", "internal error; see the daemon's log") from None
+        except ApiError as exc:
+            response = await exc.send(request)
+        except asyncio.CancelledError:
+            if request.transport is None:  # handler_cancellation: the client hung up
+                logger.info(
+                    "%s %s: the client went away after %.3f s; the request was cancelled",
+                    request.method,
+                    request.path,
+                    time.monotonic() - start,
+                )
+            raise
         logger.debug(
             "%s %s -> %s in %.3f s",
             request.method,
@@ -339,12 +458,17 @@ class ControlAPI:
         if wait_text is None:
             return web.json_response(guest_json(self._guest(request)))
         try:
-            wait = float(wait_text)
-        except ValueError:
-            wait = -1.0
-        if not (math.isfinite(wait) and wait >= 0):
-            raise ApiError("bad_request", f"wait must be seconds >= 0, not {wait_text!r}")
+            wait = parse_timeout(wait_text, "wait")
+        except UsageError as exc:
+            raise ApiError("bad_request", str(exc)) from None
         key = request.match_info["key"]
+        logger.debug(
+            "%s %s: waiting up to %s for guest %r to connect",
+            request.method,
+            request.path,
+            "forever" if wait is None else f"{wait:g} s",
+            key,
+        )
         try:
             guest = await self.server.wait_for_guest(key, timeout=wait)
         except AcceptTimeout as exc:
@@ -377,7 +501,9 @@ class ControlAPI:
                 await guest.probe(timeout=timeout)
             except (PeerError, ConnectionClosed, DeadlineExceeded, GuestBusy) as exc:
                 self.metrics.probes_failed.inc()
-                raise _guest_failure(exc, time.monotonic() - start) from None
+                seconds = self.server.default_timeout if timeout is DEFAULT else timeout
+                duration = time.monotonic() - start
+                raise _guest_failure(exc, guest, "the probe", seconds, duration) from None
             finally:
                 self.metrics.exchange_seconds.observe(time.monotonic() - start)
         return web.json_response(
@@ -391,6 +517,7 @@ class ControlAPI:
         wait = body.get("wait", True)
         if not isinstance(wait, bool):
             raise ApiError("bad_request", f"wait must be true or false, not {wait!r}")
+        raw = _wants_raw(request)
         guest = self._guest(request)
         with self._exchange():
             start = time.monotonic()
@@ -402,23 +529,25 @@ class ControlAPI:
                     self.metrics.commands_timed_out.inc()
                 elif not isinstance(exc, GuestBusy):
                     self.metrics.commands_failed.inc()
-                raise _guest_failure(exc, time.monotonic() - start) from None
+                seconds = self.server.default_timeout if timeout is DEFAULT else timeout
+                what = f"command {_shown(line)}"
+                duration = time.monotonic() - start
+                raise _guest_failure(exc, guest, what, seconds, duration) from None
             finally:
                 self.metrics.exchange_seconds.observe(time.monotonic() - start)
             duration = time.monotonic() - start
             if result.exit_code != 0:
                 self.metrics.commands_failed.inc()
-            if _wants_raw(request):
+            if raw:
                 return await self._raw_result(request, result, duration)
-        return web.json_response(
-            {
+            answer = {
                 "exit_code": result.exit_code,
-                "stdout": _b64(result.stdout),
-                "stderr": _b64(result.stderr),
+                "stdout": result.stdout,
+                "stderr": result.stderr,
                 "duration": duration,
                 "timed_out": False,
             }
-        )
+            return await send_json(request, answer)
 
     def _command_line(self, body: Mapping[str, Any]) -> bytes:
         command = body.get("command")
@@ -468,28 +597,40 @@ class ControlAPI:
         response.content_length = sum(len(p) for p in parts)
         await response.prepare(request)
         for part in parts:
-            await response.write(part)
+            for piece in _pieces(part):
+                await response.write(piece)
         await response.write_eof()
         return response
 
 
-def _guest_failure(exc: Exception, duration: float) -> ApiError:
-    """The API error for a run or probe that did not produce a result."""
+def _guest_failure(
+    exc: Exception, guest: Guest, what: str, timeout: float | None, duration: float
+) -> ApiError:
+    """The API error for a run or probe of ``guest`` that gave no result, told for people:
+    no Python reprs, no connection ids."""
+    key = guest.key
     if isinstance(exc, GuestBusy):
         return ApiError("guest_busy", str(exc))
-    if isinstance(exc, CommandTimeout):
-        partial = exc.result
+    if isinstance(exc, DeadlineExceeded):
+        partial = exc.result if isinstance(exc, CommandTimeout) else None
+        after = "" if timeout is None else f" after {timeout:.3g} s"
         return ApiError(
             "command_timeout",
-            str(exc),
+            f"{what} timed out{after}",
             exit_code=None,
-            stdout=_b64(partial.stdout),
-            stderr=_b64(partial.stderr),
+            stdout=partial.stdout if partial is not None else b"",
+            stderr=partial.stderr if partial is not None else b"",
             duration=duration,
             timed_out=True,
         )
-    if isinstance(exc, DeadlineExceeded):
-        return ApiError("command_timeout", str(exc), duration=duration, timed_out=True)
     if isinstance(exc, ProbeFailed):
-        return ApiError("probe_failed", str(exc))
-    return ApiError("guest_failed", str(exc))
+        said = f"exit code {exc.result.exit_code}" if exc.result is not None else "output"
+        message = f"guest {key!r} answered the probe with {said}; that connection was closed"
+        return ApiError("probe_failed", message)
+    if isinstance(exc, ClosedLocally):
+        return ApiError(
+            "guest_failed",
+            f"the daemon closed the connection of guest {key!r} during {what} (the guest"
+            " was dropped, or the daemon is stopping)",
+        )
+    return ApiError("guest_failed", f"guest {key!r} failed during {what}: {exc}")

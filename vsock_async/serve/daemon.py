@@ -61,7 +61,11 @@ class Daemon:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = ServeMetrics()
-        self.server = CommandServer(limits=config.limits, default_timeout=config.default_timeout)
+        self.server = CommandServer(
+            limits=config.limits,
+            default_timeout=config.default_timeout,
+            max_connections_per_guest=config.max_connections_per_guest,
+        )
         self.control: ControlAPI | None = None
         self._control_file: SocketFile | None = None
         self._stop = asyncio.Event()
@@ -143,7 +147,7 @@ class Daemon:
     def _on_guest_event(self, event: GuestEvent) -> Any:
         key = event.guest.key
         if event.kind == "disconnected":
-            self.metrics.connection_closed(event.channel.connection)
+            self.metrics.connection_closed(event.channel)
             # Connections that close together all see a guest with none left: say it once.
             if not event.guest.connected and key in self._present:
                 self._present.discard(key)
@@ -170,7 +174,7 @@ class Daemon:
                 channel.id,
                 exc,
             )
-            await channel.aclose()
+            channel.abort(f"guest {guest.key!r} failed its {which} probe: {exc}")
             return
         finally:
             self._probing.discard(channel.id)

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
+    from ..host.channel import GuestChannel
     from ..host.server import CommandServer
-    from ..host.transport import GuestConnection
 
 __all__ = [
     "EXCHANGE_BUCKETS",
@@ -179,10 +179,10 @@ class ServeMetrics:
         self._closed_sent = 0
         self._closed_received = 0
 
-    def connection_closed(self, connection: GuestConnection) -> None:
+    def connection_closed(self, channel: GuestChannel) -> None:
         """Keep the byte counts of a connection that is gone (open ones are read live)."""
-        self._closed_sent += connection.bytes_sent
-        self._closed_received += connection.bytes_received
+        self._closed_sent += channel.bytes_sent
+        self._closed_received += channel.bytes_received
 
     def render(self, server: CommandServer | None = None) -> str:
         """Every metric in the Prometheus text format, with ``server``'s live state."""
@@ -190,11 +190,9 @@ class ServeMetrics:
             channels = server.channels
             self.guests_connected.set(len(server.guests))
             self.connections_open.set(len(channels))
-            self.bytes_sent.value = self._closed_sent + sum(
-                c.connection.bytes_sent for c in channels
-            )
+            self.bytes_sent.value = self._closed_sent + sum(c.bytes_sent for c in channels)
             self.bytes_received.value = self._closed_received + sum(
-                c.connection.bytes_received for c in channels
+                c.bytes_received for c in channels
             )
         return render(
             [
