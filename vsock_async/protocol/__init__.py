@@ -3,8 +3,12 @@
 Everything here turns bytes into events and events into bytes, so it is tested
 byte by byte without an event loop; the asyncio layers in :mod:`vsock_async.host`
 and :mod:`vsock_async.agent` only feed it.
+
+v1's names are here; protocol v2 (frames, the hello, the host and agent
+sessions) is imported from :mod:`vsock_async.protocol.v2`.
 """
 
+from . import v2 as v2
 from .hybrid import MAX_REPLY as MAX_REPLY
 from .hybrid import OkReplyParser as OkReplyParser
 from .hybrid import encode_connect as encode_connect
@@ -33,4 +37,5 @@ __all__ = [
     "encode_connect",
     "encode_result",
     "result_frame_parts",
+    "v2",
 ]

@@ -27,7 +27,10 @@ from typing import Any, Final
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from .limits import U32_MAX, MiB
-from .v1 import _WholeBody
+
+# The v1 memory rules, shared: a scratch for headers and small payloads; larger payloads get
+# growing chunks, then their final object once an eighth has arrived.
+from .v1 import _FIRST_CHUNK, _INLINE_MAX, _SCRATCH_SIZE, _WHOLE_AFTER, _WholeBody
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -190,14 +193,6 @@ def decode_window(payload: bytes) -> tuple[int, int]:
     """``(channel, increment)`` from a WINDOW payload, which must be 5 bytes long."""
     channel, increment = _WINDOW.unpack(payload)
     return channel, increment
-
-
-# Scratch for headers and small payloads; larger payloads get growing chunks, then their
-# final object once an eighth has arrived (as in v1).
-_SCRATCH_SIZE = 8 * 1024
-_INLINE_MAX = 4 * 1024
-_FIRST_CHUNK = 64 * 1024
-_WHOLE_AFTER = 8
 
 
 class FrameDecoder:
