@@ -17,13 +17,35 @@ find_python() {
     return 1
 }
 
-# make_venv PYTHON DIR EXTRAS: a virtualenv at DIR with the project installed editable.
+# _extras LIST: a comma-separated list of extras, sorted, each once.
+_extras() {
+    echo "$1" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -
+}
+
+# make_venv PYTHON DIR EXTRAS: a virtualenv at DIR on PYTHON's version, with the project installed
+# editable with EXTRAS (comma-separated). A virtualenv of another Python version (or a broken one)
+# is rebuilt. pip runs only when the interpreter, pyproject.toml or the extras changed since it
+# last did (a stamp in DIR records them); an editable install picks up code changes by itself.
+# Extras installed before are kept, so scripts asking for different extras share one virtualenv.
 make_venv() {
-    local python=$1 dir=$2 extras=$3
-    if [ ! -x "$dir/bin/python" ] || ! "$dir/bin/python" -c 'import sys; sys.exit(0)' 2>/dev/null; then
+    local python=$1 dir=$2 extras=$3 version have stamp installed wanted
+    version=$("$python" -c 'import platform; print(platform.python_version())')
+    have=$("$dir/bin/python" -c 'import platform; print(platform.python_version())' 2>/dev/null || true)
+    if [ "${have%.*}" != "${version%.*}" ]; then
         rm -rf "$dir"
         "$python" -m venv "$dir"
     fi
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]" \
+    stamp="python $version, pyproject.toml $(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ "$(head -n 1 "$dir/.vsock-async-stamp" 2>/dev/null)" = "$stamp" ]; then
+        installed=$(sed -n 2p "$dir/.vsock-async-stamp")
+        wanted=$(_extras "$installed,$extras")
+        if [ "$wanted" = "$installed" ]; then
+            return 0
+        fi
+    else
+        wanted=$(_extras "$extras")
+    fi
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$wanted]" \
         2> >(grep -v "^WARNING: Location" >&2)
+    printf '%s\n%s\n' "$stamp" "$wanted" > "$dir/.vsock-async-stamp"
 }

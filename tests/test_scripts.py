@@ -1,0 +1,119 @@
+"""``make_venv`` of scripts/_python.sh, run by bash on throw-away directories: a virtualenv of
+another Python version is rebuilt, and pip runs only when something it installs changed.
+
+pip itself is not what is tested: the virtualenvs are made without it (fast, offline) and
+get a stand-in ``pip`` module that records each call and installs nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_PIP = """import sys
+with open(sys.argv[0] + ".calls", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+"""
+
+
+def find_python(minor: int) -> str:
+    found = subprocess.run(
+        ["bash", "-c", f". scripts/_python.sh && find_python {minor}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found:
+        pytest.skip(f"CPython 3.{minor} not found")
+    return found
+
+
+def venv_maker(tmp_path: Path, python: str) -> Path:
+    """A PYTHON for make_venv: it makes virtualenvs without pip, then adds the stand-in pip."""
+    wrapper = tmp_path / f"python-{Path(python).name}"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        f'    "{python}" -m venv --without-pip "$3" || exit 1\n'
+        '    site=$("$3/bin/python" -c'
+        " \"import sysconfig; print(sysconfig.get_path('purelib'))\")\n"
+        '    mkdir -p "$site/pip" && touch "$site/pip/__init__.py"\n'
+        f"    cat > \"$site/pip/__main__.py\" <<'EOF'\n{FAKE_PIP}EOF\n"
+        "    exit 0\n"
+        "fi\n"
+        f'exec "{python}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def make_venv(project: Path, python: Path, venv: Path, extras: str) -> None:
+    script = f'set -euo pipefail; . "{REPO}/scripts/_python.sh"; make_venv "$@"'
+    args = [str(python), str(venv), extras]
+    subprocess.run(["bash", "-c", script, "_", *args], cwd=project, check=True, timeout=60)
+
+
+def pip_calls(venv: Path) -> list[str]:
+    (calls,) = venv.glob("lib/python3.*/site-packages/pip/__main__.py.calls") or [None]
+    return calls.read_text().splitlines() if calls is not None else []
+
+
+def venv_version(venv: Path) -> str:
+    return subprocess.run(
+        [venv / "bin/python", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    return project
+
+
+def test_a_venv_of_another_python_version_is_rebuilt(tmp_path: Path, project: Path) -> None:
+    py311, py313 = find_python(11), find_python(13)
+    venv = tmp_path / "venv"
+    make_venv(project, venv_maker(tmp_path, py313), venv, "test")
+    assert venv_version(venv) == "3.13"
+    make_venv(project, venv_maker(tmp_path, py311), venv, "test")
+    assert venv_version(venv) == "3.11"
+    assert pip_calls(venv) == ["install --quiet --disable-pip-version-check -e .[test]"]
+
+
+def test_pip_runs_only_when_something_changed(tmp_path: Path, project: Path) -> None:
+    python = venv_maker(tmp_path, find_python(sys.version_info[1]))
+    venv = tmp_path / "venv"
+    make_venv(project, python, venv, "serve")
+    make_venv(project, python, venv, "serve")
+    assert len(pip_calls(venv)) == 1  # nothing changed: no pip
+    make_venv(project, python, venv, "test")  # another extra: installed beside the first
+    assert pip_calls(venv)[-1].endswith("-e .[serve,test]")
+    make_venv(project, python, venv, "serve")  # already there
+    assert len(pip_calls(venv)) == 2
+    with (project / "pyproject.toml").open("a") as f:
+        f.write('version = "2"\n')
+    make_venv(project, python, venv, "serve")
+    assert len(pip_calls(venv)) == 3
+
+
+def test_a_venv_left_broken_is_rebuilt(tmp_path: Path, project: Path) -> None:
+    python = venv_maker(tmp_path, find_python(sys.version_info[1]))
+    venv = tmp_path / "venv"
+    make_venv(project, python, venv, "serve")
+    shutil.rmtree(next(venv.glob("lib/python3.*")))
+    (venv / "bin/python").unlink()
+    make_venv(project, python, venv, "serve")
+    assert venv_version(venv) == f"3.{sys.version_info[1]}"
+    assert len(pip_calls(venv)) == 1
