@@ -55,6 +55,7 @@ from vsock_async.protocol.v2 import (
 )
 
 from .conftest import Scale
+from .test_fuzz_decoders import lend, push  # the two input paths, for any decoder or session
 
 T = FrameType
 SCRATCH = 8 * 1024
@@ -110,22 +111,6 @@ def check_memory(decoder: FrameDecoder) -> None:
 
 
 Feeder = Callable[[Any, bytes], None]
-
-
-def push(target: Any, piece: bytes) -> None:
-    target.receive_data(piece)
-
-
-def lend(target: Any, piece: bytes) -> None:
-    """The BufferedProtocol path: write into the lent memory, commit, repeat."""
-    pos = 0
-    while pos < len(piece):
-        with target.get_buffer(-1) as buf:
-            assert len(buf) > 0, "an empty buffer would make asyncio fail the connection"
-            n = min(len(buf), len(piece) - pos)
-            buf[:n] = piece[pos : pos + n]
-        target.buffer_updated(n)
-        pos += n
 
 
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from .limits import U32_MAX, MiB
@@ -195,6 +195,22 @@ def decode_window(payload: bytes) -> tuple[int, int]:
     return channel, increment
 
 
+class _Buffered(Protocol):
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
+def copy_in(target: _Buffered, data: bytes | bytearray | memoryview) -> None:
+    """Copy ``data`` into the memory ``target`` lends, a buffer at a time: one parser for both."""
+    src = memoryview(data).cast("B")
+    while src:
+        with target.get_buffer() as dst:
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+        src = src[n:]
+        target.buffer_updated(n)
+
+
 class FrameDecoder:
     """Turns v2 bytes, in any chunking, into :class:`Frame` objects.
 
@@ -289,16 +305,10 @@ class FrameDecoder:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Push bytes received from the peer; ``b""`` means end of stream."""
-        if not data:
+        if data:
+            copy_in(self, data)
+        else:
             self.receive_eof()
-            return
-        src = memoryview(data).cast("B")
-        while src:
-            with self.get_buffer() as dst:
-                n = min(len(dst), len(src))
-                dst[:n] = src[:n]
-            src = src[n:]
-            self.buffer_updated(n)
 
     def receive_eof(self) -> None:
         """The peer will send nothing more (see :attr:`in_frame` for a cut frame)."""

@@ -34,6 +34,7 @@ from .v2_frames import (
     Frame,
     FrameDecoder,
     FrameType,
+    copy_in,
     decode_json,
     decode_window,
     encode_frame,
@@ -325,16 +326,10 @@ class _Session:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Push received bytes; ``b""`` means the peer closed the connection."""
-        if not data:
+        if data:
+            copy_in(self, data)
+        else:
             self.receive_eof()
-            return
-        src = memoryview(data).cast("B")
-        while src:
-            with self.get_buffer() as dst:
-                n = min(len(dst), len(src))
-                dst[:n] = src[:n]
-            src = src[n:]
-            self.buffer_updated(n)
 
     def receive_eof(self) -> None:
         """The peer closed the connection: its open streams are lost (see :attr:`in_frame`)."""
