@@ -183,6 +183,19 @@ def pieces_of(stream: bytes, cuts: list[int]) -> list[bytes]:
     return [piece for piece in out if piece]
 
 
+def fed(target: FrameDecoder | HostSession | AgentSession, piece: bytes, lend: bool) -> bool:
+    """Feed one piece; False once the target failed (after checking it refuses more input)."""
+    try:
+        feed(target, piece, lend)  # duck-typed: v2 has the same input methods as v1
+    except ProtocolError:
+        try:
+            target.receive_data(b"x")
+        except UsageError:
+            return False
+        raise AssertionError(f"a failed {type(target).__name__} accepted more input") from None
+    return True
+
+
 def fuzz_v2_decoder(
     stream: bytes, cuts: list[int], max_frame: int, max_control: int, lend: bool
 ) -> None:
@@ -190,14 +203,8 @@ def fuzz_v2_decoder(
     decoder = FrameDecoder(max_frame, max_control)
     limit = max(max_frame, max_control)
     for piece in pieces_of(stream, cuts):
-        try:
-            feed(decoder, piece, lend)  # duck-typed: the decoder has the same input methods
-        except ProtocolError:
-            try:
-                decoder.receive_data(b"x")
-            except UsageError:
-                return
-            raise AssertionError("a failed v2 decoder accepted more input") from None
+        if not fed(decoder, piece, lend):
+            return
         held = sum(len(c) for c in decoder._chunks or [])
         held += decoder._whole.length if decoder._whole is not None else 0
         if held > 2 * limit + SLACK:
@@ -230,14 +237,8 @@ def fuzz_v2_session(
         prelude = encode_json(1, FrameType.EXEC, {"argv": ["a"], "stdin": True, "pty": {}})
         prelude += encode_json(3, FrameType.EXEC, {"argv": ["b"], "window": window})
     for piece in [prelude, *pieces_of(stream, cuts)]:
-        try:
-            feed(session, piece, lend)  # duck-typed: the session has the same input methods
-        except ProtocolError:
-            try:
-                session.receive_data(b"x")
-            except UsageError:
-                return
-            raise AssertionError("a failed v2 session accepted more input") from None
+        if not fed(session, piece, lend):
+            return
         check_v2_session(session, max_frame)
     session.receive_eof()
 
