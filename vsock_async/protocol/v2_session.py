@@ -486,7 +486,7 @@ class _Session:
         """A PONG this end never asked for: ignored."""
 
     def _on_exec(self, frame: Frame) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # only an end that receives EXEC (the agent) gets here
 
     def _on_stream_frame(self, state: _Stream, frame: Frame) -> None:
         raise NotImplementedError
@@ -667,9 +667,6 @@ class HostSession(_Session):
             )
 
     # -- received frames -------------------------------------------------------------------
-
-    def _on_exec(self, frame: Frame) -> None:
-        raise AssertionError("a host never receives EXEC")  # filtered by _receives
 
     def _on_stream_frame(self, state: _Stream, frame: Frame) -> None:
         stream, type = frame.stream, frame.type
