@@ -208,6 +208,16 @@ def test_connections_beyond_the_cap_per_guest_are_refused_and_logged(stack: Stac
     assert client.guest("vm1")["connections"] == 2
 
 
+def test_the_api_finds_a_guest_by_any_spelling_of_its_key(stack: Stack) -> None:
+    """The API goes through the library's one key rule: a label of digits is a CID-like key."""
+    daemon = stack.daemon("--probe-interval", "none", guest_label="7")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    assert client.guest("007", wait=LONG)["key"] == "7"  # waited for, then already there
+    assert client.guest("0007", wait=LONG)["key"] == "7"
+    assert client.run("07", "echo found").stdout == b"found\n"
+
+
 def test_json_log_lines(stack: Stack) -> None:
     daemon = stack.daemon("--log-format", "json")
     daemon.stop()
