@@ -22,6 +22,7 @@ from tests.daemon_process import (
     Stack,
     eventually,
     short_directory,
+    stack,
     wait_for_guest,
 )
 from vsock_async.serve.control_client import (
@@ -30,6 +31,8 @@ from vsock_async.serve.control_client import (
     ControlError,
     decode_raw_result,
 )
+
+__all__ = ["stack"]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ALL_BYTES = bytes(range(256))
@@ -214,6 +217,27 @@ def test_raw_that_is_not_a_boolean_is_400(api: Api) -> None:
     )
     assert (err.status, err.code) == (400, "bad_request")
     assert "raw" in err.message and "garbage" in err.message
+
+
+def test_output_cut_by_the_agent_is_flagged_in_both_forms(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none")
+    stack.agent(daemon.guest_address, "--max-output", "1000")
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    command = {"command": "head -c 5000 /dev/zero; echo err >&2"}
+    result = json.loads(client.request("POST", "/v1/guests/vm1/run", command).body)
+    assert len(base64.b64decode(result["stdout"])) == 1000
+    assert (result["stdout_truncated"], result["stderr_truncated"]) == (True, False)
+    assert result["exit_signal"] is None  # protocol v1 cannot tell
+    reply = client.request("POST", "/v1/guests/vm1/run?raw=1", command)
+    assert reply.headers["vsock-async-stdout-truncated"] == "1"
+    assert reply.headers["vsock-async-stderr-truncated"] == "0"
+    assert "vsock-async-exit-signal" not in reply.headers
+    outcome = client.run("vm1", command["command"])
+    assert (outcome.stdout_truncated, outcome.stderr_truncated) == (True, False)
+    assert outcome.exit_signal is None
+    result = json.loads(client.request("POST", "/v1/guests/vm1/run", {"command": "true"}).body)
+    assert (result["stdout_truncated"], result["stderr_truncated"]) == (False, False)
 
 
 def test_timeout_is_504_with_the_partial_facts(api: Api) -> None:

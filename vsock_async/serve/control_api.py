@@ -542,8 +542,11 @@ class ControlAPI:
                 return await self._raw_result(request, result, duration)
             answer = {
                 "exit_code": result.exit_code,
+                "exit_signal": result.exit_signal,
                 "stdout": result.stdout,
                 "stderr": result.stderr,
+                "stdout_truncated": result.stdout_truncated,
+                "stderr_truncated": result.stderr_truncated,
                 "duration": duration,
                 "timed_out": False,
             }
@@ -585,15 +588,18 @@ class ControlAPI:
         parts = result_frame_parts(result.stdout, result.stderr, result.exit_code)
         asked = request.headers.get("Accept", "")
         plain = _OCTET_STREAM in asked and RAW_RESULT_TYPE not in asked
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": _OCTET_STREAM if plain else RAW_RESULT_TYPE,
-                "Vsock-Async-Exit-Code": str(result.exit_code),
-                "Vsock-Async-Duration": f"{duration:.6f}",
-                "Vsock-Async-Stdout-Length": str(len(result.stdout)),
-                "Vsock-Async-Stderr-Length": str(len(result.stderr)),
-            }
-        )
+        headers = {
+            "Content-Type": _OCTET_STREAM if plain else RAW_RESULT_TYPE,
+            "Vsock-Async-Exit-Code": str(result.exit_code),
+            "Vsock-Async-Duration": f"{duration:.6f}",
+            "Vsock-Async-Stdout-Length": str(len(result.stdout)),
+            "Vsock-Async-Stderr-Length": str(len(result.stderr)),
+            "Vsock-Async-Stdout-Truncated": "1" if result.stdout_truncated else "0",
+            "Vsock-Async-Stderr-Truncated": "1" if result.stderr_truncated else "0",
+        }
+        if result.exit_signal is not None:
+            headers["Vsock-Async-Exit-Signal"] = str(result.exit_signal)
+        response = web.StreamResponse(headers=headers)
         response.content_length = sum(len(p) for p in parts)
         await response.prepare(request)
         for part in parts:

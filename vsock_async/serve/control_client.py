@@ -68,12 +68,18 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """A finished command as the daemon reported it."""
+    """A finished command as the daemon reported it (see ``vsock_async.CommandResult``)."""
 
     stdout: bytes
     stderr: bytes
     exit_code: int
     duration: float
+    exit_signal: int | None = None
+    """The signal that killed the command, when the guest says so (never on protocol v1)."""
+    stdout_truncated: bool = False
+    """The agent cut stdout at its ``--max-output``."""
+    stderr_truncated: bool = False
+    """The agent cut stderr at its ``--max-output``."""
 
 
 def decode_raw_result(body: bytes) -> tuple[bytes, bytes, int]:
@@ -229,8 +235,17 @@ class ControlClient:
         if not content_type.startswith(RAW_RESULT_TYPE):
             raise ProtocolError(f"the daemon answered {content_type!r} to a raw run request")
         stdout, stderr, exit_code = decode_raw_result(reply.body)
-        duration = float(reply.headers.get("vsock-async-duration", "0"))
-        return RunOutcome(stdout, stderr, exit_code, duration)
+        headers = reply.headers
+        signal = headers.get("vsock-async-exit-signal")
+        return RunOutcome(
+            stdout,
+            stderr,
+            exit_code,
+            duration=float(headers.get("vsock-async-duration", "0")),
+            exit_signal=int(signal) if signal is not None else None,
+            stdout_truncated=headers.get("vsock-async-stdout-truncated") == "1",
+            stderr_truncated=headers.get("vsock-async-stderr-truncated") == "1",
+        )
 
     def probe(self, key: str) -> dict[str, Any]:
         """``POST /v1/guests/{key}/probe``."""
