@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from vsock_async.serve.control_client import ControlClient
 
 from ._harness import REPO, fresh_dir
+from .agent_memory import reset_peak_rss, status_kib
 
 MiB = 1024 * 1024
 
@@ -52,14 +53,6 @@ while data := sock.recv(65536):
             for part in result_frame_parts(output, output, 0):
                 sock.sendall(part)
 """
-
-
-def _status_kib(pid: int, name: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise KeyError(name)
 
 
 @contextlib.contextmanager
@@ -118,11 +111,10 @@ def measure(raw: bool, mib: int) -> tuple[int, int]:
                     if time.monotonic() > deadline or serve.poll() is not None:
                         raise
                 time.sleep(0.05)
-            with open(f"/proc/{serve.pid}/clear_refs", "w") as f:
-                f.write("5")  # VmHWM starts again from the current RSS
-            before = _status_kib(serve.pid, "VmRSS")
+            reset_peak_rss(serve.pid)
+            before = status_kib(serve.pid, "VmRSS")
             size = _read_and_drop(control_path, raw, json.dumps({"command": "big"}).encode())
-            peak = _status_kib(serve.pid, "VmHWM")
+            peak = status_kib(serve.pid, "VmHWM")
     return (peak - before) * 1024, size
 
 
