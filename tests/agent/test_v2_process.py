@@ -229,8 +229,9 @@ async def test_pty_is_the_controlling_terminal_and_resizes() -> None:
 @pytest.mark.asyncio
 async def test_signal_on_a_pty_goes_to_the_foreground_group() -> None:
     link = Link()
-    request = {"command": "trap 'echo caught INT' INT; echo ready; sleep 30 & wait", "pty": {}}
-    request["pty"] = {"rows": 24, "cols": 80}
+    # ready is printed once the sleep exists: the INT cannot come before the wait.
+    command = "trap 'echo caught INT' INT; sleep 30 & echo ready; wait"
+    request = {"command": command, "pty": {"rows": 24, "cols": 80}}
     async with started(request, link) as (process, task):
         await eventually(lambda: b"ready" in link.output(), "ready")
         process.send_signal(signal.SIGINT)

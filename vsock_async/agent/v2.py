@@ -43,6 +43,7 @@ from .terminal import pty_available
 __all__ = ["V2Connection", "V2Settings", "agent_name", "capabilities"]
 
 _logger = logging.getLogger("vsock_async.agent")
+_JOIN_BELOW = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +280,28 @@ class V2Connection(asyncio.BufferedProtocol):
     # -- sending -------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        data = self._session.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(data)
+        """Write the queued frames: small pieces joined, large payloads as they are.
+
+        Not ``writelines``: on Python 3.12.0-3.12.8 and 3.13.0-3.13.1 it never pauses the
+        protocol (CPython gh-127655), so a host that stops reading would grow the buffer
+        without bound. ``write`` pauses it; joining only pieces under 4 KiB keeps the
+        payloads uncopied at the price of one more send for the header of a large frame.
+        """
+        transport = self._transport
+        chunks = self._session.data_to_send()
+        if not chunks or transport is None or transport.is_closing():
+            return
+        small: list[bytes | memoryview] = []
+        for chunk in chunks:
+            if len(chunk) < _JOIN_BELOW:
+                small.append(chunk)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small.clear()
+            transport.write(chunk)
+        if small:
+            transport.write(small[0] if len(small) == 1 else b"".join(small))
 
     def _credit_changed(self) -> None:
         for process in list(self._processes.values()):
