@@ -381,6 +381,7 @@ def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
     _, stderr = running.communicate(timeout=LONG)
     assert running.returncode == 125
     assert b"guest_failed" in stderr
+    assert b"the daemon closed the connection of guest 'vm1' during command 'while" in stderr
     assert daemon.proc.wait(LONG) == 0
     assert "still running: closing their connections" in daemon.log()
 
