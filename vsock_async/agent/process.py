@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from .request import ExecSpec, Refused
+from .runner import shell_argv
 from .terminal import eof_char, foreground_group, open_pty, set_size, take_terminal
 
 __all__ = ["STDERR", "STDOUT", "Process", "StreamLink", "signal_session"]
@@ -88,6 +89,7 @@ class Process:
         self._timeout = spec.timeout
         self._kill_grace = spec.kill_grace
         self._master = -1
+        self._script = -1  # the memfd of a long command, open until the process is done
         self._stdin = -1
         self._stdin_queue: deque[memoryview] = deque()
         self._stdin_end = False
@@ -381,20 +383,24 @@ class Process:
         if self._master >= 0:
             os.close(self._master)
             self._master = -1
-
-
-def _argv(spec: ExecSpec, shell: str) -> list[bytes]:
-    if spec.argv is not None:
-        return list(spec.argv)
-    assert spec.command is not None
-    return [os.fsencode(shell), b"-c", spec.command]
+        if self._script >= 0:
+            os.close(self._script)
+            self._script = -1
 
 
 def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
     """Fork and exec the process in a new session, wiring its stdio into ``process``."""
-    argv = _argv(spec, shell)
-    env = dict(os.environb)
     user = spec.user
+    pass_fds: tuple[int, ...] = ()
+    if spec.argv is not None:
+        argv = list(spec.argv)
+    else:
+        assert spec.command is not None
+        # Another user cannot open the agent's /proc/PID/fd: give that child the memfd itself.
+        argv, process._script = shell_argv(shell, spec.command, inherited=user is not None)
+        if user is not None and process._script >= 0:
+            pass_fds = (process._script,)
+    env = dict(os.environb)
     if user is not None and user.name is not None:
         env[b"USER"] = env[b"LOGNAME"] = os.fsencode(user.name)
         if user.home is not None:
@@ -448,6 +454,7 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
                 group=None if user is None else user.gid,
                 extra_groups=None if user is None else list(user.groups),
                 preexec_fn=preexec,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0)

@@ -191,23 +191,35 @@ class _Shell:
             self._poller.cancel()
 
 
-def _spawn(shell: str, command: bytes) -> tuple[subprocess.Popen[bytes], tuple[int, int], int]:
-    """Start ``shell -c command``; the shell, the read ends of its stdout and stderr pipes,
-    and the memfd that holds a long command (-1 for a short one).
+def shell_argv(shell: str, command: bytes, *, inherited: bool = False) -> tuple[list[bytes], int]:
+    """The argv that runs ``shell -c command``, and the memfd holding a long command (-1 for
+    a short one; close it once the shell has exited).
 
     A command too long for one argv string goes into a memfd that the shell sources as
     ``. /proc/AGENT/fd/N``: the agent's descriptor, so the command's processes inherit no
-    extra one. A ``.`` script keeps what matters of ``-c``: ``$0``, ``$#``, ``exit N``.
+    extra one. With ``inherited``, as ``. /dev/fd/N`` instead, for a child given that
+    descriptor (``pass_fds``) that runs as another user and so cannot open the agent's.
+    A ``.`` script keeps what matters of ``-c``: ``$0``, ``$#``, ``exit N``.
     """
-    script = -1
     if len(command) < ARGV_STRING_MAX:
-        argv = [os.fsencode(shell), b"-c", command]
-    else:
-        script = os.memfd_create("vsock-async-command", os.MFD_CLOEXEC)
+        return [os.fsencode(shell), b"-c", command], -1
+    script = os.memfd_create("vsock-async-command", os.MFD_CLOEXEC)
+    try:
         rest = memoryview(command)
         while rest:
             rest = rest[os.write(script, rest) :]
-        argv = [os.fsencode(shell), b"-c", b". /proc/%d/fd/%d" % (os.getpid(), script)]
+    except BaseException:
+        os.close(script)
+        raise
+    path = b"/dev/fd/%d" % script if inherited else b"/proc/%d/fd/%d" % (os.getpid(), script)
+    return [os.fsencode(shell), b"-c", b". " + path], script
+
+
+def _spawn(shell: str, command: bytes) -> tuple[subprocess.Popen[bytes], tuple[int, int], int]:
+    """Start ``shell -c command`` (:func:`shell_argv`); the shell, the read ends of its
+    stdout and stderr pipes, and the memfd that holds a long command (-1 for a short one).
+    """
+    argv, script = shell_argv(shell, command)
     fds: list[int] = []
     try:
         out_r, out_w = os.pipe()
