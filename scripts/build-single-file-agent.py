@@ -30,10 +30,17 @@ MODULES = (
     "results",
     "protocol/limits",
     "protocol/v1",
+    "protocol/v2_frames",
+    "protocol/hello",
+    "protocol/v2_session",
     "addresses",
     "_sockets",
     "_logging",
     "agent/runner",
+    "agent/request",
+    "agent/terminal",
+    "agent/process",
+    "agent/v2",
     "agent/agent",
 )
 CLI_NAMES = (

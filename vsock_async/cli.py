@@ -73,6 +73,7 @@ def _add_agent_parser(
     """Add ``agent``; its parser is returned for the single-file agent to use on its own."""
     from .agent.agent import AGENT_DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT, DEFAULT_OUTPUT_GRACE
     from .protocol import Limits
+    from .protocol.v2 import AgentLimits
 
     parser = subparsers.add_parser(
         "agent",
@@ -136,6 +137,16 @@ def _add_agent_parser(
         ),
     )
     parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=AgentLimits().max_streams,
+        metavar="N",
+        help=(
+            "protocol v2: processes one connection may run at once; more are refused"
+            " (default %(default)s)"
+        ),
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -173,6 +184,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             max_command=args.max_command,
             max_output=args.max_output,
             output_grace=args.output_grace,
+            max_streams=args.max_streams,
         )
         asyncio.run(run(agent))
     except VsockAsyncError as exc:  # it could not start

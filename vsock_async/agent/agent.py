@@ -1,4 +1,4 @@
-"""``GuestAgent``: the guest side of protocol v1. Standard library only.
+"""``GuestAgent``: the guest side of protocols v1 and v2. Standard library only.
 
 It dials the host (redialling with capped exponential backoff and jitter
 whenever the connection goes) or, with ``listen=True``, waits for the host
@@ -6,7 +6,8 @@ to dial in. Each connection answers one command at a time; while a command
 runs the agent stops reading that connection (a host that pipelines gets
 read-side back-pressure) and watches it only for a hang-up, which kills the
 command's process group. See :mod:`vsock_async.agent.runner` for how a
-command runs.
+command runs. A v1 command that is the v2 hello is answered without a shell,
+and the connection is handed to :class:`~vsock_async.agent.v2.V2Connection`.
 
 Each dialling slot (or the accepting loop) is a worker under :meth:`GuestAgent.run`'s
 watch: a worker that fails is logged with its traceback and restarted after a
@@ -51,6 +52,7 @@ from ..protocol import (
     OversizedCommand,
     result_frame_parts,
 )
+from ..protocol.v2 import AgentLimits, HelloRequest, hello_answer, parse_hello_command
 from ..timeouts import check_timeout
 from .runner import (
     DEFAULT_MAX_OUTPUT,
@@ -59,6 +61,7 @@ from .runner import (
     refuse,
     run_command,
 )
+from .v2 import V2Connection, V2Settings, agent_name, capabilities
 
 __all__ = [
     "AGENT_DEFAULT_ADDRESS",
@@ -98,6 +101,7 @@ class GuestAgent:
         max_command: int = Limits().max_command,
         max_output: int = DEFAULT_MAX_OUTPUT,
         output_grace: float | None = DEFAULT_OUTPUT_GRACE,
+        max_streams: int = AgentLimits().max_streams,
         reconnect_delay: float = 0.1,
         max_reconnect_delay: float = 5.0,
     ) -> None:
@@ -125,6 +129,9 @@ class GuestAgent:
         self.max_command = _byte_count(max_command, "max_command")
         self.max_output = _byte_count(max_output, "max_output")
         self.output_grace = check_timeout(output_grace, "output_grace")
+        self.v2 = V2Settings(shell, self.output_grace, AgentLimits(max_streams=max_streams))
+        """How v2 connections run processes, and the limits they announce."""
+        self._capabilities: list[str] | None = None
         self.reconnect_delay = _delay(reconnect_delay, "reconnect_delay")
         self.max_reconnect_delay = _delay(max_reconnect_delay, "max_reconnect_delay")
         self._stop: asyncio.Event | None = None
@@ -332,6 +339,13 @@ class GuestAgent:
         delay = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(failures - 1, 30))
         return random.uniform(delay / 2, delay)
 
+    @property
+    def capabilities(self) -> list[str]:
+        """What this agent announces it can do on v2 (found out once)."""
+        if self._capabilities is None:
+            self._capabilities = capabilities()
+        return self._capabilities
+
     async def _outcome(self, command: Command | OversizedCommand) -> Outcome:
         """What the agent answers for one decoded command frame."""
         if isinstance(command, OversizedCommand):
@@ -365,6 +379,7 @@ class _AgentConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._hangup: select.epoll | None = None
         self._watching = False
+        self._v2: V2Connection | None = None
         self.peer: Any = None
         self.answered = 0
         self.why = "closed by the agent"
@@ -427,6 +442,8 @@ class _AgentConnection(asyncio.BufferedProtocol):
         task = self._task
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+        if self._v2 is not None:
+            await self._v2.wait_finished()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -445,10 +462,43 @@ class _AgentConnection(asyncio.BufferedProtocol):
         command = self._decoder.next_event()
         if command is None:
             return
+        if isinstance(command, Command):
+            hello = parse_hello_command(command.command)
+            if hello is not None and self._switch_to_v2(hello):
+                return
         assert self._transport is not None
         self._transport.pause_reading()
         self._watch()
         self._task = self._loop.create_task(self._answer(command))
+
+    def _switch_to_v2(self, hello: HelloRequest) -> bool:
+        """Answer the hello and hand the transport to a v2 connection; False: stay on v1.
+
+        With no version in common the hello is an ordinary command (``:``, a no-op).
+        """
+        agent = self._agent
+        assert self._transport is not None
+        answer = hello_answer(hello, agent.v2.limits, agent.capabilities, agent_name())
+        if answer is None:
+            return False
+        if self._decoder.in_frame or self._decoder.next_event() is not None:
+            self._abort("protocol error: the host sent bytes after its hello, before the answer")
+            return True
+        self._transport.writelines(result_frame_parts(answer, b"", 0))
+        self.answered += 1
+        agent.commands_answered += 1
+        self._v2 = V2Connection(
+            hello, agent.v2, agent.capabilities, peer=self.peer, on_lost=self._v2_lost
+        )
+        self._transport.set_protocol(self._v2)
+        self._v2.attach(self._transport)
+        logger.info("switched to protocol v2", extra={"fields": {"peer": self.peer}})
+        return True
+
+    def _v2_lost(self, exc: Exception | None) -> None:
+        assert self._v2 is not None
+        self.why = self._v2.why
+        self.connection_lost(exc)
 
     async def _answer(self, command: Command | OversizedCommand) -> None:
         agent = self._agent
