@@ -468,6 +468,25 @@ async def test_dropping_the_connection_kills_and_reaps_every_process(tmp_path: P
         assert (await again.run({"argv": ["echo", "again"]})).stdout == b"again\n"
 
 
+@pytest.mark.asyncio
+async def test_sigterm_stops_the_agent_after_killing_and_reaping_its_processes(
+    tmp_path: Path,
+) -> None:
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        streams = [host.exec({"command": "sleep 30 & sleep 30"}) for _ in range(3)]
+        pids = []
+        for stream in streams:
+            started = await host.next(stream)
+            assert isinstance(started, Started)
+            pids.append(started.pid)
+        await eventually(lambda: all(len(live_members(p)) == 3 for p in pids), "sh and 2 sleeps")
+        members = [m for pid in pids for m in live_members(pid)]
+        agent.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.proc.wait(), LONG) == 0
+        await eventually(lambda: not any(alive(pid) for pid in members), "all of them killed")
+
+
 # -- a hostile host -----------------------------------------------------------------------
 
 

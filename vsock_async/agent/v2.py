@@ -106,8 +106,6 @@ class V2Connection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._dead = False
-        self.started = 0
-        """Processes started on this connection."""
         self.why = "closed by the agent"
 
     def attach(self, transport: asyncio.BaseTransport) -> None:
@@ -117,9 +115,6 @@ class V2Connection(asyncio.BufferedProtocol):
         self._transport.resume_reading()
 
     # -- asyncio.BufferedProtocol --------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.attach(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._session.get_buffer(sizehint)
@@ -246,7 +241,6 @@ class V2Connection(asyncio.BufferedProtocol):
             session.exec_failed(stream, refused.code, refused.message, refused.errno)
             return
         session.started(stream, process.pid)
-        self.started += 1
         self._processes[stream] = process
         task = self._loop.create_task(self._supervise(stream, process))
         self._tasks.add(task)
