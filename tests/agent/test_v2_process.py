@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from tests.agent_process import LONG, alive, eventually, live_members
 from vsock_async.agent.process import STDERR, STDOUT, Process
-from vsock_async.agent.request import parse_exec
+from vsock_async.agent.request import Refused, parse_exec
 
 
 class Link:
@@ -237,3 +238,28 @@ async def test_signal_on_a_pty_goes_to_the_foreground_group() -> None:
         process.send_signal(signal.SIGINT)
         await asyncio.wait_for(task, LONG)
     assert b"caught INT" in link.output()
+
+
+@pytest.mark.asyncio
+async def test_no_descriptor_left_is_a_spawn_failure_not_a_crash() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        spec = parse_exec(
+            {"argv": ["true"]}, max_argv_bytes=1 << 20, can_switch_user=True, can_pty=True
+        )
+        with pytest.raises(Refused) as refused:
+            Process(spec, Link(), shell="/bin/sh", output_grace=1.0, max_read=1 << 20)
+        assert (refused.value.code, refused.value.errno) == ("spawn_failed", "EMFILE")
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Nothing leaked: the same number of descriptors opens again.
+    again = [os.open("/dev/null", os.O_RDONLY) for _ in held]
+    for fd in again:
+        os.close(fd)

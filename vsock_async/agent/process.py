@@ -275,9 +275,9 @@ class Process:
             data = os.read(output.fd, size)
         except BlockingIOError:
             return
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: a terminal whose every slave fd is closed
-                raise
+        except OSError:
+            # EIO: a terminal whose every slave fd is closed. Anything else leaves a pipe
+            # that cannot be read: its channel has ended all the same.
             data = b""
         if not data:
             self._end(output)
@@ -311,10 +311,10 @@ class Process:
                 written = os.write(self._stdin, queue[0])
             except BlockingIOError:
                 break
-            except OSError as exc:
-                if exc.errno not in (errno.EPIPE, errno.EIO):
-                    raise
-                self._drop_stdin()  # the process closed its stdin: nobody will read these
+            except OSError:
+                # EPIPE (EIO on a terminal): the process closed its stdin. Nobody will read
+                # these bytes, nor any that follow.
+                self._drop_stdin()
                 return
             self._link.stdin_consumed(written)
             if written == len(queue[0]):
@@ -391,15 +391,6 @@ class Process:
 def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
     """Fork and exec the process in a new session, wiring its stdio into ``process``."""
     user = spec.user
-    pass_fds: tuple[int, ...] = ()
-    if spec.argv is not None:
-        argv = list(spec.argv)
-    else:
-        assert spec.command is not None
-        # Another user cannot open the agent's /proc/PID/fd: give that child the memfd itself.
-        argv, process._script = shell_argv(shell, spec.command, inherited=user is not None)
-        if user is not None and process._script >= 0:
-            pass_fds = (process._script,)
     env = dict(os.environb)
     if user is not None and user.name is not None:
         env[b"USER"] = env[b"LOGNAME"] = os.fsencode(user.name)
@@ -408,7 +399,16 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
     env.update(spec.env)
     child_fds: list[int] = []  # the child's ends, closed here once it has them
     preexec: Callable[[], None] | None = None
+    pass_fds: tuple[int, ...] = ()
     try:
+        if spec.argv is not None:
+            argv = list(spec.argv)
+        else:
+            assert spec.command is not None
+            # Another user cannot open the agent's /proc/PID/fd: hand that child the memfd.
+            argv, process._script = shell_argv(shell, spec.command, inherited=user is not None)
+            if user is not None and process._script >= 0:
+                pass_fds = (process._script,)
         if spec.pty is not None:
             master, slave = open_pty(*spec.pty)
             process._master = master
@@ -465,6 +465,10 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
             ) from None
         except subprocess.SubprocessError as exc:
             raise Refused("spawn_failed", f"cannot start {os.fsdecode(argv[0])}: {exc}") from None
+    except OSError as exc:  # no pipe, pty or memfd to be had (EMFILE, ENOSPC, ...)
+        process._release()
+        name = errno.errorcode.get(exc.errno or 0)
+        raise Refused("spawn_failed", f"cannot set up the process: {exc.strerror}", name) from None
     except BaseException:
         process._release()
         raise

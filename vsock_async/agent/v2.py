@@ -210,6 +210,10 @@ class V2Connection(asyncio.BufferedProtocol):
             elif isinstance(event, ResizeRequested):
                 try:
                     process.resize(event.rows, event.cols)
+                except Refused as refused:
+                    session.request_failed(
+                        event.stream, FrameType.RESIZE, refused.code, refused.message
+                    )
                 except OSError as exc:
                     session.request_failed(
                         event.stream, FrameType.RESIZE, "internal", f"cannot resize: {exc}"
