@@ -263,3 +263,14 @@ async def test_no_descriptor_left_is_a_spawn_failure_not_a_crash() -> None:
     again = [os.open("/dev/null", os.O_RDONLY) for _ in held]
     for fd in again:
         os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_stdin_end_on_a_pty_types_the_eof_character() -> None:
+    link = Link()
+    request = {"argv": ["cat"], "pty": {"rows": 24, "cols": 80}, "stdin": True}
+    async with started(request, link) as (process, task):
+        process.write_stdin(b"line\n", True)
+        await asyncio.wait_for(task, LONG)
+    assert link.output() == b"line\r\nline\r\n"  # the terminal's echo, then cat's copy
+    assert link.exit == (0, None, False, False)
