@@ -4,6 +4,7 @@ agent process where the wire matters."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,14 @@ async def test_no_output_grace_keeps_what_was_written_and_kills_at_once() -> Non
     assert b"kept stdout or stderr open for 0 s: its process group was killed" in held.stderr
     background = int(held.stdout)
     await eventually(lambda: not alive(background), "the background process is dead")
+
+
+@pytest.mark.asyncio
+async def test_waiting_out_the_output_grace_does_not_spin() -> None:
+    """The exit is noticed once: a pidfd stays readable after the exit, and a reader left
+    on it would run the event loop flat out for the whole grace."""
+    before = time.process_time()
+    outcome = await run_command(b"sleep 30 & echo $!", grace=0.5)
+    spent = time.process_time() - before
+    assert outcome.exit_code == 0
+    assert spent < 0.25, f"{spent:.2f} s of CPU while waiting 0.5 s"

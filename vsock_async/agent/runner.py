@@ -111,6 +111,57 @@ class _Capture:
             self.closed.set_result(None)
 
 
+class ExitWatcher:
+    """Notices that a child exited without reaping it, so its pid (and group id) stay taken.
+
+    A pidfd watched by the event loop (Linux 5.3+), else ``waitid(WNOWAIT)`` polled every
+    50 ms. :attr:`exited` resolves once; :meth:`close` stops watching.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        self._loop = loop
+        self._pid = pid
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._pidfd = -1
+        self._watching = False
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll instead
+            self._poller = loop.create_task(self._poll())
+        else:
+            loop.add_reader(self._pidfd, self._on_exit)
+            self._watching = True
+
+    def _on_exit(self) -> None:
+        # A pidfd stays readable once its process has exited: a reader left on it would run
+        # the event loop flat out.
+        self._unwatch()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    async def _poll(self) -> None:
+        # Without a pidfd there is nothing to wait on that does not reap; this never blocks.
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while os.waitid(os.P_PID, self._pid, flags) is None:  # noqa: ASYNC110, ASYNC222
+            await asyncio.sleep(0.05)
+        self._on_exit()
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._pidfd)
+            self._watching = False
+
+    def close(self) -> None:
+        self._unwatch()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+
 class _Shell:
     """The shell of one command, its output pipes, and when it exits.
 
@@ -132,27 +183,9 @@ class _Shell:
         self.group = proc.pid  # start_new_session: the shell leads its own group
         self.stdout = _Capture(loop, pipes[0], cap)
         self.stderr = _Capture(loop, pipes[1], cap)
-        self.exited: asyncio.Future[None] = loop.create_future()
+        self._exit = ExitWatcher(loop, proc.pid)
+        self.exited = self._exit.exited
         self._script = script
-        self._pidfd = -1
-        self._poller: asyncio.Task[None] | None = None
-        try:
-            self._pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll instead
-            self._poller = loop.create_task(self._poll_exit())
-        else:
-            loop.add_reader(self._pidfd, self._on_exit)
-
-    def _on_exit(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    async def _poll_exit(self) -> None:
-        # Without a pidfd there is nothing to wait on that does not reap; this never blocks.
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        while os.waitid(os.P_PID, self.proc.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
-            await asyncio.sleep(0.05)
-        self._on_exit()
 
     async def wait_exit(self, timeout: float | None) -> bool:
         """Wait for the shell to exit, without reaping it; False if ``timeout`` ran out."""
@@ -183,12 +216,7 @@ class _Shell:
         if self._script >= 0:
             os.close(self._script)
             self._script = -1
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._poller is not None:
-            self._poller.cancel()
+        self._exit.close()
 
 
 def shell_argv(shell: str, command: bytes, *, inherited: bool = False) -> tuple[list[bytes], int]:
