@@ -469,6 +469,16 @@ async def test_dropping_the_connection_kills_and_reaps_every_process(tmp_path: P
 
 
 @pytest.mark.asyncio
+async def test_an_exec_and_a_hang_up_in_one_breath_leave_nothing_behind(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as agent:
+        for _ in range(10):
+            host = await agent.v2()
+            host.exec({"command": "sleep 30"})
+            host.writer.transport.abort()  # the EXEC and the hang-up arrive together
+        await eventually(lambda: not children_of(agent.proc.pid), "every process reaped")
+
+
+@pytest.mark.asyncio
 async def test_sigterm_stops_the_agent_after_killing_and_reaping_its_processes(
     tmp_path: Path,
 ) -> None:

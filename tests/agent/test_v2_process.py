@@ -12,6 +12,7 @@ import contextlib
 import os
 import resource
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -274,3 +275,14 @@ async def test_stdin_end_on_a_pty_types_the_eof_character() -> None:
         await asyncio.wait_for(task, LONG)
     assert link.output() == b"line\r\nline\r\n"  # the terminal's echo, then cat's copy
     assert link.exit == (0, None, False, False)
+
+
+@pytest.mark.asyncio
+async def test_waiting_out_the_output_grace_does_not_spin() -> None:
+    link = Link()
+    before = time.process_time()
+    async with started({"command": "sleep 30 & echo $!"}, link, grace=0.5) as (_, task):
+        await asyncio.wait_for(task, LONG)
+    spent = time.process_time() - before
+    assert link.exit == (0, None, False, True)
+    assert spent < 0.25, f"{spent:.2f} s of CPU while waiting 0.5 s"

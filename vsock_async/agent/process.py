@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from .request import ExecSpec, Refused
-from .runner import shell_argv
+from .runner import ExitWatcher, shell_argv
 from .terminal import eof_char, foreground_group, open_pty, set_size, take_terminal
 
 __all__ = ["STDERR", "STDOUT", "Process", "StreamLink", "signal_session"]
@@ -98,15 +98,13 @@ class Process:
         self._changed = asyncio.Event()
         self._deadline: asyncio.TimerHandle | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
-        self._exited: asyncio.Future[None] = self._loop.create_future()
-        self._pidfd = -1
-        self._poller: asyncio.Task[None] | None = None
         self._stopping = False
         self._discard = False
         self.timed_out = False
         self.proc = _start_process(spec, shell, self)
         self.pid = self.proc.pid
         self.session = self.proc.pid  # setsid: the process leads its session and its group
+        self._exit = ExitWatcher(self._loop, self.pid)
 
     # -- the host's requests -------------------------------------------------------------
 
@@ -144,6 +142,17 @@ class Process:
         self._stop()
         self._update_readers()
 
+    def kill(self) -> None:
+        """The connection is gone: SIGKILL the session now, read and drop its output.
+
+        :meth:`run` goes on to reap it (whether or not it had started yet), sending nothing.
+        """
+        self._discard = True
+        self._stopping = True  # and again at the end, for whatever is left of the session
+        self._close_stdin()
+        signal_session(self.session, signal.SIGKILL)
+        self._update_readers()
+
     def credit_changed(self) -> None:
         """The host granted credit, or the connection was paused or resumed."""
         self._update_readers()
@@ -153,14 +162,13 @@ class Process:
     async def run(self) -> None:
         """Supervise until the exit has been reported."""
         try:
-            self._watch_exit()
             for output in self._outputs:
                 if output.fd < 0:  # no pipe for this channel: it is closed from the start
                     self._end(output)
             self._update_readers()
             if self._timeout is not None:
                 self._deadline = self._loop.call_later(self._timeout, self._time_out)
-            await asyncio.shield(self._exited)
+            await asyncio.shield(self._exit.exited)
             if self._deadline is not None:  # a limit on its life, which has ended
                 self._deadline.cancel()
             complete = await self._drain_output()
@@ -168,7 +176,7 @@ class Process:
             signal_session(self.session, signal.SIGKILL)
             self._release_io()
             try:
-                await asyncio.shield(self._exited)
+                await asyncio.shield(self._exit.exited)
             finally:
                 self._release()
                 self.proc.wait()  # at once: it has exited, or SIGKILL is on its way
@@ -223,29 +231,6 @@ class Process:
         self._kill_timer = self._loop.call_later(
             self._kill_grace, signal_session, self.session, signal.SIGKILL
         )
-
-    # -- exit ----------------------------------------------------------------------------
-
-    def _watch_exit(self) -> None:
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll instead
-            self._poller = self._loop.create_task(self._poll_exit())
-        else:
-            self._loop.add_reader(self._pidfd, self._on_exit)
-
-    def _on_exit(self) -> None:
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-    async def _poll_exit(self) -> None:
-        # Without a pidfd there is nothing to wait on that does not reap; this never blocks.
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
-            await asyncio.sleep(0.05)
-        self._on_exit()
 
     # -- output --------------------------------------------------------------------------
 
@@ -360,13 +345,7 @@ class Process:
     def _release(self) -> None:
         """Stop every timer, reader and writer, close every fd (the process stays unreaped)."""
         self._release_io()
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
+        self._exit.close()
 
     def _release_io(self) -> None:
         """Everything :meth:`_release` does except watching for the exit."""
@@ -466,11 +445,11 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
         except subprocess.SubprocessError as exc:
             raise Refused("spawn_failed", f"cannot start {os.fsdecode(argv[0])}: {exc}") from None
     except OSError as exc:  # no pipe, pty or memfd to be had (EMFILE, ENOSPC, ...)
-        process._release()
+        process._release_io()
         name = errno.errorcode.get(exc.errno or 0)
         raise Refused("spawn_failed", f"cannot set up the process: {exc.strerror}", name) from None
     except BaseException:
-        process._release()
+        process._release_io()
         raise
     finally:
         for fd in child_fds:

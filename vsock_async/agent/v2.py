@@ -141,8 +141,9 @@ class V2Connection(asyncio.BufferedProtocol):
                 "the connection is gone; killing its processes",
                 extra={"fields": {"peer": self._peer, "processes": len(self._processes)}},
             )
-        for task in self._tasks:
-            task.cancel()
+        # Killed, not cancelled: a task that has not started yet still reaps its process.
+        for process in self._processes.values():
+            process.kill()
         if self._on_lost is not None:
             self._on_lost(exc)
 
