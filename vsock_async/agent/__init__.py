@@ -1,7 +1,10 @@
 """The guest agent: answers the host's commands. Standard library only.
 
 :mod:`.agent` dials or listens and keeps connections open; :mod:`.runner`
-runs one command in its own process group with capped output.
+runs one v1 command in its own process group with capped output. On a
+connection switched to protocol v2, :mod:`.v2` runs many processes at once,
+each a :mod:`.process` (its EXEC checked by :mod:`.request`, its terminal from
+:mod:`.terminal`).
 """
 
 from .agent import AGENT_DEFAULT_ADDRESS as AGENT_DEFAULT_ADDRESS
