@@ -30,6 +30,8 @@ from tests.agent_process import (
     live_members,
     short_socket_path,
 )
+from vsock_async.agent import GuestAgent
+from vsock_async.errors import UsageError
 from vsock_async.protocol import encode_command, encode_result
 from vsock_async.protocol.v2 import (
     HEADER,
@@ -138,6 +140,12 @@ async def test_hello_switches_and_announces_limits_and_capabilities(
         # The host's max_frame is honoured: 200 kB of output arrives in frames of 64 KiB.
         big = await host.run({"command": "head -c 200000 /dev/zero"})
         assert big.stdout == bytes(200000)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "8"])
+def test_max_streams_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(UsageError, match="max_streams must be an int >= 1"):
+        GuestAgent("unix:/nowhere", max_streams=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio

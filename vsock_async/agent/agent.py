@@ -129,6 +129,8 @@ class GuestAgent:
         self.max_command = _byte_count(max_command, "max_command")
         self.max_output = _byte_count(max_output, "max_output")
         self.output_grace = check_timeout(output_grace, "output_grace")
+        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+            raise UsageError(f"max_streams must be an int >= 1, not {max_streams!r}")
         self.v2 = V2Settings(shell, self.output_grace, AgentLimits(max_streams=max_streams))
         """How v2 connections run processes, and the limits they announce."""
         self._capabilities: list[str] | None = None
