@@ -40,6 +40,8 @@ class GuestConnection(asyncio.BufferedProtocol):
         self._conn: HostConnectionV1[ResultFuture] = HostConnectionV1(
             limits, abandoned=asyncio.Future.done
         )
+        # asyncio calls get_buffer() on every read: hand it the decoder's own, no call between
+        self.get_buffer = self._conn.get_buffer  # type: ignore[method-assign]
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._lost = self._loop.create_future()
@@ -55,9 +57,6 @@ class GuestConnection(asyncio.BufferedProtocol):
         if self._on_made is not None:
             self._on_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._conn.get_buffer(sizehint)
-
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
         conn = self._conn
@@ -66,9 +65,9 @@ class GuestConnection(asyncio.BufferedProtocol):
         if event is None:  # most reads of a large result complete nothing
             return
         if isinstance(event, ResultReceived):
-            future = event.id
+            future, result = event
             if not future.done():  # a caller that gave up has no use for it
-                future.set_result(event.result)
+                future.set_result(result)
             data = conn.data_to_send()  # the next queued command, if any
             if data:
                 self._write(data)

@@ -101,6 +101,7 @@ _Event = TypeVar("_Event")
 # Results are immutable, so every empty answer with a given exit code (each probe) can be
 # one shared object instead of a new one per exchange.
 _EMPTY_RESULTS = tuple(CommandResult(b"", b"", code) for code in range(256))
+_NO_OUTPUT = bytes(8)  # the two zero length prefixes of a result without output
 
 # v1 has no field that says output was cut: our agent says so in lines it appends to stderr
 # (vsock_async/agent/runner.py, _finish), the first of them glued to the command's own last
@@ -403,8 +404,17 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
     def buffer_updated(self, nbytes: int) -> None:
         start = self._start
         end = self._end + nbytes
-        # Fast path, taken by every probe: one whole small result at a frame boundary.
+        # Fast path: one whole small result at a frame boundary.
         if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
+            if self._scratch.startswith(_NO_OUTPUT, start):  # every probe's answer
+                self._events.append(_EMPTY_RESULTS[self._scratch[start + 8]])
+                if start + 9 == end:
+                    self._start = self._end = 0
+                else:
+                    self._start = start + 9
+                    self._end = end
+                    self._parse()
+                return
             view = self._view
             (n_out,) = _unpack_u32(view, start)
             err_at = start + 4 + n_out
@@ -412,15 +422,16 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                 (n_err,) = _unpack_u32(view, err_at)
                 code_at = err_at + 4 + n_err
                 if n_err <= self._max_err and code_at < end:
-                    self._events.append(
-                        _result(
-                            view[start + 4 : err_at].tobytes(),
-                            view[err_at + 4 : code_at].tobytes(),
-                            view[code_at],
+                    out = view[start + 4 : err_at].tobytes() if n_out else b""
+                    if not n_err:
+                        result = CommandResult(out, b"", view[code_at])
+                    elif view[code_at - 1] == 0x0A:  # stderr may end in the agent's notes
+                        result = _result(out, view[err_at + 4 : code_at].tobytes(), view[code_at])
+                    else:
+                        result = CommandResult(
+                            out, view[err_at + 4 : code_at].tobytes(), view[code_at]
                         )
-                        if n_out or n_err
-                        else _EMPTY_RESULTS[view[code_at]]
-                    )
+                    self._events.append(result)
                     start = code_at + 1
                     if start == end:
                         self._start = self._end = 0

@@ -107,6 +107,7 @@ class HostConnectionV1(Generic[Id]):
         self, limits: Limits | None = None, *, abandoned: Callable[[Id], bool] | None = None
     ) -> None:
         self._limits = limits = limits or Limits()
+        self._max_command = limits.max_command
         self._abandoned = abandoned
         self._decoder = ResultDecoder(limits)
         self.get_buffer = self._decoder.get_buffer  # the hot path: no call in between
@@ -162,13 +163,18 @@ class HostConnectionV1(Generic[Id]):
         if state is _CLOSED:
             assert self._error is not None
             raise copy_error(self._error)
-        if len(command) > self._limits.max_command:
+        if len(command) > self._max_command:
             self.check_command(command)
         frame = _pack_u32(len(command)) + command  # max_command fits a u32
-        if state is _IDLE:
-            self._start(id, frame, probe)
-        else:
+        if state is not _IDLE:
             self._queue.append((id, frame, probe))
+            return
+        # _start(), inline: this is every exchange's path
+        if probe is not self._probing:
+            self._set_probing(probe)
+        self._current = id
+        self._state = _AWAITING
+        self._to_send += frame
 
     def check_command(self, command: bytes) -> None:
         """Raise :class:`UsageError` if ``command`` is longer than ``limits.max_command``."""
@@ -234,7 +240,8 @@ class HostConnectionV1(Generic[Id]):
         if decoder.holds_more():
             self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
             return
-        self._events.append(ResultReceived(self._current, result))  # type: ignore[arg-type]
+        # tuple.__new__ itself: a named tuple's own __new__ is one more Python call per exchange
+        self._events.append(tuple.__new__(ResultReceived, (self._current, result)))
         self._current = None
         self._state = _IDLE
         if self._queue:
@@ -278,14 +285,18 @@ class HostConnectionV1(Generic[Id]):
 
     def _start(self, id: Id, frame: bytes, probe: bool) -> None:
         if probe is not self._probing:
-            self._probing = probe
-            limits = self._limits
-            self._decoder.set_output_limits(
-                *((0, 0) if probe else (limits.max_stdout, limits.max_stderr))
-            )
+            self._set_probing(probe)
         self._current = id
         self._state = _AWAITING
-        self._to_send = self._to_send + frame if self._to_send else frame
+        self._to_send += frame  # b"" + frame is frame itself: no copy
+
+    def _set_probing(self, probe: bool) -> None:
+        """Zero output limits for a probe's answer, the full ones for any other."""
+        self._probing = probe
+        limits = self._limits
+        self._decoder.set_output_limits(
+            *((0, 0) if probe else (limits.max_stdout, limits.max_stderr))
+        )
 
     def _start_next(self) -> None:
         queue = self._queue
