@@ -151,8 +151,10 @@ class GuestChannel:
         arguments (quoted with ``shlex.join``). ``timeout`` covers the whole
         call, queueing included; ``None`` waits forever. Raises
         :class:`CommandTimeout` when it fires, :class:`CommandFailed` for a
-        non-zero exit with ``check=True``, :class:`ConnectionClosed` or
-        :class:`ProtocolError` when the guest fails.
+        non-zero exit with ``check=True``, :class:`UsageError` (nothing sent)
+        for a command line longer than ``limits.max_command``,
+        :class:`ConnectionLost` or :class:`ProtocolError` when the guest fails,
+        :class:`ClosedLocally` when this side closed the channel.
         """
         line = compose_command(command, cwd=cwd, env=env)
         result = await self._exchange(line, timeout, probe=False)
@@ -274,7 +276,8 @@ class GuestChannel:
     # -- closing -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the connection; calls still pending get :class:`ConnectionClosed`."""
+        """Close the connection and wait until it is gone; pending calls get
+        :class:`ClosedLocally`."""
         self._conn.abort(ClosedLocally(f"channel {self.id} was closed by aclose()"))
         await self._conn.wait_closed()
 
