@@ -233,6 +233,13 @@ async def test_bad_timeouts_are_usage_errors(setup: Setup) -> None:
     channel, guest = await setup.guest()
     with pytest.raises(UsageError, match="timeout"):
         await channel.run("x", timeout=-1)
+    good = 5.0
+    for timeout in (good, -1.0, float("nan"), good, True, good):  # a valid one in between
+        if timeout is good:
+            assert (await channel.run("exit 0", timeout=timeout)).ok
+        else:
+            with pytest.raises(UsageError, match="timeout"):
+                await channel.run("x", timeout=timeout)
     with pytest.raises(UsageError, match="timeout"):
         await setup.server.accept(timeout=-0.5)
     assert not channel.closed

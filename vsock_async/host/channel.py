@@ -74,6 +74,7 @@ class GuestChannel:
         self._deadlines: dict[asyncio.Future[CommandResult], float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # when the timer fires; inf while there is none
+        self._valid_timeout: object = None  # the last timeout= that check_timeout() accepted
         connection.add_close_callback(self._stop_timer)
 
     def __repr__(self) -> str:
@@ -183,8 +184,9 @@ class GuestChannel:
     async def _exchange(self, line: bytes, timeout: Timeout, probe: bool) -> CommandResult:
         if timeout is DEFAULT:
             timeout = self._default_timeout
-        else:
+        elif timeout is not self._valid_timeout:  # numbers are immutable: valid once, always
             check_timeout(timeout)
+            self._valid_timeout = timeout
         if timeout is not None and timeout <= 0:  # no time to send it: never put it on the wire
             self._conn.check_command(line)
             result = CommandResult(b"", b"", None, timed_out=True)
