@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import socket
 import subprocess
@@ -68,12 +69,12 @@ def _serve_commands(out: IO[str], exchange: Callable[[], int]) -> None:
 
 
 def receive_ours(address: str, size: int, use_uvloop: bool) -> None:
-    if use_uvloop:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    # uvloop by name: it is optional, and type checking then needs no stubs for it
+    loop: asyncio.AbstractEventLoop = (
+        importlib.import_module("uvloop").new_event_loop()
+        if use_uvloop
+        else asyncio.new_event_loop()
+    )
     limits = vsock_async.Limits(max_stdout=size)
     server = loop.run_until_complete(vsock_async.listen(address, limits=limits))
     print("ready", flush=True)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import vsock_async
 
@@ -131,11 +133,18 @@ class _LoopSide:
         return self.loop.run_until_complete(floor_rounds(self.floor, n))
 
 
+def installed_uvloop() -> ModuleType | None:
+    """uvloop if it is installed (imported by name: optional, and no stubs needed to check)."""
+    try:
+        return importlib.import_module("uvloop")
+    except ImportError:
+        return None
+
+
 def uvloop_vsock_note() -> str:
     """Whether uvloop serves an AF_VSOCK listening socket (bind/listen only, never connect)."""
-    try:
-        import uvloop
-    except ImportError:
+    uvloop = installed_uvloop()
+    if uvloop is None:
         return "uvloop is not installed (pip install 'vsock_async[uvloop]')"
     family = getattr(socket, "AF_VSOCK", None)
     if family is None:
@@ -170,10 +179,7 @@ def run(
     rounds = rounds or (2 if quick else 41)
     kind = "Unix-socket" if transport == "unix" else "AF_VSOCK"
     table = Table(f"1. exchange rate, one {kind} connection ({n} probes per round)")
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None  # type: ignore[assignment]
+    uvloop = installed_uvloop()
     with contextlib.ExitStack() as stack, fresh_dir() as d:
         default_loop = asyncio.new_event_loop()
         stack.callback(default_loop.close)
