@@ -20,9 +20,9 @@ import io
 import re
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from ..results import CommandResult
@@ -171,6 +171,30 @@ class _WholeBody:
         return self._io.getvalue()
 
 
+class _Lender(Protocol):
+    """What takes bytes the way ``asyncio.BufferedProtocol`` does."""
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
+def copy_into_lent_memory(
+    receiver: _Lender, data: bytes, stop: Callable[[], bool] | None = None
+) -> None:
+    """Copy ``data`` into the memory ``receiver`` lends, committing each piece; the
+    ``receive_data()`` of a parser whose own input path is ``get_buffer()``. Stops early
+    once ``stop()`` is true."""
+    src = memoryview(data)
+    while src:
+        with receiver.get_buffer() as dst:
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+        src = src[n:]
+        receiver.buffer_updated(n)
+        if stop is not None and stop():
+            return
+
+
 def _len(field: bytes | _WholeBody) -> int:
     return len(field) if isinstance(field, bytes) else field.length
 
@@ -256,16 +280,10 @@ class _FrameDecoder(Generic[_Event]):
 
     def receive_data(self, data: bytes) -> None:
         """Push bytes received from the peer; ``b""`` means end of stream."""
-        if not data:
+        if data:
+            copy_into_lent_memory(self, data)
+        else:
             self.receive_eof()
-            return
-        src = memoryview(data)
-        while src:
-            with self.get_buffer() as dst:
-                n = min(len(dst), len(src))
-                dst[:n] = src[:n]
-            src = src[n:]
-            self.buffer_updated(n)
 
     def receive_eof(self) -> None:
         """The peer will send nothing more."""

@@ -31,7 +31,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 from ..errors import ConnectionLost, ProtocolError, UsageError, VsockAsyncError
 from ..results import CommandResult
 from .limits import Limits
-from .v1 import ResultDecoder
+from .v1 import ResultDecoder, copy_into_lent_memory
 
 __all__ = [
     "ConnectionEnded",
@@ -249,18 +249,11 @@ class HostConnectionV1(Generic[Id]):
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the guest; ``b""`` means the end of the stream."""
-        if not data:
+        if data:
+            # The rest is not read once the connection fails on what came before.
+            copy_into_lent_memory(self, data, stop=lambda: self._state is _CLOSED)
+        else:
             self.receive_eof()
-            return
-        src = memoryview(data)
-        while src:
-            with self.get_buffer() as dst:
-                n = min(len(dst), len(src))
-                dst[:n] = src[:n]
-            src = src[n:]
-            self.buffer_updated(n)
-            if self._state is _CLOSED:
-                return  # the rest is not read: the connection failed on what came before
 
     def receive_eof(self) -> None:
         """The guest will send nothing more: a pending call ends with :class:`ConnectionLost`.
