@@ -82,7 +82,16 @@ from .errors import (
     ProtocolError as ProtocolError,
 )
 from .errors import (
+    SpawnFailed as SpawnFailed,
+)
+from .errors import (
+    StdinClosed as StdinClosed,
+)
+from .errors import (
     UnknownGuest as UnknownGuest,
+)
+from .errors import (
+    Unsupported as Unsupported,
 )
 from .errors import (
     UsageError as UsageError,
@@ -129,10 +138,13 @@ __all__ = [
     "PeerError",
     "ProbeFailed",
     "ProtocolError",
+    "SpawnFailed",
+    "StdinClosed",
     "TcpAddress",
     "UnixAddress",
     "UnixSocketOptions",
     "UnknownGuest",
+    "Unsupported",
     "UsageError",
     "VsockAddress",
     "VsockAsyncError",
