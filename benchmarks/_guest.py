@@ -105,8 +105,8 @@ def serve_many(socks: list[socket.socket]) -> None:
         bufs[sock] = bytearray()
     while bufs:
         for key, _ in sel.select():
+            assert isinstance(key.fileobj, socket.socket)
             sock = key.fileobj
-            assert isinstance(sock, socket.socket)
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, InterruptedError):

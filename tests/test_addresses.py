@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vsock_async import (
+    Address,
     HybridVsockAddress,
     InvalidAddress,
     TcpAddress,
@@ -33,11 +34,11 @@ from vsock_async import (
         ("hvsock:/a:b/v.sock:52", HybridVsockAddress("/a:b/v.sock", 52), None),
     ],
 )
-def test_parse_and_format(text: str, parsed: object, formatted: str | None) -> None:
+def test_parse_and_format(text: str, parsed: Address, formatted: str | None) -> None:
     assert parse_address(text) == parsed
     assert str(parsed) == (formatted or text)
     assert parse_address(str(parsed)) == parsed
-    assert parse_address(parsed) is parsed  # type: ignore[arg-type]
+    assert parse_address(parsed) is parsed
 
 
 def test_hybrid_listen_path_follows_firecracker() -> None:

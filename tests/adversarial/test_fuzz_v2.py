@@ -82,7 +82,7 @@ def reference_frames(
     data: bytes, max_frame: int, max_control: int
 ) -> tuple[list[Frame], type[ProtocolError] | None]:
     """Frames, parsed the obvious way, and the error the stream must end in."""
-    frames = []
+    frames: list[Frame] = []
     pos = 0
     while len(data) - pos >= HEADER.size:
         length, stream, type, flags = HEADER.unpack_from(data, pos)
@@ -571,10 +571,10 @@ class Duel:
                 assert (event.exit_code is None) != (event.signal is None)
             if isinstance(event, Exited | StreamError):
                 assert event.stream not in host.streams
-        while (event := agent.next_event()) is not None:
-            if isinstance(event, StdinData):
-                assert len(event.data) <= self.limits.max_frame
-            elif isinstance(event, ExecRequested):
+        while (agent_event := agent.next_event()) is not None:
+            if isinstance(agent_event, StdinData):
+                assert len(agent_event.data) <= self.limits.max_frame
+            elif isinstance(agent_event, ExecRequested):
                 assert len(agent.streams) <= self.limits.max_streams
         check_credit(host)
         check_credit(agent)

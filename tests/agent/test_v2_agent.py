@@ -16,6 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,6 +205,7 @@ async def test_output_streams_before_the_exit_and_a_signal_ends_it(tmp_path: Pat
         assert rest.exited == Exited(stream, 7, None, False, False)
 
         killed = await host.run({"command": "kill -TERM $$"})
+        assert killed.exited is not None
         assert killed.exited == Exited(killed.exited.stream, None, signal.SIGTERM, False, False)
 
 
@@ -237,11 +239,11 @@ async def test_env_cwd_stderr_modes_and_spawn_failures(tmp_path: Path) -> None:
         out = await host.run(
             {"command": "echo $GREETING; pwd; echo err >&2", "env": {"GREETING": "hi"}, "cwd": "/"}
         )
-        assert (out.stdout, out.stderr) == (b"hi\n/\n", b"err\n")
+        assert (bytes(out.stdout), bytes(out.stderr)) == (b"hi\n/\n", b"err\n")
         merged = await host.run({"command": "echo out; echo err >&2", "stderr": "stdout"})
-        assert (merged.stdout, merged.stderr) == (b"out\nerr\n", b"")
+        assert (bytes(merged.stdout), bytes(merged.stderr)) == (b"out\nerr\n", b"")
         dropped = await host.run({"command": "echo out; echo err >&2", "stderr": "null"})
-        assert (dropped.stdout, dropped.stderr) == (b"out\n", b"")
+        assert (bytes(dropped.stdout), bytes(dropped.stderr)) == (b"out\n", b"")
         inherited = await host.run({"argv": ["sh", "-c", "echo $PATH"]})
         assert inherited.stdout == os.environ["PATH"].encode() + b"\n"
 
@@ -361,7 +363,7 @@ async def test_a_stalled_reader_does_not_block_another_stream(tmp_path: Path) ->
         host = await agent.v2()
         assert host.session is not None
         stalled = host.exec({"argv": ["yes"]}, window=65536)
-        events = []
+        events: list[object] = []
         while sum(len(e.data) for e in events if isinstance(e, Output)) < 65536:
             events.append(await host.next(stalled))
         # The stalled stream has used all its credit and gets no more; another one streams 20 MB.
@@ -451,7 +453,7 @@ async def test_timeout_terminates_then_kills(tmp_path: Path) -> None:
 async def test_dropping_the_connection_kills_and_reaps_every_process(tmp_path: Path) -> None:
     async with running_agent(tmp_path) as agent:
         host = await agent.v2()
-        requests = [
+        requests: list[dict[str, Any]] = [
             {"command": "sleep 30"},
             {"command": "sleep 30 & sleep 30 & wait"},
             {"command": "trap '' TERM HUP; sleep 30", "stdin": True},

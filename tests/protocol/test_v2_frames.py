@@ -216,7 +216,7 @@ def test_buffer_updated_must_match_a_lent_buffer() -> None:
 def test_bad_limits_are_usage_errors() -> None:
     for kwargs in ({"max_frame": -1}, {"max_control": 2**32}, {"max_frame": True}):
         with pytest.raises(UsageError):
-            FrameDecoder(**kwargs)  # type: ignore[arg-type]
+            FrameDecoder(**kwargs)
 
 
 def test_frame_parts_does_not_copy_the_payload() -> None:

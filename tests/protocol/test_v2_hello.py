@@ -222,7 +222,7 @@ def test_agent_limits_are_checked() -> None:
         {"max_argv_bytes": -1},
     ):
         with pytest.raises(UsageError):
-            AgentLimits(**bad)  # type: ignore[arg-type]
+            AgentLimits(**bad)
 
 
 def test_prefix_constant() -> None:

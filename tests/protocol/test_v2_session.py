@@ -8,6 +8,7 @@ tests, the two are wired to each other in memory: what one queues in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -161,11 +162,12 @@ def test_open_exec_needs_the_capabilities(request_: dict[str, Any], missing: str
 
 
 def test_other_requests_need_their_capabilities() -> None:
-    for missing, call in [
+    cases: list[tuple[str, Callable[[HostSession], object]]] = [
         ("signal", lambda h: h.send_signal(1, 2)),
         ("resize", lambda h: h.send_resize(1, 2, 3)),
         ("ping", lambda h: h.ping(b"")),
-    ]:
+    ]
+    for missing, call in cases:
         h = host(caps=ALL_CAPS - {missing})
         h.open_exec({"argv": ["x"], "pty": {"rows": 1, "cols": 1}})
         h.data_to_send()
@@ -530,11 +532,12 @@ def test_signal_resize_close() -> None:
         Frame(1, T.RESIZE, 0, b'{"rows":50,"cols":132}'),
         Frame(1, T.CLOSE),
     ]
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: h.send_signal(1, 0),
         lambda: h.send_signal(1, True),
         lambda: h.send_resize(1, -1, 5),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(UsageError):
             call()
 
@@ -688,7 +691,13 @@ def test_exit_requires_end_on_both_channels() -> None:
     with pytest.raises(UsageError, match="END"):
         a.exited(1, exit_code=0)
     a.send_output(1, Channel.STDERR, b"", end=True)
-    for bad in ({"exit_code": 0, "signal": 9}, {}, {"exit_code": 256}, {"signal": 0}):
+    bad_exits: list[dict[str, Any]] = [
+        {"exit_code": 0, "signal": 9},
+        {},
+        {"exit_code": 256},
+        {"signal": 0},
+    ]
+    for bad in bad_exits:
         with pytest.raises(UsageError):
             a.exited(1, **bad)
     a.exited(1, signal=15, timed_out=True, output_incomplete=True)
