@@ -69,8 +69,9 @@ def feed(decoder: Fed, piece: bytes, lend: bool) -> None:
 
 
 def held(decoder: ResultDecoder | CommandDecoder) -> int:
-    chunks = sum(len(c) for c in decoder._chunks or [])
-    whole = decoder._whole.length if decoder._whole is not None else 0
+    body = decoder._body
+    chunks = sum(len(c) for c in body.chunks or []) if body is not None else 0
+    whole = body.whole.length if body is not None and body.whole is not None else 0
     fields = sum(len(f) if isinstance(f, bytes) else f.length for f in decoder._fields)
     return chunks + whole + fields
 
@@ -205,8 +206,9 @@ def fuzz_v2_decoder(
     for piece in pieces_of(stream, cuts):
         if not fed(decoder, piece, lend):
             return
-        held = sum(len(c) for c in decoder._chunks or [])
-        held += decoder._whole.length if decoder._whole is not None else 0
+        body = decoder._body
+        held = sum(len(c) for c in body.chunks or []) if body is not None else 0
+        held += body.whole.length if body is not None and body.whole is not None else 0
         if held > 2 * limit + SLACK:
             raise AssertionError(f"v2 decoder holds {held} bytes with limits {limit}")
         while (frame := decoder.next_frame()) is not None:

@@ -103,7 +103,8 @@ def reference_commands(data: bytes, limit: int, skip_oversized: bool) -> Expecte
 
 def held_bytes(decoder: Decoder) -> tuple[int, int]:
     """(bytes of the body being assembled in chunks, bytes of finished fields) the decoder holds."""
-    chunks = decoder._chunks or []
+    body = decoder._body
+    chunks = (body.chunks or []) if body is not None else []
     fields = sum(len(f) if isinstance(f, bytes) else f.length for f in decoder._fields)
     return sum(len(c) for c in chunks), fields
 
@@ -112,16 +113,16 @@ def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
     """The decoder holds no more than its limits allow, nor much more than has arrived."""
     assert len(decoder._scratch) == SCRATCH
     in_chunks, in_fields = held_bytes(decoder)
-    if decoder._chunks is not None:
+    body = decoder._body
+    if body is not None and body.chunks is not None:
         limit = limits[len(decoder._fields)]
         assert in_chunks <= decoder._length <= limit
-        assert in_chunks <= 2 * decoder._received + FIRST_CHUNK
+        assert in_chunks <= 2 * body.received + FIRST_CHUNK
     assert in_fields <= sum(limits)
-    whole = getattr(decoder, "_whole", None)  # a large body's final home, sized once
-    if whole is not None:
-        assert whole.length == decoder._length <= limits[len(decoder._fields)]
+    if body is not None and body.whole is not None:  # a large body's final home, sized once
+        assert body.whole.length == decoder._length <= limits[len(decoder._fields)]
     skipping = getattr(decoder, "_skipping", 0)
-    assert skipping == 0 or decoder._chunks is None  # a skipped body is never kept
+    assert skipping == 0 or body is None  # a skipped body is never kept
 
 
 Feeder = Callable[[Fed, bytes], None]

@@ -100,14 +100,15 @@ def check_memory(decoder: FrameDecoder) -> None:
     """The decoder holds its scratch, and beyond it no more than has arrived (or its limit)."""
     assert len(decoder._scratch) == SCRATCH
     limit = max(decoder.max_frame, decoder.max_control)
-    if decoder._chunks is not None:
-        held = sum(len(c) for c in decoder._chunks)
+    body = decoder._body
+    if body is not None and body.chunks is not None:
+        held = sum(len(c) for c in body.chunks)
         assert held <= decoder._length <= limit
-        assert held <= 2 * decoder._received + FIRST_CHUNK
-    if decoder._whole is not None:
-        assert decoder._whole.length == decoder._length <= limit
+        assert held <= 2 * body.received + FIRST_CHUNK
+    if body is not None and body.whole is not None:
+        assert body.whole.length == decoder._length <= limit
     if decoder._skip:  # an unknown type's payload is never kept
-        assert decoder._chunks is None and decoder._whole is None
+        assert body is None
 
 
 Feeder = Callable[[Any, bytes], None]
@@ -633,4 +634,4 @@ def test_hostile_header_lengths_never_allocate() -> None:
                 pass
             else:
                 raise AssertionError(f"a {length}-byte {type} payload was accepted")
-            assert decoder._chunks is None and decoder._whole is None
+            assert decoder._body is None

@@ -146,7 +146,8 @@ def test_length_bomb_allocates_only_what_arrives() -> None:
     decoder = ResultDecoder()  # 64 MiB default limit
     decoder.receive_data(b"\x03\xff\xff\xff"[:1] + b"\xff\xff\xff")  # 0x03ffffff: 64 MiB - 1
     decoder.receive_data(b"a" * 100)
-    held = sum(len(c) for c in decoder._chunks or [])
+    assert decoder._body is not None
+    held = sum(len(c) for c in decoder._body.chunks or [])
     assert held <= 64 * 1024  # the first chunk, not the 64 MiB the prefix claims
     assert decoder.in_frame
 
@@ -158,7 +159,8 @@ def test_chunks_grow_with_what_arrived() -> None:
     for _ in range(40):
         decoder.receive_data(b"q" * 10_000)
         received += 10_000
-        held = sum(len(c) for c in decoder._chunks or [])
+        assert decoder._body is not None
+        held = sum(len(c) for c in decoder._body.chunks or [])
         assert held <= 2 * received + 64 * 1024
 
 

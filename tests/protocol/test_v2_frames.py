@@ -136,7 +136,7 @@ def test_payload_over_its_limit_fails_before_allocating(type: int, limit_name: s
         decoder.receive_data(HEADER.pack(limit + 1, 3, type, 0))
     assert (info.value.length, info.value.limit) == (limit + 1, limit)
     assert "stream 3" in str(info.value)
-    assert decoder._chunks is None and decoder._whole is None
+    assert decoder._body is None
     with pytest.raises(UsageError):
         decoder.receive_data(b"x")
     with pytest.raises(UsageError):
@@ -166,7 +166,8 @@ def test_below_the_limit_memory_follows_what_arrived() -> None:
     for size in (1, 100, 5000, 70_000, 300_000):
         decoder.receive_data(b"y" * size)
         arrived += size
-        held = sum(len(c) for c in decoder._chunks or [])
+        assert decoder._body is not None
+        held = sum(len(c) for c in decoder._body.chunks or [])
         assert held <= 2 * arrived + 64 * 1024
     assert decoder.next_frame() is None and decoder.in_frame
 
@@ -176,7 +177,7 @@ def test_unknown_type_payload_is_skipped_not_stored() -> None:
     decoder.receive_data(HEADER.pack(900_000, 9, 0x77, 0x5A))
     for _ in range(90):
         decoder.receive_data(b"u" * 10_000)
-        assert decoder._chunks is None and decoder._whole is None
+        assert decoder._body is None
         assert decoder._end - decoder._start <= 10_000
     decoder.receive_data(encode_frame(0, FrameType.PING, 0, b"p"))
     assert frames_of(decoder) == [Frame(9, 0x77, 0x5A, b""), Frame(0, FrameType.PING, 0, b"p")]

@@ -16,7 +16,6 @@ allocated for it, and a body below it gets memory only as its bytes arrive.
 
 from __future__ import annotations
 
-import io
 import re
 import struct
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from ..results import CommandResult
+from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, WholeBody
 from .limits import U32_MAX, Limits
 
 __all__ = [
@@ -47,15 +47,6 @@ PROBE_COMMAND = b":"
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
 _pack_u32 = _U32.pack
-
-# Per-connection scratch for prefixes and small bodies. Kept small because
-# an idle connection holds one; larger bodies get their own growing chunks.
-_SCRATCH_SIZE = 8 * 1024
-_INLINE_MAX = 4 * 1024
-_FIRST_CHUNK = 64 * 1024
-# Once 1/_WHOLE_AFTER of a large body has arrived, the body gets its final home: one
-# object of its full length, whose pages the kernel provides only as bytes land in them.
-_WHOLE_AFTER = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,33 +135,6 @@ def _result(stdout: bytes, stderr: bytes, exit_code: int) -> CommandResult:
     return CommandResult(stdout, stderr, exit_code)
 
 
-class _WholeBody:
-    """A large body's final ``bytes`` object, filled in place through ``io.BytesIO``.
-
-    ``BytesIO(bytes(n))`` adopts that object, ``getbuffer()`` lends its storage,
-    and once no view of it is left ``getvalue()`` returns the object itself:
-    the body is never copied, and no second buffer exists beside it.
-    """
-
-    __slots__ = ("_io", "length", "view")
-
-    def __init__(self, length: int, chunks: list[bytearray]) -> None:
-        self.length = length
-        self._io = io.BytesIO(bytes(length))
-        for chunk in chunks:
-            self._io.write(chunk)
-        self.view = self._io.getbuffer()
-
-    def peek(self, received: int) -> bytes:
-        """A copy of the first ``received`` bytes."""
-        return self.view[:received].tobytes()
-
-    def finish(self) -> bytes:
-        """The body, as ``bytes``; a copy only if a lent view is still alive somewhere."""
-        self.view.release()
-        return self._io.getvalue()
-
-
 class _Lender(Protocol):
     """What takes bytes the way ``asyncio.BufferedProtocol`` does."""
 
@@ -195,7 +159,7 @@ def copy_into_lent_memory(
             return
 
 
-def _len(field: bytes | _WholeBody) -> int:
+def _len(field: bytes | WholeBody) -> int:
     return len(field) if isinstance(field, bytes) else field.length
 
 
@@ -203,10 +167,9 @@ class _FrameDecoder(Generic[_Event]):
     """A parser for frames made of length-prefixed fields, optionally ended by one byte.
 
     Prefixes and small bodies are parsed in place in a fixed scratch buffer.
-    A body larger than ``_INLINE_MAX`` gets chunks that grow with what has
-    arrived (never more than about twice the bytes received); once an eighth
-    of it is in, it gets its final ``bytes`` object (:class:`_WholeBody`).
-    The caller's reads go straight into that memory.
+    A body larger than ``INLINE_MAX`` is a :class:`~._body.LargeBody`: chunks
+    that grow with what has arrived, then its final ``bytes`` object. The
+    caller's reads go straight into that memory.
     """
 
     _names: tuple[str, ...]
@@ -214,16 +177,13 @@ class _FrameDecoder(Generic[_Event]):
 
     def __init__(self, limits: Sequence[int]) -> None:
         self._limits = tuple(limits)
-        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._scratch = bytearray(SCRATCH_SIZE)
         self._view = memoryview(self._scratch)
         self._start = 0
         self._end = 0
-        self._fields: list[bytes | _WholeBody] = []
+        self._fields: list[bytes | WholeBody] = []
         self._length = -1  # length of the body being read; -1 while waiting for a prefix
-        self._chunks: list[bytearray] | None = None
-        self._whole: _WholeBody | None = None
-        self._fill = 0  # bytes written into the last chunk
-        self._received = 0  # body bytes received so far in chunk mode
+        self._body: LargeBody | None = None  # a large body being received
         self._events: deque[_Event] = deque()
         self._error: ProtocolError | None = None
         self._eof = False
@@ -234,23 +194,9 @@ class _FrameDecoder(Generic[_Event]):
         """Memory for the next bytes; write into it, then call :meth:`buffer_updated`."""
         if self._error is not None or self._eof:
             self._check_usable()
-        if self._whole is not None:
-            return self._whole.view[self._received :]
-        chunks = self._chunks
-        if chunks is not None:
-            chunk = chunks[-1]
-            if self._fill == len(chunk):
-                if self._received * _WHOLE_AFTER >= self._length:
-                    self._whole = _WholeBody(self._length, chunks)
-                    self._chunks = None
-                    return self._whole.view[self._received :]
-                chunk = bytearray(
-                    min(self._length - self._received, max(self._received, _FIRST_CHUNK))
-                )
-                chunks.append(chunk)
-                self._fill = 0
-            return memoryview(chunk)[self._fill :]
-        if self._end == _SCRATCH_SIZE:
+        if self._body is not None:
+            return self._body.buffer()
+        if self._end == SCRATCH_SIZE:
             self._compact()
         return self._view[self._end :]
 
@@ -258,21 +204,13 @@ class _FrameDecoder(Generic[_Event]):
         """Commit ``nbytes`` written at the start of the last buffer lent."""
         if nbytes <= 0:
             return
-        if self._whole is not None:
-            self._received += nbytes
-            if self._received == self._length:
-                whole, self._whole = self._whole, None
-                # Finished with the frame: by then the view lent for this read is gone.
-                self._field_done(whole)
-                self._parse()
-            return
-        if self._chunks is not None:
-            self._fill += nbytes
-            self._received += nbytes
-            if self._received == self._length:
-                chunks = self._chunks
-                self._chunks = None
-                self._field_done(bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks))
+        body = self._body
+        if body is not None:
+            if body.commit(nbytes):
+                self._body = None
+                # A WholeBody is finished with the frame: by then the view lent for this read
+                # is gone.
+                self._field_done(body.take())
                 self._parse()
             return
         self._end += nbytes
@@ -310,8 +248,8 @@ class _FrameDecoder(Generic[_Event]):
     def bytes_in_frame(self) -> int:
         """How many bytes of the unfinished frame have arrived (for error messages)."""
         held = sum(4 + _len(f) for f in self._fields) + (self._end - self._start)
-        if self._chunks is not None or self._whole is not None:
-            held += 4 + self._received
+        if self._body is not None:
+            held += 4 + self._body.received
         elif self._length >= 0:
             held += 4
         return held
@@ -335,7 +273,7 @@ class _FrameDecoder(Generic[_Event]):
             self._scratch[: end - start] = self._view[start:end]
             self._start, self._end = 0, end - start
 
-    def _field_done(self, body: bytes | _WholeBody) -> None:
+    def _field_done(self, body: bytes | WholeBody) -> None:
         self._length = -1
         self._fields.append(body)
         if len(self._fields) == len(self._names) and not self._trailer:
@@ -386,12 +324,8 @@ class _FrameDecoder(Generic[_Event]):
                 start += length
                 self._field_done(body)
                 continue
-            if length > _INLINE_MAX:
-                first = bytearray(min(length, max(_FIRST_CHUNK, available)))
-                first[:available] = view[start:end]
-                self._chunks = [first]
-                self._fill = available
-                self._received = available
+            if length > INLINE_MAX:
+                self._body = LargeBody(length, view[start:end])
                 start = end = 0
             break
         if start == end:
@@ -416,8 +350,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
         if self.in_frame:
             raise UsageError("output limits can only change between results")
         self._limits = (max_stdout, max_stderr)
-        self._max_out = min(max_stdout, _INLINE_MAX)
-        self._max_err = min(max_stderr, _INLINE_MAX)
+        self._max_out = min(max_stdout, INLINE_MAX)
+        self._max_err = min(max_stderr, INLINE_MAX)
 
     def buffer_updated(self, nbytes: int) -> None:
         start = self._start
@@ -473,10 +407,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
         """The stdout and stderr bytes of the unfinished frame that have arrived so far."""
         fields = [f if isinstance(f, bytes) else f.peek(f.length) for f in self._fields]
         if len(fields) < 2:
-            if self._whole is not None:
-                tail = self._whole.peek(self._received)
-            elif self._chunks is not None:
-                tail = b"".join(self._chunks)[: self._received]
+            if self._body is not None:
+                tail = self._body.peek()
             elif self._length >= 0:
                 tail = self._view[self._start : self._end].tobytes()
             else:
@@ -535,7 +467,7 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._skipping:
             self._check_usable()
-            return self._view[: min(self._skipping, _SCRATCH_SIZE)]
+            return self._view[: min(self._skipping, SCRATCH_SIZE)]
         return super().get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:

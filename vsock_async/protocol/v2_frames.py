@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
-from .limits import U32_MAX, MiB
 
 # The v1 memory rules, shared: a scratch for headers and small payloads; larger payloads get
 # growing chunks, then their final object once an eighth has arrived.
-from .v1 import _FIRST_CHUNK, _INLINE_MAX, _SCRATCH_SIZE, _WHOLE_AFTER, _WholeBody
+from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody
+from .limits import U32_MAX, MiB
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -228,7 +228,7 @@ class FrameDecoder:
                 raise UsageError(f"{name} must be an int in 0..{U32_MAX}, not {value!r}")
         self.max_frame = max_frame
         self.max_control = max_control
-        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._scratch = bytearray(SCRATCH_SIZE)
         self._view = memoryview(self._scratch)
         self._start = 0
         self._end = 0
@@ -237,10 +237,7 @@ class FrameDecoder:
         self._type = 0
         self._flags = 0
         self._skip = 0  # bytes of an unknown type's payload still to drop
-        self._chunks: list[bytearray] | None = None
-        self._whole: _WholeBody | None = None
-        self._fill = 0  # bytes written into the last chunk
-        self._received = 0  # payload bytes received so far in chunk or whole mode
+        self._body: LargeBody | None = None  # a large payload being received
         self._lent = -1  # size of the buffer last lent; -1 when none is outstanding
         self._frames: deque[Frame] = deque()
         self._error: ProtocolError | None = None
@@ -256,23 +253,9 @@ class FrameDecoder:
         return buffer
 
     def _next_buffer(self) -> memoryview:
-        if self._whole is not None:
-            return self._whole.view[self._received :]
-        chunks = self._chunks
-        if chunks is not None:
-            chunk = chunks[-1]
-            if self._fill == len(chunk):
-                if self._received * _WHOLE_AFTER >= self._length:
-                    self._whole = _WholeBody(self._length, chunks)
-                    self._chunks = None
-                    return self._whole.view[self._received :]
-                chunk = bytearray(
-                    min(self._length - self._received, max(self._received, _FIRST_CHUNK))
-                )
-                chunks.append(chunk)
-                self._fill = 0
-            return memoryview(chunk)[self._fill :]
-        if self._start and _SCRATCH_SIZE - self._end < _INLINE_MAX:
+        if self._body is not None:
+            return self._body.buffer()
+        if self._start and SCRATCH_SIZE - self._end < INLINE_MAX:
             self._compact()
         return self._view[self._end :]
 
@@ -285,19 +268,12 @@ class FrameDecoder:
         self._lent = -1
         if nbytes == 0:
             return
-        if self._whole is not None:
-            self._received += nbytes
-            if self._received == self._length:
-                whole, self._whole = self._whole, None
-                self._frame_done(whole.finish())
-                self._parse()
-            return
-        if self._chunks is not None:
-            self._fill += nbytes
-            self._received += nbytes
-            if self._received == self._length:
-                chunks, self._chunks = self._chunks, None
-                self._frame_done(bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks))
+        body = self._body
+        if body is not None:
+            if body.commit(nbytes):
+                self._body = None
+                payload = body.take()
+                self._frame_done(payload if isinstance(payload, bytes) else payload.finish())
                 self._parse()
             return
         self._end += nbytes
@@ -393,12 +369,8 @@ class FrameDecoder:
                 start += length
                 self._frame_done(payload)
                 continue
-            if length > _INLINE_MAX:
-                first = bytearray(min(length, max(_FIRST_CHUNK, available)))
-                first[:available] = view[start:end]
-                self._chunks = [first]
-                self._fill = available
-                self._received = available
+            if length > INLINE_MAX:
+                self._body = LargeBody(length, view[start:end])
                 start = end = 0
             break
         if start == end:
