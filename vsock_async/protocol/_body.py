@@ -1,4 +1,5 @@
-"""Where the decoders (v1 and v2) put a large body while its bytes arrive: the memory rules.
+"""How the decoders (v1 and v2) take bytes in: the memory rules for large bodies, and the
+loop that copies pushed bytes into the memory a parser lends.
 
 A length prefix is hostile, so nothing of the size it claims is allocated before the bytes
 arrive. Headers and small bodies stay in each decoder's fixed scratch (``SCRATCH_SIZE``); a
@@ -11,8 +12,18 @@ straight into that memory.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["FIRST_CHUNK", "INLINE_MAX", "SCRATCH_SIZE", "WHOLE_AFTER", "LargeBody", "WholeBody"]
+__all__ = [
+    "FIRST_CHUNK",
+    "INLINE_MAX",
+    "SCRATCH_SIZE",
+    "WHOLE_AFTER",
+    "LargeBody",
+    "WholeBody",
+    "copy_into_lent_memory",
+]
 
 # Per-connection scratch for prefixes and small bodies. Kept small because
 # an idle connection holds one; larger bodies get their own growing chunks.
@@ -108,3 +119,27 @@ class LargeBody:
             return self.whole.peek(self.received)
         assert self.chunks is not None
         return b"".join(self.chunks)[: self.received]
+
+
+class _Lender(Protocol):
+    """What takes bytes the way ``asyncio.BufferedProtocol`` does."""
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
+def copy_into_lent_memory(
+    receiver: _Lender, data: bytes | bytearray | memoryview, stop: Callable[[], bool] | None = None
+) -> None:
+    """Copy ``data`` into the memory ``receiver`` lends, committing each piece; the
+    ``receive_data()`` of a parser whose own input path is ``get_buffer()``. Stops early
+    once ``stop()`` is true."""
+    src = memoryview(data).cast("B")
+    while src:
+        with receiver.get_buffer() as dst:
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+        src = src[n:]
+        receiver.buffer_updated(n)
+        if stop is not None and stop():
+            return

@@ -19,13 +19,13 @@ from __future__ import annotations
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from ..results import CommandResult
-from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, WholeBody
+from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, WholeBody, copy_into_lent_memory
 from .limits import U32_MAX, Limits
 
 __all__ = [
@@ -133,30 +133,6 @@ def _result(stdout: bytes, stderr: bytes, exit_code: int) -> CommandResult:
                 stdout, stderr, exit_code, stdout_truncated=out_cut, stderr_truncated=err_cut
             )
     return CommandResult(stdout, stderr, exit_code)
-
-
-class _Lender(Protocol):
-    """What takes bytes the way ``asyncio.BufferedProtocol`` does."""
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
-    def buffer_updated(self, nbytes: int) -> None: ...
-
-
-def copy_into_lent_memory(
-    receiver: _Lender, data: bytes, stop: Callable[[], bool] | None = None
-) -> None:
-    """Copy ``data`` into the memory ``receiver`` lends, committing each piece; the
-    ``receive_data()`` of a parser whose own input path is ``get_buffer()``. Stops early
-    once ``stop()`` is true."""
-    src = memoryview(data)
-    while src:
-        with receiver.get_buffer() as dst:
-            n = min(len(dst), len(src))
-            dst[:n] = src[:n]
-        src = src[n:]
-        receiver.buffer_updated(n)
-        if stop is not None and stop():
-            return
 
 
 def _len(field: bytes | WholeBody) -> int:

@@ -30,8 +30,9 @@ from typing import Final, Generic, NamedTuple, TypeVar
 
 from ..errors import ConnectionLost, ProtocolError, UsageError, VsockAsyncError
 from ..results import CommandResult
+from ._body import copy_into_lent_memory
 from .limits import Limits
-from .v1 import ResultDecoder, copy_into_lent_memory
+from .v1 import ResultDecoder
 
 __all__ = [
     "ConnectionEnded",

@@ -23,13 +23,13 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 
 # The v1 memory rules, shared: a scratch for headers and small payloads; larger payloads get
 # growing chunks, then their final object once an eighth has arrived.
-from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody
+from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, copy_into_lent_memory
 from .limits import U32_MAX, MiB
 
 __all__ = [
@@ -195,22 +195,6 @@ def decode_window(payload: bytes) -> tuple[int, int]:
     return channel, increment
 
 
-class _Buffered(Protocol):
-    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
-    def buffer_updated(self, nbytes: int) -> None: ...
-
-
-def copy_in(target: _Buffered, data: bytes | bytearray | memoryview) -> None:
-    """Copy ``data`` into the memory ``target`` lends, a buffer at a time: one parser for both."""
-    src = memoryview(data).cast("B")
-    while src:
-        with target.get_buffer() as dst:
-            n = min(len(dst), len(src))
-            dst[:n] = src[:n]
-        src = src[n:]
-        target.buffer_updated(n)
-
-
 class FrameDecoder:
     """Turns v2 bytes, in any chunking, into :class:`Frame` objects.
 
@@ -282,7 +266,7 @@ class FrameDecoder:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Push bytes received from the peer; ``b""`` means end of stream."""
         if data:
-            copy_in(self, data)
+            copy_into_lent_memory(self, data)
         else:
             self.receive_eof()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import ProtocolError, UsageError
+from ._body import copy_into_lent_memory
 from .hello import AgentLimits, HelloAnswer, HelloRequest
 from .limits import U32_MAX
 from .v2_frames import (
@@ -34,7 +35,6 @@ from .v2_frames import (
     Frame,
     FrameDecoder,
     FrameType,
-    copy_in,
     decode_json,
     decode_window,
     encode_frame,
@@ -327,7 +327,7 @@ class _Session:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Push received bytes; ``b""`` means the peer closed the connection."""
         if data:
-            copy_in(self, data)
+            copy_into_lent_memory(self, data)
         else:
             self.receive_eof()
 
