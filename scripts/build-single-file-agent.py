@@ -29,6 +29,7 @@ MODULES = (
     "timeouts",
     "results",
     "protocol/limits",
+    "protocol/_body",
     "protocol/v1",
     "protocol/v2_frames",
     "protocol/hello",
