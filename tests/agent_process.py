@@ -10,9 +10,11 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+import vsock_async
 from vsock_async.agent import GuestAgent
 
 LONG = 20.0
@@ -45,6 +47,65 @@ async def agent_process(
             proc.kill()
         await proc.wait()
         log.close()
+
+
+BUILD_SCRIPT = Path(vsock_async.__file__).parent.parent / "scripts" / "build-single-file-agent.py"
+
+
+def build_single_file(tmp_path: Path) -> Path:
+    """The generated one-file agent, written to ``tmp_path``."""
+    single = tmp_path / "vsock-async-agent.py"
+    subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), str(single)], check=True, capture_output=True
+    )
+    return single
+
+
+@contextlib.asynccontextmanager
+async def single_file_agent(
+    *args: str, tmp_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The generated one-file agent, with no site-packages and no package on sys.path."""
+    single = build_single_file(tmp_path)
+    with open(tmp_path / "agent.log", "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-S", "-E", str(single), *args, stdout=log, stderr=log, cwd=tmp_path
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+class Served(NamedTuple):
+    """A server, the agent process dialing it, and the connection the server accepted."""
+
+    server: vsock_async.CommandServer
+    guest: vsock_async.GuestChannel
+    agent: asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def served_agent(
+    tmp_path: Path,
+    name: str,
+    *options: str,
+    limits: vsock_async.Limits | None = None,
+    cwd: Path | None = None,
+    python: tuple[str, ...] = (),
+) -> AsyncIterator[Served]:
+    """A server on Unix socket ``name`` and ``python -m vsock_async agent --connect`` to it
+    with ``options``, once the server has accepted the agent's first connection."""
+    path = short_socket_path(tmp_path, name)
+    async with (
+        vsock_async.listen(f"unix:{path}", limits=limits) as server,
+        agent_process(
+            "--connect", f"unix:{path}", *options, tmp_path=tmp_path, cwd=cwd, python=python
+        ) as agent,
+    ):
+        yield Served(server, await server.accept(timeout=LONG), agent)
 
 
 @contextlib.asynccontextmanager

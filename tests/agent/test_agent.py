@@ -27,7 +27,9 @@ from tests.agent_process import (
     children_of,
     eventually,
     live_members,
+    served_agent,
     short_socket_path,
+    single_file_agent,
 )
 from vsock_async.agent import GuestAgent
 from vsock_async.agent.runner import run_command
@@ -41,12 +43,7 @@ PACKAGE_DIR = Path(vsock_async.__file__).parent
 
 @pytest.mark.asyncio
 async def test_probe_output_and_exit_codes_over_unix(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "host.sock")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process("--connect", f"unix:{path}", tmp_path=tmp_path),
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "host.sock") as (_, guest, _):
         await guest.probe(timeout=LONG)
         result = await guest.run("echo out; echo err >&2", timeout=LONG)
         assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 0)
@@ -76,14 +73,13 @@ async def test_over_tcp_loopback_with_large_output(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_output_over_the_cap_is_cut_with_the_note_inside(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "cap.sock")
     cap = 1000
     limits = vsock_async.Limits(max_stdout=cap, max_stderr=cap)
-    async with (
-        vsock_async.listen(f"unix:{path}", limits=limits) as server,
-        agent_process("--connect", f"unix:{path}", "--max-output", str(cap), tmp_path=tmp_path),
+    async with served_agent(tmp_path, "cap.sock", "--max-output", str(cap), limits=limits) as (
+        _,
+        guest,
+        _,
     ):
-        guest = await server.accept(timeout=LONG)
         out = await guest.run("yes | head -c 5000; exit 3", timeout=LONG)
         assert out.stdout == b"y\n" * (cap // 2)
         assert out.exit_code == 3
@@ -103,12 +99,7 @@ async def test_output_over_the_cap_is_cut_with_the_note_inside(tmp_path: Path) -
 async def test_oversized_command_and_nul_are_refused_and_the_connection_lives(
     tmp_path: Path,
 ) -> None:
-    path = short_socket_path(tmp_path, "big.sock")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process("--connect", f"unix:{path}", "--max-command", "100", tmp_path=tmp_path),
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "big.sock", "--max-command", "100") as (_, guest, _):
         for size in (101, 300_000):
             refused = await guest.run(b"#" * size, timeout=LONG)
             assert refused.exit_code == 126
@@ -126,15 +117,8 @@ async def test_oversized_command_and_nul_are_refused_and_the_connection_lives(
 
 @pytest.mark.asyncio
 async def test_command_timeout_kills_the_group_and_answers_124(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "slow.sock")
     marker = tmp_path / "survived"
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process(
-            "--connect", f"unix:{path}", "--command-timeout", "0.3", tmp_path=tmp_path
-        ) as agent,
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "slow.sock", "--command-timeout", "0.3") as (_, guest, agent):
         command = f"echo $$; (sleep 1; touch {marker}) & sleep 30"
         result = await guest.run(command, timeout=LONG)
         assert result.exit_code == 124
@@ -149,14 +133,9 @@ async def test_command_timeout_kills_the_group_and_answers_124(tmp_path: Path) -
 
 @pytest.mark.asyncio
 async def test_host_closing_mid_command_kills_the_process_group(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "gone.sock")
     marker = tmp_path / "survived"
     pidfile = tmp_path / "shell.pid"
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process("--connect", f"unix:{path}", tmp_path=tmp_path) as agent,
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "gone.sock") as (server, guest, agent):
         command = f"echo $$ > {pidfile}; (sleep 0.6; touch {marker}) & sleep 0.6; touch {marker}"
         with pytest.raises(vsock_async.CommandTimeout):
             await guest.run(command, timeout=0.3)
@@ -228,13 +207,8 @@ async def test_n_dialled_connections_run_commands_at_once(tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_sigterm_stops_the_agent_and_kills_the_running_command(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "term.sock")
     pidfile = tmp_path / "shell.pid"
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process("--connect", f"unix:{path}", tmp_path=tmp_path) as agent,
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "term.sock") as (_, guest, agent):
         running = asyncio.create_task(guest.run(f"echo $$ > {pidfile}; sleep 30", timeout=LONG))
         await eventually(lambda: pidfile.exists() and pidfile.read_text(), "the command started")
         shell = int(pidfile.read_text())
@@ -254,14 +228,11 @@ async def test_runs_with_the_package_files_alone(tmp_path: Path) -> None:
     probe = subprocess.run([*bare, check], cwd=tmp_path, capture_output=True, text=True)
     assert probe.stdout.startswith(str(tmp_path / "vsock_async"))
     assert "No module named 'aiohttp'" in probe.stderr
-    path = short_socket_path(tmp_path, "bare.sock")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process(
-            "--connect", f"unix:{path}", tmp_path=tmp_path, cwd=tmp_path, python=("-S", "-E")
-        ),
+    async with served_agent(tmp_path, "bare.sock", cwd=tmp_path, python=("-S", "-E")) as (
+        _,
+        guest,
+        _,
     ):
-        guest = await server.accept(timeout=LONG)
         await guest.probe(timeout=LONG)
         assert (await guest.run("echo bare", timeout=LONG)).stdout == b"bare\n"
 
@@ -269,37 +240,19 @@ async def test_runs_with_the_package_files_alone(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_single_file_form(tmp_path: Path) -> None:
     """The generated one-file agent, run with no site-packages and no package on sys.path."""
-    single = tmp_path / "vsock-async-agent.py"
-    script = PACKAGE_DIR.parent / "scripts" / "build-single-file-agent.py"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, capture_output=True)
     path = short_socket_path(tmp_path, "single.sock")
-    log = open(tmp_path / "single.log", "wb")  # noqa: SIM115 - closed below
-    async with vsock_async.listen(f"unix:{path}") as server:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-S",
-            "-E",
-            str(single),
-            "--connect",
-            f"unix:{path}",
-            "--max-command",
-            "20",
-            stdout=log,
-            stderr=log,
-            cwd=tmp_path,
-        )
-        try:
-            guest = await server.accept(timeout=LONG)
-            await guest.probe(timeout=LONG)
-            assert (await guest.run("echo one; exit 3", timeout=LONG)).exit_code == 3
-            assert (await guest.run("echo this is far too long", timeout=LONG)).exit_code == 126
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), LONG) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            log.close()
+    async with (
+        vsock_async.listen(f"unix:{path}") as server,
+        single_file_agent(
+            "--connect", f"unix:{path}", "--max-command", "20", tmp_path=tmp_path
+        ) as proc,
+    ):
+        guest = await server.accept(timeout=LONG)
+        await guest.probe(timeout=LONG)
+        assert (await guest.run("echo one; exit 3", timeout=LONG)).exit_code == 3
+        assert (await guest.run("echo this is far too long", timeout=LONG)).exit_code == 126
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), LONG) == 0
 
 
 def test_refuses_to_dial_vsock_under_the_guard(tmp_path: Path) -> None:
@@ -326,12 +279,7 @@ def test_a_listen_address_that_cannot_be_bound_exits_2(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_json_log_lines(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "json.sock")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process("--connect", f"unix:{path}", "--log-format", "json", tmp_path=tmp_path) as a,
-    ):
-        guest = await server.accept(timeout=LONG)
+    async with served_agent(tmp_path, "json.sock", "--log-format", "json") as (_, guest, a):
         await guest.run("exit 5", timeout=LONG)
         a.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(a.wait(), LONG) == 0

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 
 import vsock_async
-from tests.agent_process import LONG, agent_process, short_socket_path
-
-REPO = Path(vsock_async.__file__).parent.parent
+from tests.agent_process import (
+    LONG,
+    build_single_file,
+    served_agent,
+    short_socket_path,
+    single_file_agent,
+)
 
 
 def agent_cli(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
@@ -29,13 +33,8 @@ def agent_cli(*args: str, python: str = sys.executable) -> subprocess.CompletedP
 
 @pytest.mark.asyncio
 async def test_sizes_take_k_m_g_suffixes(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "sizes.sock")
-    args = ("--connect", f"unix:{path}", "--max-output", "1K", "--max-command", "1k")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process(*args, tmp_path=tmp_path),
-    ):
-        guest = await server.accept(timeout=LONG)
+    options = ("--max-output", "1K", "--max-command", "1k")
+    async with served_agent(tmp_path, "sizes.sock", *options) as (_, guest, _):
         cut = await guest.run("yes | head -c 5000", timeout=LONG)
         assert cut.stdout == b"y\n" * 512
         assert b"stdout cut to its first 1024 bytes of 5000 (--max-output)" in cut.stderr
@@ -47,13 +46,8 @@ async def test_sizes_take_k_m_g_suffixes(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_the_sizes_of_the_issue_are_accepted(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "issue.sock")
-    args = ("--connect", f"unix:{path}", "--max-output", "10M", "--max-command", "2M")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process(*args, tmp_path=tmp_path),
-    ):
-        guest = await server.accept(timeout=LONG)
+    options = ("--max-output", "10M", "--max-command", "2M")
+    async with served_agent(tmp_path, "issue.sock", *options) as (_, guest, _):
         result = await guest.run(f"head -c {10 * 1024 * 1024 + 1} /dev/zero", timeout=LONG)
         assert len(result.stdout) == 10 * 1024 * 1024
         assert b"of 10485761 (--max-output)" in result.stderr
@@ -81,13 +75,8 @@ def test_bad_values_are_refused_with_exit_2(
 
 @pytest.mark.asyncio
 async def test_no_command_timeout_and_no_output_grace(tmp_path: Path) -> None:
-    path = short_socket_path(tmp_path, "none.sock")
-    args = ("--connect", f"unix:{path}", "--command-timeout", "none", "--output-grace", "0")
-    async with (
-        vsock_async.listen(f"unix:{path}") as server,
-        agent_process(*args, tmp_path=tmp_path),
-    ):
-        guest = await server.accept(timeout=LONG)
+    options = ("--command-timeout", "none", "--output-grace", "0")
+    async with served_agent(tmp_path, "none.sock", *options) as (_, guest, _):
         assert (await guest.run("sleep 0.2; echo slow", timeout=LONG)).stdout == b"slow\n"
         held = await guest.run("sleep 30 & echo started", timeout=LONG)
         assert held.stdout == b"started\n"
@@ -101,13 +90,6 @@ def test_help_names_the_one_timeout_rule() -> None:
     text = " ".join(done.stdout.split())
     assert "'none' for no limit" in text
     assert "K, M or G" in text
-
-
-def build_single_file(tmp_path: Path) -> Path:
-    single = tmp_path / "vsock-async-agent.py"
-    script = REPO / "scripts" / "build-single-file-agent.py"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, capture_output=True)
-    return single
 
 
 def test_single_file_usage_takes_no_subcommand(tmp_path: Path) -> None:
@@ -125,37 +107,16 @@ def test_single_file_usage_takes_no_subcommand(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_single_file_takes_timeouts_and_sizes(tmp_path: Path) -> None:
-    single = build_single_file(tmp_path)
     path = short_socket_path(tmp_path, "single.sock")
-    log = open(tmp_path / "single.log", "wb")  # noqa: SIM115 - closed below
-    async with vsock_async.listen(f"unix:{path}") as server:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-S",
-            "-E",
-            str(single),
-            "--connect",
-            f"unix:{path}",
-            "--command-timeout",
-            "0.3",
-            "--output-grace",
-            "0.5",
-            "--max-output",
-            "1K",
-            stdout=log,
-            stderr=log,
-            cwd=tmp_path,
-        )
-        try:
-            guest = await server.accept(timeout=LONG)
-            slow = await guest.run("sleep 30", timeout=LONG)
-            assert slow.exit_code == 124
-            assert b"ran longer than 0.3 s (--command-timeout)" in slow.stderr
-            assert len((await guest.run("yes | head -c 5000", timeout=LONG)).stdout) == 1024
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), LONG) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            log.close()
+    options = ("--command-timeout", "0.3", "--output-grace", "0.5", "--max-output", "1K")
+    async with (
+        vsock_async.listen(f"unix:{path}") as server,
+        single_file_agent("--connect", f"unix:{path}", *options, tmp_path=tmp_path) as proc,
+    ):
+        guest = await server.accept(timeout=LONG)
+        slow = await guest.run("sleep 30", timeout=LONG)
+        assert slow.exit_code == 124
+        assert b"ran longer than 0.3 s (--command-timeout)" in slow.stderr
+        assert len((await guest.run("yes | head -c 5000", timeout=LONG)).stdout) == 1024
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), LONG) == 0

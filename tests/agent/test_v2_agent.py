@@ -11,8 +11,6 @@ import contextlib
 import os
 import pwd
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 
 import pytest
 
-import vsock_async
 from tests.agent.v2_host import HostEnd
 from tests.agent_process import (
     LONG,
@@ -30,6 +27,7 @@ from tests.agent_process import (
     eventually,
     live_members,
     short_socket_path,
+    single_file_agent,
 )
 from vsock_async.agent import GuestAgent
 from vsock_async.errors import UsageError
@@ -50,7 +48,6 @@ from vsock_async.protocol.v2 import (
     new_nonce,
 )
 
-BUILD_SCRIPT = Path(vsock_async.__file__).parent.parent / "scripts" / "build-single-file-agent.py"
 BOTH_FORMS = pytest.mark.parametrize("single", [False, True], ids=["package", "single-file"])
 
 
@@ -68,26 +65,6 @@ class Agent:
         host = await self.connection()
         await host.hello()
         return host
-
-
-@contextlib.asynccontextmanager
-async def single_file_agent(
-    *args: str, tmp_path: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """The generated one-file agent, with no site-packages and no package on sys.path."""
-    single = tmp_path / "vsock-async-agent.py"
-    build = [sys.executable, str(BUILD_SCRIPT), str(single)]
-    subprocess.run(build, check=True, capture_output=True)
-    with open(tmp_path / "agent.log", "ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-S", "-E", str(single), *args, stdout=log, stderr=log, cwd=tmp_path
-        )
-        try:
-            yield proc
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
 
 
 @contextlib.asynccontextmanager
