@@ -18,6 +18,7 @@ import vsock_async
 from tests.fc_muxer import DialingGuest, GuestScript
 from vsock_async import (
     AcceptTimeout,
+    CommandResult,
     CommandServer,
     CommandTimeout,
     ConnectionClosed,
@@ -41,6 +42,29 @@ async def dial(path: Path | str, count: int = 1, name: str = "guest") -> Dialing
     guest = DialingGuest(str(path), GuestScript(name))
     await guest.dial(count)
     return guest
+
+
+@pytest_asyncio.fixture
+async def agent(server: CommandServer, tmp_path: Path) -> AsyncIterator[DialingGuest]:
+    """One connection dialed to the ``server`` fixture's listener "a"."""
+    dialing = await dial(tmp_path / "a.sock")
+    try:
+        yield dialing
+    finally:
+        await dialing.aclose()
+
+
+@pytest_asyncio.fixture
+async def guest(server: CommandServer, agent: DialingGuest) -> Guest:
+    """The guest of the ``agent`` fixture's connection."""
+    return await server.wait_for_guest("a", timeout=2)
+
+
+async def occupy(guest: Guest, agent: DialingGuest, command: str) -> asyncio.Future[CommandResult]:
+    """``command`` (a ``wait ...`` the script holds until released) started on ``guest``."""
+    call = asyncio.ensure_future(guest.run(command, timeout=5))
+    await agent.script.started.get()
+    return call
 
 
 async def until(condition: object, *, within: float = 2.0) -> None:
@@ -133,95 +157,71 @@ async def test_connections_of_one_guest_run_commands_at_once(
 
 @pytest.mark.asyncio
 async def test_calls_wait_fifo_for_the_next_free_connection(
-    server: CommandServer, tmp_path: Path
+    agent: DialingGuest, guest: Guest
 ) -> None:
-    agent = await dial(tmp_path / "a.sock", count=1)
-    try:
-        guest = await server.wait_for_guest("a", timeout=2)
-        first = asyncio.ensure_future(guest.run("wait first", timeout=5))
-        await agent.script.started.get()
-        later = []
-        for i in range(4):
-            later.append(asyncio.ensure_future(guest.run(f"n{i}", timeout=5)))
-            await asyncio.sleep(0)
-        await until(lambda: guest.waiting == 4)
-        with pytest.raises(GuestBusy, match="every connection of guest 'a' is busy"):
-            await guest.run("never", wait=False)
-        assert guest.channels[0].queued == 0, "waiting calls are held by the guest, not queued"
-        agent.script.release(b"first")
-        await first
-        await asyncio.gather(*later)
-        assert agent.script.commands == [b"wait first", b"n0", b"n1", b"n2", b"n3"]
-        assert agent.script.max_running == 1
-    finally:
-        await agent.aclose()
+    first = await occupy(guest, agent, "wait first")
+    later = []
+    for i in range(4):
+        later.append(asyncio.ensure_future(guest.run(f"n{i}", timeout=5)))
+        await asyncio.sleep(0)
+    await until(lambda: guest.waiting == 4)
+    with pytest.raises(GuestBusy, match="every connection of guest 'a' is busy"):
+        await guest.run("never", wait=False)
+    assert guest.channels[0].queued == 0, "waiting calls are held by the guest, not queued"
+    agent.script.release(b"first")
+    await first
+    await asyncio.gather(*later)
+    assert agent.script.commands == [b"wait first", b"n0", b"n1", b"n2", b"n3"]
+    assert agent.script.max_running == 1
 
 
 @pytest.mark.asyncio
 async def test_timeout_while_waiting_leaves_the_connection_usable(
-    server: CommandServer, tmp_path: Path
+    agent: DialingGuest, guest: Guest
 ) -> None:
-    agent = await dial(tmp_path / "a.sock")
-    try:
-        guest = await server.wait_for_guest("a", timeout=2)
-        first = asyncio.ensure_future(guest.run("wait first", timeout=5))
-        await agent.script.started.get()
-        with pytest.raises(CommandTimeout, match="waiting for a free connection") as info:
-            await guest.run("late", timeout=0.01)
-        assert info.value.result.timed_out
-        assert guest.waiting == 0
-        agent.script.release(b"first")
-        await first
-        assert (await guest.run("next", timeout=2)).stdout == b"guest:next"
-        assert b"late" not in agent.script.commands
-    finally:
-        await agent.aclose()
+    first = await occupy(guest, agent, "wait first")
+    with pytest.raises(CommandTimeout, match="waiting for a free connection") as info:
+        await guest.run("late", timeout=0.01)
+    assert info.value.result.timed_out
+    assert guest.waiting == 0
+    agent.script.release(b"first")
+    await first
+    assert (await guest.run("next", timeout=2)).stdout == b"guest:next"
+    assert b"late" not in agent.script.commands
 
 
 @pytest.mark.asyncio
 async def test_a_timeout_after_waiting_for_a_connection_names_the_callers_timeout(
-    server: CommandServer, tmp_path: Path
+    agent: DialingGuest, guest: Guest
 ) -> None:
-    agent = await dial(tmp_path / "a.sock")
-    try:
-        guest = await server.wait_for_guest("a", timeout=2)
-        first = asyncio.ensure_future(guest.run("wait first", timeout=5))
-        await agent.script.started.get()
-        late = asyncio.ensure_future(guest.run("wait never", timeout=0.05))
-        await asyncio.sleep(0.03)  # the late call waits most of its time for the connection
-        agent.script.release(b"first")
-        await first
-        with pytest.raises(CommandTimeout, match=r"after 0\.05 s") as info:
-            await late
-        assert info.value.result.timed_out
-    finally:
-        await agent.aclose()
+    first = await occupy(guest, agent, "wait first")
+    late = asyncio.ensure_future(guest.run("wait never", timeout=0.05))
+    await asyncio.sleep(0.03)  # the late call waits most of its time for the connection
+    agent.script.release(b"first")
+    await first
+    with pytest.raises(CommandTimeout, match=r"after 0\.05 s") as info:
+        await late
+    assert info.value.result.timed_out
 
 
 @pytest.mark.asyncio
 async def test_a_dropped_connection_fails_its_calls_and_waiting_ones(
-    server: CommandServer, tmp_path: Path
+    server: CommandServer, agent: DialingGuest, guest: Guest
 ) -> None:
-    agent = await dial(tmp_path / "a.sock")
-    try:
-        guest = await server.wait_for_guest("a", timeout=2)
-        in_flight = asyncio.ensure_future(guest.run("wait never", timeout=5))
-        await agent.script.started.get()
-        waiting = asyncio.ensure_future(guest.run("queued", timeout=5))
-        await until(lambda: guest.waiting == 1)
-        agent.drop()
-        with pytest.raises(ConnectionClosed):
-            await in_flight
-        with pytest.raises(ConnectionClosed, match="no open connection"):
-            await waiting
-        assert b"queued" not in agent.script.commands
-        await until(lambda: not server.guests)
-        with pytest.raises(UnknownGuest):
-            server.guest("a")
-        with pytest.raises(ConnectionClosed, match="no open connection"):
-            await guest.run("after", timeout=1)
-    finally:
-        await agent.aclose()
+    in_flight = await occupy(guest, agent, "wait never")
+    waiting = asyncio.ensure_future(guest.run("queued", timeout=5))
+    await until(lambda: guest.waiting == 1)
+    agent.drop()
+    with pytest.raises(ConnectionClosed):
+        await in_flight
+    with pytest.raises(ConnectionClosed, match="no open connection"):
+        await waiting
+    assert b"queued" not in agent.script.commands
+    await until(lambda: not server.guests)
+    with pytest.raises(UnknownGuest):
+        server.guest("a")
+    with pytest.raises(ConnectionClosed, match="no open connection"):
+        await guest.run("after", timeout=1)
 
 
 @pytest.mark.asyncio
@@ -371,23 +371,19 @@ async def test_guest_probe_and_aclose(server: CommandServer, tmp_path: Path) -> 
 
 @pytest.mark.asyncio
 async def test_accept_and_the_registry_share_connections(
-    server: CommandServer, tmp_path: Path
+    server: CommandServer, agent: DialingGuest
 ) -> None:
-    agent = await dial(tmp_path / "a.sock")
-    try:
-        channel = await server.accept(timeout=2)
-        guest = server.guest("a")
-        assert guest.channels == [channel]
-        held = asyncio.ensure_future(channel.run("wait direct", timeout=5))
-        await agent.script.started.get()
-        assert guest.busy
-        through_guest = asyncio.ensure_future(guest.run("after", timeout=5))
-        await asyncio.sleep(0.01)
-        agent.script.release(b"direct")
-        await held
-        assert (await through_guest).stdout == b"guest:after"
-    finally:
-        await agent.aclose()
+    channel = await server.accept(timeout=2)
+    guest = server.guest("a")
+    assert guest.channels == [channel]
+    held = asyncio.ensure_future(channel.run("wait direct", timeout=5))
+    await agent.script.started.get()
+    assert guest.busy
+    through_guest = asyncio.ensure_future(guest.run("after", timeout=5))
+    await asyncio.sleep(0.01)
+    agent.script.release(b"direct")
+    await held
+    assert (await through_guest).stdout == b"guest:after"
 
 
 @pytest.mark.asyncio
@@ -438,17 +434,12 @@ async def test_every_connection_closed_at_once_is_reported(tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio
-async def test_a_spent_deadline_sends_nothing(server: CommandServer, tmp_path: Path) -> None:
-    agent = await dial(tmp_path / "a.sock")
-    try:
-        guest = await server.wait_for_guest("a", timeout=2)
-        with pytest.raises(CommandTimeout, match="never sent"):
-            await guest.run("too late", timeout=0)
-        assert not guest.busy
-        assert (await guest.run("next", timeout=2)).stdout == b"guest:next"
-        assert agent.script.commands == [b"next"]
-    finally:
-        await agent.aclose()
+async def test_a_spent_deadline_sends_nothing(agent: DialingGuest, guest: Guest) -> None:
+    with pytest.raises(CommandTimeout, match="never sent"):
+        await guest.run("too late", timeout=0)
+    assert not guest.busy
+    assert (await guest.run("next", timeout=2)).stdout == b"guest:next"
+    assert agent.script.commands == [b"next"]
 
 
 # -- guest keys --------------------------------------------------------------------------------
