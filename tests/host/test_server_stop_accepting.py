@@ -19,7 +19,8 @@ from vsock_async import CommandServer
 from vsock_async.serve.control_api import ControlAPI
 from vsock_async.serve.metrics import ServeMetrics
 
-LONG = 10.0
+from .test_server import first_reply
+
 WINDOW = range(6)  # loop iterations between the connect and the stop: covers the accept window
 
 
@@ -30,15 +31,6 @@ def dial(path: str, data: bytes) -> socket.socket:
     sock.sendall(data)
     sock.setblocking(False)
     return sock
-
-
-async def first_reply(sock: socket.socket) -> bytes:
-    """The first bytes the listener side sends, or b"" once it closes or resets the connection."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(loop.sock_recv(sock, 4096), LONG)
-    except ConnectionResetError:
-        return b""
 
 
 async def stop_after(iterations: int, stop: Callable[[], Awaitable[None]]) -> None:
