@@ -107,7 +107,7 @@ class Table:
     def render(self) -> str:
         lines = [f"== {self.title}"]
         header = (
-            f"{'measure':<50} {'ours':>12} {'baseline':>12} {'ratio':>7}"
+            f"{'measure':<64} {'ours':>12} {'baseline':>12} {'ratio':>7}"
             f" {'spread':>13} {'target':>8}  {'ok':<3} vs"
         )
         lines.append(header)
@@ -119,7 +119,7 @@ class Table:
                 target = f"<={_fmt(r.limit)}" if r.limit is not None else ""
                 ok = "" if r.limit is None else ("yes" if median <= r.limit else "NO")
                 lines.append(
-                    f"{r.name + ' [' + r.unit + ']':<50} {_fmt(median):>12} {'':>12} {'':>7}"
+                    f"{r.name + ' [' + r.unit + ']':<64} {_fmt(median):>12} {'':>12} {'':>7}"
                     f" {spread:>13} {target:>8}  {ok:<3}"
                 )
                 continue
@@ -131,7 +131,7 @@ class Table:
             target = f">={r.target:.2f}" if r.target is not None else ""
             ok = "" if r.target is None else ("yes" if ratio >= r.target else "NO")
             lines.append(
-                f"{r.name + ' [' + r.unit + ']':<50} {_fmt(statistics.median(r.ours)):>12}"
+                f"{r.name + ' [' + r.unit + ']':<64} {_fmt(statistics.median(r.ours)):>12}"
                 f" {_fmt(statistics.median(r.baseline)):>12} {ratio:>6.2f}x {spread:>13}"
                 f" {target:>8}  {ok:<3} {r.baseline_name}"
             )

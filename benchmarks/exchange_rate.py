@@ -1,13 +1,22 @@
-"""Benchmark 1: probe-sized exchanges per second on one connection.
+"""Benchmark 1: small exchanges per second on one connection, against the real asyncio floor.
 
 Over a Unix socket; with ``--transport vsock``, over AF_VSOCK inside the VM tier's guest.
 
-Ours is ``GuestChannel.probe()`` on a channel from ``listen()``/``accept()``.
-Baselines, each on its own connection to its own instant guest process:
-plain blocking sockets (``sendall`` then ``recv`` until the result is whole),
-and the floor of any asyncio design (a bare ``asyncio.Protocol`` that writes
-the frame and awaits one future under ``asyncio.wait_for``). Run on the
-default loop and, when installed, on uvloop.
+Ours is ``GuestChannel.probe()`` (the empty answer's fast path) and ``GuestChannel.run()``
+of a command whose answer is ``ok\\n`` (a small non-empty result), on a channel from
+``listen()``/``accept()``, each with its deadline. Baselines, on their own connections to
+their own instant guest processes, on the default loop and on uvloop:
+
+- the floor: an ``asyncio.BufferedProtocol`` that reads into one reused buffer and resolves
+  one future per exchange, with no deadline: the least any asyncio design can do;
+- the floor plus one ``call_later`` per exchange (the least a deadline adds);
+- asyncio streams under ``asyncio.timeout``: what a user writes instead of this library;
+- plain blocking sockets (``sendall``, then ``recv`` until the result is whole), on no loop.
+
+A round is thousands of exchanges of every contender, run as ten passes over all of them
+(the order rotates each round), so a burst of load hits every contender alike. Every row is
+the median of per-round ratios, and each rate row has the host CPU row of the same pair
+beside it (``process_time``, far steadier than wall clock on a busy machine).
 """
 
 from __future__ import annotations
@@ -23,30 +32,15 @@ from types import ModuleType
 
 import vsock_async
 
+from ._guest import OK_ANSWER, PROBE_ANSWER
 from ._harness import Endpoint, Table, endpoint, fresh_dir, guest_process
 
 NAME = "exchange"
 FRAME = b"\0\0\0\x01:"
+ECHO = b"echo"  # the instant guest answers it with stdout "ok\n", exit 0
+ECHO_FRAME = len(ECHO).to_bytes(4, "big") + ECHO
+DEADLINE = 10.0  # seconds; never fires, but every contender but the floor pays for one
 _U32 = struct.Struct(">I")
-
-
-class FloorProtocol(asyncio.Protocol):
-    """The least an asyncio client can do: write, and resolve one future per 9-byte answer."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[bytes] | None = None
-        self.buf = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) >= 9 and self.waiter is not None:
-            waiter, self.waiter, self.buf = self.waiter, None, b""
-            waiter.set_result(data)
-
 
 Measure = tuple[float, float]  # (exchanges per second, host CPU microseconds per exchange)
 
@@ -55,22 +49,95 @@ def _measured(n: int, wall: float, cpu: float) -> Measure:
     return n / wall, cpu / n * 1e6
 
 
-async def floor_rounds(proto: FloorProtocol, n: int) -> Measure:
+class FloorProtocol(asyncio.BufferedProtocol):
+    """The least an asyncio client can do: reads land in one reused buffer, and one future
+    per exchange resolves once the expected number of answer bytes is in."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = memoryview(bytearray(65536))
+        self.waiter: asyncio.Future[None] | None = None
+        self.expected = 0
+        self.got = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += nbytes
+        waiter = self.waiter
+        if waiter is not None and self.got >= self.expected:
+            self.waiter = None
+            self.got = 0
+            waiter.set_result(None)
+
+
+async def floor_rounds(proto: FloorProtocol, frame: bytes, answer: int, n: int) -> Measure:
+    """``n`` exchanges on the bare floor: write, await one future, nothing else."""
     loop = asyncio.get_running_loop()
     assert proto.transport is not None
     write = proto.transport.write
+    proto.expected = answer
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         proto.waiter = fut = loop.create_future()
-        write(FRAME)
-        await asyncio.wait_for(fut, 10)
+        write(frame)
+        await fut
     return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
-async def ours_rounds(channel: vsock_async.GuestChannel, n: int) -> Measure:
+async def floor_timer_rounds(proto: FloorProtocol, frame: bytes, answer: int, n: int) -> Measure:
+    """The floor plus one ``call_later`` per exchange, cancelled when the answer comes."""
+    loop = asyncio.get_running_loop()
+    assert proto.transport is not None
+    write = proto.transport.write
+    proto.expected = answer
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
-        await channel.probe(timeout=10)
+        proto.waiter = fut = loop.create_future()
+        timer = loop.call_later(DEADLINE, fut.cancel)
+        write(frame)
+        await fut
+        timer.cancel()
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
+
+
+async def read_result(reader: asyncio.StreamReader) -> tuple[bytes, bytes, int]:
+    """One v1 result frame, read the way a streams user writes it."""
+    (n_out,) = _U32.unpack(await reader.readexactly(4))
+    stdout = await reader.readexactly(n_out)
+    (n_err,) = _U32.unpack(await reader.readexactly(4))
+    stderr = await reader.readexactly(n_err)
+    return stdout, stderr, (await reader.readexactly(1))[0]
+
+
+async def streams_rounds(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes, n: int
+) -> Measure:
+    """What a user writes with asyncio streams: write, drain, read the frame, under a timeout."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        async with asyncio.timeout(DEADLINE):
+            writer.write(frame)
+            await writer.drain()
+            await read_result(reader)
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
+
+
+async def ours_probe_rounds(channel: vsock_async.GuestChannel, n: int) -> Measure:
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        await channel.probe(timeout=DEADLINE)
+    return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
+
+
+async def ours_run_rounds(channel: vsock_async.GuestChannel, n: int) -> Measure:
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        await channel.run(ECHO, timeout=DEADLINE)
     return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
 
@@ -91,10 +158,10 @@ def recv_result(sock: socket.socket) -> tuple[bytes, bytes, int]:
         buf += more
 
 
-def blocking_rounds(sock: socket.socket, n: int) -> Measure:
+def blocking_rounds(sock: socket.socket, frame: bytes, n: int) -> Measure:
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
-        sock.sendall(FRAME)
+        sock.sendall(frame)
         recv_result(sock)
     return _measured(n, time.perf_counter() - start, time.process_time() - cpu)
 
@@ -108,29 +175,37 @@ def _plain_connection(ep: Endpoint) -> Iterator[socket.socket]:
 
 
 class _LoopSide:
-    """Our channel and a floor protocol, both on one event loop."""
+    """Our channel, a floor protocol and an asyncio streams pair, all on one event loop."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        stack: contextlib.ExitStack,
-        ours: Endpoint,
-        floor: Endpoint,
+        self, loop: asyncio.AbstractEventLoop, stack: contextlib.ExitStack, eps: list[Endpoint]
     ):
         self.loop = loop
-        server = loop.run_until_complete(vsock_async.listen(ours.address))
-        stack.callback(lambda: loop.run_until_complete(server.aclose()))
-        stack.enter_context(guest_process(["--connect", ours.guest]))
-        self.channel = loop.run_until_complete(server.accept(timeout=60))
-        sock = stack.enter_context(_plain_connection(floor))
+        run = loop.run_until_complete
+        server = run(vsock_async.listen(eps[0].address))
+        stack.callback(lambda: run(server.aclose()))
+        stack.enter_context(guest_process(["--connect", eps[0].guest]))
+        self.channel = run(server.accept(timeout=60))
+        sock = stack.enter_context(_plain_connection(eps[1]))
         sock.setblocking(False)
-        _, self.floor = loop.run_until_complete(loop.connect_accepted_socket(FloorProtocol, sock))
+        _, self.floor = run(loop.connect_accepted_socket(FloorProtocol, sock))
+        sock = stack.enter_context(_plain_connection(eps[2]))
+        sock.setblocking(False)
+        self.reader, self.writer = run(asyncio.open_connection(sock=sock))
 
-    def ours(self, n: int) -> Measure:
-        return self.loop.run_until_complete(ours_rounds(self.channel, n))
-
-    def floor_rate(self, n: int) -> Measure:
-        return self.loop.run_until_complete(floor_rounds(self.floor, n))
+    def contenders(self, tag: str) -> dict[str, Callable[[int], Measure]]:
+        run = self.loop.run_until_complete
+        floor = self.floor
+        return {
+            f"ours-probe-{tag}": lambda n: run(ours_probe_rounds(self.channel, n)),
+            f"ours-run-{tag}": lambda n: run(ours_run_rounds(self.channel, n)),
+            f"floor-probe-{tag}": lambda n: run(floor_rounds(floor, FRAME, len(PROBE_ANSWER), n)),
+            f"floor-run-{tag}": lambda n: run(floor_rounds(floor, ECHO_FRAME, len(OK_ANSWER), n)),
+            f"floor-timer-{tag}": lambda n: run(
+                floor_timer_rounds(floor, FRAME, len(PROBE_ANSWER), n)
+            ),
+            f"streams-{tag}": lambda n: run(streams_rounds(self.reader, self.writer, FRAME, n)),
+        }
 
 
 def installed_uvloop() -> ModuleType | None:
@@ -169,72 +244,94 @@ def uvloop_vsock_note() -> str:
         loop.close()
 
 
+SLICES = 10
+
+
+def _interleaved(
+    contenders: dict[str, Callable[[int], Measure]], order: list[str], n: int
+) -> dict[str, Measure]:
+    """One round: ``n`` exchanges of each contender, run as ``SLICES`` passes of ``n/SLICES``
+    each over all of them, so a burst of load from elsewhere hits every contender alike."""
+    each = max(1, n // SLICES)
+    wall = dict.fromkeys(order, 0.0)
+    cpu = dict.fromkeys(order, 0.0)
+    for _ in range(SLICES):
+        for name in order:
+            rate, cpu_us = contenders[name](each)
+            wall[name] += each / rate
+            cpu[name] += cpu_us * each / 1e6
+    return {name: _measured(each * SLICES, wall[name], cpu[name]) for name in order}
+
+
+# (row name, ours, baseline, target): each gives a rate row and the CPU row of the same pair.
+PAIRS = [
+    ("ours probe vs floor", "ours-probe", "floor-probe", 0.9),
+    ("ours run('echo') vs floor", "ours-run", "floor-run", 0.9),
+    ("ours probe vs floor + call_later", "ours-probe", "floor-timer", None),
+    ("ours probe vs streams + asyncio.timeout", "ours-probe", "streams", None),
+    ("ours probe vs blocking sockets", "ours-probe", "blocking-probe", None),
+    ("ours run('echo') vs blocking sockets", "ours-run", "blocking-run", None),
+    ("floor vs blocking (context)", "floor-probe", "blocking-probe", None),
+]
+
+
 def run(
     quick: bool = False,
     rounds: int | None = None,
     transport: str = "unix",
     exchanges: int | None = None,
 ) -> Table:
-    n = exchanges or (100 if quick else 400)
-    rounds = rounds or (2 if quick else 41)
+    n = exchanges or (50 if quick else 2000)
+    rounds = rounds or (2 if quick else 21)
     kind = "Unix-socket" if transport == "unix" else "AF_VSOCK"
-    table = Table(f"1. exchange rate, one {kind} connection ({n} probes per round)")
+    table = Table(
+        f"1. exchange rate, one {kind} connection ({rounds} rounds of {n} exchanges each)"
+    )
     uvloop = installed_uvloop()
     with contextlib.ExitStack() as stack, fresh_dir() as d:
         default_loop = asyncio.new_event_loop()
         stack.callback(default_loop.close)
-
-        def make_side(loop: asyncio.AbstractEventLoop, tag: str) -> _LoopSide:
-            eps = (endpoint(transport, d, f"ours-{tag}"), endpoint(transport, d, f"floor-{tag}"))
-            return _LoopSide(loop, stack, *eps)
-
-        sides = [("asyncio", make_side(default_loop, "asyncio"))]
+        loops = [("asyncio", default_loop)]
         if uvloop is not None:
             uv_loop = uvloop.new_event_loop()
             stack.callback(uv_loop.close)
-            sides.append(("uvloop", make_side(uv_loop, "uvloop")))
+            loops.append(("uvloop", uv_loop))
+        contenders: dict[str, Callable[[int], Measure]] = {}
+        for tag, loop in loops:
+            eps = [endpoint(transport, d, f"{role}-{tag}") for role in ("ours", "floor", "streams")]
+            contenders.update(_LoopSide(loop, stack, eps).contenders(tag))
         blocking = stack.enter_context(_plain_connection(endpoint(transport, d, "blocking")))
+        contenders["blocking-probe"] = lambda k: blocking_rounds(blocking, FRAME, k)
+        contenders["blocking-run"] = lambda k: blocking_rounds(blocking, ECHO_FRAME, k)
 
-        contenders: list[tuple[str, Callable[[int], Measure]]] = [
-            ("blocking", lambda k: blocking_rounds(blocking, k))
-        ]
-        for label, side in sides:
-            contenders.append((f"ours-{label}", side.ours))
-            contenders.append((f"floor-{label}", side.floor_rate))
-        for _, fn in contenders:  # warm up every path once
-            fn(max(10, n // 10))
-        measures: dict[str, list[Measure]] = {name: [] for name, _ in contenders}
+        order = list(contenders)
+        for name in order:  # warm up every path once
+            contenders[name](max(10, n // 10))
+        measures: dict[str, list[Measure]] = {name: [] for name in order}
         for r in range(rounds):
-            k = r % len(contenders)
-            for name, fn in contenders[k:] + contenders[:k]:
-                measures[name].append(fn(n))
+            k = r % len(order)
+            for name, measure in _interleaved(contenders, order[k:] + order[:k], n).items():
+                measures[name].append(measure)
 
-    def row(name: str, ours: str, base: str, target: float | None) -> None:
-        if ours in measures and base in measures:
-            rw = table.row(name, "exch/s", baseline_name=base, target=target)
-            for o, b in zip(measures[ours], measures[base], strict=True):
-                rw.add(o[0], b[0])
-
-    def cpu_row(name: str, ours: str, base: str) -> None:
-        if ours in measures and base in measures:
-            rw = table.row(name, "CPU us/exch", baseline_name=base, higher_is_better=False)
-            for o, b in zip(measures[ours], measures[base], strict=True):
-                rw.add(o[1], b[1])
-
-    row("default loop: ours vs asyncio floor", "ours-asyncio", "floor-asyncio", 0.9)
-    row("default loop: ours vs blocking sockets", "ours-asyncio", "blocking", None)
-    row("default loop: asyncio floor vs blocking", "floor-asyncio", "blocking", None)
-    row("uvloop: ours vs blocking sockets", "ours-uvloop", "blocking", 0.5)
-    row("uvloop: ours vs uvloop floor", "ours-uvloop", "floor-uvloop", None)
-    row("uvloop: uvloop floor vs blocking", "floor-uvloop", "blocking", None)
-    cpu_row("default loop: host CPU, ours vs asyncio floor", "ours-asyncio", "floor-asyncio")
-    cpu_row("default loop: host CPU, ours vs blocking", "ours-asyncio", "blocking")
-    cpu_row("uvloop: host CPU, ours vs uvloop floor", "ours-uvloop", "floor-uvloop")
-    cpu_row("uvloop: host CPU, ours vs blocking", "ours-uvloop", "blocking")
+    for tag, _ in loops:
+        for label, ours, base, target in PAIRS:
+            ours_key = f"{ours}-{tag}"
+            base_key = base if base.startswith("blocking") else f"{base}-{tag}"
+            rate = table.row(f"{tag}: {label}", "exch/s", baseline_name=base_key, target=target)
+            cpu = table.row(
+                f"{tag}: {label}", "CPU us/exch", baseline_name=base_key, higher_is_better=False
+            )
+            for o, b in zip(measures[ours_key], measures[base_key], strict=True):
+                rate.add(o[0], b[0])
+                cpu.add(o[1], b[1])
     table.notes.append(uvloop_vsock_note())
-    table.notes.append("'floor vs blocking' rows compare two baselines, for context")
     table.notes.append(
-        "host CPU = process_time of the host process per exchange (user+system, this process"
-        " only); CPU ratios are baseline/ours, above 1 means we spend less"
+        "floor = BufferedProtocol into one reused buffer, one future per exchange, no"
+        f" deadline; ours, floor + call_later and streams each carry a {DEADLINE:g} s deadline"
+    )
+    table.notes.append(
+        "CPU = process_time of the host process per exchange (user+system); CPU ratios are"
+        " baseline/ours, above 1 means we spend less; they move far less with the machine's"
+        " load than the rates"
     )
     return table

@@ -30,7 +30,15 @@ def _run_benchmarks(*args: str) -> str:
         (
             "exchange",
             "1. exchange rate",
-            ["default loop: ours vs asyncio floor", "default loop: ours vs blocking sockets"],
+            [
+                "asyncio: ours probe vs floor [exch/s]",
+                "asyncio: ours probe vs floor [CPU us/exch]",
+                "asyncio: ours run('echo') vs floor [exch/s]",
+                "asyncio: ours probe vs floor + call_later",
+                "asyncio: ours probe vs streams + asyncio.timeout",
+                "asyncio: ours probe vs blocking sockets",
+                "uvloop: ours probe vs floor [exch/s]",
+            ],
         ),
         (
             "bulk",
