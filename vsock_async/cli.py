@@ -13,7 +13,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
+
+if TYPE_CHECKING:
+    from .serve.config import ServeConfig
 
 __all__ = [
     "EXIT_ERROR",
@@ -22,7 +25,9 @@ __all__ = [
     "EXIT_OK",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
+    "build_parser",
     "main",
+    "serve_config",
 ]
 
 EXIT_OK: Final = 0
@@ -40,8 +45,8 @@ EXIT_INTERRUPTED: Final = 130
 Runner = Callable[[argparse.Namespace], int]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``vsock-async`` and every subcommand (the deployment files' tests use it)."""
     parser = argparse.ArgumentParser(
         prog="vsock-async",
         description="asyncio vsock command server and guest agent (wire protocol v1)",
@@ -52,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_exec_parser(subparsers)
     _add_guests_parser(subparsers)
     _add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.subcommand == "exec":
         _exec_misparsed(args, unknown)
@@ -281,6 +292,12 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         " or tcp://127.0.0.1:PORT (needs --token-file)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="ADDRESS",
+        help="also serve GET /metrics and GET /v1/health, read-only and with no token, on"
+        " tcp://HOST:PORT: for Prometheus and health probes (default: only on --control)",
+    )
+    p.add_argument(
         "--token-file",
         metavar="PATH",
         help="file holding the bearer token the control API requires (mandatory on TCP)",
@@ -345,29 +362,36 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.set_defaults(run=_run_serve)
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The checked configuration of parsed ``serve`` options; UsageError says what is wrong."""
+    from .serve.config import ServeConfig
+
+    return ServeConfig.from_options(
+        listen=args.listen or [],
+        allowed_cids=args.allowed_cid,
+        control=args.control,
+        metrics=args.metrics,
+        token_file=args.token_file,
+        control_allow_remote=args.control_allow_remote,
+        max_connections_per_guest=args.max_connections_per_guest,
+        default_timeout=args.default_timeout,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        grace=args.grace,
+        max_command=args.max_command,
+        max_stdout=args.max_stdout,
+        max_stderr=args.max_stderr,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .errors import UsageError, VsockAsyncError
-    from .serve.config import ServeConfig
     from .serve.daemon import run_serve
 
     try:
-        config = ServeConfig.from_options(
-            listen=args.listen or [],
-            allowed_cids=args.allowed_cid,
-            control=args.control,
-            token_file=args.token_file,
-            control_allow_remote=args.control_allow_remote,
-            max_connections_per_guest=args.max_connections_per_guest,
-            default_timeout=args.default_timeout,
-            probe_interval=args.probe_interval,
-            probe_timeout=args.probe_timeout,
-            grace=args.grace,
-            max_command=args.max_command,
-            max_stdout=args.max_stdout,
-            max_stderr=args.max_stderr,
-            log_level=args.log_level,
-            log_format=args.log_format,
-        )
+        config = serve_config(args)
     except UsageError as exc:
         print(f"vsock-async serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

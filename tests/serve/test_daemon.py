@@ -129,6 +129,53 @@ def test_tcp_control_requires_the_bearer_token(stack: Stack) -> None:
     assert token not in daemon.log()
 
 
+def test_the_metrics_port_serves_health_and_metrics_alone_without_the_token(
+    stack: Stack,
+) -> None:
+    token_file = stack.directory / "token"
+    token_file.write_text("tok")
+    metrics = f"tcp://127.0.0.1:{free_tcp_port()}"
+    daemon = stack.daemon("--token-file", str(token_file), "--metrics", metrics, ready=False)
+    daemon.wait_ready(daemon.client(token="tok"))
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(token="tok"), "vm1")
+
+    open_port = daemon.client(address=metrics)
+    health = open_port.health()
+    assert (health["status"], health["guests"]) == ("ok", 1)
+    assert "vsock_async_guests_connected 1" in open_port.metrics().splitlines()
+    for call, status, code in [
+        (open_port.guests, 404, "not_found"),
+        (lambda: open_port.run("vm1", "true"), 404, "not_found"),
+        (lambda: open_port.request("POST", "/metrics"), 405, "method_not_allowed"),
+        (daemon.client().health, 401, "unauthorized"),  # the control socket keeps its token
+    ]:
+        with pytest.raises(ControlError) as info:
+            call()
+        assert (info.value.status, info.value.code) == (status, code)
+    assert f"metrics and health on {metrics} (read-only, no token)" in daemon.log()
+
+    assert daemon.stop() == 0
+    with pytest.raises(ConnectFailed):
+        open_port.health()
+
+
+def test_a_metrics_port_in_use_stops_serve_and_removes_its_sockets(stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        control = stack.directory / "c.sock"
+        result = serve_error(
+            *("--listen", f"unix:{stack.directory}/g.sock", "--control", f"unix:{control}"),
+            *("--metrics", f"tcp://127.0.0.1:{port}"),
+        )
+    assert result.returncode == 1
+    assert_one_line_error(result, "address already in use")
+    assert not control.exists()
+    assert not (stack.directory / "g.sock").exists()
+
+
 def test_unix_control_with_a_token_file_requires_it_too(stack: Stack) -> None:
     token_file = stack.directory / "token"
     token_file.write_text("tok")
@@ -280,6 +327,7 @@ def test_tcp_control_needs_a_token_and_loopback(
         (["--control", "vsock://any:5"], "unix:PATH or tcp://HOST:PORT"),
         (["--listen", "vm=vsock://any:1024"], "labels are for"),
         (["--listen", "unix:/g.sock", "--allowed-cid", "3"], "--allowed-cid applies"),
+        (["--metrics", "unix:/m.sock"], "served on tcp://HOST:PORT"),
     ]:
         status, err = serve_usage_error(capsys, *args)
         assert status == 2

@@ -84,6 +84,9 @@ class ServeConfig:
     control: UnixAddress | TcpAddress = field(
         default_factory=lambda: UnixAddress(default_control_path())
     )
+    metrics: TcpAddress | None = None
+    """Where ``GET /metrics`` and ``GET /v1/health`` are also served, read-only and without
+    the token: what Prometheus and a kubelet's probes reach. None: only on ``control``."""
     token: str | None = field(default=None, repr=False)
     limits: Limits = field(default_factory=Limits)
     max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST
@@ -111,6 +114,7 @@ class ServeConfig:
         listen: Sequence[str] = (),
         allowed_cids: Sequence[int] | None = None,
         control: str | None = None,
+        metrics: str | None = None,
         token_file: str | None = None,
         control_allow_remote: bool = False,
         max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
@@ -135,6 +139,11 @@ class ServeConfig:
             raise UsageError(
                 f"--control {control_text}: the control API listens on unix:PATH or tcp://HOST:PORT"
             )
+        metrics_address = parse_address(metrics) if metrics is not None else None
+        if metrics_address is not None and not isinstance(metrics_address, TcpAddress):
+            raise UsageError(
+                f"--metrics {metrics}: metrics and health are served on tcp://HOST:PORT"
+            )
         token = read_token_file(token_file) if token_file else None
         if isinstance(control_address, TcpAddress):
             if token is None:
@@ -157,6 +166,7 @@ class ServeConfig:
             listeners=listeners,
             allowed_cids=cids,
             control=control_address,
+            metrics=metrics_address,
             token=token,
             limits=limits,
             max_connections_per_guest=max_connections_per_guest,

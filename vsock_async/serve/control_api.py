@@ -277,9 +277,8 @@ class ControlAPI:
         self._idle.set()
         self.draining = False
         """True once shutdown began: runs and probes are refused with 503."""
-        self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
-        self._sock: socket.socket | None = None
+        self._runners: list[web.AppRunner] = []
+        self._sites: list[tuple[web.SockSite, socket.socket]] = []
         self.app = self._make_app()
 
     def _make_app(self) -> web.Application:
@@ -296,34 +295,48 @@ class ControlAPI:
         app.router.add_get("/metrics", self._metrics)
         return app
 
+    def _make_read_only_app(self) -> web.Application:
+        """Health and metrics alone, with no token: what Prometheus and health probes reach."""
+        app = web.Application(middlewares=[self._errors_middleware])
+        app.router.add_get("/v1/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on ``sock``, a bound and listening socket."""
+    async def start(self, sock: socket.socket, *, read_only: socket.socket | None = None) -> None:
+        """Serve on ``sock``, a bound and listening socket, and health and metrics alone on
+        ``read_only`` if given."""
+        await self._serve(self.app, sock)
+        if read_only is not None:
+            await self._serve(self._make_read_only_app(), read_only)
+
+    async def _serve(self, app: web.Application, sock: socket.socket) -> None:
         # handler_cancellation: a client that hangs up cancels its request, so a run nobody
         # waits for is stopped like a timeout (its guest connection closed, the command
         # killed by the agent), a queued one is dropped and a ?wait= poll ends.
         runner = web.AppRunner(
-            self.app,
+            app,
             handle_signals=False,
             access_log=None,
             shutdown_timeout=1.0,
             handler_cancellation=True,
         )
         await runner.setup()
-        self._runner = runner
-        self._sock = sock
-        self._site = web.SockSite(runner, sock)
-        await self._site.start()
+        self._runners.append(runner)
+        site = web.SockSite(runner, sock)
+        self._sites.append((site, sock))
+        await site.start()
 
     async def stop_accepting(self) -> None:
         """Refuse new connections and new runs; requests in progress carry on."""
         self.draining = True
-        if self._site is not None:
-            site, self._site = self._site, None
-            if self._sock is not None:
-                stop_polling_accepts(self._sock)
+        sites, self._sites = self._sites, []
+        for _, sock in sites:
+            stop_polling_accepts(sock)
+        if sites:
             await asyncio.sleep(0)  # connections just accepted get their transport first
+        for site, _ in sites:
             await site.stop()
 
     @property
@@ -338,8 +351,8 @@ class ControlAPI:
     async def aclose(self) -> None:
         """Close every connection of the API (after :meth:`stop_accepting` and a drain)."""
         await self.stop_accepting()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
+        runners, self._runners = self._runners, []
+        for runner in runners:
             await runner.cleanup()
 
     @contextlib.contextmanager

@@ -4,9 +4,10 @@ The daemon is a :class:`CommandServer` listening where guests dial in, a
 probe of every new connection and of every idle one at an interval (a
 connection that fails is dropped and logged), and the HTTP control API of
 :mod:`vsock_async.serve.control_api` on a Unix socket (mode 0600) or, with a bearer
-token, on TCP. SIGTERM or SIGINT stops accepting, lets running commands
-finish within the grace period, then closes guests and the control API
-and removes socket files; a second signal skips the wait.
+token, on TCP; health and metrics alone, read-only, may also get a TCP port.
+SIGTERM or SIGINT stops accepting, lets running commands finish within the
+grace period, then closes guests and the control API and removes socket
+files; a second signal skips the wait.
 
 Standard library only at import time: aiohttp is imported when the daemon
 starts, so ``python -m vsock_async agent`` never needs it.
@@ -55,6 +56,12 @@ def _make_private_directories(path: str) -> None:
         os.chmod(directory, 0o700)  # a umask can only have taken bits away
 
 
+def _tcp_text(sock: socket.socket) -> str:
+    """The address a TCP listener is bound to, its port chosen by the kernel included."""
+    host, port = sock.getsockname()[:2]
+    return str(TcpAddress(host, port))
+
+
 class Daemon:
     """One run of ``serve``: :meth:`run` until a signal, then a graceful shutdown."""
 
@@ -98,17 +105,24 @@ class Daemon:
                 allowed_cids=self.config.allowed_cids if vsock else None,
             )
         sock = self._bind_control()
+        read_only = None
         self.control = ControlAPI(self.server, self.metrics, token=self.config.token)
         try:
-            await self.control.start(sock)
+            if self.config.metrics is not None:
+                read_only = bind_listener(self.config.metrics)
+            await self.control.start(sock, read_only=read_only)
         except BaseException:
             sock.close()
+            if read_only is not None:
+                read_only.close()
             raise
         logger.info(
             "control API on %s%s",
             self._control_text(sock),
             " (bearer token required)" if self.config.token else "",
         )
+        if read_only is not None:
+            logger.info("metrics and health on %s (read-only, no token)", _tcp_text(read_only))
 
     def _bind_control(self) -> socket.socket:
         address = self.config.control
@@ -138,8 +152,7 @@ class Daemon:
     def _control_text(self, sock: socket.socket) -> str:
         address = self.config.control
         if isinstance(address, TcpAddress):
-            host, port = sock.getsockname()[:2]
-            return str(TcpAddress(host, port))
+            return _tcp_text(sock)
         return str(address)
 
     # -- guests --------------------------------------------------------------------------
