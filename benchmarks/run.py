@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, help="alternating rounds per benchmark")
     parser.add_argument("--bulk-mib", type=int, help="payload of the bulk benchmark (MiB)")
-    parser.add_argument("--guests", type=int, help="guests connected at once (many)")
+    parser.add_argument("--guests", type=int, help="many: only this many guests at once")
+    parser.add_argument(
+        "--max-guests",
+        type=int,
+        help="many: every N of 1, 10, 100, 1000, 10000 up to this (default 1000)",
+    )
     parser.add_argument("--exchanges", type=int, help="probes per round (exchange)")
     parser.add_argument(
         "--transport",
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "bulk":
             options["bulk_mib"] = args.bulk_mib
         if name == "many":
-            options = {"guests": args.guests}
+            options = {"guests": args.guests, "max_guests": args.max_guests}
         started = time.perf_counter()
         table: Table = module.run(quick=args.quick, rounds=args.rounds, **options)
         print(table.render())
