@@ -48,9 +48,10 @@ Decoder = ResultDecoder | CommandDecoder
 Fed = Decoder | HostConnectionV1[int]  # what the feeders feed: the same two input paths
 Event = CommandResult | Command | OversizedCommand
 
-# What a decoder may hold beyond the body it is assembling: its fixed scratch
-# buffer, and the first chunk it allocates for a body that does not fit it.
-SCRATCH = 8 * 1024
+# What a decoder may hold beyond the body it is assembling: its scratch buffer (small, or
+# grown for a frame that needs the room), and the first chunk it allocates for a body that
+# does not fit it.
+SCRATCH_SIZES = (1024, 8 * 1024)
 FIRST_CHUNK = 64 * 1024
 
 
@@ -111,7 +112,7 @@ def held_bytes(decoder: Decoder) -> tuple[int, int]:
 
 def check_memory(decoder: Decoder, limits: tuple[int, ...]) -> None:
     """The decoder holds no more than its limits allow, nor much more than has arrived."""
-    assert len(decoder._scratch) == SCRATCH
+    assert len(decoder._scratch) in SCRATCH_SIZES
     in_chunks, in_fields = held_bytes(decoder)
     body = decoder._body
     if body is not None and body.chunks is not None:

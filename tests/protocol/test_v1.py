@@ -340,3 +340,28 @@ def test_old_result_constructors_still_work() -> None:
         False,
     )
     assert result.returncode == 3
+
+
+def test_idle_scratch_is_small_grows_for_a_frame_that_needs_it_then_shrinks() -> None:
+    """Every idle connection holds its decoder's scratch: it lends 1 KiB, grows for a result
+    whose inline part does not fit, and the next small answer brings it back."""
+    decoder = ResultDecoder()
+    with decoder.get_buffer() as idle:
+        assert len(idle) == 1024
+    big = (b"x" * 3000, b"e" * 100, 0)
+    feed_via_buffer(decoder, encode_result(*big), 100_000)  # each read fills what is lent
+    assert drain(decoder) == [CommandResult(*big)]
+    with decoder.get_buffer() as grown:
+        assert len(grown) > 1024
+    feed_via_buffer(decoder, encode_result(b"ok\n", b"", 0), 100_000)
+    assert drain(decoder) == [CommandResult(b"ok\n", b"", 0)]
+    with decoder.get_buffer() as again:
+        assert len(again) == 1024
+
+
+def test_commands_pipelined_past_the_small_scratch() -> None:
+    """Commands that straddle the end of the small scratch grow it and come out whole."""
+    commands = [bytes([65 + i % 26]) * (300 + 37 * i) for i in range(12)]
+    decoder = CommandDecoder()
+    feed_via_buffer(decoder, b"".join(encode_command(c) for c in commands), 100_000)
+    assert drain(decoder) == [Command(c) for c in commands]

@@ -2,11 +2,11 @@
 loop that copies pushed bytes into the memory a parser lends.
 
 A length prefix is hostile, so nothing of the size it claims is allocated before the bytes
-arrive. Headers and small bodies stay in each decoder's fixed scratch (``SCRATCH_SIZE``); a
-body larger than ``INLINE_MAX`` becomes a :class:`LargeBody`: chunks that grow with what has
-arrived (never more than about twice the bytes received), then, once ``1/WHOLE_AFTER`` of it is
-in, its final ``bytes`` object (:class:`WholeBody`), filled in place. The caller's reads go
-straight into that memory.
+arrive. Headers and small bodies stay in each decoder's scratch (in v1: ``SCRATCH_MIN`` bytes,
+grown to ``SCRATCH_SIZE`` for a frame that needs it); a body larger than ``INLINE_MAX`` becomes
+a :class:`LargeBody`: chunks that grow with what has arrived (never more than about twice the
+bytes received), then, once ``1/WHOLE_AFTER`` of it is in, its final ``bytes`` object
+(:class:`WholeBody`), filled in place. The caller's reads go straight into that memory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Protocol
 __all__ = [
     "FIRST_CHUNK",
     "INLINE_MAX",
+    "SCRATCH_MIN",
     "SCRATCH_SIZE",
     "WHOLE_AFTER",
     "LargeBody",
@@ -25,8 +26,10 @@ __all__ = [
     "copy_into_lent_memory",
 ]
 
-# Per-connection scratch for prefixes and small bodies. Kept small because
-# an idle connection holds one; larger bodies get their own growing chunks.
+# Per-connection scratch for prefixes and small bodies. An idle connection holds one, so it
+# starts at SCRATCH_MIN (every probe's answer and most short outputs fit) and grows to
+# SCRATCH_SIZE only for a frame that needs the room; larger bodies get their own chunks.
+SCRATCH_MIN = 1024
 SCRATCH_SIZE = 8 * 1024
 INLINE_MAX = 4 * 1024
 FIRST_CHUNK = 64 * 1024

@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
 from ..results import CommandResult
-from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, WholeBody, copy_into_lent_memory
+from ._body import (
+    INLINE_MAX,
+    SCRATCH_MIN,
+    SCRATCH_SIZE,
+    LargeBody,
+    WholeBody,
+    copy_into_lent_memory,
+)
 from .limits import U32_MAX, Limits
 
 __all__ = [
@@ -142,8 +148,10 @@ def _len(field: bytes | WholeBody) -> int:
 class _FrameDecoder(Generic[_Event]):
     """A parser for frames made of length-prefixed fields, optionally ended by one byte.
 
-    Prefixes and small bodies are parsed in place in a fixed scratch buffer.
-    A body larger than ``INLINE_MAX`` is a :class:`~._body.LargeBody`: chunks
+    Prefixes and small bodies are parsed in place in a scratch buffer of ``SCRATCH_MIN``
+    bytes, grown to ``SCRATCH_SIZE`` only for a frame that does not fit (an idle connection
+    holds one, so it stays small). A body larger than ``INLINE_MAX`` is a
+    :class:`~._body.LargeBody`: chunks
     that grow with what has arrived, then its final ``bytes`` object. The
     caller's reads go straight into that memory.
     """
@@ -153,14 +161,15 @@ class _FrameDecoder(Generic[_Event]):
 
     def __init__(self, limits: Sequence[int]) -> None:
         self._limits = tuple(limits)
-        self._scratch = bytearray(SCRATCH_SIZE)
+        self._scratch = bytearray(SCRATCH_MIN)
         self._view = memoryview(self._scratch)
+        self._grown = False  # the scratch is SCRATCH_SIZE
         self._start = 0
         self._end = 0
         self._fields: list[bytes | WholeBody] = []
         self._length = -1  # length of the body being read; -1 while waiting for a prefix
         self._body: LargeBody | None = None  # a large body being received
-        self._events: deque[_Event] = deque()
+        self._events: list[_Event] = []  # not a deque: an idle connection holds one
         self._error: ProtocolError | None = None
         self._eof = False
 
@@ -172,8 +181,8 @@ class _FrameDecoder(Generic[_Event]):
             self._check_usable()
         if self._body is not None:
             return self._body.buffer()
-        if self._end == SCRATCH_SIZE:
-            self._compact()
+        if self._end == len(self._scratch):
+            self._make_room()
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -208,7 +217,7 @@ class _FrameDecoder(Generic[_Event]):
     def next_event(self) -> _Event | None:
         """The next complete frame, or None when more bytes are needed."""
         if self._events:
-            return self._events.popleft()
+            return self._events.pop(0)
         return None
 
     @property
@@ -243,11 +252,25 @@ class _FrameDecoder(Generic[_Event]):
         self._error = error
         return error
 
-    def _compact(self) -> None:
+    def _make_room(self) -> None:
+        """Make room after the unparsed bytes, which reach the scratch's end: grow a small
+        scratch, or move them to the start of a grown one (SCRATCH_SIZE always holds more than
+        the inline part of a field, all that is left unparsed)."""
+        if not self._grown:
+            self._resize(SCRATCH_SIZE)
+            return
         start, end = self._start, self._end
-        if start:
-            self._scratch[: end - start] = self._view[start:end]
-            self._start, self._end = 0, end - start
+        self._scratch[: end - start] = self._view[start:end]
+        self._start, self._end = 0, end - start
+
+    def _resize(self, size: int) -> None:
+        """A new scratch of ``size`` bytes holding the unparsed bytes at its start."""
+        held = self._view[self._start : self._end]
+        scratch = bytearray(size)
+        scratch[: len(held)] = held
+        self._scratch, self._view = scratch, memoryview(scratch)
+        self._start, self._end = 0, len(held)
+        self._grown = size > SCRATCH_MIN
 
     def _field_done(self, body: bytes | WholeBody) -> None:
         self._length = -1
@@ -338,6 +361,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                 self._events.append(_EMPTY_RESULTS[self._scratch[start + 8]])
                 if start + 9 == end:
                     self._start = self._end = 0
+                    if self._grown:  # an answer that fits the small scratch: back to it
+                        self._resize(SCRATCH_MIN)
                 else:
                     self._start = start + 9
                     self._end = end
@@ -363,6 +388,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                     start = code_at + 1
                     if start == end:
                         self._start = self._end = 0
+                        if self._grown and end <= SCRATCH_MIN:  # it fit the small scratch
+                            self._resize(SCRATCH_MIN)
                         return
                     self._start = start
                     self._end = end
@@ -443,7 +470,7 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._skipping:
             self._check_usable()
-            return self._view[: min(self._skipping, SCRATCH_SIZE)]
+            return self._view[: min(self._skipping, len(self._scratch))]
         return super().get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:

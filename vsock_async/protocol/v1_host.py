@@ -118,9 +118,11 @@ class HostConnectionV1(Generic[Id]):
         self._probing = False  # the decoder holds a probe's zero limits
         self._state = _IDLE
         self._current: Id | None = None
-        self._queue: deque[tuple[Id, bytes, bool]] = deque()
+        # Made on first use, and a list for the events (at most two): an idle connection
+        # holds these, and an empty deque costs some 700 bytes.
+        self._queue: deque[tuple[Id, bytes, bool]] | None = None
         self._to_send = b""
-        self._events: deque[HostEventV1[Id]] = deque()
+        self._events: list[HostEventV1[Id]] = []
         self._error: VsockAsyncError | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class HostConnectionV1(Generic[Id]):
     @property
     def queued(self) -> int:
         """Calls waiting behind the one in flight."""
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
 
     def in_flight(self, id: Id) -> bool:
         """True if ``id``'s command is the one on the wire."""
@@ -168,6 +170,8 @@ class HostConnectionV1(Generic[Id]):
             self.check_command(command)
         frame = _pack_u32(len(command)) + command  # max_command fits a u32
         if state is not _IDLE:
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append((id, frame, probe))
             return
         # _start(), inline: this is every exchange's path
@@ -188,9 +192,12 @@ class HostConnectionV1(Generic[Id]):
 
     def withdraw(self, id: Id) -> bool:
         """Drop queued call ``id`` unsent (its caller gave up); False if it is not queued."""
-        for i, (queued, _, _) in enumerate(self._queue):
+        queue = self._queue
+        if queue is None:
+            return False
+        for i, (queued, _, _) in enumerate(queue):
             if queued == id:
-                del self._queue[i]
+                del queue[i]
                 return True
         return False
 
@@ -213,7 +220,7 @@ class HostConnectionV1(Generic[Id]):
         """The next event, or None when there is none until more bytes arrive or more calls
         are made."""
         events = self._events
-        return events.popleft() if events else None
+        return events.pop(0) if events else None
 
     def partial_output(self) -> tuple[bytes, bytes]:
         """The stdout and stderr of the result being received, as far as they have arrived."""
@@ -294,6 +301,7 @@ class HostConnectionV1(Generic[Id]):
 
     def _start_next(self) -> None:
         queue = self._queue
+        assert queue is not None
         abandoned = self._abandoned
         while queue:
             id, frame, probe = queue.popleft()
@@ -303,8 +311,8 @@ class HostConnectionV1(Generic[Id]):
 
     def _fail(self, error: VsockAsyncError) -> None:
         unanswered = [self._current] if self._state is _AWAITING else []
-        unanswered.extend(id for id, _, _ in self._queue)
-        self._queue.clear()
+        unanswered.extend(id for id, _, _ in self._queue or ())
+        self._queue = None
         self._current = None
         self._to_send = b""
         self._state = _CLOSED
