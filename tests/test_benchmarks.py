@@ -66,7 +66,18 @@ def _run_benchmarks(*args: str) -> str:
                 "N=10: streams: server RSS per idle guest",
             ],
         ),
-        ("agent", "4. agent overhead", ["per command: agent vs local create_subprocess_exec"]),
+        (
+            "agent",
+            "4. agent",
+            [
+                "true: agent vs local create_subprocess_exec [ms]",
+                "true: agent vs local subprocess.run [ms]",
+                "true: host CPU, agent vs local create_subprocess_exec",
+                "true: the agent's own CPU per command",
+                "4 MB: agent vs local create_subprocess_exec [s]",
+                "4 MB: the agent's peak RSS above idle",
+            ],
+        ),
         (
             "agent-memory",
             "4b. agent memory",
