@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,14 @@ def eventually(predicate: Callable[[], object], what: str, limit: float = LONG) 
 def python_m(*args: str) -> list[str]:
     """The argv of ``python -m vsock_async ARGS``."""
     return [sys.executable, "-m", "vsock_async", *args]
+
+
+def free_tcp_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def stop_process(proc: subprocess.Popen[bytes], signum: int) -> int:
@@ -202,6 +211,7 @@ __all__ = [
     "Stack",
     "eventually",
     "exec_cli",
+    "free_tcp_port",
     "python_m",
     "short_directory",
     "stack",

@@ -19,6 +19,7 @@ from tests.daemon_process import (
     Daemon,
     Stack,
     eventually,
+    free_tcp_port,
     python_m,
     stack,
     wait_for_guest,
@@ -35,13 +36,6 @@ def gate(directory: Path, name: str) -> tuple[str, Path]:
     """A command that runs until the returned file exists, then prints ``released``."""
     marker = directory / name
     return f"while [ ! -e {marker} ]; do sleep 0.01; done; echo released", marker
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def serve_error(*args: str) -> subprocess.CompletedProcess[str]:
