@@ -117,3 +117,64 @@ def test_a_venv_left_broken_is_rebuilt(tmp_path: Path, project: Path) -> None:
     make_venv(project, python, venv, "serve")
     assert venv_version(venv) == f"3.{sys.version_info[1]}"
     assert len(pip_calls(venv)) == 1
+
+
+# -- vm-deps.sh ---------------------------------------------------------------------------------
+
+INSTALL = "install -y -qq --no-install-recommends"
+
+
+def vm_deps(
+    tmp_path: Path, present: list[str], uid: int, apt_fails_on: str = ""
+) -> tuple[int, str, list[str]]:
+    """Run scripts/vm-deps.sh where only ``present`` commands exist and ``id -u`` says ``uid``;
+    a stand-in apt-get records its calls and fails on the package ``apt_fails_on``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = tmp_path / "apt-calls"
+    stubs = {name: "exit 0" for name in present}
+    stubs["id"] = f"echo {uid}"
+    stubs["apt-get"] = (
+        f'echo "$*" >> {calls}\n'
+        f'case "$*" in *" {apt_fails_on}"*) [ -n "{apt_fails_on}" ] && exit 100;; esac\nexit 0'
+    )
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    bash = shutil.which("bash")
+    assert bash is not None
+    result = subprocess.run(
+        [bash, str(REPO / "scripts/vm-deps.sh")],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return (
+        result.returncode,
+        result.stderr,
+        calls.read_text().splitlines() if calls.exists() else [],
+    )
+
+
+def test_vm_deps_installs_systemd_for_the_deploy_checks_and_survives_without_it(
+    tmp_path: Path,
+) -> None:
+    vm_tier = ["qemu-system-x86_64", "busybox"]
+    status, err, calls = vm_deps(tmp_path / "a", vm_tier, uid=0, apt_fails_on="systemd")
+    assert status == 0
+    assert calls == ["update -qq", f"{INSTALL} systemd"]
+    assert "tests/deploy skips its systemd checks" in err
+
+    status, _, calls = vm_deps(tmp_path / "b", ["busybox"], uid=0)
+    assert status == 0
+    assert calls == ["update -qq", f"{INSTALL} qemu-system-x86", f"{INSTALL} systemd"]
+
+    status, _, calls = vm_deps(tmp_path / "c", vm_tier, uid=1000)  # not root: nothing to do
+    assert (status, calls) == (0, [])
+
+    status, err, _ = vm_deps(tmp_path / "d", ["busybox"], uid=1000)
+    assert status == 1 and "qemu-system-x86" in err
+
+    status, _, calls = vm_deps(tmp_path / "e", [*vm_tier, "systemd-analyze"], uid=0)
+    assert (status, calls) == (0, [])
