@@ -397,6 +397,17 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                     return
         super().buffer_updated(nbytes)
 
+    def sole_result(self) -> CommandResult | None:
+        """The result that has arrived whole, taken as :meth:`next_event` would, or None; raises
+        :class:`ProtocolError` if bytes beyond it are held too (:meth:`holds_more`). One call
+        for the host's every answer."""
+        events = self._events
+        if not events:
+            return None
+        if len(events) > 1 or self._fields or self._length >= 0 or self._end > self._start:
+            raise self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
+        return events.pop()
+
     def holds_more(self) -> bool:
         """True if bytes beyond the results already taken are held: another result, or part
         of one (what a host that asked for one result must never see)."""

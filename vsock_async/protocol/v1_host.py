@@ -239,14 +239,11 @@ class HostConnectionV1(Generic[Id]):
         decoder = self._decoder
         try:
             decoder.buffer_updated(nbytes)
+            result = decoder.sole_result()
         except ProtocolError as exc:
             self._fail(exc)
             return
-        result = decoder.next_event()
         if result is None:
-            return
-        if decoder.holds_more():
-            self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
             return
         # tuple.__new__ itself: a named tuple's own __new__ is one more Python call per exchange
         self._events.append(tuple.__new__(ResultReceived, (self._current, result)))
