@@ -2,9 +2,11 @@
 
 For each N, one server process per contender (so its memory and CPU are its own) and a few
 guest processes holding the N connections between them. Contenders: ours (a
-``CommandServer`` with one accept loop and one coroutine per guest), an asyncio-streams
-server (``asyncio.start_unix_server``, ``asyncio.timeout`` around each exchange: what a user
-writes instead) and a thread-per-guest server on blocking sockets. Each:
+``CommandServer`` with one accept loop and one coroutine per guest; again with
+``gc.freeze()`` once every guest is probed, to show what the cyclic GC costs), an
+asyncio-streams server (``asyncio.start_unix_server``, ``asyncio.timeout`` around each
+exchange: what a user writes instead) and a thread-per-guest server on blocking sockets.
+Each:
 
 1. accepts and probes every guest (timed from the first connection to the last answer);
 2. reports its RSS growth per connected, probed, idle guest;
@@ -35,7 +37,7 @@ from .exchange_rate import DEADLINE, ECHO_FRAME, read_result, recv_result
 from .exchange_rate import FRAME as PROBE_FRAME
 
 NAME = "many"
-MODES = ("ours", "streams", "threads")
+MODES = ("ours", "ours-gc-freeze", "streams", "threads")
 SIZES = (1, 10, 100, 1000, 10000)
 COMMAND = b"echo"  # the instant guest answers "ok\n", exit 0
 TOTAL_EXCHANGES = 20000  # per round, shared among the guests (at least 5 each)
@@ -76,7 +78,7 @@ class _Clock:
         print(json.dumps(self.figures), flush=True)
 
 
-async def serve_ours(path: str, guests: int, exchanges: int) -> None:
+async def serve_ours(path: str, guests: int, exchanges: int, freeze: bool = False) -> None:
     server = vsock_async.CommandServer(max_connections_per_guest=None)
     clock = _Clock()
     await server.add_listener(f"unix:{path}", backlog=guests)
@@ -91,6 +93,8 @@ async def serve_ours(path: str, guests: int, exchanges: int) -> None:
     await asyncio.gather(*probes)
     del probes
     clock.all_probed(guests)
+    if freeze:  # what docs/performance.md advises for thousands of guests
+        gc.freeze()
     latencies: list[float] = []
 
     async def work(channel: vsock_async.GuestChannel) -> None:
@@ -283,6 +287,16 @@ def run(
                     )
                     for o, b in zip(results["ours"], results[base], strict=True):
                         row.add(o[key], b[key])
+            for name, unit, key, higher in MEASURES[1:3]:  # what the cyclic GC costs
+                for base in ("ours", "streams"):
+                    row = table.row(
+                        f"N={n}: {name}, ours + gc.freeze() vs {base}",
+                        unit,
+                        baseline_name=base,
+                        higher_is_better=higher,
+                    )
+                    for o, b in zip(results["ours-gc-freeze"], results[base], strict=True):
+                        row.add(o[key], b[key])
             for mode in MODES:
                 table.single(
                     f"N={n}: {mode}: server RSS per idle guest",
@@ -311,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--exchanges", type=int, required=True)
     args = parser.parse_args(argv)
     raise_nofile_limit()
-    if args.server == "ours":
-        asyncio.run(serve_ours(args.path, args.guests, args.exchanges))
+    if args.server.startswith("ours"):
+        freeze = args.server == "ours-gc-freeze"
+        asyncio.run(serve_ours(args.path, args.guests, args.exchanges, freeze))
     elif args.server == "streams":
         asyncio.run(serve_streams(args.path, args.guests, args.exchanges))
     else:

@@ -62,6 +62,7 @@ def _run_benchmarks(*args: str) -> str:
                 "N=10: server CPU per exchange, ours vs streams",
                 "N=10: p99 latency, ours vs threads",
                 "N=10: close all, ours vs streams",
+                "N=10: aggregate rate, ours + gc.freeze() vs ours",
                 "N=10: ours: server RSS per idle guest",
                 "N=10: streams: server RSS per idle guest",
             ],
