@@ -16,6 +16,7 @@ import pytest
 
 import vsock_async
 from vsock_async.agent import GuestAgent
+from vsock_async.host.negotiate import ProtocolChoice
 
 LONG = 20.0
 
@@ -95,12 +96,14 @@ async def served_agent(
     limits: vsock_async.Limits | None = None,
     cwd: Path | None = None,
     python: tuple[str, ...] = (),
+    protocol: ProtocolChoice = "auto",
 ) -> AsyncIterator[Served]:
     """A server on Unix socket ``name`` and ``python -m vsock_async agent --connect`` to it
-    with ``options``, once the server has accepted the agent's first connection."""
+    with ``options``, once the server has accepted the agent's first connection (on v2 with
+    the default ``protocol``; ``"v1"`` for what the agent does on v1)."""
     path = short_socket_path(tmp_path, name)
     async with (
-        vsock_async.listen(f"unix:{path}", limits=limits) as server,
+        vsock_async.listen(f"unix:{path}", limits=limits, protocol=protocol) as server,
         agent_process(
             "--connect", f"unix:{path}", *options, tmp_path=tmp_path, cwd=cwd, python=python
         ) as agent,

@@ -18,18 +18,24 @@ import os
 from collections.abc import Awaitable, Callable
 
 from vsock_async.protocol import Command, CommandDecoder, encode_result
+from vsock_async.protocol.v2 import HELLO_PREFIX
 
 Answer = tuple[bytes, bytes, int]
 Handler = Callable[[bytes], Awaitable[Answer]]
 
 
 class GuestScript:
-    """What a test guest answers: ``:`` → exit 0; ``exit N``; ``wait NAME`` blocks until
-    :meth:`release` (NAME); ``close`` drops the connection; anything else is echoed."""
+    """What a v1 test guest answers: ``:`` → exit 0; ``exit N``; ``wait NAME`` blocks until
+    :meth:`release` (NAME); ``close`` drops the connection; anything else is echoed.
+
+    Like a v1 shell, it runs the protocol v2 hello as ``:``; hellos are kept in
+    :attr:`hellos`, not in :attr:`commands`.
+    """
 
     def __init__(self, name: str = "guest") -> None:
         self.name = name
         self.commands: list[bytes] = []
+        self.hellos: list[bytes] = []
         self.running = 0
         self.max_running = 0
         self._gates: dict[bytes, asyncio.Event] = {}
@@ -42,6 +48,9 @@ class GuestScript:
         self.gate(name).set()
 
     async def answer(self, command: bytes) -> Answer | None:
+        if command.startswith(HELLO_PREFIX):
+            self.hellos.append(command)
+            return b"", b"", 0
         self.commands.append(command)
         self.running += 1
         self.max_running = max(self.max_running, self.running)

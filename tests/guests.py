@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from vsock_async.protocol import CommandDecoder, encode_result
+from vsock_async.protocol.v2 import HELLO_PREFIX
 
 
 @dataclass
@@ -44,12 +45,35 @@ async def echo_handler(command: bytes) -> Answer:
     return command, b"stderr:" + command, 3
 
 
-class ScriptedGuest:
-    """A guest that dials ``path`` (unix) or ``(host, port)`` (tcp) and answers with ``handler``."""
+async def shell_handler(command: bytes) -> Answer:
+    """Run ``command`` with ``/bin/sh -c``, as a v1 shell-loop guest does."""
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode is not None
+    return stdout, stderr, proc.returncode & 0xFF
 
-    def __init__(self, handler: Handler = echo_handler) -> None:
+
+class ScriptedGuest:
+    """A v1 guest that dials ``path`` (unix) or ``(host, port)`` (tcp) and answers with ``handler``.
+
+    Like a v1 shell loop, it runs the protocol v2 hello as the no-op ``:`` (exit 0, no
+    output), so a server on ``protocol="auto"`` settles on v1; the hellos it got are in
+    :attr:`hellos`, every other command in :attr:`commands`. With ``handle_hello``
+    the hello goes to ``handler`` like any command.
+    """
+
+    def __init__(self, handler: Handler = echo_handler, *, handle_hello: bool = False) -> None:
         self.handler = handler
+        self.handle_hello = handle_hello
         self.commands: list[bytes] = []
+        self.hellos: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -68,6 +92,10 @@ class ScriptedGuest:
                 decoder.receive_data(data)
                 while (event := decoder.next_event()) is not None:
                     command = event.command  # type: ignore[union-attr]
+                    if command.startswith(HELLO_PREFIX) and not self.handle_hello:
+                        self.hellos.append(command)
+                        writer.write(encode_result(b"", b"", 0))
+                        continue
                     self.commands.append(command)
                     answer = await self.handler(command)
                     if isinstance(answer, Silent):

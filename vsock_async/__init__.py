@@ -104,6 +104,12 @@ from .host.commandline import compose_command as compose_command
 from .host.connect import connect as connect
 from .host.guests import Guest as Guest
 from .host.guests import GuestEvent as GuestEvent
+from .host.process import DEVNULL as DEVNULL
+from .host.process import PIPE as PIPE
+from .host.process import STDOUT as STDOUT
+from .host.process import Process as Process
+from .host.process import ProcessReader as ProcessReader
+from .host.process import ProcessWriter as ProcessWriter
 from .host.server import CommandServer as CommandServer
 from .host.server import listen as listen
 from .protocol import Limits as Limits
@@ -113,6 +119,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "DEVNULL",
+    "PIPE",
+    "STDOUT",
     "AcceptTimeout",
     "Address",
     "ClosedLocally",
@@ -137,6 +146,9 @@ __all__ = [
     "ListenFailed",
     "PeerError",
     "ProbeFailed",
+    "Process",
+    "ProcessReader",
+    "ProcessWriter",
     "ProtocolError",
     "SpawnFailed",
     "StdinClosed",

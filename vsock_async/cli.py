@@ -344,6 +344,13 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="refuse (and log) a guest's connections beyond N; 'none': no cap"
         " (default %(default)s)",
     )
+    p.add_argument(
+        "--protocol",
+        choices=["auto", "v1", "v2"],
+        default="auto",
+        help="what guest connections speak: 'auto' offers v2 and falls back to v1, 'v2'"
+        " refuses v1-only guests, 'v1' never offers v2 (default %(default)s)",
+    )
     p.add_argument("--max-command", type=_size, metavar="BYTES", help="largest command sent")
     p.add_argument("--max-stdout", type=_size, metavar="BYTES", help="largest stdout accepted")
     p.add_argument("--max-stderr", type=_size, metavar="BYTES", help="largest stderr accepted")
@@ -374,6 +381,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         token_file=args.token_file,
         control_allow_remote=args.control_allow_remote,
         max_connections_per_guest=args.max_connections_per_guest,
+        protocol=args.protocol,
         default_timeout=args.default_timeout,
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,

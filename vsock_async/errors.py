@@ -158,15 +158,20 @@ class ConnectTimeout(DeadlineExceeded, ConnectFailed):
 
 
 class CommandTimeout(DeadlineExceeded):
-    """An exchange missed its deadline. The channel has been closed: its stream is out of step.
+    """A call missed its deadline.
 
-    ``result`` has ``timed_out=True`` and ``exit_code=None``; its stdout and
-    stderr hold whatever bytes of the result had arrived before the deadline.
+    ``sent`` is False when its command never reached the guest (it waited for a
+    connection or a free stream, or was given no time): nothing ran and nothing
+    was closed. Otherwise, on v1 the channel has been closed (its stream is out
+    of step); on v2 only the command's process was stopped. ``result`` has
+    ``timed_out=True`` and ``exit_code=None``; its stdout and stderr hold
+    whatever output had arrived before the deadline.
     """
 
-    def __init__(self, message: str, result: CommandResult) -> None:
+    def __init__(self, message: str, result: CommandResult, *, sent: bool = True) -> None:
         super().__init__(message)
         self.result = result
+        self.sent = sent
 
 
 class UsageError(VsockAsyncError, ValueError):

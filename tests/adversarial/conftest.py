@@ -74,12 +74,14 @@ def socket_dir() -> Iterator[str]:
 async def server(request: pytest.FixtureRequest, socket_dir: str) -> AsyncIterator[CommandServer]:
     """A server listening on a Unix socket or on TCP loopback, with short default deadlines."""
     address = f"unix:{socket_dir}/guest.sock" if request.param == "unix" else "tcp://127.0.0.1:0"
-    async with await listen(address, default_timeout=5) as srv:
+    async with await listen(address, default_timeout=5, protocol="v1") as srv:
         yield srv
 
 
 @pytest_asyncio.fixture
 async def unix_server(socket_dir: str) -> AsyncIterator[CommandServer]:
     """A server on a Unix socket only."""
-    async with await listen(f"unix:{socket_dir}/guest.sock", default_timeout=5) as srv:
+    async with await listen(
+        f"unix:{socket_dir}/guest.sock", default_timeout=5, protocol="v1"
+    ) as srv:
         yield srv

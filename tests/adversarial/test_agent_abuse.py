@@ -53,7 +53,7 @@ class Agent:
 async def agent(socket_dir: str, tmp_path: Path) -> AsyncIterator[Agent]:
     path = f"{socket_dir}/host.sock"
     async with (
-        await listen(f"unix:{path}", default_timeout=10) as server,
+        await listen(f"unix:{path}", default_timeout=10, protocol="v1") as server,
         agent_process(
             "--connect",
             f"unix:{path}",

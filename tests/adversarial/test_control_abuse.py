@@ -77,7 +77,9 @@ class Api:
 
 @pytest_asyncio.fixture
 async def api(socket_dir: str) -> AsyncIterator[Api]:
-    async with await listen(f"unix:{socket_dir}/g.sock", default_timeout=5) as server:
+    async with await listen(
+        f"unix:{socket_dir}/g.sock", default_timeout=5, protocol="v1"
+    ) as server:
         guest, _ = await accept_guest(server, dial_address(server))
         answering = asyncio.create_task(answer_forever(guest))
         control = ControlAPI(server, ServeMetrics(), token=TOKEN)

@@ -43,7 +43,7 @@ async def fault_at(server: CommandServer, offset: int, how: str) -> None:
 @pytest.mark.parametrize("how", ["close", "reset"])
 async def test_fault_at_every_byte_of_a_result(socket_dir: str, how: str) -> None:
     address = "tcp://127.0.0.1:0" if how == "reset" else f"unix:{socket_dir}/g.sock"
-    async with await listen(address, default_timeout=5) as server:
+    async with await listen(address, default_timeout=5, protocol="v1") as server:
         for offset in range(len(FRAME) + 1):
             await fault_at(server, offset, how)
         # The same guest dialling again gets a fresh, working channel.

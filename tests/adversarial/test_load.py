@@ -87,7 +87,9 @@ async def test_many_guests_many_commands(socket_dir: str, scale: Scale) -> None:
     """Two rounds: the first grows the loop's and the server's tables to their working size,
     the second must leave memory where the first did (a leak grows with every round)."""
     raise_fd_limit(3 * scale.guests + 256)
-    async with await listen(f"unix:{socket_dir}/load.sock", default_timeout=30) as server:
+    async with await listen(
+        f"unix:{socket_dir}/load.sock", default_timeout=30, protocol="v1"
+    ) as server:
         gc.collect()
         fds_before = open_fds()
         tracemalloc.start()

@@ -106,7 +106,7 @@ async def big_command_server(
     """A server that sends commands of up to 16 MiB (the default limit is 1 MiB)."""
     address = f"unix:{socket_dir}/guest.sock" if request.param == "unix" else "tcp://127.0.0.1:0"
     limits = Limits(max_command=16 * 1024 * 1024)
-    async with await listen(address, default_timeout=5, limits=limits) as srv:
+    async with await listen(address, default_timeout=5, limits=limits, protocol="v1") as srv:
         yield srv
 
 

@@ -75,7 +75,9 @@ async def test_over_tcp_loopback_with_large_output(tmp_path: Path) -> None:
 async def test_output_over_the_cap_is_cut_with_the_note_inside(tmp_path: Path) -> None:
     cap = 1000
     limits = vsock_async.Limits(max_stdout=cap, max_stderr=cap)
-    async with served_agent(tmp_path, "cap.sock", "--max-output", str(cap), limits=limits) as (
+    async with served_agent(
+        tmp_path, "cap.sock", "--max-output", str(cap), limits=limits, protocol="v1"
+    ) as (
         _,
         guest,
         _,
@@ -99,7 +101,11 @@ async def test_output_over_the_cap_is_cut_with_the_note_inside(tmp_path: Path) -
 async def test_oversized_command_and_nul_are_refused_and_the_connection_lives(
     tmp_path: Path,
 ) -> None:
-    async with served_agent(tmp_path, "big.sock", "--max-command", "100") as (_, guest, _):
+    async with served_agent(tmp_path, "big.sock", "--max-command", "100", protocol="v1") as (
+        _,
+        guest,
+        _,
+    ):
         for size in (101, 300_000):
             refused = await guest.run(b"#" * size, timeout=LONG)
             assert refused.exit_code == 126
@@ -118,7 +124,11 @@ async def test_oversized_command_and_nul_are_refused_and_the_connection_lives(
 @pytest.mark.asyncio
 async def test_command_timeout_kills_the_group_and_answers_124(tmp_path: Path) -> None:
     marker = tmp_path / "survived"
-    async with served_agent(tmp_path, "slow.sock", "--command-timeout", "0.3") as (_, guest, agent):
+    async with served_agent(tmp_path, "slow.sock", "--command-timeout", "0.3", protocol="v1") as (
+        _,
+        guest,
+        agent,
+    ):
         command = f"echo $$; (sleep 1; touch {marker}) & sleep 30"
         result = await guest.run(command, timeout=LONG)
         assert result.exit_code == 124
@@ -135,7 +145,7 @@ async def test_command_timeout_kills_the_group_and_answers_124(tmp_path: Path) -
 async def test_host_closing_mid_command_kills_the_process_group(tmp_path: Path) -> None:
     marker = tmp_path / "survived"
     pidfile = tmp_path / "shell.pid"
-    async with served_agent(tmp_path, "gone.sock") as (server, guest, agent):
+    async with served_agent(tmp_path, "gone.sock", protocol="v1") as (server, guest, agent):
         command = f"echo $$ > {pidfile}; (sleep 0.6; touch {marker}) & sleep 0.6; touch {marker}"
         with pytest.raises(vsock_async.CommandTimeout):
             await guest.run(command, timeout=0.3)
@@ -177,9 +187,14 @@ async def test_listen_mode_with_n_connections(tmp_path: Path) -> None:
             second.run("sleep 0.3; echo 2", timeout=LONG),
         )
         assert [r.stdout for r in results] == [b"1\n", b"2\n"]
-        third = await vsock_async.connect(f"unix:{path}", timeout=LONG)
+        # A third waits in the backlog (both slots taken): its protocol hello gets no answer.
+        with pytest.raises(vsock_async.ConnectTimeout, match="protocol hello"):
+            await vsock_async.connect(f"unix:{path}", timeout=0.2)
+        on_v1 = await vsock_async.connect(f"unix:{path}", timeout=LONG, protocol="v1")
         with pytest.raises(vsock_async.CommandTimeout):
-            await third.run("echo 3", timeout=0.2)  # waits in the backlog: both slots taken
+            await on_v1.run("echo 3", timeout=0.2)  # the same wait, on v1: no hello to answer
+        assert (first.protocol, second.protocol, on_v1.protocol) == ("v2", "v2", "v1")
+        await on_v1.aclose()
         await first.aclose()
         fourth = await vsock_async.connect(f"unix:{path}", timeout=LONG)
         assert (await fourth.run("echo 4", timeout=LONG)).stdout == b"4\n"
@@ -279,7 +294,11 @@ def test_a_listen_address_that_cannot_be_bound_exits_2(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_json_log_lines(tmp_path: Path) -> None:
-    async with served_agent(tmp_path, "json.sock", "--log-format", "json") as (_, guest, a):
+    async with served_agent(tmp_path, "json.sock", "--log-format", "json", protocol="v1") as (
+        _,
+        guest,
+        a,
+    ):
         await guest.run("exit 5", timeout=LONG)
         a.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(a.wait(), LONG) == 0
@@ -364,7 +383,7 @@ async def test_the_agent_stops_reading_while_a_command_runs(tmp_path: Path) -> N
 async def test_in_process_agent_counts_connections_and_answers(tmp_path: Path) -> None:
     path = short_socket_path(tmp_path, "inproc.sock")
     agent = GuestAgent(f"unix:{path}", connections=2)
-    async with vsock_async.listen(f"unix:{path}") as server, agent_task(agent):
+    async with vsock_async.listen(f"unix:{path}", protocol="v1") as server, agent_task(agent):
         guests = [await server.accept(timeout=LONG) for _ in range(2)]
         await eventually(lambda: agent.connections_open == 2, "both connections are open")
         for guest in guests:

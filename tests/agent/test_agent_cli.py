@@ -34,7 +34,7 @@ def agent_cli(*args: str, python: str = sys.executable) -> subprocess.CompletedP
 @pytest.mark.asyncio
 async def test_sizes_take_k_m_g_suffixes(tmp_path: Path) -> None:
     options = ("--max-output", "1K", "--max-command", "1k")
-    async with served_agent(tmp_path, "sizes.sock", *options) as (_, guest, _):
+    async with served_agent(tmp_path, "sizes.sock", *options, protocol="v1") as (_, guest, _):
         cut = await guest.run("yes | head -c 5000", timeout=LONG)
         assert cut.stdout == b"y\n" * 512
         assert b"stdout cut to its first 1024 bytes of 5000 (--max-output)" in cut.stderr
@@ -47,7 +47,7 @@ async def test_sizes_take_k_m_g_suffixes(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_the_sizes_of_the_issue_are_accepted(tmp_path: Path) -> None:
     options = ("--max-output", "10M", "--max-command", "2M")
-    async with served_agent(tmp_path, "issue.sock", *options) as (_, guest, _):
+    async with served_agent(tmp_path, "issue.sock", *options, protocol="v1") as (_, guest, _):
         result = await guest.run(f"head -c {10 * 1024 * 1024 + 1} /dev/zero", timeout=LONG)
         assert len(result.stdout) == 10 * 1024 * 1024
         assert b"of 10485761 (--max-output)" in result.stderr
@@ -76,7 +76,7 @@ def test_bad_values_are_refused_with_exit_2(
 @pytest.mark.asyncio
 async def test_no_command_timeout_and_no_output_grace(tmp_path: Path) -> None:
     options = ("--command-timeout", "none", "--output-grace", "0")
-    async with served_agent(tmp_path, "none.sock", *options) as (_, guest, _):
+    async with served_agent(tmp_path, "none.sock", *options, protocol="v1") as (_, guest, _):
         assert (await guest.run("sleep 0.2; echo slow", timeout=LONG)).stdout == b"slow\n"
         held = await guest.run("sleep 30 & echo started", timeout=LONG)
         assert held.stdout == b"started\n"
@@ -110,7 +110,7 @@ async def test_single_file_takes_timeouts_and_sizes(tmp_path: Path) -> None:
     path = short_socket_path(tmp_path, "single.sock")
     options = ("--command-timeout", "0.3", "--output-grace", "0.5", "--max-output", "1K")
     async with (
-        vsock_async.listen(f"unix:{path}") as server,
+        vsock_async.listen(f"unix:{path}", protocol="v1") as server,
         single_file_agent("--connect", f"unix:{path}", *options, tmp_path=tmp_path) as proc,
     ):
         guest = await server.accept(timeout=LONG)

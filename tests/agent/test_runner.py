@@ -12,6 +12,7 @@ import pytest
 import vsock_async
 from tests.agent_process import LONG, agent_process, alive, eventually, short_socket_path
 from vsock_async.agent.runner import run_command
+from vsock_async.host.negotiate import ProtocolChoice
 
 MiB = 1024 * 1024
 # Linux caps one argv string at 128 KiB (MAX_ARG_STRLEN, the NUL included).
@@ -50,11 +51,13 @@ async def test_a_long_script_keeps_shell_semantics() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_one_mib_command_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+async def test_a_one_mib_command_runs_end_to_end(tmp_path: Path, protocol: ProtocolChoice) -> None:
+    """Up to max_command on either protocol (v2 passes a long command line on stdin)."""
     path = short_socket_path(tmp_path, "long.sock")
     command = command_of(vsock_async.Limits().max_command)
     async with (
-        vsock_async.listen(f"unix:{path}") as server,
+        vsock_async.listen(f"unix:{path}", protocol=protocol) as server,
         agent_process("--connect", f"unix:{path}", tmp_path=tmp_path),
     ):
         guest = await server.accept(timeout=LONG)
@@ -79,7 +82,7 @@ async def test_large_outputs_round_trip_byte_for_byte(tmp_path: Path) -> None:
         )
 
     async with (
-        vsock_async.listen(f"unix:{path}") as server,
+        vsock_async.listen(f"unix:{path}", protocol="v1") as server,
         agent_process("--connect", f"unix:{path}", "--max-output", str(cap), tmp_path=tmp_path),
     ):
         guest = await server.accept(timeout=LONG)

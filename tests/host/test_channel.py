@@ -52,10 +52,14 @@ async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     limits = Limits(max_stdout=80 << 20, max_stderr=1 << 20)
     if request.param == "unix":
         path = str(tmp_path / "host.sock")
-        server = await vsock_async.listen(f"unix:{path}", limits=limits, default_timeout=10)
+        server = await vsock_async.listen(
+            f"unix:{path}", limits=limits, default_timeout=10, protocol="v1"
+        )
         address: str | tuple[str, int] = path
     else:
-        server = await vsock_async.listen("tcp://127.0.0.1:0", limits=limits, default_timeout=10)
+        server = await vsock_async.listen(
+            "tcp://127.0.0.1:0", limits=limits, default_timeout=10, protocol="v1"
+        )
         address = server.sockets[0].getsockname()[:2]
     try:
         yield Setup(server, address)
@@ -434,7 +438,10 @@ async def test_connect_to_listening_guest_over_unix(tmp_path: Path) -> None:
         await writer.drain()
 
     guest_server = await asyncio.start_unix_server(on_host, path)
-    async with guest_server, vsock_async.connect(f"unix:{path}", timeout=2) as channel:
+    async with (
+        guest_server,
+        vsock_async.connect(f"unix:{path}", timeout=2, protocol="v1") as channel,
+    ):
         assert (await channel.run("ping")).stdout == b"pong"
     assert seen == [b"ping"]
     with pytest.raises(vsock_async.ConnectFailed, match="cannot connect"):
@@ -691,7 +698,9 @@ async def test_a_command_longer_than_max_command_is_refused_before_sending(
 ) -> None:
     """Found: the host sent commands above Limits.max_command; the guest drops them."""
     path = str(tmp_path / "small.sock")
-    async with vsock_async.listen(f"unix:{path}", limits=Limits(max_command=100)) as server:
+    async with vsock_async.listen(
+        f"unix:{path}", limits=Limits(max_command=100), protocol="v1"
+    ) as server:
         guest = ScriptedGuest()
         await guest.connect(path)
         channel = await server.accept(timeout=5)

@@ -16,9 +16,9 @@ __all__ = ["stack"]
 
 
 def started(stack: Stack) -> tuple[Daemon, ControlClient]:
-    """serve and an agent holding one connection, probed."""
+    """serve and an agent holding one v2 connection that runs one process at a time, probed."""
     daemon = stack.daemon("--probe-interval", "none")
-    stack.agent(daemon.guest_address)
+    stack.agent(daemon.guest_address, "--max-streams", "1")
     client = daemon.client()
     wait_for_guest(client, "vm1")
     return daemon, client
@@ -95,7 +95,7 @@ def test_an_abandoned_wait_poll_ends(stack: Stack) -> None:
 def test_the_drain_does_not_wait_for_a_run_nobody_wants(stack: Stack) -> None:
     daemon, client = started(stack)
     with raw_request(daemon, "POST", "/v1/guests/vm1/run", {"command": "sleep 30"}):
-        eventually(lambda: client.guest("vm1")["busy"], "the command running")
+        eventually(lambda: client.guest("vm1")["running"], "the command running")
     eventually(lambda: free(client), "the run cancelled")
     daemon.send()
     assert daemon.proc.wait(LONG) == 0

@@ -67,7 +67,8 @@ def api() -> Iterator[Api]:
         stack = Stack(directory)
         try:
             daemon = stack.daemon("--max-command", "4K", "--probe-interval", "none")
-            stack.agent(daemon.guest_address, "--connections", "2")
+            # One process at a time per connection: "busy" and 409 as on v1.
+            stack.agent(daemon.guest_address, "--connections", "2", "--max-streams", "1")
             client = daemon.client()
             wait_for_guest(client, "vm1")
             result = Api(daemon, client, directory)
@@ -102,6 +103,7 @@ def test_list_and_get_guests(api: Api) -> None:
     assert listed["connections"] == 2
     assert listed["busy_connections"] == 0
     assert listed["busy"] is False
+    assert (listed["protocol"], listed["running"]) == ("v2", 0)
     assert listed["listener"] == api.daemon.guest_address
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", listed["connected_at"])
     assert listed["last_probe"] is not None
@@ -220,7 +222,7 @@ def test_raw_that_is_not_a_boolean_is_400(api: Api) -> None:
 
 
 def test_output_cut_by_the_agent_is_flagged_in_both_forms(stack: Stack) -> None:
-    daemon = stack.daemon("--probe-interval", "none")
+    daemon = stack.daemon("--probe-interval", "none", "--protocol", "v1")
     stack.agent(daemon.guest_address, "--max-output", "1000")
     client = daemon.client()
     wait_for_guest(client, "vm1")
@@ -238,6 +240,19 @@ def test_output_cut_by_the_agent_is_flagged_in_both_forms(stack: Stack) -> None:
     assert outcome.exit_signal is None
     result = json.loads(client.request("POST", "/v1/guests/vm1/run", {"command": "true"}).body)
     assert (result["stdout_truncated"], result["stderr_truncated"]) == (False, False)
+
+
+def test_output_cut_on_v2_and_the_exit_signal_are_reported(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none", "--max-stdout", "1000")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    assert wait_for_guest(client, "vm1")["protocol"] == "v2"
+    result = json.loads(
+        client.request("POST", "/v1/guests/vm1/run", {"command": "head -c 5000 /dev/zero"}).body
+    )
+    assert len(base64.b64decode(result["stdout"])) == 1000 and result["stdout_truncated"]
+    killed = client.run("vm1", "kill -TERM $$")
+    assert (killed.exit_code, killed.exit_signal) == (143, 15)
 
 
 def test_timeout_is_504_with_the_partial_facts(api: Api) -> None:

@@ -27,6 +27,7 @@ from tests.daemon_process import (
 from vsock_async.cli import main
 from vsock_async.errors import ConnectFailed
 from vsock_async.protocol import CommandDecoder, encode_result
+from vsock_async.protocol.v2 import HELLO_PREFIX
 from vsock_async.serve.control_client import ControlClient, ControlError
 
 __all__ = ["stack"]
@@ -184,13 +185,20 @@ def test_unix_control_with_a_token_file_requires_it_too(stack: Stack) -> None:
 
 
 def answer_probe_wrongly(path: str, done: threading.Event) -> None:
-    """A guest that answers the probe ``:`` with exit code 1, then waits to be dropped."""
+    """A v1 guest that runs the protocol hello as a shell would (exit 0), answers the probe
+    ``:`` with exit code 1, then waits to be dropped."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(path)
         decoder = CommandDecoder()
-        while (event := decoder.next_event()) is None:
-            decoder.receive_data(sock.recv(4096))
-        assert getattr(event, "command", None) == b":"
+        while True:
+            while (event := decoder.next_event()) is None:
+                decoder.receive_data(sock.recv(4096))
+            command = getattr(event, "command", None)
+            if command is not None and command.startswith(HELLO_PREFIX):
+                sock.sendall(encode_result(b"", b"", 0))
+                continue
+            break
+        assert command == b":"
         sock.sendall(encode_result(b"", b"", 1))
         sock.settimeout(LONG)
         if sock.recv(1) == b"":
@@ -369,7 +377,8 @@ def start_exec(daemon: Daemon, command: str) -> subprocess.Popen[bytes]:
 
 
 def busy(client: ControlClient) -> bool:
-    return bool(client.guest("vm1")["busy_connections"])
+    """True while guest vm1 runs something (on v1 a busy connection, on v2 a stream)."""
+    return bool(client.guest("vm1")["running"])
 
 
 def refused(client: ControlClient) -> bool:

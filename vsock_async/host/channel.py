@@ -1,14 +1,21 @@
-"""``GuestChannel``: run commands and probes on one guest connection, with deadlines."""
+"""``GuestChannel``: run commands, probes and processes on one guest connection, with deadlines.
+
+A channel speaks whatever its connection agreed on (:attr:`GuestChannel.protocol`):
+on v1 calls take turns and a deadline on the wire closes the channel; on v2 each
+``run()`` and process has a stream of its own, so they proceed at once and a
+deadline or cancel stops only its own process.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import (
     ClosedLocally,
@@ -16,12 +23,16 @@ from ..errors import (
     CommandTimeout,
     FrameTooLarge,
     ProbeFailed,
+    Unsupported,
     VsockAsyncError,
 )
 from ..protocol import PROBE_COMMAND, Limits
+from ..protocol.v2 import HelloAnswer
 from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from .commandline import CommandLike, compose_command
+from .process import DEFAULT_LIMIT, DEVNULL, PIPE, Process, ProgramLike, run_command, start_process
+from .session import SessionConnection
 from .transport import GuestConnection
 
 __all__ = ["GuestChannel"]
@@ -42,23 +53,32 @@ class _DeadlinePassed(Exception):
 
 
 class GuestChannel:
-    """One connection to a guest agent. Calls run one at a time, in the order they were made.
+    """One connection to a guest agent, on protocol v1 or v2 (:attr:`protocol`).
 
-    A call whose deadline fires (or that is cancelled) while its command is
-    on the wire closes the channel: the stream is out of step and the late
-    result must never be read as the answer to the next command. A call that
-    gives up while still queued leaves the channel as it was.
+    On v1, calls run one at a time, in the order they were made. A call whose
+    deadline fires (or that is cancelled) while its command is on the wire
+    closes the channel: the stream is out of step and the late result must
+    never be read as the answer to the next command. A call that gives up
+    while still queued leaves the channel as it was.
+
+    On v2, every call has a stream of its own: up to the agent's
+    ``max_streams`` run at once (more wait for a free stream, first come first
+    served), and a deadline or cancel stops only that call's process; the
+    channel stays open. :meth:`create_process` needs v2.
     """
 
     def __init__(
         self,
-        connection: GuestConnection,
+        connection: GuestConnection | SessionConnection,
         *,
         default_timeout: float | None = DEFAULT_TIMEOUT,
         key: Any = None,
         listener: str | None = None,
     ) -> None:
         self._conn = connection
+        # Exactly one of the two is set: the protocol the connection agreed on.
+        self._v1 = connection if isinstance(connection, GuestConnection) else None
+        self._v2 = connection if isinstance(connection, SessionConnection) else None
         self._default_timeout = check_timeout(default_timeout, "default_timeout")
         self.id: int = next(_ids)
         """Unique id of this connection within the process."""
@@ -79,9 +99,27 @@ class GuestChannel:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "busy" if self.busy else "idle"
-        return f"<GuestChannel id={self.id} key={self.key!r} peer={self.peer!r} {state}>"
+        return (
+            f"<GuestChannel id={self.id} key={self.key!r} peer={self.peer!r}"
+            f" {self.protocol} {state}>"
+        )
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def protocol(self) -> Literal["v1", "v2"]:
+        """The protocol agreed on this connection: ``"v2"`` after a hello, else ``"v1"``."""
+        return "v1" if self._v2 is None else "v2"
+
+    @property
+    def agent(self) -> HelloAnswer | None:
+        """What the guest's agent announced in its hello (limits, capabilities), or None on v1."""
+        return None if self._v2 is None else self._v2.agent
+
+    @property
+    def concurrency(self) -> int:
+        """Calls the channel runs at once: 1 on v1, the agent's ``max_streams`` on v2."""
+        return 1 if self._v2 is None else self._v2.agent.limits.max_streams
 
     @property
     def closed(self) -> bool:
@@ -90,12 +128,18 @@ class GuestChannel:
 
     @property
     def busy(self) -> bool:
-        """True while an exchange is on the wire."""
+        """True when a new call would wait: an exchange is on the wire (v1), or every
+        stream the agent allows is taken (v2)."""
         return self._conn.busy
 
     @property
+    def running(self) -> int:
+        """Calls and processes in progress: 0 or 1 on v1, the open streams on v2."""
+        return int(self._conn.busy) if self._v2 is None else self._v2.streams
+
+    @property
     def queued(self) -> int:
-        """Calls waiting for the one in flight."""
+        """Calls waiting to start: behind the one in flight (v1), or for a free stream (v2)."""
         return self._conn.queued
 
     @property
@@ -119,7 +163,7 @@ class GuestChannel:
         return self._conn.bytes_received
 
     @property
-    def connection(self) -> GuestConnection:
+    def connection(self) -> GuestConnection | SessionConnection:
         """The underlying protocol object. Internal: use the channel's own methods instead."""
         return self._conn
 
@@ -151,25 +195,38 @@ class GuestChannel:
         ``command`` is a shell command line (``str`` or ``bytes``) or a list of
         arguments (quoted with ``shlex.join``). ``timeout`` covers the whole
         call, queueing included; ``None`` waits forever. Raises
-        :class:`CommandTimeout` when it fires, :class:`CommandFailed` for a
-        non-zero exit with ``check=True``, :class:`UsageError` (nothing sent)
-        for a command line longer than ``limits.max_command``,
+        :class:`CommandTimeout` when it fires (on v1 with the command on the
+        wire it closes the channel; on v2 it stops the process only),
+        :class:`CommandFailed` for a non-zero exit with ``check=True``,
+        :class:`UsageError` (nothing sent) for a command line longer than
+        ``limits.max_command`` (or, on v2, the agent's ``max_argv_bytes``),
         :class:`ConnectionLost` or :class:`ProtocolError` when the guest fails,
         :class:`ClosedLocally` when this side closed the channel.
         """
         line = compose_command(command, cwd=cwd, env=env)
-        result = await self._exchange(line, timeout, probe=False)
+        if self._v2 is not None:
+            self._conn.limits.check_command(line)
+            result = await run_command(self._v2, line, self._resolve(timeout), self.id)
+        else:
+            result = await self._exchange(line, timeout, probe=False)
         if check and result.exit_code != 0:
             raise CommandFailed(line, result)
         return result
 
     async def probe(self, *, timeout: Timeout = DEFAULT) -> None:
-        """Check the guest is ready: ``:`` must come back as exit 0 with empty output.
+        """Check the guest is ready: on v1 ``:`` must come back as exit 0 with empty
+        output; on v2 the agent must answer a PING.
 
-        A wrong answer raises :class:`ProbeFailed` and closes the channel. The answer may
-        hold no output, so none is buffered: the length prefix of any output already fails
-        it, and then :attr:`ProbeFailed.result` is None (no whole answer was read).
+        A wrong v1 answer raises :class:`ProbeFailed` and closes the channel. The
+        answer may hold no output, so none is buffered: the length prefix of any
+        output already fails it, and then :attr:`ProbeFailed.result` is None (no
+        whole answer was read). A v2 PING that times out raises
+        :class:`CommandTimeout` and leaves the channel open.
         """
+        if self._v2 is not None:
+            await self._ping(self._v2, self._resolve(timeout))
+            self.last_probe = time.time()
+            return
         try:
             result = await self._exchange(PROBE_COMMAND, timeout, probe=True)
         except FrameTooLarge as exc:
@@ -181,17 +238,95 @@ class GuestChannel:
             raise ProbeFailed(message, result)
         self.last_probe = time.time()
 
-    async def _exchange(self, line: bytes, timeout: Timeout, probe: bool) -> CommandResult:
+    async def create_process(
+        self,
+        program: ProgramLike,
+        *,
+        stdin: int = DEVNULL,
+        stdout: int = PIPE,
+        stderr: int | None = None,
+        env: Mapping[str | bytes, str | bytes] | None = None,
+        cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+        user: str | int | None = None,
+        pty: tuple[int, int] | None = None,
+        timeout: float | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> Process:
+        """Start ``program`` in the guest on a stream of its own; return once it runs.
+
+        Shaped like ``asyncio.create_subprocess_exec``: ``program`` is a list of
+        arguments (executed directly, no shell) or a ``str``/``bytes`` command
+        line (run by ``/bin/sh -c``). ``stdin`` is ``PIPE`` or ``DEVNULL``
+        (default); ``stdout`` ``PIPE`` (default) or ``DEVNULL``; ``stderr``
+        ``PIPE`` (the default), ``STDOUT`` (merged) or ``DEVNULL``. ``env``
+        adds to the agent's environment, ``cwd`` and ``user`` (name or uid; a
+        root agent only) are set for the process alone. ``pty=(rows, cols)``
+        gives it a terminal (stderr merged into stdout). ``timeout`` is the
+        process's own life limit: the agent sends ``SIGTERM`` to its group, then
+        ``SIGKILL`` (:attr:`Process.timed_out`). ``limit`` is the unread output
+        held per stream (the credit granted the agent).
+
+        Raises :class:`Unsupported` on a v1 connection or when the agent did not
+        announce what is asked (``pty``, ``user``), :class:`SpawnFailed` when the
+        guest cannot start it, :class:`UsageError` for bad arguments.
+        """
+        if self._v2 is None:
+            raise Unsupported(
+                f"channel {self.id} speaks protocol v1, which runs one buffered command at a"
+                " time: processes (streaming output, stdin, signals, terminals) need v2."
+                " Upgrade the guest's agent, or use run()"
+            )
+        return await start_process(
+            self._v2,
+            program,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=cwd,
+            user=user,
+            pty=pty,
+            timeout=timeout,
+            limit=limit,
+        )
+
+    def _resolve(self, timeout: Timeout) -> float | None:
+        """``timeout`` as seconds or None: the channel's default for ``DEFAULT``, else checked."""
         if timeout is DEFAULT:
-            timeout = self._default_timeout
-        elif timeout is not self._valid_timeout:  # numbers are immutable: valid once, always
+            return self._default_timeout
+        if timeout is not self._valid_timeout:  # numbers are immutable: valid once, always
             check_timeout(timeout)
             self._valid_timeout = timeout
+        return timeout
+
+    async def _ping(self, session: SessionConnection, timeout: float | None) -> None:
+        if timeout is not None and timeout <= 0:
+            pinged = False
+        else:
+            try:
+                # A PING leaves the stream in step, so asyncio.timeout's cancel is harmless.
+                async with asyncio.timeout(timeout):
+                    await session.ping()
+                return
+            except TimeoutError:
+                pinged = True
+        outcome = "got no PONG" if pinged else "was given no time"
+        raise CommandTimeout(
+            f"probe (PING) on channel {self.id} {outcome} within {timeout:.3g} s;"
+            " the channel stays open",
+            CommandResult(b"", b"", None, timed_out=True),
+            sent=pinged,
+        )
+
+    async def _exchange(self, line: bytes, timeout: Timeout, probe: bool) -> CommandResult:
+        conn = self._v1
+        assert conn is not None
+        timeout = self._resolve(timeout)
         if timeout is not None and timeout <= 0:  # no time to send it: never put it on the wire
-            self._conn.check_command(line)
+            conn.check_command(line)
             result = CommandResult(b"", b"", None, timed_out=True)
-            raise CommandTimeout(self._timeout_message(line, timeout, False), result)
-        future = self._conn.exchange(line, probe)
+            raise CommandTimeout(self._timeout_message(line, timeout, False), result, sent=False)
+        future = conn.exchange(line, probe)
         # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
         # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
         # 3.11 it swallows a cancel that lands as the result arrives.
@@ -201,7 +336,7 @@ class GuestChannel:
             return await future
         except _DeadlinePassed as passed:
             message = self._timeout_message(line, timeout, passed.was_sent)
-            raise CommandTimeout(message, passed.result) from None
+            raise CommandTimeout(message, passed.result, sent=passed.was_sent) from None
         except asyncio.CancelledError:
             self._abandon(future, "the exchange was cancelled")
             raise
@@ -235,7 +370,8 @@ class GuestChannel:
             return
         now = loop.time()
         passed = sorted((d, i, f) for i, (f, d) in enumerate(deadlines.items()) if d <= now)
-        conn = self._conn
+        conn = self._v1
+        assert conn is not None
         for _, _, future in passed:
             if not future.done():  # a result that came first wins
                 # Settled now, not when the caller wakes: a result arriving in between must
@@ -250,7 +386,7 @@ class GuestChannel:
             self._timer_at = min(left)
             self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
 
-    def _stop_timer(self, _: GuestConnection) -> None:
+    def _stop_timer(self, _: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -259,7 +395,8 @@ class GuestChannel:
     def _abandon(self, future: asyncio.Future[CommandResult], why: str) -> None:
         """Give up on ``future``: close the channel if its command is on the wire (the stream
         is out of step), else drop it from the queue unsent."""
-        conn = self._conn
+        conn = self._v1
+        assert conn is not None
         if conn.in_flight(future):
             reason = f"channel {self.id} closed because {why}; its stream is out of step"
             conn.abort(ClosedLocally(reason))

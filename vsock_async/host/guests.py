@@ -3,10 +3,12 @@
 A guest is known by a key: its CID on AF_VSOCK, a listener's label otherwise.
 It may hold several connections (an agent started with ``--connections N``);
 :meth:`Guest.run` takes any free one, so N calls run at once, and further
-calls wait in FIFO order for the next connection to come free. A call never
-moves to another connection once its command is sent: when a connection
-drops, the calls on it fail with :class:`ConnectionClosed` and are never
-replayed.
+calls wait in FIFO order for the next connection to come free. A v2
+connection counts as free until it carries as many calls as the agent runs
+at once (its ``max_streams``); a v1 one carries one call at a time. A call
+never moves to another connection once its command is sent: when a
+connection drops, the calls on it fail with :class:`ConnectionClosed` and are
+never replayed.
 
 Connecting, disconnecting and each call cost the same however many
 connections a guest holds: the open connections and the free ones are kept
@@ -17,17 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, VsockAsyncError
+from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, Unsupported, VsockAsyncError
 from ..protocol import PROBE_COMMAND
 from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
+from .process import DEFAULT_LIMIT, DEVNULL, PIPE, Process, ProgramLike
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
 
@@ -82,6 +86,7 @@ class Guest:
         "_default_timeout",
         "_idle",
         "_last_probe",
+        "_leases",
         "_waiters",
         "key",
     )
@@ -93,7 +98,9 @@ class Guest:
         self._channels: OrderedDict[int, GuestChannel] = OrderedDict()
         """Every connection of the guest, oldest first."""
         self._idle: OrderedDict[int, GuestChannel] = OrderedDict()
-        """Connections no call through this handle holds, most recently released first."""
+        """Connections with room for a call through this handle, most recently released first."""
+        self._leases: dict[int, int] = {}
+        """Calls through this handle that each connection carries now (absent: none)."""
         self._waiters: deque[asyncio.Future[GuestChannel]] = deque()
         self._last_probe: float | None = None
 
@@ -190,6 +197,59 @@ class Guest:
             self._release(channel)
         self._last_probe = channel.last_probe
 
+    async def create_process(
+        self,
+        program: ProgramLike,
+        *,
+        stdin: int = DEVNULL,
+        stdout: int = PIPE,
+        stderr: int | None = None,
+        env: Mapping[str | bytes, str | bytes] | None = None,
+        cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+        user: str | int | None = None,
+        pty: tuple[int, int] | None = None,
+        timeout: float | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> Process:
+        """Start ``program`` on one of the guest's v2 connections; see
+        :meth:`GuestChannel.create_process` for the arguments.
+
+        It takes a connection with a free stream (the least loaded one if none
+        has), and holds that stream until the process ends. Raises
+        :class:`Unsupported` if the guest speaks only v1, :class:`ConnectionClosed`
+        if it has no open connection.
+        """
+        channel = self._process_channel()
+        return await channel.create_process(
+            program,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=cwd,
+            user=user,
+            pty=pty,
+            timeout=timeout,
+            limit=limit,
+        )
+
+    def _process_channel(self) -> GuestChannel:
+        """A v2 connection for a new process: a free one, else the one with the fewest waiting."""
+        if not self._channels:
+            raise self._no_connection()
+        free = self._free_channel()
+        if free is not None and free.protocol == "v2":
+            return free
+        v2 = [c for c in self._channels.values() if c.protocol == "v2" and not c.closed]
+        if not v2:
+            raise Unsupported(
+                f"guest {self.key!r} speaks only protocol v1 on its {len(self._channels)}"
+                " connection(s), which run one buffered command at a time: processes"
+                " (streaming output, stdin, signals, terminals) need v2. Upgrade the guest's"
+                " agent, or use run()"
+            )
+        return min(v2, key=lambda c: (c.busy, c.queued))
+
     async def aclose(self) -> None:
         """Close all its connections; their calls, and calls waiting here, get ConnectionClosed."""
         channels = self.channels
@@ -202,10 +262,9 @@ class Guest:
     # -- connection bookkeeping (called by the server) -------------------------------------
 
     def add_channel(self, channel: GuestChannel) -> None:
-        """Serve calls on ``channel`` from now on; hand it to the longest waiting call."""
+        """Serve calls on ``channel`` from now on; hand it to the longest waiting calls."""
         self._channels[channel.id] = channel
-        if not self._hand_over(channel):
-            self._idle[channel.id] = channel
+        self._release(channel, leased=False)
 
     def remove_channel(self, channel: GuestChannel) -> bool:
         """Forget a closed ``channel``; True if that was its last connection.
@@ -214,6 +273,7 @@ class Guest:
         """
         self._channels.pop(channel.id, None)
         self._idle.pop(channel.id, None)
+        self._leases.pop(channel.id, None)
         if self._channels:
             return False
         self._fail_waiters()
@@ -264,7 +324,11 @@ class Guest:
         return ConnectionClosed(f"guest {self.key!r} has no open connection")
 
     def _take(self, channel: GuestChannel) -> GuestChannel:
-        del self._idle[channel.id]
+        """Count one more call on ``channel``; it leaves the idle set once it has no room."""
+        leases = self._leases.get(channel.id, 0) + 1
+        self._leases[channel.id] = leases
+        if leases >= channel.concurrency:
+            self._idle.pop(channel.id, None)
         return channel
 
     async def _lease(
@@ -318,6 +382,7 @@ class Guest:
             f"command {_shown(line)} timed out after {timeout:.3g} s waiting for a free"
             f" connection of guest {self.key!r}; it was never sent",
             CommandResult(b"", b"", None, timed_out=True),
+            sent=False,
         )
 
     def _timed_out(
@@ -326,30 +391,35 @@ class Guest:
         """The channel's timeout told with the caller's ``timeout``: the channel had only
         what was left of it after waiting for a connection."""
         where = f"connection {channel.id} of guest {self.key!r}"
-        if channel.closed:  # the deadline fired with the command on the wire
+        if not exc.sent:
+            behind = "a free stream" if channel.protocol == "v2" else "a call made on it itself"
+            outcome = f"it was never sent (it waited on {where} for {behind})"
+        elif channel.protocol == "v2":
+            outcome = f"its process was stopped; {where} stays open"
+        else:  # the deadline fired with the command on the wire
             outcome = f"{where} closed"
-        else:
-            outcome = f"it was never sent (queued behind a call made on {where} itself)"
         return CommandTimeout(
-            f"command {_shown(line)} timed out after {timeout:.3g} s; {outcome}", exc.result
+            f"command {_shown(line)} timed out after {timeout:.3g} s; {outcome}",
+            exc.result,
+            sent=exc.sent,
         )
 
-    def _release(self, channel: GuestChannel) -> None:
-        """A call is done with ``channel``: hand it to the next waiting call, or mark it free."""
+    def _release(self, channel: GuestChannel, *, leased: bool = True) -> None:
+        """A call is done with ``channel`` (``leased``), or it is new: hand its room to the
+        waiting calls, longest waiting first, and keep it idle while room is left."""
+        if leased:
+            leases = self._leases.pop(channel.id, 1) - 1
+            if leases:
+                self._leases[channel.id] = leases
         if channel.id not in self._channels or channel.closed:
             return
-        if not self._hand_over(channel):
-            self._idle[channel.id] = channel
-            self._idle.move_to_end(channel.id, last=False)
-
-    def _hand_over(self, channel: GuestChannel) -> bool:
-        """Give ``channel`` to the longest waiting call; False if no call waits."""
-        while self._waiters:
+        while self._waiters and self._leases.get(channel.id, 0) < channel.concurrency:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(channel)
-                return True
-        return False
+                waiter.set_result(self._take(channel))
+        if self._leases.get(channel.id, 0) < channel.concurrency and channel.id not in self._idle:
+            self._idle[channel.id] = channel
+            self._idle.move_to_end(channel.id, last=False)
 
     def _fail_waiters(self) -> None:
         while self._waiters:

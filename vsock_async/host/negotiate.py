@@ -201,6 +201,7 @@ class _Negotiator(asyncio.BufferedProtocol):
                 f"the connection was lost during the protocol hello{reason}"
             )
             self.result.set_exception(error)
+            self.result.exception()  # a server, or a cancelled connect(), never awaits it
         self._conn.connection_lost(exc)  # the v1 protocol object owns the connection's end
 
     # -- the outcome ---------------------------------------------------------------------
@@ -260,5 +261,5 @@ class _Negotiator(asyncio.BufferedProtocol):
             self._timer.cancel()
         if not self.result.done():
             self.result.set_exception(error)
-            self.result.exception()  # a server never awaits it: mark it seen
+            self.result.exception()  # a server, or a cancelled connect(), never awaits it
         self._conn.abort(error)

@@ -64,6 +64,11 @@ _MAX_WINDOW: Final = 2**31 - 1
 _MAX_TERMINAL: Final = 0xFFFF
 _MAX_SIGNAL: Final = 64
 
+_INLINE_COMMAND: Final = 64 * 1024
+"""run() sends a longer command line on stdin, to a shell that reads it whole, then runs it."""
+_COMMAND_FROM_STDIN: Final = 'eval "$(cat)" </dev/null'
+"""The whole script is read before the redirection applies: the script's stdin is /dev/null."""
+
 ProgramLike = str | bytes | Sequence[str | bytes | os.PathLike[str] | os.PathLike[bytes]]
 
 
@@ -754,10 +759,15 @@ async def run_command(
         raise CommandTimeout(
             f"command {shown!r} was given no time and was never sent",
             CommandResult(b"", b"", None, timed_out=True),
+            sent=False,
         )
+    # An EXEC must fit in one frame: a long command line goes to the shell on stdin instead.
+    inline = len(line) <= _INLINE_COMMAND
+    if not inline and b"\0" in line:
+        raise UsageError("a command holds a NUL byte, which no shell can receive")
     process = Process(
         connection,
-        stdin=False,
+        stdin=not inline,
         stdout=PIPE,
         stderr=PIPE,
         pty=False,
@@ -765,14 +775,17 @@ async def run_command(
         capture=(limits.max_stdout, limits.max_stderr),
     )
     request: dict[str, Any] = {
-        "command": _wire_string(line, "command"),
-        "stdin": False,
+        "command": _wire_string(line, "command") if inline else _COMMAND_FROM_STDIN,
+        "stdin": not inline,
         "stderr": "pipe",
         "window": DEFAULT_LIMIT,
     }
     try:
         async with asyncio.timeout(timeout):
             await connection.open(process, request)
+            if process.stdin is not None:
+                process.stdin.write(line)
+                process.stdin.write_eof()
             await process.wait()
     except TimeoutError:
         sent = process.stream != 0
@@ -785,6 +798,7 @@ async def run_command(
         raise CommandTimeout(
             f"command {shown!r} timed out after {timeout:.3g} s; {where}",
             process._result(timed_out=True),
+            sent=sent,
         ) from None
     except asyncio.CancelledError:
         process._give_up()

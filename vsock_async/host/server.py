@@ -29,12 +29,14 @@ from ..addresses import (
     VsockAddress,
     parse_address,
 )
-from ..errors import AcceptTimeout, ClosedLocally, UnknownGuest, UsageError
+from ..errors import AcceptTimeout, ClosedLocally, ConnectTimeout, UnknownGuest, UsageError
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .channel import GuestChannel
 from .guests import Guest, GuestEvent, guest_key
+from .negotiate import DEFAULT_NEGOTIATE_TIMEOUT, ProtocolChoice, check_protocol, negotiate
 from .opening import Opening, running_loop
+from .session import SessionConnection
 from .transport import GuestConnection
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS_PER_GUEST", "CommandServer", "GuestCallback", "listen"]
@@ -114,7 +116,16 @@ class CommandServer:
     guest's older ones (a rebooted or snapshot-restored VM whose old
     connections the host has not noticed dying yet). Otherwise a guest key
     holds at most ``max_connections_per_guest`` connections (``None``: no
-    cap); one more is closed at once, with a warning in the log.
+    cap), counting those still in their protocol hello; one more is closed at
+    once, with a warning in the log.
+
+    ``protocol`` says what every new connection speaks: ``"auto"`` (the
+    default) sends the v2 hello first and uses v2 if the agent answers it, v1
+    otherwise; ``"v2"`` refuses (closes, with a log line) a guest that answers
+    as v1; ``"v1"`` never sends the hello. A connection is handed out (to
+    :meth:`accept`, its :class:`Guest`, subscribers) only once the hello is
+    over; a guest that does not answer it within ``negotiate_timeout`` seconds
+    is closed with a log line.
     """
 
     def __init__(
@@ -124,13 +135,20 @@ class CommandServer:
         default_timeout: float | None = DEFAULT_TIMEOUT,
         replace_older: bool = False,
         max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
+        protocol: ProtocolChoice = "auto",
+        negotiate_timeout: float | None = DEFAULT_NEGOTIATE_TIMEOUT,
     ) -> None:
         self.limits = limits or Limits()
         self.default_timeout = check_timeout(default_timeout, "default_timeout")
         self.replace_older = replace_older
         self.max_connections_per_guest = _check_cap(max_connections_per_guest)
+        self.protocol = check_protocol(protocol)
+        self.negotiate_timeout = check_timeout(negotiate_timeout, "negotiate_timeout")
         self._listeners: list[_Listener] = []
         self._channels: dict[int, GuestChannel] = {}
+        # Connections still in their protocol hello, and how many each guest key has.
+        self._negotiating: set[GuestConnection] = set()
+        self._negotiating_per_key: dict[Hashable, int] = {}
         self._pending: OrderedDict[int, GuestChannel] = OrderedDict()
         self._accept_waiters: deque[asyncio.Future[None]] = deque()
         self._guests: dict[Hashable, Guest] = {}
@@ -330,23 +348,65 @@ class CommandServer:
         key = _key_for(listener, peer)
         cap = self.max_connections_per_guest
         guest = self._guests.get(key)
-        if (
-            cap is not None
-            and not self.replace_older
-            and guest is not None
-            and guest.connection_count >= cap
-        ):
+        held = (guest.connection_count if guest is not None else 0) + self._negotiating_per_key.get(
+            key, 0
+        )
+        if cap is not None and not self.replace_older and held >= cap:
             logger.warning(
                 "refused a connection of guest %r%s on %s: it holds %d connections already"
                 " (max_connections_per_guest=%d)",
                 key,
                 listener.describe_peer(peer),
                 listener.address,
-                guest.connection_count,
+                held,
                 cap,
             )
             conn.abort(ClosedLocally(f"guest {key!r} holds {cap} connections already"))
             return
+        if self.protocol == "v1":
+            self._admit(listener, key, conn)
+            return
+        self._negotiating.add(conn)
+        self._negotiating_per_key[key] = self._negotiating_per_key.get(key, 0) + 1
+        hello = negotiate(conn, require_v2=self.protocol == "v2", timeout=self.negotiate_timeout)
+        hello.add_done_callback(lambda done: self._negotiated(listener, key, conn, done))
+
+    def _negotiated(
+        self,
+        listener: _Listener,
+        key: Hashable,
+        conn: GuestConnection,
+        hello: asyncio.Future[GuestConnection | SessionConnection],
+    ) -> None:
+        """The hello of ``conn`` is over: admit the connection it gave, or drop it."""
+        self._negotiating.discard(conn)
+        left = self._negotiating_per_key[key] - 1
+        if left:
+            self._negotiating_per_key[key] = left
+        else:
+            del self._negotiating_per_key[key]
+        error = hello.exception()  # never cancelled: nobody else holds it
+        if error is not None:
+            # A timeout was logged as it fired; our own closing needs no line.
+            if not isinstance(error, ClosedLocally | ConnectTimeout):
+                logger.warning(
+                    "closed a connection of guest %r%s on %s during the protocol hello: %s",
+                    key,
+                    listener.describe_peer(conn.peer),
+                    listener.address,
+                    error,
+                )
+            return
+        agreed = hello.result()
+        if self._closing:
+            agreed.abort(ClosedLocally("the server is closing"))
+            return
+        self._admit(listener, key, agreed)
+
+    def _admit(
+        self, listener: _Listener, key: Hashable, conn: GuestConnection | SessionConnection
+    ) -> None:
+        """Hand a ready connection out: a channel, registered with its guest and announced."""
         channel = GuestChannel(
             conn,
             default_timeout=self.default_timeout,
@@ -357,10 +417,11 @@ class CommandServer:
         self._pending[channel.id] = channel
         channel.add_close_callback(self._channel_gone)
         logger.info(
-            "guest %r connected: channel %s%s on %s",
+            "guest %r connected: channel %s (protocol %s)%s on %s",
             channel.key,
             channel.id,
-            listener.describe_peer(peer),
+            channel.protocol,
+            listener.describe_peer(channel.peer),
             listener.address,
         )
         guest = self._register(channel)
@@ -444,6 +505,8 @@ class CommandServer:
         if not self._closing:
             self._closing = True
             self._stop_everything()
+        for conn in list(self._negotiating):
+            await conn.wait_closed()
         for channel in list(self._channels.values()):
             await channel.wait_closed()
         # The disconnects just caused run their callbacks to the end: every one gets reported.
@@ -471,6 +534,8 @@ class CommandServer:
                     guest_waiter.set_exception(ClosedLocally("the server is closing"))
         for task in self._tasks:
             task.cancel()
+        for conn in list(self._negotiating):
+            conn.abort(ClosedLocally("the server is closing"))
         for channel in list(self._channels.values()):
             channel.abort("the server is closing")
 
@@ -516,12 +581,16 @@ async def _listen(
     unix_options: UnixSocketOptions | None,
     replace_older: bool,
     max_connections_per_guest: int | None,
+    protocol: ProtocolChoice,
+    negotiate_timeout: float | None,
 ) -> CommandServer:
     server = CommandServer(
         limits=limits,
         default_timeout=default_timeout,
         replace_older=replace_older,
         max_connections_per_guest=max_connections_per_guest,
+        protocol=protocol,
+        negotiate_timeout=negotiate_timeout,
     )
     await server.add_listener(
         address, label=label, allowed_cids=allowed_cids, unix_options=unix_options
@@ -539,6 +608,8 @@ def listen(
     unix_options: UnixSocketOptions | None = None,
     replace_older: bool = False,
     max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
+    protocol: ProtocolChoice = "auto",
+    negotiate_timeout: float | None = DEFAULT_NEGOTIATE_TIMEOUT,
 ) -> Opening[CommandServer]:
     """Listen for guest agents on ``address`` (default ``vsock://any:1024``).
 
@@ -549,7 +620,9 @@ def listen(
     is the peer's CID. ``replace_older`` closes a guest's older connections
     when a new one arrives; otherwise a guest key holds at most
     ``max_connections_per_guest`` connections (``None``: no cap) and one more
-    is closed at once with a log line. More addresses can be added with
+    is closed at once with a log line. ``protocol`` (``"auto"``, ``"v1"`` or
+    ``"v2"``) and ``negotiate_timeout`` say what new connections speak; see
+    :class:`CommandServer`. More addresses can be added with
     :meth:`CommandServer.add_listener`. Await it, or use it with ``async with``.
     """
     return Opening(
@@ -562,5 +635,7 @@ def listen(
             unix_options,
             replace_older,
             max_connections_per_guest,
+            protocol,
+            negotiate_timeout,
         )
     )

@@ -370,8 +370,11 @@ class SessionConnection(asyncio.BufferedProtocol):
             return
         data = self._session.data_to_send()
         if data and self._error is None:
-            self.bytes_sent += sum(len(chunk) for chunk in data)
-            self.transport.writelines(data)
+            # One write, not writelines(): on some 3.12/3.13 releases the selector
+            # transport's writelines() never pauses the protocol (CPython gh-127655).
+            chunk = data[0] if len(data) == 1 else b"".join(data)
+            self.bytes_sent += len(chunk)
+            self.transport.write(chunk)
 
     def _wake_writers(self) -> None:
         if self._writable is not None and not self._writable.done():

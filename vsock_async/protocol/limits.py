@@ -27,3 +27,12 @@ class Limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
                 raise UsageError(f"Limits.{name} must be an int in 0..{U32_MAX}, not {value!r}")
+
+    def check_command(self, command: bytes) -> None:
+        """Raise :class:`UsageError` if ``command`` is longer than :attr:`max_command`."""
+        if len(command) > self.max_command:
+            raise UsageError(
+                f"a command of {len(command)} bytes is longer than Limits.max_command"
+                f" ({self.max_command} bytes), so the guest would refuse it;"
+                " send a shorter one, or raise max_command on both sides"
+            )

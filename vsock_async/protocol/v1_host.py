@@ -183,12 +183,7 @@ class HostConnectionV1(Generic[Id]):
 
     def check_command(self, command: bytes) -> None:
         """Raise :class:`UsageError` if ``command`` is longer than ``limits.max_command``."""
-        if len(command) > self._limits.max_command:
-            raise UsageError(
-                f"a command of {len(command)} bytes is longer than Limits.max_command"
-                f" ({self._limits.max_command} bytes), so the guest would refuse it;"
-                " send a shorter one, or raise max_command on both sides"
-            )
+        self._limits.check_command(command)
 
     def withdraw(self, id: Id) -> bool:
         """Drop queued call ``id`` unsent (its caller gave up); False if it is not queued."""

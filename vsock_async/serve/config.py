@@ -20,6 +20,7 @@ from ..addresses import (
     parse_address,
 )
 from ..errors import UsageError
+from ..host.negotiate import ProtocolChoice, check_protocol
 from ..host.server import DEFAULT_MAX_CONNECTIONS_PER_GUEST
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
@@ -90,6 +91,7 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)
     limits: Limits = field(default_factory=Limits)
     max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST
+    protocol: ProtocolChoice = "auto"
     default_timeout: float | None = DEFAULT_TIMEOUT
     probe_interval: float | None = DEFAULT_PROBE_INTERVAL
     probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT
@@ -98,6 +100,7 @@ class ServeConfig:
     log_format: str = "text"
 
     def __post_init__(self) -> None:
+        check_protocol(self.protocol)
         check_timeout(self.default_timeout, "--default-timeout")
         check_timeout(self.probe_timeout, "--probe-timeout")
         check_timeout(self.grace, "--grace")
@@ -118,6 +121,7 @@ class ServeConfig:
         token_file: str | None = None,
         control_allow_remote: bool = False,
         max_connections_per_guest: int | None = DEFAULT_MAX_CONNECTIONS_PER_GUEST,
+        protocol: ProtocolChoice = "auto",
         default_timeout: float | None = DEFAULT_TIMEOUT,
         probe_interval: float | None = DEFAULT_PROBE_INTERVAL,
         probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT,
@@ -170,6 +174,7 @@ class ServeConfig:
             token=token,
             limits=limits,
             max_connections_per_guest=max_connections_per_guest,
+            protocol=protocol,
             default_timeout=default_timeout,
             probe_interval=probe_interval,
             probe_timeout=probe_timeout,

@@ -202,6 +202,8 @@ def guest_json(guest: Guest) -> dict[str, Any]:
         "key": str(guest.key),
         "cid": guest.key if isinstance(guest.key, int) else None,
         "connections": len(channels),
+        "protocol": channels[-1].protocol if channels else None,
+        "running": sum(c.running for c in channels),
         "busy_connections": sum(1 for c in channels if c.busy),
         "busy": guest.busy,
         "waiting": guest.waiting,

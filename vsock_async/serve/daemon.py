@@ -72,6 +72,7 @@ class Daemon:
             limits=config.limits,
             default_timeout=config.default_timeout,
             max_connections_per_guest=config.max_connections_per_guest,
+            protocol=config.protocol,
         )
         self.control: ControlAPI | None = None
         self._control_file: SocketFile | None = None

@@ -1,0 +1,386 @@
+"""The host's process API and run() over protocol v2, against the real agent over a Unix socket.
+
+Each test starts ``python -m vsock_async agent`` dialing a ``listen()`` server on
+the default ``protocol="auto"``, so the connection is v2. What the guest did is
+checked in /proc (the agent runs on this machine): nothing may be left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+import vsock_async
+from tests.agent_process import (
+    Served,
+    agent_process,
+    alive,
+    children_of,
+    eventually,
+    served_agent,
+)
+from vsock_async import (
+    PIPE,
+    STDOUT,
+    CommandTimeout,
+    ConnectionClosed,
+    GuestChannel,
+    Limits,
+    Process,
+    SpawnFailed,
+    StdinClosed,
+    Unsupported,
+    UsageError,
+)
+
+HANG_GUARD = 20.0  # seconds: only a hang ever gets near it
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with served_agent(tmp_path, "p.sock", "--output-grace", "0.2") as served:
+        yield served
+
+
+@pytest.fixture
+def channel(served: Served) -> GuestChannel:
+    return served.guest
+
+
+async def nothing_left(served: Served) -> None:
+    """Every process the agent started has gone (the agent reaps its children)."""
+    await eventually(lambda: not children_of(served.agent.pid), "the agent's children are gone")
+
+
+def test_the_process_api_is_exported() -> None:
+    assert vsock_async.PIPE == -1 and vsock_async.STDOUT == -2 and vsock_async.DEVNULL == -3
+    assert vsock_async.Process is Process
+
+
+@pytest.mark.asyncio
+async def test_a_v2_agent_negotiates_v2_and_says_what_it_can(channel: GuestChannel) -> None:
+    assert channel.protocol == "v2"
+    assert channel.agent is not None
+    assert {"exec", "signal", "pty", "resize"} <= channel.agent.capabilities
+    assert channel.concurrency == channel.agent.limits.max_streams == 64
+    await channel.probe(timeout=5)  # a PING on v2
+    assert channel.last_probe is not None
+
+
+@pytest.mark.asyncio
+async def test_output_streams_before_the_process_ends(channel: GuestChannel) -> None:
+    proc = await channel.create_process(
+        ["sh", "-c", "echo first; read line; echo got $line"], stdin=PIPE
+    )
+    assert proc.pid is not None and proc.stdout is not None and proc.stdin is not None
+    assert await proc.stdout.readline() == b"first\n"
+    assert proc.returncode is None  # it waits for its input: the line came first
+    proc.stdin.write(b"it\n")
+    await proc.stdin.drain()
+    assert await proc.stdout.readline() == b"got it\n"
+    assert await proc.wait() == 0
+    quiet = await channel.create_process(["cat"])  # stdin is /dev/null by default
+    assert quiet.stdin is None
+    assert await quiet.communicate() == (b"", b"")
+
+
+@pytest.mark.asyncio
+async def test_communicate_pipes_input_through_gzip(channel: GuestChannel) -> None:
+    data = os.urandom(300_000) * 3  # more than one credit window each way
+    proc = await channel.create_process(["gzip", "-c"], stdin=PIPE)
+    compressed, err = await proc.communicate(data)
+    assert err == b"" and proc.returncode == 0
+    back = await channel.create_process(["gzip", "-dc"], stdin=PIPE)
+    out, _ = await back.communicate(compressed)
+    assert out == data
+
+
+@pytest.mark.asyncio
+async def test_stderr_modes(channel: GuestChannel) -> None:
+    script = "echo out; echo err >&2"
+    piped = await channel.create_process(script, stderr=PIPE)
+    assert await piped.communicate() == (b"out\n", b"err\n")
+    merged = await channel.create_process(script, stderr=STDOUT)
+    out, err = await merged.communicate()
+    assert sorted(out.splitlines()) == [b"err", b"out"] and err is None  # type: ignore[union-attr]
+    dropped = await channel.create_process(script, stderr=vsock_async.DEVNULL)
+    assert await dropped.communicate() == (b"out\n", None)
+
+
+@pytest.mark.asyncio
+async def test_readers_read_like_asyncio_streams(channel: GuestChannel) -> None:
+    proc = await channel.create_process("printf 'ab\\ncd\\nrest-of-it'")
+    assert proc.stdout is not None
+    assert await proc.stdout.readexactly(1) == b"a"
+    assert await proc.stdout.readuntil(b"\n") == b"b\n"
+    assert [line async for line in proc.stdout] == [b"cd\n", b"rest-of-it"]
+    assert proc.stdout.at_eof()
+    with pytest.raises(asyncio.IncompleteReadError):
+        await proc.stdout.readexactly(1)
+    await proc.wait()
+    into = await channel.create_process("printf 12345")
+    assert into.stdout is not None
+    buffer = bytearray(3)
+    assert await into.stdout.readinto(buffer) == 3 and buffer == b"123"
+    assert await into.stdout.read() == b"45"
+
+
+@pytest.mark.asyncio
+async def test_signals_reach_the_process_and_show_in_exit_signal(channel: GuestChannel) -> None:
+    trapping = await channel.create_process(
+        "trap 'echo got INT; exit 7' INT; echo ready; while :; do sleep 0.01; done"
+    )
+    assert trapping.stdout is not None
+    assert await trapping.stdout.readline() == b"ready\n"
+    trapping.send_signal(signal.SIGINT)
+    assert await trapping.stdout.readline() == b"got INT\n"
+    assert await trapping.wait() == 7 and trapping.exit_signal is None
+    sleeper = await channel.create_process(["sleep", "100"])
+    sleeper.terminate()
+    assert await sleeper.wait() == -signal.SIGTERM
+    assert sleeper.exit_signal == signal.SIGTERM
+    sleeper.kill()  # it has ended: nothing happens, as with subprocess
+    with pytest.raises(UsageError, match="signal"):
+        sleeper.send_signal(0)
+
+
+@pytest.mark.asyncio
+async def test_a_terminal_answers_tty_and_sees_its_size_change(channel: GuestChannel) -> None:
+    tty = await channel.create_process(["tty"], pty=(24, 80))
+    out, err = await tty.communicate()
+    assert err is None and out is not None and out.startswith(b"/dev/pts/")
+    assert tty.stderr is None
+    sized = await channel.create_process(
+        ["sh", "-c", "stty size; read x; stty size"], pty=(24, 80), stdin=PIPE
+    )
+    assert sized.stdout is not None and sized.stdin is not None
+    assert await sized.stdout.readuntil(b"24 80\r\n")
+    await sized.resize(30, 100)
+    sized.stdin.write(b"\n")
+    assert (await sized.stdout.readuntil(b"30 100\r\n")).endswith(b"30 100\r\n")
+    assert await sized.wait() == 0
+    plain = await channel.create_process(["true"])
+    with pytest.raises(UsageError, match="pty"):
+        await plain.resize(1, 1)
+    with pytest.raises(UsageError, match="stderr"):
+        await channel.create_process(["true"], pty=(24, 80), stderr=PIPE)
+
+
+@pytest.mark.asyncio
+async def test_env_cwd_and_user(channel: GuestChannel, tmp_path: Path) -> None:
+    proc = await channel.create_process(
+        ["sh", "-c", 'printf "%s|" "$K" "$EMPTY" "$(pwd)"'],
+        env={"K": "v a l", "EMPTY": "", b"RAW": b"\xff"},
+        cwd=tmp_path,
+    )
+    out, _ = await proc.communicate()
+    assert out == f"v a l||{tmp_path}|".encode()
+    if os.geteuid() == 0:
+        nobody = await channel.create_process(["id", "-u"], user="nobody")
+        out, _ = await nobody.communicate()
+        assert out is not None and int(out) != 0
+    else:
+        with pytest.raises(Unsupported, match="user"):
+            await channel.create_process(["id", "-u"], user="nobody")
+
+
+@pytest.mark.asyncio
+async def test_a_program_that_cannot_start_is_spawn_failed(channel: GuestChannel) -> None:
+    with pytest.raises(SpawnFailed) as info:
+        await channel.create_process(["/nonexistent/program"])
+    assert info.value.errno == 2 and isinstance(info.value, OSError)
+    with pytest.raises(SpawnFailed):
+        await channel.create_process(["true"], cwd="/nonexistent/dir")
+    assert (await channel.run("echo still here")).stdout == b"still here\n"
+
+
+@pytest.mark.asyncio
+async def test_bad_arguments_are_usage_errors_and_send_nothing(channel: GuestChannel) -> None:
+    sent = channel.bytes_sent
+    for kwargs in (
+        {"stdin": STDOUT},
+        {"stdout": STDOUT},
+        {"stderr": 99},
+        {"env": {"A=B": "c"}},
+        {"pty": (0, 80)},
+        {"limit": 0},
+        {"timeout": -1},
+        {"user": True},
+    ):
+        with pytest.raises(UsageError):
+            await channel.create_process(["true"], **kwargs)
+    for program in ([], "", ["a\0b"], 5):
+        with pytest.raises(UsageError):
+            await channel.create_process(program)  # type: ignore[arg-type]
+    assert channel.bytes_sent == sent
+
+
+@pytest.mark.asyncio
+async def test_many_runs_on_one_connection_proceed_at_once(
+    channel: GuestChannel, tmp_path: Path
+) -> None:
+    """Each command waits until all have started: only concurrent runs can all finish."""
+    count = 20
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    script = (
+        f"touch {gate}/$0; while [ $(ls {gate} | wc -l) -lt {count} ]; do sleep 0.01; done; echo $0"
+    )
+    results = await asyncio.gather(
+        *(channel.run(["sh", "-c", script, str(i)], timeout=HANG_GUARD) for i in range(count))
+    )
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(count)]
+    assert all(r.exit_code == 0 for r in results)
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_reader_does_not_block_another_stream(
+    served: Served, channel: GuestChannel
+) -> None:
+    flood = await channel.create_process(["head", "-c", "5000000", "/dev/zero"], limit=65536)
+    for _ in range(5):  # meanwhile, others run to the end on the same connection
+        assert (await channel.run("echo hi", timeout=HANG_GUARD)).stdout == b"hi\n"
+    assert flood.returncode is None  # blocked on its full pipe: nobody reads it
+    assert flood.stdout is not None
+    assert len(await flood.stdout.read()) == 5_000_000
+    assert await flood.wait() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_run_deadline_stops_only_its_process(served: Served, channel: GuestChannel) -> None:
+    pid_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"vsa-run-{os.getpid()}"
+    with pytest.raises(CommandTimeout) as info:
+        await channel.run(f"echo partial; echo $$ > {pid_file}; exec sleep 100", timeout=0.3)
+    assert info.value.sent and info.value.result.timed_out
+    assert info.value.result.stdout == b"partial\n"
+    assert isinstance(info.value, TimeoutError)
+    assert not channel.closed
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    await eventually(lambda: not alive(pid), "the timed-out process was killed")
+    assert (await channel.run("echo next")).stdout == b"next\n"
+    await nothing_left(served)
+
+
+@pytest.mark.asyncio
+async def test_run_results_carry_signals_and_truncation(tmp_path: Path) -> None:
+    limits = Limits(max_stdout=1000, max_stderr=10)
+    async with served_agent(tmp_path, "t.sock", limits=limits) as served:
+        channel = served.guest
+        killed = await channel.run("kill -TERM $$")
+        assert (killed.exit_code, killed.exit_signal) == (128 + signal.SIGTERM, signal.SIGTERM)
+        big = await channel.run("head -c 5000 /dev/zero; echo 0123456789abc >&2")
+        assert big.stdout == b"\0" * 1000 and big.stdout_truncated
+        assert big.stderr == b"0123456789" and big.stderr_truncated
+        assert big.exit_code == 0 and big.exit_signal is None
+        ok = await channel.run("echo fits")
+        assert not ok.stdout_truncated and not ok.stderr_truncated
+        with pytest.raises(vsock_async.CommandFailed):
+            await channel.run("exit 3", check=True)
+
+
+@pytest.mark.asyncio
+async def test_the_process_timeout_terminates_it(channel: GuestChannel) -> None:
+    proc = await channel.create_process(["sleep", "100"], timeout=0.1)
+    await proc.wait()
+    assert proc.timed_out and proc.exit_signal == signal.SIGTERM
+
+
+@pytest.mark.asyncio
+async def test_a_background_child_holding_stdout_gives_output_incomplete(
+    served: Served, channel: GuestChannel
+) -> None:
+    proc = await channel.create_process("sleep 100 & echo hi")
+    out, _ = await proc.communicate()
+    assert out == b"hi\n" and proc.returncode == 0 and proc.output_incomplete
+    await nothing_left(served)
+
+
+@pytest.mark.asyncio
+async def test_leaving_async_with_stops_the_process(served: Served, channel: GuestChannel) -> None:
+    async with await channel.create_process(["sleep", "100"]) as proc:
+        pid = proc.pid
+        assert pid is not None and alive(pid)
+    assert proc.returncode is not None
+    await eventually(lambda: not alive(pid), "the process was killed")
+    await nothing_left(served)
+    with pytest.raises(StdinClosed):
+        async with await channel.create_process(["true"], stdin=PIPE) as done:
+            await done.wait()
+            assert done.stdin is not None
+            done.stdin.write(b"too late")
+            await done.stdin.drain()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hops", range(6))
+async def test_cancelling_at_any_point_leaves_nothing_running(
+    served: Served, channel: GuestChannel, hops: int
+) -> None:
+    async def start_and_wait() -> None:
+        proc = await channel.create_process(["sleep", "100"])
+        await proc.wait()
+
+    for call in (start_and_wait(), channel.run("sleep 100", timeout=None)):
+        task = asyncio.ensure_future(call)
+        for _ in range(hops):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await nothing_left(served)
+    assert not channel.closed
+    assert (await channel.run("echo alive")).stdout == b"alive\n"
+
+
+@pytest.mark.asyncio
+async def test_a_lost_connection_fails_what_waits_on_it(channel: GuestChannel) -> None:
+    proc = await channel.create_process(["sleep", "100"], stdin=PIPE)
+    running = asyncio.ensure_future(channel.run("sleep 100", timeout=None))
+    await asyncio.sleep(0.05)
+    channel.abort("the test closes it")
+    with pytest.raises(ConnectionClosed):
+        await proc.wait()
+    with pytest.raises(ConnectionClosed):
+        await running
+    assert proc.stdout is not None
+    with pytest.raises(ConnectionClosed):
+        await proc.stdout.read()
+    with pytest.raises(ConnectionClosed):
+        await channel.create_process(["true"])
+
+
+@pytest.mark.asyncio
+async def test_the_guest_handle_starts_processes_and_spreads_runs(served: Served) -> None:
+    guest = served.server.guests[0]
+    proc = await guest.create_process(["sh", "-c", "echo $0", "via guest"])
+    assert await proc.communicate() == (b"via guest\n", b"")
+    # A v2 connection takes many calls at once through the handle too.
+    results = await asyncio.gather(*(guest.run(f"echo {i}", wait=False) for i in range(10)))
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(10)]
+    await guest.probe(timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_v1_connections_refuse_processes_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sock"
+    async with (
+        vsock_async.listen(f"unix:{path}", protocol="v1") as server,
+        agent_process("--connect", f"unix:{path}", tmp_path=tmp_path),
+    ):
+        channel = await server.accept(timeout=HANG_GUARD)
+        assert channel.protocol == "v1" and channel.agent is None and channel.concurrency == 1
+        with pytest.raises(Unsupported, match="protocol v1") as info:
+            await channel.create_process(["true"])
+        assert isinstance(info.value, UsageError)
+        guest = server.guests[0]
+        with pytest.raises(Unsupported, match="only protocol v1"):
+            await guest.create_process(["true"])
+        assert (await channel.run("echo v1")).stdout == b"v1\n"
