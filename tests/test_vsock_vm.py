@@ -7,9 +7,11 @@ The guest has no vsock device: vsock_loopback is its only transport, so connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -180,8 +182,8 @@ async def test_large_output_arrives_whole_and_in_order(tmp_path: Path) -> None:
 
 @in_module_loop
 @pytest.mark.usefixtures("shared_agent")
-async def test_command_timeout_closes_the_channel_and_the_agent_dials_again() -> None:
-    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+async def test_v1_command_timeout_closes_the_channel_and_the_agent_dials_again() -> None:
+    async with await vsock_async.listen(any_cid(SHARED_PORT), protocol="v1") as server:
         first = await server.accept(timeout=LONG)
         with pytest.raises(CommandTimeout) as caught:
             await first.run("sleep 60", timeout=1.0)
@@ -252,11 +254,12 @@ async def test_host_dials_an_agent_that_listens(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_silent_peer_times_out_and_its_channel_closes() -> None:
     loop = asyncio.get_running_loop()
-    async with await vsock_async.listen(any_cid(SILENT_PEER_PORT)) as server:
+    async with await vsock_async.listen(any_cid(SILENT_PEER_PORT), protocol="v1") as server:
         with vsock_socket() as silent:
             silent.setblocking(False)
             await loop.sock_connect(silent, (VMADDR_CID_HOST, SILENT_PEER_PORT))
             guest = await server.accept(timeout=LONG)
+            assert guest.protocol == "v1"
             with pytest.raises(CommandTimeout) as caught:
                 await guest.probe(timeout=SHORT)
             assert caught.value.result == CommandResult(b"", b"", None, timed_out=True)
@@ -280,3 +283,109 @@ async def test_connect_where_nothing_listens_is_a_clear_connect_failed() -> None
     assert not isinstance(caught.value, ConnectTimeout)
     with pytest.raises(ConnectFailed, match="no such CID"):
         await vsock_async.connect(f"vsock://3:{UNUSED_PORT}", timeout=LONG)
+
+
+@pytest.mark.asyncio
+async def test_a_peer_silent_at_the_hello_is_dropped() -> None:
+    loop = asyncio.get_running_loop()
+    listening = vsock_async.listen(any_cid(SILENT_PEER_PORT), negotiate_timeout=SHORT)
+    async with listening as server:
+        with vsock_socket() as silent:
+            silent.setblocking(False)
+            await loop.sock_connect(silent, (VMADDR_CID_HOST, SILENT_PEER_PORT))
+            hello = await loop.sock_recv(silent, 4096)
+            assert b"vsock_async.hello" in hello
+            with contextlib.suppress(ConnectionResetError):  # closed after negotiate_timeout
+                assert await loop.sock_recv(silent, 4096) == b""
+            with pytest.raises(AcceptTimeout):
+                await server.accept(timeout=SHORT)
+            assert server.channels == []
+
+
+# -- protocol v2 over the real kernel path -------------------------------------------------
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_v2_processes_stream_take_stdin_and_signals() -> None:
+    async with await vsock_async.listen(any_cid(SHARED_PORT), protocol="v2") as server:
+        guest = await server.accept(timeout=LONG)
+        assert guest.protocol == "v2"
+        proc = await guest.create_process(
+            ["sh", "-c", "echo ready; read line; echo got $line; exec sleep 60"],
+            stdin=vsock_async.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        assert await proc.stdout.readline() == b"ready\n"
+        assert proc.returncode is None
+        proc.stdin.write(b"it\n")
+        await proc.stdin.drain()
+        assert await proc.stdout.readline() == b"got it\n"
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == -signal.SIGTERM and proc.exit_signal == signal.SIGTERM
+        gz = await guest.create_process(["gzip", "-c"], stdin=vsock_async.PIPE)
+        data = random.Random(7).randbytes(3 << 20)
+        compressed, _ = await gz.communicate(data)
+        back = await guest.create_process(["gzip", "-dc"], stdin=vsock_async.PIPE)
+        assert (await back.communicate(compressed))[0] == data
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_v2_terminal_and_resize() -> None:
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        guest = await server.accept(timeout=LONG)
+        proc = await guest.create_process(
+            ["sh", "-c", "tty; stty size; read x; stty size"], pty=(24, 80), stdin=vsock_async.PIPE
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        assert (await proc.stdout.readline()).startswith(b"/dev/pts/")
+        assert await proc.stdout.readline() == b"24 80\r\n"
+        await proc.resize(30, 100)
+        proc.stdin.write(b"\n")
+        assert (await proc.stdout.readuntil(b"30 100\r\n")).endswith(b"30 100\r\n")
+        assert await proc.wait() == 0
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_v2_runs_proceed_at_once_and_a_deadline_stops_only_its_process(
+    tmp_path: Path,
+) -> None:
+    count = 8
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    script = (
+        f"touch {gate}/$0; while [ $(ls {gate} | wc -l) -lt {count} ]; do sleep 0.05; done; echo $0"
+    )
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        guest = await server.accept(timeout=LONG)
+        results = await asyncio.gather(
+            *(guest.run(["sh", "-c", script, str(i)], timeout=LONG) for i in range(count))
+        )
+        assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(count)]
+        with pytest.raises(CommandTimeout) as caught:
+            await guest.run("echo before; exec sleep 60", timeout=1.0)
+        assert caught.value.sent and caught.value.result.stdout == b"before\n"
+        assert not guest.closed
+        assert (await guest.run("echo after", timeout=LONG)).stdout == b"after\n"
+        assert server.channels == [guest]
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_v2_large_output_streams_in_order(tmp_path: Path) -> None:
+    filler = random.Random(8).randbytes(4096 - 8)
+    expected = b"".join(index.to_bytes(8, "big") + filler for index in range(4096))
+    source = tmp_path / "output"
+    source.write_bytes(expected)
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        guest = await server.accept(timeout=LONG)
+        proc = await guest.create_process(["cat", str(source)])
+        assert proc.stdout is not None
+        buffer = bytearray(64 * 1024)
+        received = bytearray()
+        while n := await proc.stdout.readinto(buffer):
+            received += buffer[:n]
+        assert await proc.wait() == 0
+    assert received == expected
