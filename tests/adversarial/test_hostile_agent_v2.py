@@ -1,0 +1,198 @@
+"""A hostile v2 agent against the host library: it negotiates v2 properly, then breaks the
+protocol. The host must close that connection with a ProtocolError for everyone waiting on
+it, allocate nothing a length prefix asks for, and keep serving its other guests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+import vsock_async
+from tests.agent_process import LONG, served_agent
+from vsock_async import CommandServer, ConnectionClosed, ProtocolError
+from vsock_async.protocol import CommandDecoder, encode_result
+from vsock_async.protocol.v2 import (
+    AgentLimits,
+    Channel,
+    FrameType,
+    encode_frame,
+    encode_json,
+    hello_answer,
+    parse_hello_command,
+)
+from vsock_async.protocol.v2_frames import FLAG_END, HEADER, encode_window
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """One whole v2 frame from the host: (stream, type, payload)."""
+    length, stream, type_, _ = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return stream, type_, await reader.readexactly(length)
+
+
+async def exec_stream(reader: asyncio.StreamReader) -> int:
+    """Wait for the host's EXEC; its stream id."""
+    while True:
+        stream, type_, _ = await read_frame(reader)
+        if type_ == FrameType.EXEC:
+            return stream
+
+
+class HostileAgent:
+    """Dials the server, answers the hello as a v2 agent, then runs ``script``."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, path: str) -> None:
+        reader, writer = await asyncio.open_unix_connection(path)
+        self.task = asyncio.create_task(self._run(reader, writer))
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            decoder = CommandDecoder()
+            while (event := decoder.next_event()) is None:
+                decoder.receive_data(await reader.read(4096))
+            request = parse_hello_command(event.command)  # type: ignore[union-attr]
+            assert request is not None
+            answer = hello_answer(
+                request, AgentLimits(), {"exec", "signal", "ping"}, "hostile-test-agent"
+            )
+            assert answer is not None
+            writer.write(encode_result(answer, b"", 0))
+            await self.script(reader, writer)
+            await reader.read()  # until the host closes
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+async def huge_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    stream = await exec_stream(reader)
+    writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+    writer.write(HEADER.pack(0xFFFF_FFF0, stream, FrameType.STDOUT, 0))  # 4 GiB announced
+
+
+async def beyond_credit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    stream = await exec_stream(reader)
+    writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+    chunk = b"x" * 65536
+    for _ in range(16):  # 1 MiB against the host's window of 256 KiB
+        writer.write(encode_frame(stream, FrameType.STDOUT, 0, chunk))
+
+
+async def garbage_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    stream = await exec_stream(reader)
+    writer.write(encode_frame(stream, FrameType.STARTED, 0, b"{not json"))
+
+
+async def window_for_the_wrong_way(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    stream = await exec_stream(reader)
+    writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+    writer.write(encode_window(stream, Channel.STDOUT, 1 << 20))  # that credit flows to us
+
+
+SCRIPTS: dict[str, Script] = {
+    "huge length": huge_length,
+    "beyond credit": beyond_credit,
+    "garbage json": garbage_json,
+    "window the wrong way": window_for_the_wrong_way,
+}
+
+
+async def started_and_waited(channel: vsock_async.GuestChannel) -> None:
+    """A process on ``channel`` whose output nobody reads, waited for."""
+    async with asyncio.timeout(LONG):
+        proc = await channel.create_process(["anything"])
+        await proc.wait()
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[CommandServer]:
+    async with vsock_async.listen(f"unix:{tmp_path}/h.sock", label="bad") as srv:
+        await srv.add_listener(f"unix:{tmp_path}/g.sock", label="good")
+        yield srv
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(SCRIPTS))
+async def test_a_protocol_break_closes_only_that_connection(
+    server: CommandServer, tmp_path: Path, case: str
+) -> None:
+    hostile = HostileAgent(SCRIPTS[case])
+    await hostile.start(f"{tmp_path}/h.sock")
+    try:
+        channel = await server.accept(timeout=LONG)
+        assert channel.protocol == "v2"
+        with pytest.raises((ProtocolError, ConnectionClosed)):
+            await started_and_waited(channel)
+        assert channel.closed and isinstance(channel.error, ProtocolError)
+        with pytest.raises(ProtocolError):
+            await channel.run("true")
+    finally:
+        await hostile.close()
+
+
+@pytest.mark.asyncio
+async def test_a_hostile_agent_does_not_slow_a_good_one(tmp_path: Path) -> None:
+    async with served_agent(tmp_path, "good.sock") as good:
+        await good.server.add_listener(f"unix:{tmp_path}/h.sock", label="bad")
+        hostile = HostileAgent(beyond_credit)
+        await hostile.start(f"{tmp_path}/h.sock")
+        try:
+            bad = await good.server.accept(timeout=LONG)
+            failing = asyncio.ensure_future(started_and_waited(bad))
+            for i in range(20):
+                result = await good.guest.run(f"echo {i}", timeout=LONG)
+                assert result.stdout == f"{i}\n".encode()
+            with pytest.raises(ProtocolError):
+                await failing
+        finally:
+            await hostile.close()
+
+
+@pytest.mark.asyncio
+async def test_a_frame_for_a_stream_never_opened_is_answered_and_the_connection_lives(
+    server: CommandServer, tmp_path: Path
+) -> None:
+    answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = await exec_stream(reader)
+        writer.write(encode_json(999, FrameType.EXIT, {"exit_code": 0}))
+        while True:
+            to, type_, payload = await read_frame(reader)
+            if to == 999 and type_ == FrameType.ERROR:
+                answered.set_result(payload)
+                break
+        writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+        writer.write(encode_frame(stream, FrameType.STDOUT, FLAG_END, b"done"))
+        writer.write(encode_frame(stream, FrameType.STDERR, FLAG_END))
+        writer.write(encode_json(stream, FrameType.EXIT, {"exit_code": 3}))
+
+    hostile = HostileAgent(script)
+    await hostile.start(f"{tmp_path}/h.sock")
+    try:
+        channel = await server.accept(timeout=LONG)
+        result = await channel.run("anything", timeout=LONG)
+        assert (result.stdout, result.exit_code) == (b"done", 3)
+        assert b"unknown_stream" in await answered
+        assert not channel.closed
+    finally:
+        await hostile.close()
