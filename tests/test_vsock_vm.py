@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -330,20 +331,31 @@ async def test_v2_processes_stream_take_stdin_and_signals() -> None:
         assert (await back.communicate(compressed))[0] == data
 
 
+TERMINAL_SIZE = (
+    "import fcntl, os, struct, sys, termios\n"
+    "def size():\n"
+    "    rows, cols = struct.unpack('HHHH', fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8)))[:2]\n"
+    "    print(rows, cols, flush=True)\n"
+    "print(os.ttyname(0), flush=True)\n"
+    "size(); sys.stdin.readline(); size()\n"
+)
+
+
 @in_module_loop
 @pytest.mark.usefixtures("shared_agent")
 async def test_v2_terminal_and_resize() -> None:
     async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
         guest = await server.accept(timeout=LONG)
         proc = await guest.create_process(
-            ["sh", "-c", "tty; stty size; read x; stty size"], pty=(24, 80), stdin=vsock_async.PIPE
+            [sys.executable, "-c", TERMINAL_SIZE], pty=(24, 80), stdin=vsock_async.PIPE
         )
         assert proc.stdout is not None and proc.stdin is not None
         assert (await proc.stdout.readline()).startswith(b"/dev/pts/")
         assert await proc.stdout.readline() == b"24 80\r\n"
         await proc.resize(30, 100)
         proc.stdin.write(b"\n")
-        assert (await proc.stdout.readuntil(b"30 100\r\n")).endswith(b"30 100\r\n")
+        rest = await proc.stdout.read()
+        assert rest.endswith(b"30 100\r\n"), rest
         assert await proc.wait() == 0
 
 

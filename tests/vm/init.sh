@@ -7,6 +7,10 @@ unset VSOCK_ASYNC_FORBID_VSOCK_CONNECT
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+# Terminals for protocol v2's pty= (the agent announces "pty" only when devpts is there).
+mkdir -p /dev/pts
+mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 # /tmp stays on the initramfs root: a tmpfs mounted there would hide payload files under it.
 echo "vm-init: up after $(cut -d' ' -f1 /proc/uptime) s; loading the vsock modules"
 for module in /lib/vsock-modules/*.ko; do
