@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from ..errors import (
     ClosedLocally,
@@ -31,7 +30,7 @@ from ..protocol.v2 import HelloAnswer
 from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from .commandline import CommandLike, compose_command
-from .process import DEFAULT_LIMIT, DEVNULL, PIPE, Process, ProgramLike, run_command, start_process
+from .process import Process, ProcessOptions, ProgramLike, run_command, start_process
 from .session import SessionConnection
 from .transport import GuestConnection
 
@@ -239,18 +238,7 @@ class GuestChannel:
         self.last_probe = time.time()
 
     async def create_process(
-        self,
-        program: ProgramLike,
-        *,
-        stdin: int = DEVNULL,
-        stdout: int = PIPE,
-        stderr: int | None = None,
-        env: Mapping[str | bytes, str | bytes] | None = None,
-        cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
-        user: str | int | None = None,
-        pty: tuple[int, int] | None = None,
-        timeout: float | None = None,
-        limit: int = DEFAULT_LIMIT,
+        self, program: ProgramLike, **options: Unpack[ProcessOptions]
     ) -> Process:
         """Start ``program`` in the guest on a stream of its own; return once it runs.
 
@@ -276,19 +264,7 @@ class GuestChannel:
                 " time: processes (streaming output, stdin, signals, terminals) need v2."
                 " Upgrade the guest's agent, or use run()"
             )
-        return await start_process(
-            self._v2,
-            program,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            cwd=cwd,
-            user=user,
-            pty=pty,
-            timeout=timeout,
-            limit=limit,
-        )
+        return await start_process(self._v2, program, **options)
 
     def _resolve(self, timeout: Timeout) -> float | None:
         """``timeout`` as seconds or None: the channel's default for ``DEFAULT``, else checked."""

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, Unsupported, VsockAsyncError
 from ..protocol import PROBE_COMMAND
@@ -31,7 +30,7 @@ from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
-from .process import DEFAULT_LIMIT, DEVNULL, PIPE, Process, ProgramLike
+from .process import Process, ProcessOptions, ProgramLike
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
 
@@ -198,18 +197,7 @@ class Guest:
         self._last_probe = channel.last_probe
 
     async def create_process(
-        self,
-        program: ProgramLike,
-        *,
-        stdin: int = DEVNULL,
-        stdout: int = PIPE,
-        stderr: int | None = None,
-        env: Mapping[str | bytes, str | bytes] | None = None,
-        cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
-        user: str | int | None = None,
-        pty: tuple[int, int] | None = None,
-        timeout: float | None = None,
-        limit: int = DEFAULT_LIMIT,
+        self, program: ProgramLike, **options: Unpack[ProcessOptions]
     ) -> Process:
         """Start ``program`` on one of the guest's v2 connections; see
         :meth:`GuestChannel.create_process` for the arguments.
@@ -220,18 +208,7 @@ class Guest:
         if it has no open connection.
         """
         channel = self._process_channel()
-        return await channel.create_process(
-            program,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            cwd=cwd,
-            user=user,
-            pty=pty,
-            timeout=timeout,
-            limit=limit,
-        )
+        return await channel.create_process(program, **options)
 
     def _process_channel(self) -> GuestChannel:
         """A v2 connection for a new process: a free one, else the one with the fewest waiting."""

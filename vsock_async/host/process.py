@@ -23,7 +23,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from ..errors import (
     CommandTimeout,
@@ -70,6 +70,20 @@ _COMMAND_FROM_STDIN: Final = 'eval "$(cat)" </dev/null'
 """The whole script is read before the redirection applies: the script's stdin is /dev/null."""
 
 ProgramLike = str | bytes | Sequence[str | bytes | os.PathLike[str] | os.PathLike[bytes]]
+
+
+class ProcessOptions(TypedDict, total=False):
+    """The keyword arguments of ``create_process()``: see :meth:`GuestChannel.create_process`."""
+
+    stdin: int
+    stdout: int
+    stderr: int | None
+    env: Mapping[str | bytes, str | bytes] | None
+    cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None
+    user: str | int | None
+    pty: tuple[int, int] | None
+    timeout: float | None
+    limit: int
 
 
 # -- output -------------------------------------------------------------------------------
