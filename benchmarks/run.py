@@ -18,6 +18,7 @@ MODULES = {
     "many": "benchmarks.many_guests",
     "agent": "benchmarks.agent_overhead",
     "agent-memory": "benchmarks.agent_memory",
+    "v2": "benchmarks.v2_streams",
 }
 
 

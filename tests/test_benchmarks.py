@@ -80,6 +80,15 @@ def _run_benchmarks(*args: str) -> str:
             ],
         ),
         (
+            "v2",
+            "5. v2",
+            [
+                "8 x `true`: at once on one v2 connection vs one at a time, blocking v1",
+                "8 x `true`: host CPU per command",
+                "8 MiB: create_process + readinto vs local Popen + readinto",
+            ],
+        ),
+        (
             "agent-memory",
             "4b. agent memory",
             [
