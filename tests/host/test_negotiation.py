@@ -22,7 +22,7 @@ from vsock_async import (
     UsageError,
 )
 from vsock_async.protocol import encode_result
-from vsock_async.protocol.v2 import HELLO_PREFIX
+from vsock_async.protocol.v2 import HELLO_PREFIX, AgentLimits, hello_answer, parse_hello_command
 
 
 async def dialed(server: CommandServer, guest: ScriptedGuest) -> None:
@@ -163,6 +163,37 @@ async def test_a_guest_silent_at_the_hello_is_closed_and_counts_against_the_cap(
     assert any("did not answer the protocol hello" in line for line in lines)
     await hushed.close()
     await second.close()
+
+
+async def v2_answer(command: bytes) -> Answer:
+    """What a v2 agent answers to the hello (and to nothing else: no other command comes)."""
+    request = parse_hello_command(command)
+    assert request is not None
+    return hello_answer(request, AgentLimits(), ["exec", "ping"], "test/0") or b"", b"", 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("turns", range(10))
+async def test_aclose_ends_even_as_a_hello_answer_is_taken_in(tmp_path: Path, turns: int) -> None:
+    """aclose() at every loop turn after a v2 answer was sent: between the host switching
+    the socket to v2 and admitting the connection, it still finishes and lets nothing in."""
+    answered: asyncio.Event = asyncio.Event()
+
+    async def answer(command: bytes) -> Answer:
+        answered.set()
+        return await v2_answer(command)
+
+    guest = ScriptedGuest(answer, handle_hello=True)
+    server = await vsock_async.listen(f"unix:{tmp_path}/g.sock", label="g")
+    await dialed(server, guest)
+    await answered.wait()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    async with asyncio.timeout(LONG):  # only a hang gets near it
+        await server.aclose()
+    assert server.channels == [] and server.guests == []
+    await eventually(hung_up(guest), "the guest's connection closed")
+    await guest.close()
 
 
 @pytest.mark.asyncio

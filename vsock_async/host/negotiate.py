@@ -218,6 +218,9 @@ class _Negotiator(asyncio.BufferedProtocol):
             session.bytes_sent, session.bytes_received = conn.bytes_sent, conn.bytes_received
             transport.set_protocol(session)
             session.connection_made(transport)
+            # Whoever still holds the v1 object (a server whose aclose() lands before it
+            # admits the session) waits on it: it sees the connection's end too.
+            session.add_close_callback(lambda _: conn.connection_lost(None))
             logger.debug(
                 "guest %s speaks protocol v%s (%s)", conn.peer, answer.version, answer.agent
             )
