@@ -369,6 +369,16 @@ async def test_the_guest_handle_starts_processes_and_spreads_runs(served: Served
 
 
 @pytest.mark.asyncio
+async def test_the_guest_handle_on_a_connection_just_closed_says_so(served: Served) -> None:
+    """Closed but not yet forgotten (its end is reported a loop turn later), the guest's only
+    connection is no reason to call the guest v1-only."""
+    guest = served.server.guests[0]
+    served.guest.abort("the test closes it")
+    with pytest.raises(ConnectionClosed, match="no open connection"):
+        await guest.create_process(["true"])
+
+
+@pytest.mark.asyncio
 async def test_v1_connections_refuse_processes_clearly(tmp_path: Path) -> None:
     path = tmp_path / "v1.sock"
     async with (

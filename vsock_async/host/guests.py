@@ -212,15 +212,16 @@ class Guest:
 
     def _process_channel(self) -> GuestChannel:
         """A v2 connection for a new process: a free one, else the one with the fewest waiting."""
-        if not self._channels:
-            raise self._no_connection()
         free = self._free_channel()
         if free is not None and free.protocol == "v2":
             return free
-        v2 = [c for c in self._channels.values() if c.protocol == "v2" and not c.closed]
+        open_ = [c for c in self._channels.values() if not c.closed]
+        if not open_:  # closed ones wait a loop turn to be removed: none is v1-only
+            raise self._no_connection()
+        v2 = [c for c in open_ if c.protocol == "v2"]
         if not v2:
             raise Unsupported(
-                f"guest {self.key!r} speaks only protocol v1 on its {len(self._channels)}"
+                f"guest {self.key!r} speaks only protocol v1 on its {len(open_)}"
                 " connection(s), which run one buffered command at a time: processes"
                 " (streaming output, stdin, signals, terminals) need v2. Upgrade the guest's"
                 " agent, or use run()"
