@@ -4,10 +4,10 @@
 
 It dials the host's Unix socket (the way an agent dials the host), or inside the VM tier's
 guest only, the host's vsock port, and
-answers every v1 command frame at once: ``:`` with the empty exit-0 probe
-answer, ``bulk`` with ``--bulk-bytes`` bytes of stdout, anything else with
-``ok\\n``. One connection is served with a plain blocking loop, many with
-one ``selectors`` loop, so one process can stand in for hundreds of guests.
+answers every v1 command frame at once: ``:`` (and ``: ...``, so a v2 hello gets a v1
+shell's answer) with the empty exit-0 probe answer, ``bulk`` with ``--bulk-bytes`` bytes
+of stdout, anything else with ``ok\\n``. One connection is served with a plain blocking
+loop, many with one ``selectors`` loop, so one process can stand in for hundreds of guests.
 AF_VSOCK only where ``VSOCK_ASYNC_FORBID_VSOCK_CONNECT`` is unset, which is inside the
 VM tier's guest alone (``benchmarks._harness`` sets it everywhere else).
 """
@@ -59,7 +59,8 @@ def _commands(buf: bytearray) -> list[bytes]:
 
 
 def _answer(command: bytes) -> bytes:
-    return PROBE_ANSWER if command == b":" else OK_ANSWER
+    # ":" and ": ...": a shell's no-op, which is also how a v1 guest answers a v2 hello
+    return PROBE_ANSWER if command == b":" or command.startswith(b": ") else OK_ANSWER
 
 
 # Whole frames a benchmark sends, answered without parsing: the guests share the machine's

@@ -17,9 +17,13 @@ The probe ``:`` needs no process at all and is benchmark 1's subject.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import math
 import os
 import subprocess
 import time
+from asyncio.subprocess import DEVNULL
 from collections.abc import Awaitable, Callable
 
 import vsock_async
@@ -33,6 +37,10 @@ BULK_BYTES = 100_000_000
 TICK = os.sysconf("SC_CLK_TCK")
 
 Measure = tuple[float, float]  # (seconds per command, host CPU seconds per command)
+# ... and the agent's own CPU seconds per command and its peak RSS above idle (MiB; NaN for
+# the local spawns)
+Sample = tuple[float, float, float, float]
+STREAM_MEMORY_MIB = 16
 
 
 def agent_process(address: str, max_output: int) -> ChildProcess:
@@ -91,7 +99,7 @@ async def local_exec(command: str, size: int) -> None:
 
 
 class _Agent:
-    """Our channel to a real agent, with the agent's pid for its CPU and memory."""
+    """Our channel to one real agent, with the agent's pid for its CPU and memory."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, channel: vsock_async.GuestChannel, pid: int
@@ -99,76 +107,90 @@ class _Agent:
         self.loop = loop
         self.channel = channel
         self.pid = pid
-        self.cpu: list[float] = []  # the agent's CPU seconds per command, per round
-        self.peak_mib: list[float] = []
+        self.buffer = bytearray(256 * 1024)  # what a streamed output is read into, reused
 
-    async def _one(self, command: str, size: int) -> None:
+    async def _run(self, command: str, size: int) -> None:
         result = await self.channel.run(command, timeout=120)
         assert result.exit_code == 0 and len(result.stdout) == size, result.stderr[-200:]
 
-    def measure(self, command: str, size: int, n: int) -> Measure:
+    async def _stream(self, command: str, size: int) -> None:
+        proc = await self.channel.create_process([SHELL, "-c", command], stderr=DEVNULL)
+        assert proc.stdout is not None
+        got = 0
+        while n := await proc.stdout.readinto(self.buffer):
+            got += n
+        assert await proc.wait() == 0 and got == size
+
+    def measure(self, command: str, size: int, n: int, stream: bool) -> Sample:
+        """``n`` commands: seconds and host CPU per command, the agent's own CPU per command
+        and its peak RSS above idle (MiB)."""
+        one = self._stream if stream else self._run
         idle = status_kib(self.pid, "VmRSS")
         reset_peak_rss(self.pid)
         agent_cpu = cpu_seconds(self.pid)
-        measure = self.loop.run_until_complete(_timed_async(n, lambda: self._one(command, size)))
-        self.cpu.append((cpu_seconds(self.pid) - agent_cpu) / n)
-        self.peak_mib.append((status_kib(self.pid, "VmHWM") - idle) / 1024)
-        return measure
+        seconds, host_cpu = self.loop.run_until_complete(
+            _timed_async(n, lambda: one(command, size))
+        )
+        agent_cpu = (cpu_seconds(self.pid) - agent_cpu) / n
+        return seconds, host_cpu, agent_cpu, (status_kib(self.pid, "VmHWM") - idle) / 1024
+
+
+def _no_agent(measure: Callable[[], Measure]) -> Sample:
+    """A local spawn's measure as a sample: no agent, so no agent CPU or memory."""
+    return (*measure(), math.nan, math.nan)
 
 
 def _compare(
     table: Table,
     label: str,
-    unit_scale: float,
-    unit: str,
-    agent: _Agent,
-    command: str,
-    size: int,
-    n: int,
+    unit: tuple[str, float],
+    ours: dict[str, Callable[[], Sample]],
+    local: dict[str, Callable[[], Measure]],
     rounds: int,
     target: float | None,
 ) -> None:
-    loop = agent.loop
-    contenders: dict[str, Callable[[], Measure]] = {
-        "ours": lambda: agent.measure(command, size, n),
-        "subprocess.run": lambda: _timed(n, lambda: local_run(command, size)),
-        "create_subprocess_exec": lambda: loop.run_until_complete(
-            _timed_async(n, lambda: local_exec(command, size))
-        ),
-    }
+    """Alternate rounds of every contender; rows of each of ours against each local spawn."""
+    unit_name, scale = unit
+    contenders: dict[str, Callable[[], Sample]] = dict(ours)
+    for name, measure in local.items():
+        contenders[name] = functools.partial(_no_agent, measure)
     order = list(contenders)
     for name in order:  # warm up every path once
         contenders[name]()
-    agent.cpu.clear()
-    agent.peak_mib.clear()
-    measures: dict[str, list[Measure]] = {name: [] for name in order}
+    samples: dict[str, list[Sample]] = {name: [] for name in order}
     for r in range(rounds):
         k = r % len(order)
         for name in order[k:] + order[:k]:
-            measures[name].append(contenders[name]())
-    for base in order[1:]:
-        time_row = table.row(
-            f"{label}: agent vs local {base}",
-            unit,
-            baseline_name=base,
-            higher_is_better=False,
-            target=target if base == "create_subprocess_exec" else None,
+            samples[name].append(contenders[name]())
+    for mine in ours:
+        for base in local:
+            time_row = table.row(
+                f"{label}: {mine} vs local {base}",
+                unit_name,
+                baseline_name=base,
+                higher_is_better=False,
+                target=target if base == "create_subprocess_exec" else None,
+            )
+            cpu_row = table.row(
+                f"{label}: host CPU, {mine} vs local {base}",
+                f"CPU {unit_name}",
+                baseline_name=base,
+                higher_is_better=False,
+            )
+            for o, b in zip(samples[mine], samples[base], strict=True):
+                time_row.add(o[0] * scale, b[0] * scale)
+                cpu_row.add(o[1] * scale, b[1] * scale)
+        table.single(
+            f"{label}: {mine}: the agent's own CPU per command",
+            f"CPU {unit_name}",
+            [x[2] * scale for x in samples[mine]],
         )
-        cpu_row = table.row(
-            f"{label}: host CPU, agent vs local {base}",
-            f"CPU {unit}",
-            baseline_name=base,
-            higher_is_better=False,
+        table.single(
+            f"{label}: {mine}: the agent's peak RSS above idle",
+            "MiB",
+            [x[3] for x in samples[mine]],
+            limit=STREAM_MEMORY_MIB if "stream" in mine else None,
         )
-        for o, b in zip(measures["ours"], measures[base], strict=True):
-            time_row.add(o[0] * unit_scale, b[0] * unit_scale)
-            cpu_row.add(o[1] * unit_scale, b[1] * unit_scale)
-    table.single(
-        f"{label}: the agent's own CPU per command",
-        f"CPU {unit}",
-        [c * unit_scale for c in agent.cpu],
-    )
-    table.single(f"{label}: the agent's peak RSS above idle", "MiB", list(agent.peak_mib))
 
 
 def run(quick: bool = False, rounds: int | None = None) -> Table:
@@ -178,25 +200,59 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
     bulk_rounds = rounds if quick else max(3, rounds // 2)
     table = Table(
         f"4. agent: `true` ({rounds} rounds of {n}) and {size / 1e6:g} MB of output"
-        f" ({bulk_rounds} rounds of 1) end to end, against local spawns"
+        f" ({bulk_rounds} rounds of 1) end to end over v1 and v2, against local spawns"
     )
     loop = asyncio.new_event_loop()
+    bulk = f"head -c {size} /dev/zero"
+    local: dict[str, Callable[[str, int, int], Measure]] = {
+        "subprocess.run": lambda c, k, m: _timed(m, lambda: local_run(c, k)),
+        "create_subprocess_exec": lambda c, k, m: loop.run_until_complete(
+            _timed_async(m, lambda: local_exec(c, k))
+        ),
+    }
     try:
-        with fresh_dir() as d:
-            path = os.path.join(d, "host.sock")
-            limits = vsock_async.Limits(max_stdout=size)
-            server = loop.run_until_complete(vsock_async.listen(f"unix:{path}", limits=limits))
-            try:
-                with agent_process(f"unix:{path}", size) as proc:
-                    channel = loop.run_until_complete(server.accept(timeout=30))
-                    agent = _Agent(loop, channel, proc.pid)
-                    _compare(table, TRUE, 1000, "ms", agent, TRUE, 0, n, rounds, 0.9)
-                    bulk = f"head -c {size} /dev/zero"
-                    _compare(
-                        table, f"{size / 1e6:g} MB", 1, "s", agent, bulk, size, 1, bulk_rounds, 0.8
+        with contextlib.ExitStack() as stack, fresh_dir() as d:
+            agents = {}
+            for protocol in ("v1", "v2"):
+                path = os.path.join(d, f"{protocol}.sock")
+                server = loop.run_until_complete(
+                    vsock_async.listen(
+                        f"unix:{path}",
+                        limits=vsock_async.Limits(max_stdout=size),
+                        protocol=protocol,
                     )
-            finally:
-                loop.run_until_complete(server.aclose())
+                )
+                stack.callback(loop.run_until_complete, server.aclose())
+                proc = stack.enter_context(agent_process(f"unix:{path}", size))
+                channel = loop.run_until_complete(server.accept(timeout=30))
+                assert channel.protocol == protocol
+                agents[protocol] = _Agent(loop, channel, proc.pid)
+            v1, v2 = agents["v1"], agents["v2"]
+            _compare(
+                table,
+                TRUE,
+                ("ms", 1000),
+                {
+                    "agent v1": lambda: v1.measure(TRUE, 0, n, stream=False),
+                    "agent v2": lambda: v2.measure(TRUE, 0, n, stream=False),
+                },
+                {name: functools.partial(f, TRUE, 0, n) for name, f in local.items()},
+                rounds,
+                0.9,
+            )
+            _compare(
+                table,
+                f"{size / 1e6:g} MB",
+                ("s", 1),
+                {
+                    "agent v1 run()": lambda: v1.measure(bulk, size, 1, stream=False),
+                    "agent v2 run()": lambda: v2.measure(bulk, size, 1, stream=False),
+                    "agent v2 streamed": lambda: v2.measure(bulk, size, 1, stream=True),
+                },
+                {name: functools.partial(f, bulk, size, 1) for name, f in local.items()},
+                bulk_rounds,
+                0.8,
+            )
     finally:
         loop.close()
     table.notes.append(
@@ -206,5 +262,9 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
     table.notes.append(
         "host CPU = process_time of the host process; the agent's own CPU is utime+stime of"
         " the agent process (/proc/PID/stat; its children, the shells, not included)"
+    )
+    table.notes.append(
+        "v2 streamed: create_process() and readinto() one reused 256 KiB buffer; the agent's"
+        f" memory target (issue 15) is at most {STREAM_MEMORY_MIB} MiB above idle"
     )
     return table

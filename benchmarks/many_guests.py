@@ -79,7 +79,8 @@ class _Clock:
 
 
 async def serve_ours(path: str, guests: int, exchanges: int, freeze: bool = False) -> None:
-    server = vsock_async.CommandServer(max_connections_per_guest=None)
+    # The guests speak v1 only: no hello round trip per connection (what "auto" would add).
+    server = vsock_async.CommandServer(max_connections_per_guest=None, protocol="v1")
     clock = _Clock()
     await server.add_listener(f"unix:{path}", backlog=guests)
     print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""Benchmark 5: benchmarks 1 and 2 over real AF_VSOCK and over Unix sockets, inside the VM tier.
+"""Benchmarks 1 and 2 over real AF_VSOCK and over Unix sockets, inside the VM tier.
 
 ``python -m benchmarks.vm [--rounds N] [--bulk-mib 64] [--memory-mib 2048]`` boots the VM
 tier's QEMU guest (``tests/vm``; no network, no vsock device, so ``vsock_loopback`` carries
