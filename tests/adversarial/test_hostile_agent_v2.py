@@ -196,3 +196,57 @@ async def test_a_frame_for_a_stream_never_opened_is_answered_and_the_connection_
         assert not channel.closed
     finally:
         await hostile.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "frame",
+    [encode_frame(0, FrameType.PING, 0, b"p" * 64), encode_frame(3, 0x7F, 0, b"")],
+    ids=["ping", "unknown type"],
+)
+async def test_an_agent_that_asks_for_answers_and_never_reads_them_is_read_no_more(
+    server: CommandServer, tmp_path: Path, frame: bytes
+) -> None:
+    """PINGs (PONG) and frames of unknown types (ERROR) want answers: sent without end by a
+    guest that never reads, they would pile up in the host's memory. The host stops reading
+    that guest until it reads again, and then answers every one."""
+    stalled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    read_again = asyncio.Event()
+    answers: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    chunk = frame * 1000
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        while sent < 32 << 20:
+            writer.write(chunk)
+            try:
+                async with asyncio.timeout(0.5):  # a host that reads never gets near it
+                    await writer.drain()
+            except TimeoutError:
+                break
+            sent += len(chunk)
+        stalled.set_result(sent)
+        await read_again.wait()
+        frames = (sent + len(chunk)) // len(frame)
+        for _ in range(frames):
+            await read_frame(reader)
+        answers.set_result(frames)
+
+    hostile = HostileAgent(flood)
+    await hostile.start(f"{tmp_path}/h.sock")
+    try:
+        channel = await server.accept(timeout=LONG)
+        assert channel.protocol == "v2"
+        async with asyncio.timeout(LONG):
+            sent = await stalled
+        transport = channel.connection.transport
+        assert transport is not None
+        assert sent < 16 << 20, "the host kept reading"
+        assert transport.get_write_buffer_size() < 4 << 20
+        assert not channel.closed
+        read_again.set()
+        async with asyncio.timeout(LONG):
+            await answers  # every request was answered once the guest read again
+        assert not channel.closed
+    finally:
+        await hostile.close()

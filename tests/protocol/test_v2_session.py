@@ -442,6 +442,17 @@ def test_ping_is_answered_and_pong_reported() -> None:
         h.ping(b"x" * 65)
 
 
+def test_answered_counts_the_bytes_of_answers_only() -> None:
+    """PONG and ERROR are what a peer makes us write by sending alone; our own frames are not."""
+    h = host()
+    h.ping(b"abc")
+    h.open_exec({"argv": ["true"]})
+    h.data_to_send()
+    assert h.answered == 0
+    h.receive_data(encode_frame(0, T.PING, 0, b"x" * 64) + encode_frame(5, 0x7F, 0, b"zz"))
+    assert h.answered == sum(len(chunk) for chunk in h.data_to_send()) > 74
+
+
 @pytest.mark.parametrize(
     "frame",
     [

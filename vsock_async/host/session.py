@@ -5,8 +5,9 @@ The pure session holds the wire rules (frames, stream ids, credit in both
 directions, limits); this layer moves bytes between it and the socket, routes
 its events to the :class:`~vsock_async.host.process.Process` of each stream,
 and turns the connection's end into errors for everyone waiting. Reads go
-straight into the session's decoder (``recv_into``). Reading never pauses:
-per-stream credit already bounds what the agent may send.
+straight into the session's decoder (``recv_into``). Per-stream credit bounds
+what the agent may send; reading pauses only for an agent that keeps asking
+for answers (PING, unknown frames) while it reads none of what we write.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from ..errors import (
     ConnectionLost,
@@ -47,6 +48,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vsock_async")
 
+_MAX_UNREAD_ANSWERS: Final = 64 * 1024
+"""Bytes of answers the agent may ask for while our writes are paused before we stop reading it.
+
+Our agent asks for none; a guest flooding PINGs it never reads would grow our write buffer
+without end. The agent's output never counts: its credit bounds it, and pausing on it could
+deadlock with an agent that stops reading while its own writes are paused.
+"""
+
 __all__ = ["SessionConnection"]
 
 
@@ -75,6 +84,8 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._on_close: list[Callable[[SessionConnection], None]] = []
         self._write_paused = False
+        self._answered_at_pause = 0  # the session's answers when our writes were paused
+        self._read_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._dispatching = False
         self.bytes_sent = 0
@@ -100,6 +111,14 @@ class SessionConnection(asyncio.BufferedProtocol):
             self.abort(exc)
             return
         self._dispatch()
+        if (
+            self._write_paused
+            and not self._read_paused
+            and self._session.answered - self._answered_at_pause > _MAX_UNREAD_ANSWERS
+        ):
+            assert self.transport is not None
+            self._read_paused = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._session.receive_eof()
@@ -120,9 +139,13 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._answered_at_pause = self._session.answered
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
         self._wake_writers()
 
     # -- state ---------------------------------------------------------------------------

@@ -304,6 +304,9 @@ class _Session:
         self._streams: dict[int, _Stream] = {}
         self._last_id = 0  # highest stream id opened on this connection
         self._error: ProtocolError | None = None
+        self.answered = 0
+        """Bytes of answers queued so far (PONG, ERROR): what the peer makes this end write
+        by sending alone, whether or not it reads them."""
 
     # -- input ---------------------------------------------------------------------------
 
@@ -381,6 +384,7 @@ class _Session:
         if errno is not None:
             error["errno"] = errno
         self._queue_json(stream, FrameType.ERROR, error)
+        self.answered += len(self._send[-1])
 
     def _send_data(
         self,
@@ -437,7 +441,9 @@ class _Session:
             elif len(frame.payload) > MAX_PING:
                 raise _violation(frame, f"a PING payload is at most {MAX_PING} bytes")
             else:
-                self._send.append(encode_frame(0, FrameType.PONG, 0, frame.payload))
+                pong = encode_frame(0, FrameType.PONG, 0, frame.payload)
+                self.answered += len(pong)
+                self._send.append(pong)
         elif type not in self._receives:
             raise _violation(frame, "that type is never sent in this direction")
         elif stream == 0:
