@@ -1,7 +1,8 @@
-"""``serve``'s HTTP control API (aiohttp): guests, run, probe, drop, health, metrics.
+"""``serve``'s HTTP control API (aiohttp): guests, run, exec, probe, drop, health, metrics.
 
-The only module of the package that imports aiohttp; ``serve`` imports it
-when it starts, so the core and the agent run on the standard library.
+With :mod:`.control_exec` (which streams an exec) the only modules of the
+daemon that import aiohttp; ``serve`` imports them when it starts, so the
+core and the agent run on the standard library.
 Routes, bodies and error codes are those of docs/openapi.yaml. Every error
 is ``{"error": {"code": CODE, "message": TEXT}}`` with a stable ``CODE``.
 """
@@ -14,13 +15,14 @@ import contextlib
 import hmac
 import json
 import logging
+import shlex
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from .._sockets import stop_polling_accepts
 from ..errors import (
@@ -32,16 +34,29 @@ from ..errors import (
     GuestBusy,
     PeerError,
     ProbeFailed,
+    SpawnFailed,
     UnknownGuest,
+    Unsupported,
     UsageError,
 )
 from ..host.commandline import compose_command
 from ..host.guests import Guest
+from ..host.process import DEVNULL, PIPE, Process
 from ..host.server import CommandServer
 from ..protocol import result_frame_parts
 from ..results import CommandResult
-from ..timeouts import DEFAULT, Timeout, check_timeout, parse_timeout
+from ..timeouts import DEFAULT, Timeout, check_timeout, parse_timeout, resolve_timeout
+from .control_exec import ClientGone, control_frame, stream_http, stream_websocket
 from .defaults import RAW_RESULT_TYPE
+from .exec_stream import (
+    REQUEST_FIELDS,
+    STREAM_TYPE,
+    ExecRequest,
+    ExitStatus,
+    Started,
+    error_message,
+    parse_request,
+)
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServeMetrics
 
 __all__ = [
@@ -80,7 +95,9 @@ ERROR_STATUS: Final = {
     "guest_not_found": 404,
     "method_not_allowed": 405,
     "guest_busy": 409,
+    "unsupported": 409,
     "body_too_large": 413,
+    "spawn_failed": 422,
     "internal": 500,
     "guest_failed": 502,
     "probe_failed": 502,
@@ -278,21 +295,28 @@ class ControlAPI:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
-        """True once shutdown began: runs and probes are refused with 503."""
+        """True once shutdown began: runs, execs and probes are refused with 503."""
+        self._processes: set[Process] = set()
+        """The processes of streaming execs in progress."""
         self._runners: list[web.AppRunner] = []
         self._sites: list[tuple[web.SockSite, socket.socket]] = []
+        self._max_message = 2 * self.server.limits.max_command + _BODY_OVERHEAD
+        """The largest request body, and the largest WebSocket message of an exec."""
         self.app = self._make_app()
 
     def _make_app(self) -> web.Application:
-        max_body = 2 * self.server.limits.max_command + _BODY_OVERHEAD
         app = web.Application(
-            client_max_size=max_body, middlewares=[self._errors_middleware, self._auth_middleware]
+            client_max_size=self._max_message,
+            middlewares=[self._errors_middleware, self._auth_middleware],
         )
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/v1/guests", self._list_guests)
         app.router.add_get("/v1/guests/{key}", self._get_guest)
         app.router.add_delete("/v1/guests/{key}", self._drop_guest)
         app.router.add_post("/v1/guests/{key}/run", self._run)
+        # GET too: WebSocket clients upgrade with GET; POST without an upgrade streams over HTTP.
+        app.router.add_get("/v1/guests/{key}/exec", self._exec, allow_head=False)
+        app.router.add_post("/v1/guests/{key}/exec", self._exec)
         app.router.add_post("/v1/guests/{key}/probe", self._probe)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -343,8 +367,14 @@ class ControlAPI:
 
     @property
     def running(self) -> int:
-        """Runs and probes in progress."""
+        """Runs, execs and probes in progress."""
         return self._running
+
+    def signal_processes(self, signum: int) -> int:
+        """Send ``signum`` to every process of a streaming exec; how many there were."""
+        for process in self._processes:
+            process.send_signal(signum)
+        return len(self._processes)
 
     async def wait_idle(self) -> None:
         """Return once no run or probe is in progress."""
@@ -622,6 +652,167 @@ class ControlAPI:
                 await response.write(piece)
         await response.write_eof()
         return response
+
+    # -- exec ----------------------------------------------------------------------------
+
+    async def _exec(self, request: web.Request) -> web.StreamResponse:
+        guest = self._guest(request)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not upgrade and request.method != "POST":
+            raise ApiError(
+                "bad_request",
+                "GET .../exec must upgrade to a WebSocket; POST it to stream over plain HTTP",
+            )
+        channels = guest.channels
+        if channels and all(c.protocol == "v1" for c in channels):
+            raise ApiError(
+                "unsupported",
+                f"guest {guest.key!r} speaks only protocol v1, which runs one buffered command"
+                " at a time: streaming exec (output as it comes, stdin, signals, terminals)"
+                " needs v2. Upgrade its agent, or use .../run",
+            )
+        with self._exchange():
+            if upgrade:
+                return await self._exec_websocket(request, guest)
+            return await self._exec_http(request, guest)
+
+    async def _exec_websocket(self, request: web.Request, guest: Guest) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=self._max_message, compress=False)
+        await ws.prepare(request)
+        start = time.monotonic()
+        try:
+            exec_request = await _first_request(ws)
+            async with self._process(guest, exec_request) as process:
+                await ws.send_json(Started(process.pid).to_json())
+                status = await stream_websocket(ws, process, exec_request, self.metrics, start)
+                await ws.send_json(status.to_json())
+            await ws.close()
+        except ApiError as exc:
+            await _close_with_error(ws, exc)
+        except UsageError as exc:  # a message the client may not send
+            await _close_with_error(ws, ApiError("bad_request", str(exc)))
+        except (PeerError, ConnectionClosed) as exc:
+            await _close_with_error(ws, _guest_failure(exc, guest, "the exec", None, 0.0))
+        except (ClientGone, ConnectionResetError):
+            logger.info(
+                "%s %s: the client went away after %.3f s; its process was stopped",
+                request.method,
+                request.path,
+                time.monotonic() - start,
+            )
+        return ws
+
+    async def _exec_http(self, request: web.Request, guest: Guest) -> web.StreamResponse:
+        body = await self._json_body(request, REQUEST_FIELDS)
+        start = time.monotonic()
+        try:
+            exec_request = ExecRequest.from_json(body)
+        except UsageError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        if exec_request.stdin or exec_request.tty is not None:
+            raise ApiError(
+                "bad_request",
+                "stdin and tty need the WebSocket form of exec (Upgrade: websocket)",
+            )
+        async with self._process(guest, exec_request) as process:
+            response = web.StreamResponse(headers={"Content-Type": STREAM_TYPE})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(_control(Started(process.pid).to_json()))
+            try:
+                status: ExitStatus | ApiError = await stream_http(
+                    response, process, self.metrics, start
+                )
+            except (PeerError, ConnectionClosed) as exc:
+                status = _guest_failure(exc, guest, "the exec", None, 0.0)
+            if isinstance(status, ApiError):
+                await response.write(_control(error_message(status.code, status.message)))
+            else:
+                await response.write(_control(status.to_json()))
+            await response.write_eof()
+            return response
+
+    @contextlib.asynccontextmanager
+    async def _process(self, guest: Guest, request: ExecRequest) -> AsyncIterator[Process]:
+        """Start the process of ``request`` in ``guest``, count it, and stop it (if it still
+        runs) on the way out, whichever way that is."""
+        command = request.command
+        what = _shown((command if isinstance(command, str) else shlex.join(command)).encode())
+        timeout = resolve_timeout(request.timeout, self.server.default_timeout)
+        if timeout == 0:
+            raise ApiError("command_timeout", f"command {what} was given no time and never started")
+        env: dict[str | bytes, str | bytes] | None = None
+        if request.env is not None:
+            env = {name: value for name, value in request.env.items()}
+        try:
+            process = await guest.create_process(
+                command if isinstance(command, str) else list(command),
+                stdin=PIPE if request.stdin else DEVNULL,
+                stderr=None if request.tty is not None else PIPE,
+                env=env,
+                cwd=request.cwd,
+                user=request.user,
+                pty=request.tty,
+                timeout=timeout,
+            )
+        except Unsupported as exc:
+            raise ApiError("unsupported", str(exc)) from None
+        except UsageError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        except SpawnFailed as exc:
+            message = exc.strerror or str(exc)  # without the "[Errno N]" of an OSError
+            raise ApiError("spawn_failed", message, reason=exc.code, errno=exc.errno_name) from None
+        except (PeerError, ConnectionClosed) as exc:
+            raise _guest_failure(exc, guest, "the exec", None, 0.0) from None
+        self._processes.add(process)
+        self.metrics.processes_started.inc()
+        self.metrics.processes_running.set(len(self._processes))
+        logger.debug("exec %s in guest %r started as pid %s", what, guest.key, process.pid)
+        try:
+            yield process
+        finally:
+            await process.aclose()
+            self._processes.discard(process)
+            self.metrics.processes_running.set(len(self._processes))
+            how = _exit_kind(process)
+            self.metrics.processes_exited.inc(how)
+            logger.debug("exec %s in guest %r (pid %s): %s", what, guest.key, process.pid, how)
+
+
+async def _first_request(ws: web.WebSocketResponse) -> ExecRequest:
+    """The exec request, the first message on ``ws``; ApiError if it is not one."""
+    message = await ws.receive()
+    if message.type is WSMsgType.TEXT:
+        try:
+            return parse_request(message.data)
+        except UsageError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+    if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        raise ClientGone
+    raise ApiError("bad_request", "the first message must be the exec request, as JSON text")
+
+
+async def _close_with_error(ws: web.WebSocketResponse, error: ApiError) -> None:
+    """Send ``error`` as the last message and close: 1008 for the client's fault, else 1011."""
+    if ws.closed:
+        return
+    extra = {k: v for k, v in error.extra.items() if not isinstance(v, bytes)}
+    with contextlib.suppress(ConnectionResetError):
+        await ws.send_json(error_message(error.code, error.message, **extra))
+    await ws.close(code=1008 if error.status < 500 else 1011, message=error.code.encode())
+
+
+def _control(message: Mapping[str, Any]) -> bytes:
+    return control_frame(json.dumps(message).encode())
+
+
+def _exit_kind(process: Process) -> str:
+    """How a process ended, as the metrics count it."""
+    if process.returncode is None:
+        return "lost"
+    if process.timed_out:
+        return "timed_out"
+    return "code" if process.exit_signal is None else "signal"
 
 
 def _guest_failure(

@@ -5,8 +5,9 @@ probe of every new connection and of every idle one at an interval (a
 connection that fails is dropped and logged), and the HTTP control API of
 :mod:`vsock_async.serve.control_api` on a Unix socket (mode 0600) or, with a bearer
 token, on TCP; health and metrics alone, read-only, may also get a TCP port.
-SIGTERM or SIGINT stops accepting, lets running commands finish within the
-grace period, then closes guests and the control API and removes socket
+SIGTERM or SIGINT stops accepting, sends SIGTERM to the processes of
+streaming execs, lets running commands and processes finish within the grace
+period, kills the processes left, then closes guests and the control API and removes socket
 files; a second signal skips the wait.
 
 Standard library only at import time: aiohttp is imported when the daemon
@@ -265,7 +266,8 @@ class Daemon:
         logger.info("stopped")
 
     async def _drain(self) -> None:
-        """Stop accepting; wait for running commands until they end, the grace, or a signal."""
+        """Stop accepting; SIGTERM to exec processes; wait for running commands and processes
+        until they end, the grace, or a signal; SIGKILL to the processes left."""
         self._draining = True
         self.server.stop_listening()
         control = self.control
@@ -274,7 +276,10 @@ class Daemon:
         await control.stop_accepting()
         if not control.running:
             return
-        logger.info("waiting for %d running command(s)", control.running)
+        signalled = control.signal_processes(signal.SIGTERM)
+        if signalled:
+            logger.info("sent SIGTERM to %d exec process(es)", signalled)
+        logger.info("waiting for %d running command(s) and exec(s)", control.running)
         idle = asyncio.ensure_future(control.wait_idle())
         force = asyncio.ensure_future(self._force.wait())
         try:
@@ -285,8 +290,12 @@ class Daemon:
             idle.cancel()
             force.cancel()
         if control.running:
+            killed = control.signal_processes(signal.SIGKILL)
+            if killed:
+                logger.warning("sent SIGKILL to %d exec process(es) still running", killed)
             logger.warning(
-                "%d command(s) still running: closing their connections", control.running
+                "%d command(s) and exec(s) still running: closing their connections",
+                control.running,
             )
 
     async def _close(self) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "Counter",
     "Gauge",
     "Histogram",
+    "LabelledCounter",
     "ServeMetrics",
 ]
 
@@ -87,6 +88,32 @@ class Counter(_Metric):
         return [*self.header(), f"{self.name} {_number(self.value)}"]
 
 
+class LabelledCounter(_Metric):
+    """Counters that only go up, one per value of one label (a fixed set, all always shown)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, label: str, values: Iterable[str]) -> None:
+        super().__init__(name, help_text)
+        self.label = label
+        self.values = dict.fromkeys(values, 0.0)
+
+    def inc(self, value: str, amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the counter of label value ``value`` (one of the set)."""
+        if amount < 0:
+            raise ValueError(f"a counter cannot go down (inc({value!r}, {amount}))")
+        self.values[value] += amount
+
+    def lines(self) -> list[str]:
+        return [
+            *self.header(),
+            *(
+                f'{self.name}{{{self.label}="{value}"}} {_number(count)}'
+                for value, count in self.values.items()
+            ),
+        ]
+
+
 class Gauge(_Metric):
     """A value that is set to what it is now."""
 
@@ -142,7 +169,8 @@ def render(metrics: Iterable[_Metric]) -> str:
 
 
 class ServeMetrics:
-    """What ``serve`` counts: guests, commands and their outcomes, bytes, exchange latency."""
+    """What ``serve`` counts: guests, commands and processes and their outcomes, bytes,
+    exchange latency."""
 
     def __init__(self) -> None:
         self.guests_connected = Gauge(
@@ -170,6 +198,26 @@ class ServeMetrics:
         )
         self.bytes_received = Counter(
             "vsock_async_bytes_received_total", "Bytes read from guest connections (results)."
+        )
+        self.processes_started = Counter(
+            "vsock_async_processes_started_total",
+            "Processes started in guests by streaming exec.",
+        )
+        self.processes_running = Gauge(
+            "vsock_async_processes_running", "Processes of streaming exec running now."
+        )
+        self.processes_exited = LabelledCounter(
+            "vsock_async_processes_exited_total",
+            "Processes of streaming exec that ended: by their exit code, by a signal, stopped"
+            " at their timeout, or lost with their guest connection.",
+            "how",
+            ("code", "signal", "timed_out", "lost"),
+        )
+        self.exec_bytes = LabelledCounter(
+            "vsock_async_exec_bytes_total",
+            "Bytes streamed by exec: stdin from clients, stdout and stderr to them.",
+            "stream",
+            ("stdin", "stdout", "stderr"),
         )
         self.exchange_seconds = Histogram(
             "vsock_async_exchange_duration_seconds",
@@ -205,6 +253,10 @@ class ServeMetrics:
                 self.probes_failed,
                 self.bytes_sent,
                 self.bytes_received,
+                self.processes_started,
+                self.processes_running,
+                self.processes_exited,
+                self.exec_bytes,
                 self.exchange_seconds,
             ]
         )

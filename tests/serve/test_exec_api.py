@@ -1,0 +1,595 @@
+"""The streaming exec of the control API, end to end: real ``serve`` and agent processes,
+WebSocket and plain HTTP clients over the real control socket. Output as it comes, stdin
+and its end, terminals and their size, signals, deadlines, the errors, a client that goes
+away or never reads or sends too much, the drain on SIGTERM; each time, nothing is left
+running in the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.agent_process import live_members
+from tests.daemon_process import (
+    LONG,
+    Daemon,
+    Stack,
+    eventually,
+    short_directory,
+    stack,
+    wait_for_guest,
+)
+from vsock_async.serve.exec_stream import FRAME_HEADER
+
+__all__ = ["stack"]
+
+MAX_COMMAND = 4096
+MAX_MESSAGE = 2 * MAX_COMMAND + 64 * 1024
+"""The daemon's largest WebSocket message with ``--max-command 4K``."""
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with short_directory() as directory:
+        processes = Stack(directory)
+        try:
+            served = processes.daemon("--max-command", "4K", "--probe-interval", "none")
+            processes.agent(served.guest_address)
+            wait_for_guest(served.client(), "vm1")
+            yield served
+        finally:
+            processes.close()
+
+
+def _session(daemon: Daemon) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=daemon.control_socket))
+
+
+@contextlib.asynccontextmanager
+async def websocket(
+    daemon: Daemon, *, method: str = "GET", guest: str = "vm1"
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with (
+        _session(daemon) as session,
+        session.ws_connect(f"http://localhost/v1/guests/{guest}/exec", method=method) as ws,
+    ):
+        yield ws
+
+
+@dataclass
+class Outcome:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.controls[-1]
+
+
+async def collect(ws: aiohttp.ClientWebSocketResponse, outcome: Outcome | None = None) -> Outcome:
+    """Read ``ws`` to its end."""
+    outcome = outcome or Outcome()
+    async for message in ws:
+        if message.type is aiohttp.WSMsgType.BINARY:
+            channel, data = message.data[0], message.data[1:]
+            if channel == 1:
+                outcome.stdout += data
+            else:
+                assert channel == 2
+                outcome.stderr += data
+        else:
+            assert message.type is aiohttp.WSMsgType.TEXT
+            outcome.controls.append(json.loads(message.data))
+    outcome.close_code = ws.close_code
+    return outcome
+
+
+async def start(ws: aiohttp.ClientWebSocketResponse, request: dict[str, Any]) -> int:
+    """Send ``request``; the pid of the process once it runs."""
+    await ws.send_str(json.dumps(request))
+    started = await ws.receive_json()
+    assert started["type"] == "started"
+    pid = started["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+async def read_until(ws: aiohttp.ClientWebSocketResponse, wanted: bytes) -> bytes:
+    """Stdout (channel 1) until it holds ``wanted``."""
+    seen = b""
+    while wanted not in seen:
+        message = await asyncio.wait_for(ws.receive(), LONG)
+        assert message.type is aiohttp.WSMsgType.BINARY, message
+        assert message.data[0] == 1
+        seen += message.data[1:]
+    return seen
+
+
+async def gone(pid: int) -> None:
+    """Wait until process group ``pid`` has no live member in the guest."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LONG
+    while live_members(pid):
+        if loop.time() > deadline:
+            pytest.fail(f"process group {pid} still running in the guest")
+        await asyncio.sleep(0.02)
+
+
+def gate(daemon: Daemon, name: str) -> tuple[str, Path]:
+    """A shell loop that waits until the returned file exists."""
+    marker = daemon.directory / name
+    return f"while [ ! -e {marker} ]; do sleep 0.01; done", marker
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_stdin_stdout_stderr_and_the_exit_code(daemon: Daemon) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sh", "-c", "cat; echo err >&2; exit 3"], "stdin": True})
+        await ws.send_bytes(b"\x00hello ")
+        await ws.send_bytes(b"\x00" + bytes(range(256)))
+        await ws.send_str('{"type": "eof"}')
+        outcome = await collect(ws)
+    assert outcome.stdout == b"hello " + bytes(range(256))
+    assert outcome.stderr == b"err\n"
+    assert outcome.last["type"] == "exit"
+    assert (outcome.last["exit_code"], outcome.last["exit_signal"]) == (3, None)
+    assert outcome.last["timed_out"] is False and outcome.last["output_incomplete"] is False
+    assert outcome.close_code == 1000
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_a_post_upgrade_works_as_a_get_does(daemon: Daemon) -> None:
+    async with websocket(daemon, method="POST") as ws:
+        await start(ws, {"command": "echo via post", "env": {"A": "1"}, "cwd": "/"})
+        outcome = await collect(ws)
+    assert (outcome.stdout, outcome.last["exit_code"]) == (b"via post\n", 0)
+
+
+@pytest.mark.asyncio
+async def test_output_arrives_before_the_process_ends(daemon: Daemon) -> None:
+    wait, marker = gate(daemon, "stream-gate")
+    async with websocket(daemon) as ws:
+        await start(ws, {"command": f"echo first; {wait}; echo second"})
+        assert await read_until(ws, b"first\n") == b"first\n"
+        assert (
+            not marker.exists()
+        )  # the process is still waiting: the output came as it was written
+        marker.touch()
+        outcome = await collect(ws)
+    assert outcome.stdout == b"second\n"
+    assert outcome.last["exit_code"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_tty_has_its_size_and_follows_resizes(daemon: Daemon) -> None:
+    script = "tty; stty size; read line; stty size"
+    async with websocket(daemon) as ws:
+        await start(
+            ws,
+            {"command": ["sh", "-c", script], "tty": {"rows": 24, "cols": 80}, "stdin": True},
+        )
+        seen = await read_until(ws, b"24 80")
+        assert b"/dev/pts/" in seen
+        await ws.send_str(json.dumps({"type": "resize", "rows": 50, "cols": 132}))
+        await ws.send_bytes(b"\x00go\n")
+        outcome = await collect(ws)
+    assert b"50 132" in outcome.stdout
+    assert outcome.stderr == b""  # a terminal merges stderr into stdout
+    assert outcome.last["exit_code"] == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("given", "number"), [("INT", 2), (15, 15), ("SIGKILL", 9)])
+async def test_a_signal_reaches_the_process(daemon: Daemon, given: object, number: int) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sleep", "30"]})
+        await ws.send_str(json.dumps({"type": "signal", "signal": given}))
+        outcome = await collect(ws)
+    assert (outcome.last["exit_code"], outcome.last["exit_signal"]) == (128 + number, number)
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_the_timeout_stops_the_process(daemon: Daemon) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sleep", "30"], "timeout": 0.05})
+        outcome = await collect(ws)
+    assert outcome.last["timed_out"] is True
+    assert outcome.last["exit_signal"] == signal.SIGTERM
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_no_time_at_all_never_starts_it(daemon: Daemon) -> None:
+    marker = daemon.directory / "never-started"
+    async with websocket(daemon) as ws:
+        await ws.send_str(json.dumps({"command": f"touch {marker}", "timeout": 0}))
+        outcome = await collect(ws)
+    assert outcome.last["error"]["code"] == "command_timeout"
+    assert outcome.close_code == 1011
+    assert not marker.exists()
+
+
+@pytest.mark.asyncio
+async def test_a_program_that_cannot_start(daemon: Daemon) -> None:
+    async with websocket(daemon) as ws:
+        await ws.send_str(json.dumps({"command": ["/no/such/program"]}))
+        outcome = await collect(ws)
+    assert outcome.last["type"] == "error"
+    assert outcome.last["error"]["code"] == "spawn_failed"
+    assert "/no/such/program" in outcome.last["error"]["message"]
+    assert outcome.last["errno"] == "ENOENT"
+    assert outcome.close_code == 1008
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("first", "says"),
+    [
+        (b"\x00binary", "the first message must be the exec request"),
+        ("{not json", "not valid JSON"),
+        ('{"command": "true", "shell": "bash"}', "unknown field(s) shell"),
+        ('{"command": "true", "tty": {"rows": 0, "cols": 1}}', "tty rows"),
+    ],
+)
+async def test_a_bad_request_message_is_answered_and_closed(
+    daemon: Daemon, first: str | bytes, says: str
+) -> None:
+    async with websocket(daemon) as ws:
+        await (ws.send_bytes(first) if isinstance(first, bytes) else ws.send_str(first))
+        outcome = await collect(ws)
+    assert outcome.controls == [outcome.last]
+    assert outcome.last["error"]["code"] == "bad_request"
+    assert says in outcome.last["error"]["message"]
+    assert outcome.close_code == 1008
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("request_extra", "message", "says"),
+    [
+        ({"stdin": True}, b"\x01data", "on channel 0 (stdin), not 1"),
+        ({}, b"\x00data", "stdin was not asked for"),
+        ({}, '{"type": "eof"}', "stdin was not asked for"),
+        ({}, '{"type": "resize", "rows": 5, "cols": 5}', "needs a process started with a tty"),
+        ({}, '{"type": "signal", "signal": "NOPE"}', "a signal is"),
+        ({}, '{"type": "detach"}', "unknown message type"),
+    ],
+)
+async def test_a_bad_message_ends_the_exec_and_stops_the_process(
+    daemon: Daemon, request_extra: dict[str, Any], message: str | bytes, says: str
+) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sleep", "30"], **request_extra})
+        await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
+        outcome = await collect(ws)
+    assert outcome.last["error"]["code"] == "bad_request"
+    assert says in outcome.last["error"]["message"]
+    assert outcome.close_code == 1008
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_closes_stops_its_process(daemon: Daemon) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": "sleep 30 & sleep 30; wait"})
+        assert len(live_members(pid)) >= 2
+    await gone(pid)
+    eventually(lambda: "the client went away" in daemon.log(), "the daemon logging it")
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_message_closes_with_1009_and_stops_the_process(
+    daemon: Daemon,
+) -> None:
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["cat"], "stdin": True})
+        await ws.send_bytes(b"\x00" + b"x" * MAX_MESSAGE)
+        outcome = await collect(ws)
+    assert outcome.close_code == 1009
+    assert outcome.stdout == b""
+    await gone(pid)
+
+
+# -- raw WebSocket clients: abrupt, never reading -----------------------------------------------
+
+
+class RawWebSocket:
+    """A WebSocket client over a bare socket, for what a library would not do."""
+
+    def __init__(self, daemon: Daemon, *, receive_buffer: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(LONG)
+        self.sock.connect(daemon.control_socket)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                "GET /v1/guests/vm1/exec HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        """One final frame, masked with a zero key (so the payload goes as it is)."""
+        n = len(payload)
+        if n < 126:
+            header = struct.pack(">BB", 0x80 | opcode, 0x80 | n)
+        elif n < 1 << 16:
+            header = struct.pack(">BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            header = struct.pack(">BBQ", 0x80 | opcode, 0x80 | 127, n)
+        self.sock.sendall(header + b"\0\0\0\0" + payload)
+
+    def abort(self) -> None:
+        """Reset the connection: no close frame, no FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def progress_script(path: Path, total: int) -> list[str]:
+    """argv of a process writing ``total`` bytes to stdout, counting them into ``path``."""
+    code = (
+        "import os\n"
+        "written, chunk = 0, b'x' * 65536\n"
+        f"while written < {total}:\n"
+        "    written += os.write(1, chunk)\n"
+        f"    open({str(path)!r} + '.tmp', 'w').write(f'{{os.getpid()}} {{written}}')\n"
+        f"    os.replace({str(path)!r} + '.tmp', {str(path)!r})\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_an_abruptly_reset_client_stops_its_process(daemon: Daemon) -> None:
+    pid_file = daemon.directory / "abrupt-pid"
+    client = RawWebSocket(daemon)
+    client.send(
+        json.dumps(
+            {"command": f"echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; sleep 30"}
+        ).encode()
+    )
+    eventually(pid_file.exists, "the process started")
+    pid = int(pid_file.read_text())
+    assert live_members(pid)
+    client.abort()
+    eventually(lambda: not live_members(pid), "the process group stopped")
+
+
+def test_a_client_that_never_reads_holds_back_the_process_in_bounded_memory(
+    daemon: Daemon,
+) -> None:
+    progress = daemon.directory / "never-reads-progress"
+    total = 256 << 20
+    client = RawWebSocket(daemon, receive_buffer=4096)
+    client.send(json.dumps({"command": progress_script(progress, total)}).encode())
+    eventually(progress.exists, "the process writing")
+    # The writer stops making progress: it blocks on its pipe, as nobody takes its output.
+    last, unchanged = b"", 0
+    while unchanged < 25:
+        now = progress.read_bytes()
+        unchanged = unchanged + 1 if now == last else 0
+        last = now
+        time.sleep(0.02)
+    pid, written = (int(n) for n in last.split())
+    assert written < 16 << 20  # credit, pipes and socket buffers: not the 256 MiB it has
+    assert _rss(daemon.proc.pid) < 200 << 20
+    assert live_members(pid)
+    client.abort()
+    eventually(lambda: not live_members(pid), "the writer stopped")
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -- plain HTTP ------------------------------------------------------------------------------
+
+
+async def read_frame(response: aiohttp.ClientResponse) -> tuple[int, bytes]:
+    header = await response.content.readexactly(FRAME_HEADER.size)
+    channel, length = FRAME_HEADER.unpack(header)
+    return channel, await response.content.readexactly(length)
+
+
+@pytest.mark.asyncio
+async def test_the_http_stream_carries_output_as_it_comes(daemon: Daemon) -> None:
+    wait, marker = gate(daemon, "http-gate")
+    command = f"echo out; echo err >&2; {wait}; echo late; exit 4"
+    async with (
+        _session(daemon) as session,
+        session.post("http://localhost/v1/guests/vm1/exec", json={"command": command}) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "application/vnd.vsock-async.exec-stream"
+        channel, started = await read_frame(response)
+        assert channel == 3 and json.loads(started)["type"] == "started"
+        pid = json.loads(started)["pid"]
+        early = {await read_frame(response), await read_frame(response)}
+        assert early == {(1, b"out\n"), (2, b"err\n")}
+        assert not marker.exists()
+        marker.touch()
+        assert await read_frame(response) == (1, b"late\n")
+        channel, last = await read_frame(response)
+        assert channel == 3
+        assert json.loads(last)["exit_code"] == 4
+        assert await response.content.read() == b""
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_an_http_client_that_leaves_stops_its_process(daemon: Daemon) -> None:
+    async with (
+        _session(daemon) as session,
+        session.post(
+            "http://localhost/v1/guests/vm1/exec", json={"command": "sleep 30"}
+        ) as response,
+    ):
+        _, started = await read_frame(response)
+        pid = json.loads(started)["pid"]
+        assert live_members(pid)
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"command": "cat", "stdin": True}, "stdin and tty need the WebSocket"),
+        ({"command": "tty", "tty": {"rows": 5, "cols": 5}}, "stdin and tty need the WebSocket"),
+        ({"command": ""}, "command must be"),
+        ({"argv": ["ls"]}, "unknown field(s) argv"),
+    ],
+)
+async def test_the_http_stream_refuses_what_it_cannot_do(
+    daemon: Daemon, body: dict[str, Any], says: str
+) -> None:
+    async with (
+        _session(daemon) as session,
+        session.post("http://localhost/v1/guests/vm1/exec", json=body) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["code"] == "bad_request"
+    assert says in error["message"]
+
+
+@pytest.mark.asyncio
+async def test_get_without_an_upgrade_and_an_unknown_guest(daemon: Daemon) -> None:
+    async with _session(daemon) as session:
+        async with session.get("http://localhost/v1/guests/vm1/exec") as response:
+            assert response.status == 400
+            assert "must upgrade to a WebSocket" in (await response.json())["error"]["message"]
+        async with session.post("http://localhost/v1/guests/vm9/exec", json={}) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "guest_not_found"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await session.ws_connect("http://localhost/v1/guests/vm9/exec")
+    assert caught.value.status == 404
+
+
+# -- a v1 guest, metrics, the drain ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_v1_guest_answers_409_unsupported_and_run_still_works(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none", "--protocol", "v1")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    async with _session(daemon) as session:
+        async with session.post(
+            "http://localhost/v1/guests/vm1/exec", json={"command": "true"}
+        ) as response:
+            assert response.status == 409
+            error = (await response.json())["error"]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await session.ws_connect("http://localhost/v1/guests/vm1/exec")
+    assert error["code"] == "unsupported"
+    assert "speaks only protocol v1" in error["message"]
+    assert caught.value.status == 409
+    assert client.run("vm1", "echo still").stdout == b"still\n"
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_processes_and_bytes(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    async with websocket(daemon) as ws:
+        await start(ws, {"command": ["cat"], "stdin": True})
+        await ws.send_bytes(b"\x00" + b"12345")
+        await read_until(ws, b"12345")
+        assert "vsock_async_processes_running 1" in client.metrics().splitlines()
+        await ws.send_str('{"type": "eof"}')
+        await collect(ws)
+    for request in ({"command": "echo e >&2; exit 1"}, {"command": "kill -TERM $$"}):
+        async with websocket(daemon) as ws:
+            await start(ws, request)
+            await collect(ws)
+    async with websocket(daemon) as ws:
+        await start(ws, {"command": ["sleep", "30"], "timeout": 0.01})
+        await collect(ws)
+    lines = client.metrics().splitlines()
+    for expected in [
+        "vsock_async_processes_started_total 4",
+        "vsock_async_processes_running 0",
+        'vsock_async_processes_exited_total{how="code"} 2',
+        'vsock_async_processes_exited_total{how="signal"} 1',
+        'vsock_async_processes_exited_total{how="timed_out"} 1',
+        'vsock_async_processes_exited_total{how="lost"} 0',
+        'vsock_async_exec_bytes_total{stream="stdin"} 5',
+        'vsock_async_exec_bytes_total{stream="stdout"} 5',
+        'vsock_async_exec_bytes_total{stream="stderr"} 2',
+    ]:
+        assert expected in lines
+
+
+async def drain_during_exec(stack: Stack, grace: str, script: str) -> tuple[Daemon, int, Outcome]:
+    """Start ``script`` by exec, SIGTERM serve once it printed ``ready``; serve stopped, the
+    process group and what the client got."""
+    daemon = stack.daemon("--probe-interval", "none", "--grace", grace)
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sh", "-c", f"{script}; echo ready; {LOOP}"]})
+        await read_until(ws, b"ready\n")
+        daemon.send(signal.SIGTERM)
+        outcome = await collect(ws)
+    assert daemon.proc.wait(LONG) == 0, daemon.log()
+    return daemon, pid, outcome
+
+
+LOOP = "while :; do sleep 0.01; done"
+
+
+@pytest.mark.asyncio
+async def test_the_drain_sends_sigterm_to_exec_processes(stack: Stack) -> None:
+    daemon, pid, outcome = await drain_during_exec(
+        stack, str(LONG), "trap 'echo got TERM; exit 7' TERM"
+    )
+    assert b"got TERM\n" in outcome.stdout
+    assert outcome.last["exit_code"] == 7
+    assert "sent SIGTERM to 1 exec process(es)" in daemon.log()
+    await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
+    stack: Stack,
+) -> None:
+    daemon, pid, _ = await drain_during_exec(stack, "0.05", "trap '' TERM")
+    log = daemon.log()
+    assert "sent SIGTERM to 1 exec process(es)" in log
+    assert "sent SIGKILL to 1 exec process(es) still running" in log
+    await gone(pid)
