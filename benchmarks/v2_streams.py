@@ -7,14 +7,16 @@ Ours: one v2 connection from ``listen()``/``accept()`` to the real agent
   a blocking v1 client doing the same 64 one at a time: a plain ``socket.socket`` speaking v1
   framing to a second agent (which dialled a plain listening socket), ``sendall`` and
   ``recv_into`` a reused buffer. Commands per second, and host CPU per command.
-- **Streaming**: ``head -c N /dev/zero`` through ``create_process()``, read with
+- **Streaming**: ``head -c N /dev/zero`` (1 GiB) through ``create_process()``, read with
   ``readinto()`` into one reused buffer, against the same command run locally with
-  ``subprocess.Popen`` and read the same way (``readinto`` on its pipe): bytes per second.
+  ``subprocess.Popen`` and read the same way (``readinto`` on its pipe): bytes per second, and
+  the host's peak RSS above idle while ours streams (issue 15: constant, at most 16 MiB).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import struct
@@ -24,10 +26,18 @@ import time
 import vsock_async
 from vsock_async.protocol import encode_command
 
-from ._harness import ChildProcess, Table, fresh_dir, python_process
+from ._harness import (
+    ChildProcess,
+    Table,
+    fresh_dir,
+    python_process,
+    read_status_kib,
+    reset_peak_rss,
+)
 
 NAME = "v2"
 CONCURRENT = 64
+STREAM_MEMORY_MIB = 16
 _U32 = struct.Struct(">I")
 
 
@@ -96,7 +106,7 @@ def _timed(call: object) -> tuple[float, float]:
 
 def run(quick: bool = False, rounds: int | None = None) -> Table:
     n = 8 if quick else CONCURRENT
-    size = 8 * 1024 * 1024 if quick else 256 * 1024 * 1024
+    size = 8 * 1024 * 1024 if quick else 1024 * 1024 * 1024
     rounds = rounds or (2 if quick else 7)
     table = Table(
         f"5. v2: {n} run()s at once on one connection, and {size / 2**20:g} MiB streamed"
@@ -171,6 +181,11 @@ def _compare(
         baseline_name="local Popen",
         higher_is_better=False,
     )
+    stream_memory = table.single(
+        f"{size / 2**20:g} MiB: host peak RSS above idle while ours streams",
+        "MiB",
+        limit=STREAM_MEMORY_MIB,
+    )
 
     def ours_many() -> None:
         loop.run_until_complete(_many(channel, n))
@@ -180,13 +195,18 @@ def _compare(
             assert blocking.run(b"true") == 0
 
     def ours_stream() -> None:
+        gc.collect()
+        idle = read_status_kib("VmRSS")
+        reset_peak_rss()
         loop.run_until_complete(_stream(channel, size, buffer))
+        stream_memory.values.append((read_status_kib("VmHWM") - idle) / 1024)
 
     def base_stream() -> None:
         _local_stream(size, buffer)
 
     for warm in (ours_many, base_many, ours_stream, base_stream):
         warm()
+    stream_memory.values.clear()
     for r in range(rounds):
         pairs = [(ours_many, base_many), (ours_stream, base_stream)]
         for ours, base in pairs:

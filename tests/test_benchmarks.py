@@ -88,6 +88,7 @@ def _run_benchmarks(*args: str) -> str:
                 "8 x `true`: at once on one v2 connection vs one at a time, blocking v1",
                 "8 x `true`: host CPU per command",
                 "8 MiB: create_process + readinto vs local Popen + readinto",
+                "8 MiB: host peak RSS above idle while ours streams",
             ],
         ),
         (
