@@ -656,13 +656,20 @@ class ControlAPI:
     # -- exec ----------------------------------------------------------------------------
 
     async def _exec(self, request: web.Request) -> web.StreamResponse:
-        guest = self._guest(request)
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if not upgrade and request.method != "POST":
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._exec_websocket(request)
+        if request.method != "POST":
             raise ApiError(
                 "bad_request",
                 "GET .../exec must upgrade to a WebSocket; POST it to stream over plain HTTP",
             )
+        guest = self._v2_guest(request)
+        with self._exchange():
+            return await self._exec_http(request, guest)
+
+    def _v2_guest(self, request: web.Request) -> Guest:
+        """The guest of ``request``, unless it speaks only protocol v1."""
+        guest = self._guest(request)
         channels = guest.channels
         if channels and all(c.protocol == "v1" for c in channels):
             raise ApiError(
@@ -671,28 +678,20 @@ class ControlAPI:
                 " at a time: streaming exec (output as it comes, stdin, signals, terminals)"
                 " needs v2. Upgrade its agent, or use .../run",
             )
-        with self._exchange():
-            if upgrade:
-                return await self._exec_websocket(request, guest)
-            return await self._exec_http(request, guest)
+        return guest
 
-    async def _exec_websocket(self, request: web.Request, guest: Guest) -> web.WebSocketResponse:
+    async def _exec_websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Upgrade at once, so that every error, the guest's included, reaches the client as
+        an ``error`` message it can read (a refused handshake hides the body from clients)."""
         ws = web.WebSocketResponse(max_msg_size=self._max_message, compress=False)
         await ws.prepare(request)
         start = time.monotonic()
         try:
-            exec_request = await _first_request(ws)
-            async with self._process(guest, exec_request) as process:
-                await ws.send_json(Started(process.pid).to_json())
-                status = await stream_websocket(ws, process, exec_request, self.metrics, start)
-                await ws.send_json(status.to_json())
-            await ws.close()
+            await self._relay(ws, request, start)
         except ApiError as exc:
             await _close_with_error(ws, exc)
         except UsageError as exc:  # a message the client may not send
             await _close_with_error(ws, ApiError("bad_request", str(exc)))
-        except (PeerError, ConnectionClosed) as exc:
-            await _close_with_error(ws, _guest_failure(exc, guest, "the exec", None, 0.0))
         except (ClientGone, ConnectionResetError):
             logger.info(
                 "%s %s: the client went away after %.3f s; its process was stopped",
@@ -701,6 +700,19 @@ class ControlAPI:
                 time.monotonic() - start,
             )
         return ws
+
+    async def _relay(self, ws: web.WebSocketResponse, request: web.Request, start: float) -> None:
+        guest = self._v2_guest(request)
+        with self._exchange():
+            exec_request = await _first_request(ws)
+            async with self._process(guest, exec_request) as process:
+                await ws.send_json(Started(process.pid).to_json())
+                try:
+                    status = await stream_websocket(ws, process, exec_request, self.metrics, start)
+                except (PeerError, ConnectionClosed) as exc:
+                    raise _guest_failure(exc, guest, "the exec", None, 0.0) from None
+                await ws.send_json(status.to_json())
+        await ws.close()
 
     async def _exec_http(self, request: web.Request, guest: Guest) -> web.StreamResponse:
         body = await self._json_body(request, REQUEST_FIELDS)
