@@ -250,7 +250,7 @@ async def test_a_program_that_cannot_start(daemon: Daemon) -> None:
         (b"\x00binary", "the first message must be the exec request"),
         ("{not json", "not valid JSON"),
         ('{"command": "true", "shell": "bash"}', "unknown field(s) shell"),
-        ('{"command": "true", "tty": {"rows": 0, "cols": 1}}', "tty rows"),
+        ('{"command": "true", "tty": {"rows": 0, "cols": 1}}', "terminal rows"),
     ],
 )
 async def test_a_bad_request_message_is_answered_and_closed(

@@ -80,7 +80,7 @@ def test_a_minimal_request_leaves_the_defaults_out() -> None:
         ('{"command": "x", "env": ["A=1"]}', "env must be"),
         ('{"command": "x", "cwd": 3}', "cwd must be"),
         ('{"command": "x", "user": true}', "user must be"),
-        ('{"command": "x", "tty": {"rows": 0, "cols": 80}}', "tty rows"),
+        ('{"command": "x", "tty": {"rows": 0, "cols": 80}}', "terminal rows"),
         ('{"command": "x", "tty": {"rows": 24}}', "tty must be"),
         ('{"command": "x", "tty": true}', "tty must be"),
         ('{"command": "x", "stdin": 1}', "stdin must be"),
@@ -138,7 +138,7 @@ def test_signals_by_number_or_name() -> None:
     ("text", "says"),
     [
         ('{"type": "resize", "rows": 24}', "takes cols, rows"),
-        ('{"type": "resize", "rows": 24, "cols": 70000}', "resize cols"),
+        ('{"type": "resize", "rows": 24, "cols": 70000}', "terminal cols"),
         ('{"type": "eof", "now": true}', "takes no other field"),
         ('{"type": "kill"}', "unknown message type 'kill'"),
         ('{"signal": 2}', 'with a "type"'),
@@ -156,10 +156,11 @@ def test_server_messages_round_trip() -> None:
     status = ExitStatus(130, 2, timed_out=False, output_incomplete=True, duration=1.5)
     assert parse_server_message(json.dumps(status.to_json())) == status
     assert parse_server_message(json.dumps(Started(42).to_json())) == Started(42)
-    body = error_message("spawn_failed", "no such program", errno="ENOENT")
+    body = error_message("spawn_failed", "no such program", 422, errno="ENOENT")
     error = parse_server_message(json.dumps(body).encode())
     assert isinstance(error, StreamError)
-    assert (error.code, error.message, error.body["errno"]) == (
+    assert (error.status, error.code, error.message, error.body["errno"]) == (
+        422,
         "spawn_failed",
         "no such program",
         "ENOENT",
@@ -174,6 +175,7 @@ def test_server_messages_round_trip() -> None:
         '{"type": "exit"}',
         '{"type": "started", "pid": "1"}',
         '{"type": "error", "error": "boom"}',
+        '{"type": "error", "error": {"code": "internal", "message": "x"}}',
         '{"type": "hello"}',
         "garbage",
     ],

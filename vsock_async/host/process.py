@@ -578,7 +578,7 @@ class Process:
         """Set the size of the process's terminal (``pty=``); it gets ``SIGWINCH``."""
         if not self._pty:
             raise UsageError("resize() needs a process started with pty=(rows, cols)")
-        _check_size(rows, cols)
+        check_terminal_size(rows, cols)
         self._connection.require("resize", "resize a terminal")
         if self.returncode is None and not self._exited.done():
             self._connection.send_resize(self.stream, rows, cols)
@@ -881,7 +881,7 @@ def exec_request(
             raise UsageError("a terminal merges stderr into stdout: leave stderr unset with pty")
         if not isinstance(pty, tuple) or len(pty) != 2:
             raise UsageError(f"pty must be (rows, cols), not {pty!r}")
-        _check_size(*pty)
+        check_terminal_size(*pty)
         request["pty"] = {"rows": pty[0], "cols": pty[1]}
     elif stderr in (None, PIPE):
         request["stderr"] = "pipe"
@@ -944,7 +944,8 @@ def _env_name(name: str | bytes) -> str | dict[str, str]:
     return _wire_string(name, "environment variable name")
 
 
-def _check_size(rows: object, cols: object) -> None:
+def check_terminal_size(rows: object, cols: object) -> None:
+    """UsageError unless ``rows`` and ``cols`` make a terminal size (each 1..65535)."""
     for what, value in (("rows", rows), ("cols", cols)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_TERMINAL:
             raise UsageError(f"terminal {what} must be an int in 1..{_MAX_TERMINAL}, not {value!r}")

@@ -132,6 +132,11 @@ class ApiError(Exception):
             self.headers["WWW-Authenticate"] = "Bearer"
         self.extra = extra
 
+    def stream_message(self) -> dict[str, Any]:
+        """The ``error`` message that ends an exec stream (extra fields that are bytes left out)."""
+        extra = {k: v for k, v in self.extra.items() if not isinstance(v, bytes)}
+        return error_message(self.code, self.message, self.status, **extra)
+
     async def send(self, request: web.Request) -> web.StreamResponse:
         body = {"error": {"code": self.code, "message": self.message}, **self.extra}
         return await send_json(request, body, status=self.status, headers=self.headers)
@@ -738,7 +743,7 @@ class ControlAPI:
             except (PeerError, ConnectionClosed) as exc:
                 status = _guest_failure(exc, guest, "the exec", None, 0.0)
             if isinstance(status, ApiError):
-                await response.write(_control(error_message(status.code, status.message)))
+                await response.write(_control(status.stream_message()))
             else:
                 await response.write(_control(status.to_json()))
             await response.write_eof()
@@ -808,9 +813,8 @@ async def _close_with_error(ws: web.WebSocketResponse, error: ApiError) -> None:
     """Send ``error`` as the last message and close: 1008 for the client's fault, else 1011."""
     if ws.closed:
         return
-    extra = {k: v for k, v in error.extra.items() if not isinstance(v, bytes)}
     with contextlib.suppress(ConnectionResetError):
-        await ws.send_json(error_message(error.code, error.message, **extra))
+        await ws.send_json(error.stream_message())
     await ws.close(code=1008 if error.status < 500 else 1011, message=error.code.encode())
 
 

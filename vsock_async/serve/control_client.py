@@ -4,6 +4,12 @@
 aiohttp. It speaks HTTP/1.1 over the daemon's Unix socket (or TCP with a
 bearer token) and asks for the raw result form of ``run``, so output of
 any size and content arrives without base64.
+
+Each call is a :class:`Call`: what to send and how to read the answer,
+with no I/O. :class:`ControlClient` sends it with ``http.client``;
+:class:`AsyncControlClient` (aiohttp, imported from here only when asked
+for) sends the same calls, so the two never differ in what they ask or how
+they read it, and adds streaming processes over the exec WebSocket.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import json
 import socket
 import struct
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..addresses import TcpAddress, UnixAddress, parse_address
 from ..errors import ConnectFailed, ProtocolError, UsageError, VsockAsyncError
@@ -29,21 +35,44 @@ from .defaults import (
     read_token_file,
 )
 
+if TYPE_CHECKING:
+    from .async_client import AsyncControlClient, RemoteProcess, RemoteWriter
+
 __all__ = [
     "CONTROL_ENV",
     "RAW_RESULT_TYPE",
     "TOKEN_FILE_ENV",
+    "AsyncControlClient",
+    "Call",
     "ControlClient",
     "ControlError",
+    "RemoteProcess",
+    "RemoteWriter",
     "Reply",
     "RunOutcome",
+    "auth_headers",
+    "control_address",
     "decode_raw_result",
     "default_control_address",
     "default_control_path",
+    "error_from",
+    "guest_path",
     "read_token_file",
+    "unreachable",
 ]
 
 _U32 = struct.Struct(">I")
+_ASYNC_NAMES = frozenset({"AsyncControlClient", "RemoteProcess", "RemoteWriter"})
+T = TypeVar("T")
+
+
+def __getattr__(name: str) -> Any:
+    """The aiohttp client, imported on first use: this module stays standard library only."""
+    if name in _ASYNC_NAMES:
+        from . import async_client
+
+        return getattr(async_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ControlError(VsockAsyncError):
@@ -97,6 +126,147 @@ def decode_raw_result(body: bytes) -> tuple[bytes, bytes, int]:
     return stdout, stderr, body[-1]
 
 
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One exchange with the control API, without I/O: what to send, how to read the answer.
+
+    ``body`` is sent as JSON (``bytes`` as they are); ``wait_forever`` lifts the
+    client's timeout (for a run, the daemon's deadline applies); ``parse`` turns
+    a successful :class:`Reply` into the call's result.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[Reply], T]
+    body: object = None
+    accept: str = "application/json"
+    wait_forever: bool = False
+
+    def data(self) -> bytes | None:
+        """The request body."""
+        if self.body is None:
+            return None
+        return self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
+
+    def headers(self, token: str | None) -> dict[str, str]:
+        """The request headers, the bearer token's included."""
+        headers = {"Accept": self.accept, **auth_headers(token)}
+        if self.body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    # -- the calls ---------------------------------------------------------------------------
+
+    @staticmethod
+    def health() -> Call[dict[str, Any]]:
+        """``GET /v1/health``."""
+        return Call("GET", "/v1/health", _json)
+
+    @staticmethod
+    def guests() -> Call[list[dict[str, Any]]]:
+        """``GET /v1/guests``: every connected guest."""
+        return Call("GET", "/v1/guests", lambda reply: _json(reply)["guests"])
+
+    @staticmethod
+    def guest(key: str, *, wait: float | None = None) -> Call[dict[str, Any]]:
+        """``GET /v1/guests/{key}``; with ``wait``, the daemon waits that long for it."""
+        query = "" if wait is None else f"?wait={wait}"
+        return Call("GET", f"{guest_path(key)}{query}", _json, wait_forever=wait is not None)
+
+    @staticmethod
+    def run(
+        key: str,
+        command: str | list[str],
+        *,
+        timeout: Timeout = DEFAULT,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> Call[RunOutcome]:
+        """``POST /v1/guests/{key}/run``, asking for the raw result form."""
+        request: dict[str, Any] = {"command": command, "wait": wait}
+        if timeout is not DEFAULT:
+            request["timeout"] = check_timeout(timeout)
+        if cwd is not None:
+            request["cwd"] = cwd
+        if env is not None:
+            request["env"] = dict(env)
+        return Call(
+            "POST",
+            f"{guest_path(key)}/run",
+            _run_outcome,
+            request,
+            accept=RAW_RESULT_TYPE,
+            wait_forever=True,
+        )
+
+    @staticmethod
+    def probe(key: str) -> Call[dict[str, Any]]:
+        """``POST /v1/guests/{key}/probe``."""
+        return Call("POST", f"{guest_path(key)}/probe", _json)
+
+    @staticmethod
+    def drop(key: str) -> Call[dict[str, Any]]:
+        """``DELETE /v1/guests/{key}``: close the guest's connections."""
+        return Call("DELETE", guest_path(key), _json)
+
+    @staticmethod
+    def metrics() -> Call[str]:
+        """``GET /metrics``, the Prometheus text."""
+        return Call("GET", "/metrics", lambda reply: reply.body.decode(), accept="text/plain")
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """``Authorization: Bearer TOKEN``, or nothing without a token."""
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def _json(reply: Reply) -> Any:
+    return json.loads(reply.body)
+
+
+def _run_outcome(reply: Reply) -> RunOutcome:
+    content_type = reply.headers.get("content-type", "")
+    if not content_type.startswith(RAW_RESULT_TYPE):
+        raise ProtocolError(f"the daemon answered {content_type!r} to a raw run request")
+    stdout, stderr, exit_code = decode_raw_result(reply.body)
+    headers = reply.headers
+    signal = headers.get("vsock-async-exit-signal")
+    return RunOutcome(
+        stdout,
+        stderr,
+        exit_code,
+        duration=float(headers.get("vsock-async-duration", "0")),
+        exit_signal=int(signal) if signal is not None else None,
+        stdout_truncated=headers.get("vsock-async-stdout-truncated") == "1",
+        stderr_truncated=headers.get("vsock-async-stderr-truncated") == "1",
+    )
+
+
+def control_address(address: str | None) -> UnixAddress | TcpAddress:
+    """Where the control API is: ``address``, else the default; UsageError for another kind."""
+    text = address or default_control_address()
+    parsed = parse_address(text)
+    if not isinstance(parsed, UnixAddress | TcpAddress):
+        raise UsageError(f"the control API is at unix:PATH or tcp://HOST:PORT, not {text!r}")
+    return parsed
+
+
+def unreachable(address: UnixAddress | TcpAddress, exc: OSError) -> ConnectFailed:
+    """The error for a control API that could not be reached, with what to do about it."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        return ConnectFailed(
+            f"cannot reach the control API at {address}: {exc.strerror}"
+            " (is `vsock-async serve` running? see --control)"
+        )
+    if isinstance(exc, PermissionError):
+        return ConnectFailed(
+            f"cannot reach the control API at {address}: {exc.strerror}"
+            " (its socket is mode 0600: run as the daemon's user)"
+        )
+    return ConnectFailed(f"control API at {address}: {exc}")
+
+
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -126,11 +296,7 @@ class ControlClient:
         token: str | None = None,
         timeout: float | None = 30.0,
     ) -> None:
-        text = address or default_control_address()
-        parsed = parse_address(text)
-        if not isinstance(parsed, UnixAddress | TcpAddress):
-            raise UsageError(f"the control API is at unix:PATH or tcp://HOST:PORT, not {text!r}")
-        self.address = parsed
+        self.address = control_address(address)
         self.token = token
         self.timeout = timeout
 
@@ -138,6 +304,14 @@ class ControlClient:
         if isinstance(self.address, UnixAddress):
             return _UnixHTTPConnection(self.address.path, timeout)
         return http.client.HTTPConnection(self.address.host, self.address.port, timeout=timeout)
+
+    def call(self, call: Call[T]) -> T:
+        """Make ``call``; its result. ControlError for an error status, ConnectFailed if the
+        daemon cannot be reached."""
+        reply = self.request(
+            call.method, call.path, call.body, accept=call.accept, wait_forever=call.wait_forever
+        )
+        return call.parse(reply)
 
     def request(
         self,
@@ -153,35 +327,21 @@ class ControlClient:
         ``body`` is sent as JSON (``bytes`` as they are).
         ``wait_forever`` lifts the client's timeout (for a run: the daemon's deadline applies).
         """
-        headers = {"Accept": accept}
-        data = None
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
+        exchange = Call(method, path, lambda reply: reply, body, accept=accept)
         conn = self._connection(None if wait_forever else self.timeout)
         try:
-            conn.request(method, path, body=data, headers=headers)
+            conn.request(method, path, body=exchange.data(), headers=exchange.headers(self.token))
             response = conn.getresponse()
             payload = response.read()
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ConnectFailed(
-                f"cannot reach the control API at {self.address}: {exc.strerror}"
-                " (is `vsock-async serve` running? see --control)"
-            ) from None
-        except PermissionError as exc:
-            raise ConnectFailed(
-                f"cannot reach the control API at {self.address}: {exc.strerror}"
-                " (its socket is mode 0600: run as the daemon's user)"
-            ) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
+            raise unreachable(self.address, exc) from None
+        except http.client.HTTPException as exc:
             raise ConnectFailed(f"control API at {self.address}: {exc}") from None
         finally:
             conn.close()
         reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, payload)
         if reply.status >= 400:
-            raise _error_from(reply)
+            raise error_from(reply)
         return reply
 
     def get_json(self, path: str) -> Any:
@@ -190,20 +350,15 @@ class ControlClient:
 
     def health(self) -> dict[str, Any]:
         """``GET /v1/health``."""
-        result: dict[str, Any] = self.get_json("/v1/health")
-        return result
+        return self.call(Call.health())
 
     def guests(self) -> list[dict[str, Any]]:
         """``GET /v1/guests``: every connected guest."""
-        result: list[dict[str, Any]] = self.get_json("/v1/guests")["guests"]
-        return result
+        return self.call(Call.guests())
 
     def guest(self, key: str, *, wait: float | None = None) -> dict[str, Any]:
         """``GET /v1/guests/{key}``; with ``wait``, the daemon waits that long for it to connect."""
-        query = "" if wait is None else f"?wait={wait}"
-        reply = self.request("GET", f"{_guest_path(key)}{query}", wait_forever=wait is not None)
-        result: dict[str, Any] = json.loads(reply.body)
-        return result
+        return self.call(Call.guest(key, wait=wait))
 
     def run(
         self,
@@ -221,52 +376,28 @@ class ControlClient:
         A timeout raises ControlError with code ``command_timeout``; its body
         holds the partial output (base64).
         """
-        request: dict[str, Any] = {"command": command, "wait": wait}
-        if timeout is not DEFAULT:
-            request["timeout"] = check_timeout(timeout)
-        if cwd is not None:
-            request["cwd"] = cwd
-        if env is not None:
-            request["env"] = dict(env)
-        reply = self.request(
-            "POST", f"{_guest_path(key)}/run", request, accept=RAW_RESULT_TYPE, wait_forever=True
-        )
-        content_type = reply.headers.get("content-type", "")
-        if not content_type.startswith(RAW_RESULT_TYPE):
-            raise ProtocolError(f"the daemon answered {content_type!r} to a raw run request")
-        stdout, stderr, exit_code = decode_raw_result(reply.body)
-        headers = reply.headers
-        signal = headers.get("vsock-async-exit-signal")
-        return RunOutcome(
-            stdout,
-            stderr,
-            exit_code,
-            duration=float(headers.get("vsock-async-duration", "0")),
-            exit_signal=int(signal) if signal is not None else None,
-            stdout_truncated=headers.get("vsock-async-stdout-truncated") == "1",
-            stderr_truncated=headers.get("vsock-async-stderr-truncated") == "1",
-        )
+        return self.call(Call.run(key, command, timeout=timeout, cwd=cwd, env=env, wait=wait))
 
     def probe(self, key: str) -> dict[str, Any]:
         """``POST /v1/guests/{key}/probe``."""
-        result: dict[str, Any] = json.loads(self.request("POST", f"{_guest_path(key)}/probe").body)
-        return result
+        return self.call(Call.probe(key))
 
     def drop(self, key: str) -> dict[str, Any]:
         """``DELETE /v1/guests/{key}``: close the guest's connections."""
-        result: dict[str, Any] = json.loads(self.request("DELETE", _guest_path(key)).body)
-        return result
+        return self.call(Call.drop(key))
 
     def metrics(self) -> str:
         """``GET /metrics``, the Prometheus text."""
-        return self.request("GET", "/metrics", accept="text/plain").body.decode()
+        return self.call(Call.metrics())
 
 
-def _guest_path(key: str) -> str:
+def guest_path(key: str) -> str:
+    """The path of guest ``key`` in the API, the key quoted."""
     return "/v1/guests/" + urllib.parse.quote(str(key), safe="")
 
 
-def _error_from(reply: Reply) -> ControlError:
+def error_from(reply: Reply) -> ControlError:
+    """The ControlError of an error answer: its code and message, or the HTTP status alone."""
     try:
         body = json.loads(reply.body)
         error = body["error"]

@@ -1,6 +1,6 @@
 """The messages of ``serve``'s streaming exec (``/v1/guests/{key}/exec``), standard library only.
 
-Pure: no sockets, no event loop. The control API that serves an exec and
+No I/O and no event loop. The control API that serves an exec and
 the clients that speak to it share these, so the request, the data and
 control messages of the WebSocket and the frames of the plain HTTP stream
 are built and read in one place. docs/control-api.md ("Streaming exec")
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..errors import ProtocolError, UsageError
+from ..host.process import check_terminal_size
 from ..timeouts import DEFAULT, Timeout, check_timeout
 
 __all__ = [
@@ -66,7 +67,6 @@ FRAME_HEADER: Final = struct.Struct(">BI")
 """A frame of the plain HTTP stream starts with its channel (u8) and payload length (u32 BE)."""
 
 _MAX_SIGNAL: Final = 64
-_MAX_TERMINAL: Final = 0xFFFF
 REQUEST_FIELDS: Final = frozenset({"command", "env", "cwd", "user", "tty", "stdin", "timeout"})
 
 
@@ -78,9 +78,7 @@ def _terminal_size(value: object, what: str) -> tuple[int, int]:
     if not isinstance(value, Mapping) or set(value) != {"rows", "cols"}:
         raise UsageError(f'{what} must be {{"rows": R, "cols": C}}, not {value!r}')
     rows, cols = value["rows"], value["cols"]
-    for name, number in (("rows", rows), ("cols", cols)):
-        if not _is_int(number) or not 0 < number <= _MAX_TERMINAL:
-            raise UsageError(f"{what} {name} must be a whole number in 1..{_MAX_TERMINAL}")
+    check_terminal_size(rows, cols)
     return rows, cols
 
 
@@ -324,20 +322,24 @@ class ExitStatus:
 
 @dataclass(frozen=True, slots=True)
 class StreamError:
-    """``{"type": "error", "error": {"code", "message"}, ...}``: the stream ended in failure.
+    """``{"type": "error", "status": S, "error": {"code", "message"}, ...}``: the stream ended
+    in failure.
 
-    ``code`` is one of the control API's stable error codes; ``body`` is the
-    whole message, its extra fields (``errno`` of ``spawn_failed``) included.
+    ``code`` is one of the control API's stable error codes and ``status`` the
+    HTTP status it always comes with; ``body`` is the whole message, its extra
+    fields (``reason`` and ``errno`` of ``spawn_failed``) included.
     """
 
+    status: int
     code: str
     message: str
     body: Mapping[str, Any]
 
 
-def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The JSON of an ``error`` message: the control API's error body, with a type."""
-    return {"type": "error", "error": {"code": code, "message": message}, **extra}
+def error_message(code: str, message: str, status: int, **extra: Any) -> dict[str, Any]:
+    """The JSON of an ``error`` message: the control API's error body, with a type and the
+    HTTP status of its code."""
+    return {"type": "error", "status": status, "error": {"code": code, "message": message}, **extra}
 
 
 def parse_server_message(text: str | bytes) -> Started | ExitStatus | StreamError:
@@ -362,8 +364,10 @@ def parse_server_message(text: str | bytes) -> Started | ExitStatus | StreamErro
                 duration=float(message["duration"]),
             )
         if kind == "error":
-            error = message["error"]
-            return StreamError(str(error["code"]), str(error["message"]), message)
+            error, status = message["error"], message["status"]
+            if not _is_int(status):
+                raise TypeError("status")
+            return StreamError(status, str(error["code"]), str(error["message"]), message)
         raise TypeError(f"type {kind!r}")
     except (UsageError, KeyError, TypeError, ValueError) as exc:
         shown = text[:200] if isinstance(text, str) else text[:200].decode(errors="replace")

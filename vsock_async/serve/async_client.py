@@ -1,0 +1,574 @@
+"""An asyncio client of ``serve``'s control API (aiohttp), for orchestrators that talk to a
+daemon rather than embed the library.
+
+:class:`AsyncControlClient` makes the same :class:`~.control_client.Call`\\ s as the
+blocking :class:`~.control_client.ControlClient`, and adds :meth:`~AsyncControlClient.
+create_process`: a process in a guest, streamed over the exec WebSocket
+(docs/control-api.md, "Streaming exec"), shaped like :class:`vsock_async.Process` and so
+like ``asyncio.subprocess.Process``.
+
+Import it from :mod:`vsock_async.serve.control_client`, which loads this module (and
+aiohttp) only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import aiohttp
+
+from ..addresses import UnixAddress
+from ..errors import (
+    ClosedLocally,
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolError,
+    StdinClosed,
+    UsageError,
+    VsockAsyncError,
+)
+from ..host.process import DEFAULT_LIMIT, DEVNULL, PIPE, ProcessReader, check_terminal_size
+from ..protocol.v1_host import copy_error
+from ..timeouts import DEFAULT, Timeout
+from .control_client import (
+    Call,
+    ControlError,
+    Reply,
+    RunOutcome,
+    auth_headers,
+    control_address,
+    error_from,
+    guest_path,
+    unreachable,
+)
+from .exec_stream import (
+    EOF,
+    STDERR,
+    STDIN,
+    STDOUT,
+    ExecRequest,
+    ExitStatus,
+    Resize,
+    SendSignal,
+    Started,
+    StreamError,
+    data_message,
+    parse_server_message,
+    parse_signal,
+    split_data_message,
+)
+
+__all__ = ["AsyncControlClient", "RemoteProcess", "RemoteWriter"]
+
+T = TypeVar("T")
+
+_STDIN_CHUNK: Final = 32 * 1024
+"""Stdin goes out in messages of at most this much: well under the daemon's smallest
+message limit (twice ``--max-command`` plus 64 KiB)."""
+
+
+class AsyncControlClient:
+    """Calls on ``serve``'s control API at ``address`` (``unix:PATH`` or ``tcp://HOST:PORT``)
+    from asyncio code.
+
+    One HTTP session (a pool of connections) per client: ``async with`` it, or
+    :meth:`aclose` it when done. Errors are those of the blocking client:
+    :class:`ControlError` for an answer with an error code, :class:`ConnectFailed`
+    when the daemon cannot be reached. ``timeout`` bounds each call except runs
+    and waits for a guest, whose deadline is the daemon's.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self.address = control_address(address)
+        self.token = token
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncControlClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client's connections (the processes it streams included)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            address = self.address
+            if isinstance(address, UnixAddress):
+                connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=address.path)
+                base = "http://localhost"
+            else:
+                connector = aiohttp.TCPConnector()
+                host = f"[{address.host}]" if ":" in address.host else address.host
+                base = f"http://{host}:{address.port}"
+            self._session = aiohttp.ClientSession(base_url=base, connector=connector)
+        return self._session
+
+    async def call(self, call: Call[T]) -> T:
+        """Make ``call``; its result. ControlError for an error status, ConnectFailed if the
+        daemon cannot be reached."""
+        timeout = aiohttp.ClientTimeout(total=None if call.wait_forever else self.timeout)
+        try:
+            async with self._http().request(
+                call.method,
+                call.path,
+                data=call.data(),
+                headers=call.headers(self.token),
+                timeout=timeout,
+            ) as response:
+                payload = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise unreachable(self.address, exc.os_error) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ConnectFailed(f"control API at {self.address}: {exc!r}") from None
+        reply = Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, payload)
+        if reply.status >= 400:
+            raise error_from(reply)
+        return call.parse(reply)
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /v1/health``."""
+        return await self.call(Call.health())
+
+    async def guests(self) -> list[dict[str, Any]]:
+        """``GET /v1/guests``: every connected guest."""
+        return await self.call(Call.guests())
+
+    async def guest(self, key: str, *, wait: float | None = None) -> dict[str, Any]:
+        """``GET /v1/guests/{key}``; with ``wait``, the daemon waits that long for it to connect."""
+        return await self.call(Call.guest(key, wait=wait))
+
+    async def run(
+        self,
+        key: str,
+        command: str | list[str],
+        *,
+        timeout: Timeout = DEFAULT,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> RunOutcome:
+        """``POST /v1/guests/{key}/run``: see :meth:`ControlClient.run`."""
+        return await self.call(Call.run(key, command, timeout=timeout, cwd=cwd, env=env, wait=wait))
+
+    async def probe(self, key: str) -> dict[str, Any]:
+        """``POST /v1/guests/{key}/probe``."""
+        return await self.call(Call.probe(key))
+
+    async def drop(self, key: str) -> dict[str, Any]:
+        """``DELETE /v1/guests/{key}``: close the guest's connections."""
+        return await self.call(Call.drop(key))
+
+    async def metrics(self) -> str:
+        """``GET /metrics``, the Prometheus text."""
+        return await self.call(Call.metrics())
+
+    async def create_process(
+        self,
+        key: str,
+        program: str | Sequence[str],
+        *,
+        stdin: int = DEVNULL,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        pty: tuple[int, int] | None = None,
+        timeout: Timeout = DEFAULT,
+        limit: int = DEFAULT_LIMIT,
+    ) -> RemoteProcess:
+        """Start ``program`` in guest ``key`` over the exec WebSocket; return once it runs.
+
+        The arguments are those of :meth:`vsock_async.Guest.create_process`:
+        ``program`` is a shell command line (``str``) or argv executed directly;
+        ``stdin`` is ``PIPE`` or ``DEVNULL``; stdout and stderr are always piped
+        (with ``pty=(rows, cols)`` stderr is merged into stdout); ``timeout`` is
+        the process's life limit (``DEFAULT``: the daemon's ``--default-timeout``,
+        ``None``: none); ``limit`` is the unread output held per stream.
+
+        Raises :class:`ControlError` with the daemon's code (``guest_not_found``,
+        ``unsupported`` for a guest speaking only v1, ``spawn_failed`` with
+        ``errno`` in its body...), :class:`UsageError` for bad arguments (nothing
+        is sent), :class:`ConnectFailed` if the daemon cannot be reached.
+        """
+        if stdin not in (PIPE, DEVNULL):
+            raise UsageError(f"stdin must be PIPE or DEVNULL, not {stdin!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise UsageError(f"limit must be a number of bytes > 0, not {limit!r}")
+        command = program if isinstance(program, str) else tuple(program)
+        request = ExecRequest(
+            command,
+            env=env,
+            cwd=cwd,
+            user=user,
+            tty=pty,
+            stdin=stdin == PIPE,
+            timeout=timeout,
+        )
+        ExecRequest.from_json(request.to_json())  # checked here: UsageError, nothing sent
+        path = f"{guest_path(key)}/exec"
+        try:
+            ws = await self._http().ws_connect(path, headers=auth_headers(self.token))
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _refused(path, exc.status) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise unreachable(self.address, exc.os_error) from None
+        except aiohttp.ClientError as exc:
+            raise ConnectFailed(f"control API at {self.address}: {exc!r}") from None
+        process = RemoteProcess(ws, request, limit)
+        try:
+            await process._start(request)
+        except BaseException:
+            await process.aclose()
+            raise
+        return process
+
+
+def _refused(path: str, status: int) -> ControlError:
+    """The error of a refused upgrade (the daemon upgrades all but a bad token)."""
+    if status == 401:
+        return ControlError(status, "unauthorized", "missing or wrong bearer token", {})
+    message = f"the daemon refused the WebSocket upgrade of {path} (HTTP {status})"
+    return ControlError(status, "http_error", message, {})
+
+
+# -- the process ----------------------------------------------------------------------------
+
+
+class _Window:
+    """Output held for the application on one channel; the reading of the WebSocket waits
+    while it is full, which holds the daemon, and through it the process, back."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def take(self, n: int) -> None:
+        self._held += n
+        if self._held >= self._limit:
+            self._room.clear()
+
+    def grant(self, n: int) -> None:
+        self._held -= n
+        if self._held < self._limit:
+            self._room.set()
+
+    async def wait(self) -> None:
+        await self._room.wait()
+
+
+class RemoteWriter:
+    """The stdin of a :class:`RemoteProcess`, written like ``asyncio.StreamWriter``.
+
+    :meth:`write` never blocks: the bytes go out in the background, as fast as
+    the daemon takes them (it takes the next message once the agent took the
+    last); :meth:`drain` waits until all of them went. :meth:`write_eof` (or
+    :meth:`close`) sends the end of input after them.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._pending = bytearray()
+        self._eof = False
+        self._eof_sent = False
+        self._error: VsockAsyncError | None = None
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sender = asyncio.ensure_future(self._send())
+
+    def __repr__(self) -> str:
+        state = "closed" if self._eof_sent else "closing" if self._eof else "open"
+        return f"<RemoteWriter {state} pending={len(self._pending)}>"
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for the process's stdin."""
+        if self._eof:
+            raise UsageError("write() after write_eof() or close() on a process's stdin")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise UsageError(f"stdin takes bytes, not {type(data).__name__}")
+        if not data:
+            return
+        self._pending += data
+        if self._error is None:  # else it stays queued: drain() says it never went
+            self._idle.clear()
+            self._work.set()
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue each buffer of ``data`` in turn."""
+        for chunk in data:
+            self.write(chunk)
+
+    def write_eof(self) -> None:
+        """Close the process's stdin once what is queued has gone out."""
+        if self._eof:
+            return
+        self._eof = True
+        self._idle.clear()
+        self._work.set()
+
+    def can_write_eof(self) -> bool:
+        """Always True: a process's stdin can be closed on its own."""
+        return True
+
+    def close(self) -> None:
+        """The same as :meth:`write_eof`, as closing a pipe is."""
+        self.write_eof()
+
+    def is_closing(self) -> bool:
+        """True once :meth:`write_eof` or :meth:`close` was called, or the process ended."""
+        return self._eof or self._error is not None
+
+    async def drain(self) -> None:
+        """Wait until everything written has gone to the daemon.
+
+        Raises :class:`StdinClosed` (a ``BrokenPipeError``) if the process ended
+        with bytes still queued, and the stream's error if it failed.
+        """
+        await self._idle.wait()
+        if self._error is not None and self._pending:
+            self._pending.clear()
+            raise copy_error(self._error)
+
+    async def wait_closed(self) -> None:
+        """Wait until the end of input has gone out (after :meth:`close`)."""
+        while not self._eof_sent and self._error is None:
+            await self._idle.wait()
+            if not self._eof:
+                return
+
+    async def _send(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            try:
+                while self._pending:
+                    chunk = bytes(self._pending[:_STDIN_CHUNK])
+                    del self._pending[: len(chunk)]
+                    await self._ws.send_bytes(data_message(STDIN, chunk))
+                if self._eof and not self._eof_sent:
+                    await self._ws.send_json(EOF.to_json())
+                    self._eof_sent = True
+            except ConnectionResetError:
+                self._ended(ConnectionLost("the exec stream closed before stdin was sent"))
+                return
+            self._idle.set()
+
+    def _ended(self, error: VsockAsyncError) -> None:
+        """The process or the stream ended: what is queued can never go."""
+        if self._error is None:
+            self._error = error
+        self._sender.cancel()
+        self._idle.set()
+
+
+class RemoteProcess:
+    """A process in a guest, streamed through ``serve``'s exec WebSocket.
+
+    Shaped like :class:`vsock_async.Process`: :attr:`pid`, :attr:`returncode`
+    (``-N`` when signal N killed it), :attr:`exit_signal`, :attr:`timed_out`,
+    :attr:`output_incomplete`; :attr:`stdout` and :attr:`stderr` are
+    :class:`~vsock_async.ProcessReader` objects, :attr:`stdin` a
+    :class:`RemoteWriter`; :meth:`wait`, :meth:`send_signal`, :meth:`terminate`,
+    :meth:`kill`, :meth:`resize`, :meth:`aclose`, ``async with``.
+
+    Each output stream holds at most ``limit`` unread bytes; beyond that the
+    WebSocket is not read, so the daemon and then the process wait. As with
+    asyncio, a process whose output nobody reads may therefore never end.
+    """
+
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, request: ExecRequest, limit: int
+    ) -> None:
+        self._ws = ws
+        self._pty = request.tty is not None
+        self.pid: int | None = None
+        """The process id in the guest (its process group id too)."""
+        self.returncode: int | None = None
+        """The exit code, ``-N`` if signal N killed it, None while it runs."""
+        self.exit_signal: int | None = None
+        """The number of the signal that killed it, or None."""
+        self.timed_out = False
+        """True if its ``timeout`` ran out and the agent stopped it."""
+        self.output_incomplete = False
+        """True if a background child held its output open at exit and was killed."""
+        self._windows = {STDOUT: _Window(limit)}
+        self.stdout = ProcessReader(limit, self._windows[STDOUT].grant)
+        """The process's stdout (and its stderr too, with a ``pty``)."""
+        self.stderr: ProcessReader | None = None
+        """The process's stderr, or None with a ``pty`` (merged into stdout)."""
+        if not self._pty:
+            self._windows[STDERR] = _Window(limit)
+            self.stderr = ProcessReader(limit, self._windows[STDERR].grant)
+        self.stdin: RemoteWriter | None = RemoteWriter(ws) if request.stdin else None
+        """Where to write the process's stdin (with ``stdin=PIPE``), or None."""
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._controls: set[asyncio.Future[None]] = set()
+        self._receiver: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.returncode is None else f"returncode={self.returncode}"
+        return f"<RemoteProcess pid={self.pid} {state}>"
+
+    async def _start(self, request: ExecRequest) -> None:
+        await self._ws.send_json(request.to_json())
+        self._receiver = asyncio.ensure_future(self._receive())
+        await asyncio.shield(self._started)
+
+    # -- what the application calls -------------------------------------------------------
+
+    async def wait(self) -> int:
+        """Wait for the process to end; its :attr:`returncode`.
+
+        Raises the stream's error (:class:`ControlError`, :class:`ConnectionLost`)
+        if it ends without an exit.
+        """
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        """Deliver signal ``sig`` to the process group (a terminal's foreground group).
+
+        Does nothing once the process has ended, like ``subprocess.Popen``.
+        """
+        number = parse_signal(sig)
+        if not self._exited.done():
+            self._send_control(SendSignal(number).to_json())
+
+    def terminate(self) -> None:
+        """Send ``SIGTERM``."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send ``SIGKILL``."""
+        self.send_signal(signal.SIGKILL)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the size of the process's terminal (``pty``); it gets ``SIGWINCH``."""
+        if not self._pty:
+            raise UsageError("resize() needs a process started with pty=(rows, cols)")
+        check_terminal_size(rows, cols)
+        if not self._exited.done():
+            with contextlib.suppress(ConnectionResetError):
+                await self._ws.send_json(Resize(rows, cols).to_json())
+
+    async def aclose(self) -> None:
+        """Close the exec WebSocket; the daemon then stops the process if it still runs
+        (SIGTERM to its group, SIGKILL after the agent's grace)."""
+        if not self._exited.done():
+            self._fail(ClosedLocally("the exec was closed by this client"))
+        await self._ws.close()
+        for task in (self._receiver, *self._controls):
+            if task is not None:
+                task.cancel()
+        if self.stdin is not None:
+            self.stdin._ended(ClosedLocally("the exec was closed by this client"))
+
+    async def __aenter__(self) -> RemoteProcess:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the WebSocket ----------------------------------------------------------------------
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        """Send a control message now, ahead of stdin not yet written (a task: this is sync)."""
+        task = asyncio.ensure_future(self._ws.send_json(message))
+        self._controls.add(task)
+        task.add_done_callback(self._control_sent)
+
+    def _control_sent(self, task: asyncio.Future[None]) -> None:
+        self._controls.discard(task)
+        if not task.cancelled():
+            task.exception()  # a closed stream: the receiver reports it
+
+    async def _receive(self) -> None:
+        readers = {STDOUT: self.stdout, STDERR: self.stderr}
+        try:
+            async for message in self._ws:
+                if message.type is aiohttp.WSMsgType.BINARY:
+                    channel, data = split_data_message(message.data)
+                    reader = readers.get(channel)
+                    if reader is None:
+                        raise ProtocolError(f"the daemon sent data on channel {channel}")
+                    reader._feed(data, False)
+                    window = self._windows[channel]
+                    window.take(len(data))
+                    await window.wait()
+                elif message.type is aiohttp.WSMsgType.TEXT:
+                    self._on_message(parse_server_message(message.data))
+                else:
+                    raise ConnectionLost(f"the exec stream failed: {message.data!r}")
+            if not self._exited.done():
+                raise ConnectionLost(
+                    f"the daemon closed the exec stream (code {self._ws.close_code})"
+                    " before the process exited"
+                )
+        except UsageError as exc:  # a data message with no channel byte
+            self._fail(ProtocolError(f"the daemon sent a bad exec message: {exc}"))
+        except VsockAsyncError as exc:
+            self._fail(exc)
+
+    def _on_message(self, message: Started | ExitStatus | StreamError) -> None:
+        if isinstance(message, Started):
+            self.pid = message.pid
+            if not self._started.done():
+                self._started.set_result(None)
+        elif isinstance(message, ExitStatus):
+            self.exit_signal = message.exit_signal
+            code = message.exit_code
+            self.returncode = -message.exit_signal if message.exit_signal is not None else code
+            self.timed_out = message.timed_out
+            self.output_incomplete = message.output_incomplete
+            for reader in (self.stdout, self.stderr):
+                if reader is not None:
+                    reader._feed(b"", True)
+            if self.stdin is not None:
+                self.stdin._ended(
+                    StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
+                )
+            if not self._exited.done():
+                self._exited.set_result(self.returncode)
+        else:
+            self._fail(ControlError(message.status, message.code, message.message, message.body))
+
+    def _fail(self, error: VsockAsyncError) -> None:
+        """The stream ended without an exit: everything waiting gets ``error``."""
+        for reader in (self.stdout, self.stderr):
+            if reader is not None:
+                reader._fail(error)
+        if self.stdin is not None:
+            self.stdin._ended(error)
+        for future in (self._started, self._exited):
+            if not future.done():
+                future.set_exception(copy_error(error))
+                future.exception()  # retrieved: nobody may ever await it
