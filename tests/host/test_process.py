@@ -394,3 +394,22 @@ async def test_v1_connections_refuse_processes_clearly(tmp_path: Path) -> None:
         with pytest.raises(Unsupported, match="only protocol v1"):
             await guest.create_process(["true"])
         assert (await channel.run("echo v1")).stdout == b"v1\n"
+
+
+@pytest.mark.asyncio
+async def test_credit_held_back_is_returned_before_a_reader_waits(channel: GuestChannel) -> None:
+    """400 bytes read (under the batch of credit returned at once), then a line that needs
+    more than the agent has credit for: the reader returns the 400 before waiting."""
+    proc = await channel.create_process("printf %1000s | tr ' ' a; printf '%300s\\n' b", limit=1000)
+    assert proc.stdout is not None
+    async with asyncio.timeout(HANG_GUARD):
+        assert await proc.stdout.readexactly(400) == b"a" * 400
+        line = await proc.stdout.readuntil(b"\n")
+    assert line == b"a" * 600 + b" " * 299 + b"b\n"
+    assert await proc.wait() == 0
+
+
+@pytest.mark.asyncio
+async def test_run_takes_output_far_beyond_its_window(channel: GuestChannel) -> None:
+    result = await channel.run("head -c 20000000 /dev/zero | tr '\\0' z", timeout=HANG_GUARD)
+    assert result.stdout == b"z" * 20_000_000 and not result.stdout_truncated

@@ -64,6 +64,9 @@ _MAX_WINDOW: Final = 2**31 - 1
 _MAX_TERMINAL: Final = 0xFFFF
 _MAX_SIGNAL: Final = 64
 
+_RUN_WINDOW: Final = 4 * 1024 * 1024
+"""The output credit of a run(): what it captures is consumed as it arrives (and cut at the
+caps), so a wide window costs no memory and saves WINDOW frames."""
 _INLINE_COMMAND: Final = 64 * 1024
 """run() sends a longer command line on stdin, to a shell that reads it whole, then runs it."""
 _COMMAND_FROM_STDIN: Final = 'eval "$(cat)" </dev/null'
@@ -102,9 +105,9 @@ class ProcessReader:
     def __init__(self, limit: int, grant: Callable[[int], None]) -> None:
         self._limit = limit
         self._grant = grant
-        # Credit is returned in batches of a quarter window, and always before waiting, so
-        # the agent never waits on credit the host holds back.
-        self._batch = max(1, limit // 4)
+        # Credit is returned in batches of half a window, and before waiting whenever the
+        # agent may have less than a batch left, so it never waits on credit held back.
+        self._batch = max(1, limit // 2)
         self._ungranted = 0
         self._buffer = bytearray()
         self._eof = False
@@ -171,7 +174,8 @@ class ProcessReader:
             raise copy_error(self._error)
         if self._waiter is not None:
             raise UsageError(f"{what}() called while another coroutine is reading this stream")
-        self._return_credit()
+        if self._limit - len(self._buffer) - self._ungranted < self._batch:
+            self._return_credit()  # what the agent may still send is below a batch
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -279,11 +283,14 @@ class ProcessReader:
 
 class _Capture:
     """An output channel of :meth:`run`: keeps the first ``cap`` bytes and drops the rest,
-    returning credit at once, so a large output costs no more memory than the cap."""
+    returning credit as it arrives (in batches of a quarter ``window``), so a large output
+    costs no more memory than the cap."""
 
-    def __init__(self, cap: int, grant: Callable[[int], None]) -> None:
+    def __init__(self, cap: int, grant: Callable[[int], None], window: int) -> None:
         self._room = cap
         self._grant = grant
+        self._batch = max(1, window // 4)
+        self._ungranted = 0
         self._chunks: list[bytes] = []
         self.truncated = False
         self.eof = False
@@ -296,8 +303,10 @@ class _Capture:
                 self._room -= kept
             if kept < len(data):
                 self.truncated = True
-            if not end:
-                self._grant(len(data))
+            self._ungranted += len(data)
+            if not end and self._ungranted >= self._batch:
+                self._grant(self._ungranted)
+                self._ungranted = 0
         if end:
             self.eof = True
 
@@ -486,10 +495,11 @@ class Process:
         self._out: ProcessReader | _Capture
         self._err: ProcessReader | _Capture | None
         if capture is not None:  # run(): keep up to the caps, drop the rest
-            self._out, self._err = _Capture(capture[0], out_grant), _Capture(capture[1], err_grant)
+            self._out = _Capture(capture[0], out_grant, limit)
+            self._err = _Capture(capture[1], err_grant, limit)
         else:
             self._out = (
-                ProcessReader(limit, out_grant) if stdout == PIPE else _Capture(0, out_grant)
+                ProcessReader(limit, out_grant) if stdout == PIPE else _Capture(0, out_grant, limit)
             )
             self._err = ProcessReader(limit, err_grant) if stderr == PIPE else None
         self.stdout: ProcessReader | None = (
@@ -785,14 +795,14 @@ async def run_command(
         stdout=PIPE,
         stderr=PIPE,
         pty=False,
-        limit=DEFAULT_LIMIT,
+        limit=_RUN_WINDOW,
         capture=(limits.max_stdout, limits.max_stderr),
     )
     request: dict[str, Any] = {
         "command": _wire_string(line, "command") if inline else _COMMAND_FROM_STDIN,
         "stdin": not inline,
         "stderr": "pipe",
-        "window": DEFAULT_LIMIT,
+        "window": _RUN_WINDOW,
     }
     try:
         async with asyncio.timeout(timeout):
