@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import resource
 import socket
@@ -70,10 +71,18 @@ class Row:
         self.baseline.append(baseline)
 
     def ratios(self) -> list[float]:
+        """One ratio per round; ``inf`` where the side divided by is 0 and the other is not
+        (a cost of 0 against any cost is ahead by any factor), 1 where both are 0."""
         pairs = zip(self.ours, self.baseline, strict=True)
         if self.higher_is_better:
-            return [o / b for o, b in pairs if b > 0]
-        return [b / o for o, b in pairs if o > 0]
+            return [_ratio(o, b) for o, b in pairs]
+        return [_ratio(b, o) for o, b in pairs]
+
+
+def _ratio(a: float, b: float) -> float:
+    if b > 0:
+        return a / b
+    return math.inf if a > 0 else 1.0
 
 
 @dataclass
