@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -47,8 +48,15 @@ async def exec_stream(reader: asyncio.StreamReader) -> int:
 class HostileAgent:
     """Dials the server, answers the hello as a v2 agent, then runs ``script``."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(
+        self,
+        script: Script,
+        capabilities: frozenset[str] = frozenset({"exec", "signal", "ping"}),
+        limits: AgentLimits | None = None,
+    ) -> None:
         self.script = script
+        self.capabilities = capabilities
+        self.limits = limits or AgentLimits()
         self.task: asyncio.Task[None] | None = None
 
     async def start(self, path: str) -> None:
@@ -62,9 +70,7 @@ class HostileAgent:
                 decoder.receive_data(await reader.read(4096))
             request = parse_hello_command(event.command)  # type: ignore[union-attr]
             assert request is not None
-            answer = hello_answer(
-                request, AgentLimits(), {"exec", "signal", "ping"}, "hostile-test-agent"
-            )
+            answer = hello_answer(request, self.limits, self.capabilities, "hostile-test-agent")
             assert answer is not None
             writer.write(encode_result(answer, b"", 0))
             await self.script(reader, writer)
@@ -250,3 +256,82 @@ async def test_an_agent_that_asks_for_answers_and_never_reads_them_is_read_no_mo
         assert not channel.closed
     finally:
         await hostile.close()
+
+
+async def read_exec(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
+    """The host's next EXEC: its stream and request."""
+    while True:
+        stream, type_, payload = await read_frame(reader)
+        if type_ == FrameType.EXEC:
+            return stream, json.loads(payload)
+
+
+def answer_exec(writer: asyncio.StreamWriter, stream: int, stdout: bytes, exit_code: int) -> None:
+    """A started process that wrote ``stdout`` and exited: output, END, END, EXIT."""
+    writer.write(encode_frame(stream, FrameType.STDOUT, FLAG_END, stdout))
+    writer.write(encode_frame(stream, FrameType.STDERR, FLAG_END))
+    writer.write(encode_json(stream, FrameType.EXIT, {"exit_code": exit_code}))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("stdout", "exit_code", "ok"), [(b"", 0, True), (b"", 1, False), (b"hi", 0, False)]
+)
+async def test_an_agent_without_ping_is_probed_with_a_process(
+    server: CommandServer, tmp_path: Path, stdout: bytes, exit_code: int, ok: bool
+) -> None:
+    requests: list[dict[str, object]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream, request = await read_exec(reader)
+        requests.append(request)
+        writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+        answer_exec(writer, stream, stdout, exit_code)
+
+    agent = HostileAgent(script, capabilities=frozenset({"exec"}))
+    await agent.start(f"{tmp_path}/h.sock")
+    try:
+        channel = await server.accept(timeout=LONG)
+        if ok:
+            await channel.probe(timeout=LONG)
+            assert channel.last_probe is not None and not channel.closed
+        else:
+            with pytest.raises(vsock_async.ProbeFailed):
+                await channel.probe(timeout=LONG)
+            assert channel.closed
+        assert requests[0]["command"] == ":"
+    finally:
+        await agent.close()
+
+
+@pytest.mark.asyncio
+async def test_run_keeps_a_command_within_the_agents_max_argv_bytes(
+    server: CommandServer, tmp_path: Path
+) -> None:
+    """An agent announcing max_argv_bytes=100 gets a 200-byte command on stdin, not in EXEC."""
+    requests: list[dict[str, object]] = []
+    stdin = bytearray()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream, request = await read_exec(reader)
+        requests.append(request)
+        writer.write(encode_json(stream, FrameType.STARTED, {"pid": 4242}))
+        while True:
+            to, type_, payload = await read_frame(reader)
+            if to == stream and type_ == FrameType.STDIN:
+                stdin.extend(payload)
+                if payload == b"" or len(stdin) >= 200:
+                    break
+        answer_exec(writer, stream, b"ran", 0)
+
+    agent = HostileAgent(script, limits=AgentLimits(max_argv_bytes=100))
+    await agent.start(f"{tmp_path}/h.sock")
+    try:
+        channel = await server.accept(timeout=LONG)
+        command = "echo " + "x" * 195
+        result = await channel.run(command, timeout=LONG)
+        assert result.stdout == b"ran"
+        assert requests[0]["stdin"] is True and requests[0]["command"] != command
+        assert bytes(stdin) == command.encode()
+    finally:
+        await agent.close()

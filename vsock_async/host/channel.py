@@ -198,7 +198,7 @@ class GuestChannel:
         wire it closes the channel; on v2 it stops the process only),
         :class:`CommandFailed` for a non-zero exit with ``check=True``,
         :class:`UsageError` (nothing sent) for a command line longer than
-        ``limits.max_command`` (or, on v2, the agent's ``max_argv_bytes``),
+        ``limits.max_command`` (on v2 a line too long for one request goes on stdin),
         :class:`ConnectionLost` or :class:`ProtocolError` when the guest fails,
         :class:`ClosedLocally` when this side closed the channel.
         """
@@ -214,7 +214,8 @@ class GuestChannel:
 
     async def probe(self, *, timeout: Timeout = DEFAULT) -> None:
         """Check the guest is ready: on v1 ``:`` must come back as exit 0 with empty
-        output; on v2 the agent must answer a PING.
+        output; on v2 the agent must answer a PING (or, if it does not announce ``ping``,
+        run ``:`` so, in a process of its own).
 
         A wrong v1 answer raises :class:`ProbeFailed` and closes the channel. The
         answer may hold no output, so none is buffered: the length prefix of any
@@ -223,7 +224,18 @@ class GuestChannel:
         :class:`CommandTimeout` and leaves the channel open.
         """
         if self._v2 is not None:
-            await self._ping(self._v2, self._resolve(timeout))
+            if "ping" in self._v2.agent.capabilities:
+                await self._ping(self._v2, self._resolve(timeout))
+            else:  # an agent may leave PING out: then ':' in a process of its own
+                result = await run_command(self._v2, PROBE_COMMAND, self._resolve(timeout), self.id)
+                if result.exit_code != 0 or result.stdout or result.stderr:
+                    message = (
+                        f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
+                        f" with {len(result.stdout)} bytes of stdout and {len(result.stderr)}"
+                        " of stderr"
+                    )
+                    self._conn.abort(ClosedLocally(f"channel closed: {message}"))
+                    raise ProbeFailed(message, result)
             self.last_probe = time.time()
             return
         try:

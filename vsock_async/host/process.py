@@ -785,8 +785,9 @@ async def run_command(
             CommandResult(b"", b"", None, timed_out=True),
             sent=False,
         )
-    # An EXEC must fit in one frame: a long command line goes to the shell on stdin instead.
-    inline = len(line) <= _INLINE_COMMAND
+    # An EXEC must fit in one frame and the agent's max_argv_bytes (the line, and its NUL):
+    # a longer command line goes to the shell on stdin instead.
+    inline = len(line) < min(_INLINE_COMMAND, connection.agent.limits.max_argv_bytes)
     if not inline and b"\0" in line:
         raise UsageError("a command holds a NUL byte, which no shell can receive")
     process = Process(
