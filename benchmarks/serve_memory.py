@@ -3,8 +3,9 @@
 ``python -m benchmarks.serve_memory [--mib N]``
 
 For each result form (JSON with base64, raw) it starts a fresh real
-``serve`` process and a guest process that answers every command but the
-probe with N MiB of stdout and N MiB of stderr; once the guest is probed it
+``serve`` process and a v1 guest process that answers every command but the
+probe (and the v2 hello, which it runs as ``:``, as a v1 shell does) with N MiB
+of stdout and N MiB of stderr; once the guest is probed it
 reads serve's RSS, runs one command through the control API (the answer is
 read and dropped in pieces), and reports serve's peak RSS (``VmHWM``) above
 that RSS. docs/security.md quotes the figures. Not part of the benchmark
@@ -47,8 +48,8 @@ decoder = CommandDecoder()
 while data := sock.recv(65536):
     decoder.receive_data(data)
     while (event := decoder.next_event()) is not None:
-        if event.command == b":":
-            sock.sendall(b"\\0" * 9)
+        if event.command == b":" or event.command.startswith(b": vsock_async.hello "):
+            sock.sendall(b"\\0" * 9)  # the probe, and the v2 hello as a v1 shell runs it
         else:
             for part in result_frame_parts(output, output, 0):
                 sock.sendall(part)
@@ -88,8 +89,11 @@ def _read_and_drop(control_path: str, raw: bool, body: bytes) -> int:
         return total
 
 
-def measure(raw: bool, mib: int) -> tuple[int, int]:
-    """Serve's peak RSS above its RSS before the run, and the answer's size, in bytes."""
+def measure(raw: bool, mib: int, agent: bool = False) -> tuple[int, int]:
+    """Serve's peak RSS above its RSS before the run, and the answer's size, in bytes.
+
+    ``agent``: the real agent instead of the v1 guest, so the run goes over protocol v2.
+    """
     with fresh_dir() as directory:
         guest_path = os.path.join(directory, "g.sock")
         control_path = os.path.join(directory, "c.sock")
@@ -97,10 +101,12 @@ def measure(raw: bool, mib: int) -> tuple[int, int]:
         serve_args = ["-m", "vsock_async", "serve", "--listen", f"vm=unix:{guest_path}"]
         serve_args += ["--control", f"unix:{control_path}", "--probe-interval", "none"]
         serve_args += ["--log-level", "warning"]
-        with (
-            _child(serve_args, log) as serve,
-            _child(["-c", GUEST, guest_path, str(mib * MiB)], log),
-        ):
+        if agent:
+            guest = ["-m", "vsock_async", "agent", "--connect", f"unix:{guest_path}"]
+            command = f"head -c {mib * MiB} /dev/zero; head -c {mib * MiB} /dev/zero >&2"
+        else:
+            guest, command = ["-c", GUEST, guest_path, str(mib * MiB)], "big"
+        with _child(serve_args, log) as serve, _child(guest, log):
             client = ControlClient(f"unix:{control_path}", timeout=30)
             deadline = time.monotonic() + 30
             while True:
@@ -113,7 +119,7 @@ def measure(raw: bool, mib: int) -> tuple[int, int]:
                 time.sleep(0.05)
             reset_peak_rss(serve.pid)
             before = status_kib(serve.pid, "VmRSS")
-            size = _read_and_drop(control_path, raw, json.dumps({"command": "big"}).encode())
+            size = _read_and_drop(control_path, raw, json.dumps({"command": command}).encode())
             peak = status_kib(serve.pid, "VmHWM")
     return (peak - before) * 1024, size
 
@@ -124,13 +130,15 @@ def main() -> None:
     args = parser.parse_args()
     result = 2 * args.mib * MiB
     print(f"serve, one run answering {args.mib} MiB + {args.mib} MiB ({sys.version.split()[0]})")
-    for raw in (False, True):
-        extra, size = measure(raw, args.mib)
-        form = "raw " if raw else "JSON"
-        print(
-            f"  {form} form: answer {size / MiB:6.1f} MiB, serve's peak RSS"
-            f" +{extra / MiB:6.1f} MiB = {extra / result:.2f}x the result"
-        )
+    for agent in (False, True):
+        for raw in (False, True):
+            extra, size = measure(raw, args.mib, agent)
+            form = "raw " if raw else "JSON"
+            over = "v2, the real agent" if agent else "v1, a v1 guest"
+            print(
+                f"  {over}, {form} form: answer {size / MiB:6.1f} MiB, serve's peak RSS"
+                f" +{extra / MiB:6.1f} MiB = {extra / result:.2f}x the result"
+            )
 
 
 if __name__ == "__main__":

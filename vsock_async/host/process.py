@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -284,14 +285,20 @@ class ProcessReader:
 class _Capture:
     """An output channel of :meth:`run`: keeps the first ``cap`` bytes and drops the rest,
     returning credit as it arrives (in batches of a quarter ``window``), so a large output
-    costs no more memory than the cap."""
+    costs no more memory than the cap.
+
+    The bytes kept go straight into one ``BytesIO`` as they arrive: its buffer grows in
+    place, and :meth:`value` hands that buffer over as the result, so the output is held
+    once (a list of chunks joined at the end would hold it twice, and the chunks' heap
+    memory would not go back to the system before the result is built).
+    """
 
     def __init__(self, cap: int, grant: Callable[[int], None], window: int) -> None:
         self._room = cap
         self._grant = grant
         self._batch = max(1, window // 4)
         self._ungranted = 0
-        self._chunks: list[bytes] = []
+        self._kept = io.BytesIO()
         self.truncated = False
         self.eof = False
 
@@ -299,7 +306,7 @@ class _Capture:
         if data:
             kept = min(self._room, len(data))
             if kept:
-                self._chunks.append(bytes(data[:kept]))
+                self._kept.write(data if kept == len(data) else data[:kept])
                 self._room -= kept
             if kept < len(data):
                 self.truncated = True
@@ -317,7 +324,8 @@ class _Capture:
         pass
 
     def value(self) -> bytes:
-        return b"".join(self._chunks)
+        """The bytes kept: the buffer itself, trimmed in place, not a copy."""
+        return self._kept.getvalue()
 
 
 # -- input --------------------------------------------------------------------------------
