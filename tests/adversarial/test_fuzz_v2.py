@@ -31,8 +31,11 @@ from vsock_async.protocol.v2 import (
     AgentSession,
     Channel,
     CloseRequested,
+    CommitRequested,
     ExecRequested,
     Exited,
+    FileRequested,
+    FileResult,
     Frame,
     FrameDecoder,
     FrameType,
@@ -60,7 +63,10 @@ from .test_fuzz_decoders import lend, push  # the two input paths, for any decod
 T = FrameType
 SCRATCH = 8 * 1024
 FIRST_CHUNK = 64 * 1024
-CONTROL = {T.STARTED, T.WINDOW, T.SIGNAL, T.RESIZE, T.CLOSE, T.EXIT, T.ERROR, T.PING, T.PONG}
+CONTROL = {
+    T.STARTED, T.FILE, T.WINDOW, T.SIGNAL, T.RESIZE, T.CLOSE, T.COMMIT, T.EXIT, T.RESULT,
+    T.ERROR, T.PING, T.PONG,
+}  # fmt: skip
 KNOWN = set(FrameType)
 
 _fuzz = settings(
@@ -188,7 +194,8 @@ json_values = st.recursive(
 )
 FIELDS = [
     "pid", "exit_code", "signal", "timed_out", "output_incomplete", "code", "message",
-    "errno", "type", "rows", "cols", "stdin", "window", "argv", "pty",
+    "errno", "type", "rows", "cols", "stdin", "window", "argv", "pty", "op", "path",
+    "sha256", "size",
 ]  # fmt: skip
 
 
@@ -246,6 +253,7 @@ agent_frames = st.one_of(
         {"exit_code": 0, "signal": None, "timed_out": False, "output_incomplete": False},
         {"signal": 9, "timed_out": True},
     ),
+    json_frames(T.RESULT, {"size": 1, "sha256": "ab" * 32}, {}),
     errors,
     pings,
     frames,
@@ -262,6 +270,8 @@ host_frames = st.one_of(
     json_frames(T.SIGNAL, {"signal": 15}),
     json_frames(T.RESIZE, {"rows": 24, "cols": 80}),
     st.builds(encode_frame, stream_ids, st.just(T.CLOSE), st.just(0), st.binary(max_size=3)),
+    json_frames(T.FILE, {"op": "put", "path": "/x"}, {"op": "get", "window": 5}, {"op": "stat"}),
+    json_frames(T.COMMIT, {"sha256": "ab" * 32}),
     errors,
     pings,
     frames,
@@ -271,6 +281,8 @@ limits = st.builds(
     max_frame=st.integers(1, 6000),
     max_streams=st.integers(1, 4),
     stdin_window=st.integers(0, 100),
+    max_files=st.integers(1, 3),
+    file_window=st.integers(1, 100),
 )
 # What the host does between reads: (action, stream, amount).
 actions = st.lists(
@@ -339,10 +351,15 @@ def test_host_session_on_hostile_bytes(scale: Scale) -> None:
         feed: Feeder,
         todo: list[tuple[str, int, int]],
     ) -> None:
-        caps = frozenset({"exec", "signal", "ping"})
+        caps = frozenset({"exec", "signal", "ping", "files"})
         host = HostSession(HelloAnswer(2, agent, caps, "fuzz"), max_frame)
-        for stdin, window in opened[: agent.max_streams]:
-            host.open_exec({"argv": ["x"], "stdin": stdin}, window)
+        file_streams = set()
+        for i, (stdin, window) in enumerate(opened[: agent.max_streams]):
+            if i % 2 and host.files < agent.max_files:
+                op = "put" if stdin else "get"
+                file_streams.add(host.open_file({"op": op, "path": "/x"}, window))
+            else:
+                host.open_exec({"argv": ["x"], "stdin": stdin}, window)
         ended: set[int] = set()
         actions = iter(todo)
 
@@ -354,11 +371,11 @@ def test_host_session_on_hostile_bytes(scale: Scale) -> None:
                 elif isinstance(event, Exited):
                     assert (event.exit_code is None) != (event.signal is None)
                     ended.add(event.stream)
-                elif isinstance(event, StreamError):
+                elif isinstance(event, StreamError | FileResult):
                     ended.add(event.stream)
                 else:
                     assert isinstance(event, Started | StdinCredit | Pong | RequestFailed)
-                if isinstance(event, Exited | StreamError):
+                if isinstance(event, Exited | StreamError | FileResult):
                     assert event.stream not in host.streams
             check_credit(host)
             for frame in sent_frames(host):
@@ -380,7 +397,9 @@ def test_host_session_on_hostile_bytes(scale: Scale) -> None:
                 else:
                     host.ping(b"p")
             except UsageError:
-                assert stream not in host.streams or what in ("stdin", "grant")
+                # stdin and signals make no sense on some streams, whatever their state
+                assert stream not in host.streams or what in ("stdin", "grant", "signal")
+                assert what != "signal" or stream in file_streams or stream not in host.streams
 
         feed_until_error(host, data, cuts, feed, step)
 
@@ -414,6 +433,18 @@ def test_agent_session_on_hostile_bytes(scale: Scale) -> None:
                 elif isinstance(event, StdinData):
                     assert len(event.data) <= limits.max_frame
                     agent.stdin_consumed(event.stream, len(event.data))
+                elif isinstance(event, FileRequested):
+                    assert event.stream % 2 == 1 and event.stream > last
+                    last = event.stream
+                    assert agent.files <= limits.max_files
+                    if answer and event.op == "get" and agent._error is None:
+                        sent = agent.send_output(event.stream, Channel.STDOUT, b"f" * 100)
+                        agent.send_output(event.stream, Channel.STDOUT, b"", end=True)
+                        agent.file_done(event.stream, {"size": sent})
+                elif isinstance(event, CommitRequested):
+                    assert len(event.sha256) == 64
+                    if answer and agent._error is None:
+                        agent.file_done(event.stream, {})
                 else:
                     assert isinstance(
                         event,
@@ -446,6 +477,7 @@ KINDS = [
     *["open"] * 3, *["start"] * 3, *["output"] * 4, *["exit"] * 3, *["grant"] * 3,
     *["stdin"] * 3, *["consume"] * 2, *["hold"] * 2, *["inject"] * 2,
     "refuse", "close", "signal", "resize", "ping", "deliver",
+    *["file"] * 2, "commit", "done", "fail",
 ]  # fmt: skip
 # (kind, stream index, channel, amount, flag, hostile bytes)
 operations = st.lists(
@@ -458,7 +490,7 @@ class Duel:
     """A host session and an agent session wired together; one of them gets hostile bytes too."""
 
     def __init__(self, limits: AgentLimits, host_max_frame: int, victim: str, feed: Feeder) -> None:
-        caps = frozenset({"exec", "signal", "resize", "pty", "ping"})
+        caps = frozenset({"exec", "signal", "resize", "pty", "ping", "files"})
         self.host = HostSession(HelloAnswer(2, limits, caps, "duel"), host_max_frame)
         self.agent = AgentSession(HelloRequest((2,), "0123456789abcdef", host_max_frame), limits)
         self.limits = limits
@@ -526,6 +558,20 @@ class Duel:
                 host.ping(b"p")
             elif what == "deliver":
                 self.deliver([n, 2 * n + index])
+            elif what == "file":
+                kind = ("put", "get", "listdir", "stat")[index % 4]
+                self.ids.append(host.open_file({"op": kind, "path": "/x"}, n))
+            elif what == "commit":  # as a host does: the rest of the bytes with END, then COMMIT
+                stream = self.stream(index, host)
+                host.send_stdin(stream, b"", end=True)
+                host.send_commit(stream, "ab" * 32)
+            elif what == "done":  # as an agent does: END on STDOUT if it flows, then RESULT
+                stream = self.stream(index, agent)
+                if agent.credit(stream, Channel.STDOUT) or flag:
+                    agent.send_output(stream, Channel.STDOUT, b"", end=True)
+                agent.file_done(stream, {"size": n})
+            elif what == "fail":
+                agent.file_failed(self.stream(index, agent), "file_error", "no", "ENOENT")
             elif what == "hold":
                 self.held = index % 6 + 1
             else:
@@ -570,13 +616,14 @@ class Duel:
                 assert len(event.data) <= self.host_max_frame
             elif isinstance(event, Exited):
                 assert (event.exit_code is None) != (event.signal is None)
-            if isinstance(event, Exited | StreamError):
+            if isinstance(event, Exited | StreamError | FileResult):
                 assert event.stream not in host.streams
         while (agent_event := agent.next_event()) is not None:
             if isinstance(agent_event, StdinData):
                 assert len(agent_event.data) <= self.limits.max_frame
-            elif isinstance(agent_event, ExecRequested):
+            elif isinstance(agent_event, ExecRequested | FileRequested):
                 assert len(agent.streams) <= self.limits.max_streams
+                assert agent.files <= self.limits.max_files
         check_credit(host)
         check_credit(agent)
         if self.victim == "agent":  # no hostile bytes went to the host: the views agree

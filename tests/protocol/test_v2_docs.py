@@ -9,6 +9,7 @@ prints every block, laid out, for pasting into the page.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -19,7 +20,11 @@ from vsock_async.protocol.v2 import (
     AgentLimits,
     AgentSession,
     Channel,
+    CommitRequested,
+    ExecRequested,
     Exited,
+    FileRequested,
+    FileResult,
     FrameType,
     HostSession,
     Output,
@@ -27,6 +32,7 @@ from vsock_async.protocol.v2 import (
     RequestFailed,
     Started,
     StdinCredit,
+    StdinData,
     StreamError,
     encode_frame,
     hello_answer,
@@ -37,7 +43,7 @@ from vsock_async.protocol.v2 import (
 
 PAGE = Path(__file__).parents[2] / "docs" / "protocol.md"
 NONCE = "0123456789abcdef"
-CAPABILITIES = ["exec", "pty", "signal", "resize", "ping"]
+CAPABILITIES = ["exec", "pty", "signal", "resize", "ping", "files"]
 MARKER = re.compile(r"<!-- v2-example: ([a-z0-9-]+) -->\n```hex\n(.*?)```", re.S)
 
 
@@ -130,6 +136,50 @@ def examples() -> dict[str, bytes]:
     assert host.next_event() == StreamError(
         5, "spawn_failed", "nope: No such file or directory", "ENOENT"
     )
+
+    # A put of 6 bytes, then a get of them, then a stat of a file that is not there.
+    # (Events above that nobody read: cat's end of input, and the EXEC of nope.)
+    assert [type(agent.next_event()) for _ in range(2)] == [StdinData, ExecRequested]
+    stream = host.open_file({"op": "put", "path": "/work/hi.txt", "mode": 420})
+    to_agent("file-put")
+    assert agent.next_event() == FileRequested(
+        7, "put", {"op": "put", "path": "/work/hi.txt", "mode": 420}
+    )
+    host.send_stdin(stream, b"hello\n")
+    to_agent("put-data")
+    agent.next_event()
+    agent.stdin_consumed(stream, 6)
+    to_host("put-window")
+    host.send_stdin(stream, b"", end=True)
+    digest = hashlib.sha256(b"hello\n").hexdigest()
+    host.send_commit(stream, digest)
+    to_agent("put-commit")
+    assert agent.next_event() == StdinData(7, b"", True)
+    assert agent.next_event() == CommitRequested(7, digest)
+    agent.file_done(stream, {"size": 6, "sha256": digest})
+    to_host("put-result")
+    assert [host.next_event() for _ in range(2)] == [
+        StdinCredit(7, 6),
+        FileResult(7, {"size": 6, "sha256": digest}),
+    ]
+    stream = host.open_file({"op": "get", "path": "/work/hi.txt"}, window=65536)
+    to_agent("file-get")
+    agent.next_event()
+    agent.send_output(stream, Channel.STDOUT, b"hello\n", end=True)
+    to_host("get-data")
+    result = {"size": 6, "sha256": digest, "mode": 420, "mtime_ns": 1700000000000000000}
+    agent.file_done(stream, result)
+    to_host("get-result")
+    assert [host.next_event() for _ in range(2)] == [
+        Output(9, Channel.STDOUT, b"hello\n", True),
+        FileResult(9, result),
+    ]
+    stream = host.open_file({"op": "stat", "path": "/nope"})
+    to_agent("file-stat")
+    agent.next_event()
+    agent.file_failed(stream, "file_error", "No such file or directory", "ENOENT")
+    to_host("stat-error")
+    assert host.next_event() == StreamError(11, "file_error", "No such file or directory", "ENOENT")
     return out
 
 

@@ -138,7 +138,8 @@ def test_answer_bytes_and_round_trip() -> None:
     assert stdout == (
         b'vsock_async.hello {"version":2,"nonce":"0123456789abcdef","agent":"vsock_async/0.2.0",'
         b'"limits":{"max_frame":1048576,"max_control":65536,"max_streams":8,'
-        b'"stdin_window":262144,"max_argv_bytes":1048576},"capabilities":["exec","ping"]}\n'
+        b'"stdin_window":262144,"max_argv_bytes":1048576,"max_files":16,"file_window":1048576},'
+        b'"capabilities":["exec","ping"]}\n'
     )
     result = CommandResult(stdout, b"", 0)
     assert parse_hello_answer(result, NONCE) == HelloAnswer(
@@ -220,6 +221,9 @@ def test_agent_limits_are_checked() -> None:
         {"stdin_window": 2**31},
         {"max_streams": 0},
         {"max_argv_bytes": -1},
+        {"max_files": 0},
+        {"file_window": 0},
+        {"file_window": 2**31},
     ):
         with pytest.raises(UsageError):
             AgentLimits(**bad)

@@ -21,8 +21,11 @@ from vsock_async.protocol.v2 import (
     AgentSession,
     Channel,
     CloseRequested,
+    CommitRequested,
     ExecRequested,
     Exited,
+    FileRequested,
+    FileResult,
     Frame,
     FrameDecoder,
     FrameType,
@@ -44,7 +47,7 @@ from vsock_async.protocol.v2 import (
     encode_window,
 )
 
-ALL_CAPS = frozenset({"exec", "pty", "signal", "resize", "user", "ping"})
+ALL_CAPS = frozenset({"exec", "pty", "signal", "resize", "user", "ping", "files"})
 NONCE = "0123456789abcdef"
 T = FrameType
 
@@ -140,7 +143,7 @@ def test_max_streams_is_refused_locally_until_one_ends() -> None:
     h = host(AgentLimits(max_streams=2))
     h.open_exec({"argv": ["a"]})
     h.open_exec({"argv": ["b"]})
-    with pytest.raises(UsageError, match="2 open process streams"):
+    with pytest.raises(UsageError, match="2 open streams"):
         h.open_exec({"argv": ["c"]})
     h.receive_data(jframe(1, T.ERROR, {"code": "spawn_failed", "message": "no", "type": 1}))
     assert h.open_exec({"argv": ["c"]}) == 5
@@ -948,3 +951,245 @@ def test_eof_mid_frame_is_visible() -> None:
     h.receive_data(b"")
     with pytest.raises(UsageError):
         h.receive_data(b"x")
+
+
+# -- file streams ----------------------------------------------------------------------
+
+DIGEST = "ab" * 32
+
+
+def wired(limits: AgentLimits | None = None) -> tuple[HostSession, AgentSession]:
+    return host(limits), agent(limits)
+
+
+def to_agent(h: HostSession, a: AgentSession) -> list[Any]:
+    for chunk in h.data_to_send():
+        a.receive_data(bytes(chunk))
+    return events(a)
+
+
+def to_host(a: AgentSession, h: HostSession) -> list[Any]:
+    for chunk in a.data_to_send():
+        h.receive_data(bytes(chunk))
+    return events(h)
+
+
+def test_a_put_streams_within_the_file_window_and_ends_with_commit_and_result() -> None:
+    h, a = wired(AgentLimits(file_window=4))
+    stream = h.open_file({"op": "put", "path": "/f"})
+    assert (h.credit(stream, Channel.STDIN), h.credit(stream, Channel.STDOUT)) == (4, 0)
+    assert to_agent(h, a) == [FileRequested(stream, "put", {"op": "put", "path": "/f"})]
+    assert h.send_stdin(stream, b"abcdef") == 4
+    with pytest.raises(UsageError, match="before its bytes ended"):
+        h.send_commit(stream, DIGEST)
+    assert to_agent(h, a) == [StdinData(stream, b"abcd", False)]
+    a.stdin_consumed(stream, 4)
+    assert to_host(a, h) == [StdinCredit(stream, 4)]
+    assert h.send_stdin(stream, b"ef", end=True) == 2
+    with pytest.raises(UsageError, match="64 lowercase hex"):
+        h.send_commit(stream, "AB" * 32)
+    h.send_commit(stream, DIGEST)
+    with pytest.raises(UsageError, match="already committed"):
+        h.send_commit(stream, DIGEST)
+    assert to_agent(h, a) == [StdinData(stream, b"ef", True), CommitRequested(stream, DIGEST)]
+    a.file_done(stream, {"size": 6, "sha256": DIGEST})
+    assert to_host(a, h) == [FileResult(stream, {"size": 6, "sha256": DIGEST})]
+    assert h.streams == a.streams == frozenset()
+
+
+def test_a_get_sends_stdout_within_its_window_then_end_then_result() -> None:
+    h, a = wired()
+    stream = h.open_file({"op": "get", "path": "/f"}, 3)
+    (event,) = to_agent(h, a)
+    assert event == FileRequested(stream, "get", {"op": "get", "path": "/f", "window": 3})
+    assert a.send_output(stream, Channel.STDOUT, b"hello") == 3
+    with pytest.raises(UsageError, match="STDERR"):
+        a.send_output(stream, Channel.STDERR, b"", end=True)
+    with pytest.raises(UsageError, match="before END"):
+        a.file_done(stream, {})
+    assert to_host(a, h) == [Output(stream, Channel.STDOUT, b"hel", False)]
+    h.grant(stream, Channel.STDOUT, 3)
+    to_agent(h, a)
+    assert a.send_output(stream, Channel.STDOUT, b"lo", end=True) == 2
+    a.file_done(stream, {"size": 5})
+    assert to_host(a, h) == [
+        Output(stream, Channel.STDOUT, b"lo", True),
+        FileResult(stream, {"size": 5}),
+    ]
+
+
+def test_a_file_stream_fails_with_one_error_at_any_point() -> None:
+    h, a = wired()
+    stream = h.open_file({"op": "put", "path": "/f"})
+    to_agent(h, a)
+    h.send_stdin(stream, b"partial")
+    a.file_failed(stream, "file_error", "No space left on device", "ENOSPC")
+    assert a.streams == frozenset()
+    assert to_agent(h, a) == []  # the STDIN crossed the ERROR: ignored
+    assert to_host(a, h) == [StreamError(stream, "file_error", "No space left on device", "ENOSPC")]
+    assert h.streams == frozenset()
+    with pytest.raises(UsageError):
+        h.send_stdin(stream, b"more")
+
+
+def test_an_error_answering_another_frame_ends_no_file_stream() -> None:
+    h, a = wired()
+    stream = h.open_file({"op": "get", "path": "/f"})
+    to_agent(h, a)
+    a.receive_data(jframe(stream, T.SIGNAL, {"signal": 9}))  # a file stream runs no process
+    (error,) = sent(a)
+    assert error_of(error)["code"] == "unsupported" and error_of(error)["type"] == T.SIGNAL
+    h.receive_data(encode_frame(error.stream, error.type, 0, error.payload))
+    (failed,) = events(h)
+    assert isinstance(failed, RequestFailed)
+    assert (failed.stream, failed.type, failed.code) == (stream, T.SIGNAL, "unsupported")
+    assert h.streams == a.streams == frozenset({stream})
+
+
+def test_open_file_needs_the_files_capability_and_room() -> None:
+    h = host(caps=ALL_CAPS - {"files"})
+    with pytest.raises(UsageError, match="files"):
+        h.open_file({"op": "stat", "path": "/"})
+    h = host(AgentLimits(max_files=1, max_streams=3))
+    h.open_file({"op": "stat", "path": "/"})
+    with pytest.raises(UsageError, match="1 open file streams"):
+        h.open_file({"op": "stat", "path": "/"})
+    h.open_exec({"argv": ["x"]})  # processes still have room
+    with pytest.raises(UsageError, match="op must be a string"):
+        h.open_file({"path": "/"})
+    assert [f.type for f in sent(h)] == [T.FILE, T.EXEC]
+    h = host()
+    with pytest.raises(UsageError, match="max_control"):
+        h.open_file({"op": "x", "path": "/" * 70_000})
+    assert h.data_to_send() == [] and h.open_file({"op": "x"}) == 1
+
+
+def test_a_process_stream_is_not_a_file_stream_nor_the_reverse() -> None:
+    h = started_host()
+    with pytest.raises(UsageError, match="nothing to commit"):
+        h.send_commit(1, DIGEST)
+    with pytest.raises(ProtocolError, match="RESULT ends a file stream"):
+        h.receive_data(jframe(1, T.RESULT, {}))
+    a = started_agent()
+    with pytest.raises(UsageError, match="runs a process"):
+        a.file_done(1, {})
+    h, a = wired()
+    stream = h.open_file({"op": "get", "path": "/f"})
+    with pytest.raises(UsageError, match="file stream"):
+        h.send_signal(stream, 9)
+    to_agent(h, a)
+    with pytest.raises(UsageError, match="file stream"):
+        a.started(stream, 5)
+    with pytest.raises(UsageError, match="file stream"):
+        a.exited(stream, exit_code=0)
+    with pytest.raises(UsageError, match="file stream"):
+        a.exec_failed(stream, "x", "y")
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (encode_frame(1, T.STDERR, FLAG_END), "only STDOUT"),
+        (jframe(1, T.STARTED, {"pid": 4}), "only STDOUT"),
+        (jframe(1, T.EXIT, EXIT0), "only STDOUT"),
+        (jframe(1, T.RESULT, {}), "RESULT before END"),
+        (encode_frame(1, T.STDOUT, 0, b"x" * 11), "credit"),
+        (encode_frame(1, T.RESULT, 0, b"[]"), None),
+    ],
+)
+def test_what_a_host_refuses_on_a_get_stream(frame: bytes, why: str | None) -> None:
+    h = host()
+    h.open_file({"op": "get", "path": "/f"}, 10)
+    if why is None:  # a RESULT that is not an object, after END
+        h.receive_data(encode_frame(1, T.STDOUT, FLAG_END))
+        why = "not an object"
+    with pytest.raises(ProtocolError, match=why):
+        h.receive_data(frame)
+
+
+def test_a_host_refuses_the_result_of_a_put_before_its_commit() -> None:
+    h = host()
+    h.open_file({"op": "put", "path": "/f"})
+    with pytest.raises(ProtocolError, match="before its COMMIT"):
+        h.receive_data(jframe(1, T.RESULT, {"size": 0}))
+
+
+def put_agent() -> AgentSession:
+    a = agent()
+    a.receive_data(jframe(1, T.FILE, {"op": "put", "path": "/f"}))
+    assert [type(e) for e in events(a)] == [FileRequested]
+    return a
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([jframe(1, T.COMMIT, {"sha256": DIGEST})], "before the put's bytes ended"),
+        ([encode_frame(1, T.STDIN, FLAG_END), jframe(1, T.COMMIT, {"sha256": "x"})], "64"),
+        ([encode_frame(1, T.STDIN, FLAG_END), jframe(1, T.COMMIT, {})], "64"),
+        (
+            [encode_frame(1, T.STDIN, FLAG_END)] + [jframe(1, T.COMMIT, {"sha256": DIGEST})] * 2,
+            "already committed",
+        ),
+        ([encode_frame(1, T.STDIN, 0, b"x" * (1 << 20 + 1))], None),
+    ],
+)
+def test_what_an_agent_refuses_on_a_put_stream(frames: list[bytes], why: str | None) -> None:
+    a = put_agent()
+    with pytest.raises(ProtocolError, match=why or "exceed"):
+        for frame in frames:
+            a.receive_data(frame)
+
+
+def test_commit_and_stdin_belong_to_a_put() -> None:
+    for frame, why in (
+        (jframe(1, T.COMMIT, {"sha256": DIGEST}), "only a put"),
+        (encode_frame(1, T.STDIN, 0, b"x"), "without a stdin pipe"),
+    ):
+        a = agent()
+        a.receive_data(jframe(1, T.FILE, {"op": "get", "path": "/f"}))
+        with pytest.raises(ProtocolError, match=why):
+            a.receive_data(frame)
+
+
+def test_a_put_result_waits_for_its_commit() -> None:
+    a = put_agent()
+    a.receive_data(encode_frame(1, T.STDIN, FLAG_END))
+    with pytest.raises(UsageError, match="before its COMMIT"):
+        a.file_done(1, {})
+
+
+def test_the_agent_refuses_a_bad_file_request_and_too_many_files() -> None:
+    a = agent(AgentLimits(max_files=1))
+    a.receive_data(jframe(1, T.FILE, {"op": 7}) + jframe(3, T.FILE, {"op": "get", "window": -1}))
+    assert events(a) == []
+    assert [(f.stream, error_of(f)["code"], error_of(f)["type"]) for f in sent(a)] == [
+        (1, "bad_request", T.FILE),
+        (3, "bad_request", T.FILE),
+    ]
+    a.receive_data(jframe(5, T.FILE, {"op": "stat"}) + jframe(7, T.FILE, {"op": "stat"}))
+    assert events(a) == [FileRequested(5, "stat", {"op": "stat"})]
+    (refused,) = sent(a)
+    assert (refused.stream, error_of(refused)["code"]) == (7, "limit")
+    with pytest.raises(ProtocolError, match="odd and increasing"):
+        a.receive_data(jframe(7, T.FILE, {"op": "stat"}))
+
+
+def test_an_unknown_op_opens_a_stream_with_no_data_channel() -> None:
+    a = agent()
+    a.receive_data(jframe(1, T.FILE, {"op": "chmod"}))
+    assert events(a) == [FileRequested(1, "chmod", {"op": "chmod"})]
+    assert [a.credit(1, c) for c in Channel] == [0, 0, 0]
+    a.file_done(1, {})  # STDOUT never flowed: nothing to end first
+    assert [f.type for f in sent(a)] == [T.RESULT]
+
+
+def test_close_on_a_file_stream_drops_its_output() -> None:
+    h, a = wired()
+    stream = h.open_file({"op": "get", "path": "/f"}, 10)
+    to_agent(h, a)
+    h.send_close(stream)
+    assert to_agent(h, a) == [CloseRequested(stream)]
+    assert a.send_output(stream, Channel.STDOUT, b"dropped") == 7
+    a.file_failed(stream, "closed", "the host closed the stream")
+    assert to_host(a, h) == [StreamError(stream, "closed", "the host closed the stream", None)]

@@ -66,6 +66,10 @@ class AgentLimits:
     """Initial STDIN credit of each stream."""
     max_argv_bytes: int = 1 * MiB
     """Total bytes of argv, command and env of one EXEC."""
+    max_files: int = 16
+    """File streams open at once on one connection (they count as streams too)."""
+    file_window: int = 1 * MiB
+    """Initial STDIN credit of each put: the file bytes it holds at most before writing them."""
 
     def __post_init__(self) -> None:
         ranges = {
@@ -74,6 +78,8 @@ class AgentLimits:
             "max_streams": (1, U32_MAX),
             "stdin_window": (0, MAX_CREDIT),
             "max_argv_bytes": (0, U32_MAX),
+            "max_files": (1, U32_MAX),
+            "file_window": (1, MAX_CREDIT),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)

@@ -92,6 +92,9 @@ def copy_error(error: VsockAsyncError) -> VsockAsyncError:
     clone = type(error).__new__(type(error))
     clone.__dict__.update(error.__dict__)
     clone.args = error.args
+    if isinstance(error, OSError):  # these live in slots, not in __dict__
+        assert isinstance(clone, OSError)
+        clone.errno, clone.strerror, clone.filename = error.errno, error.strerror, error.filename
     return clone
 
 

@@ -1,8 +1,8 @@
 """The v2 wire protocol, sans I/O: the one place to import it from.
 
 v2 is negotiated inside v1 on every new connection (:mod:`.hello`), then
-carries many process streams on one connection with per-stream credit flow
-control. docs/protocol.md ("Wire protocol v2") specifies it byte for byte.
+carries many process and file streams on one connection with per-stream
+credit flow control. docs/protocol.md ("Wire protocol v2") specifies it byte for byte.
 """
 
 from .hello import HELLO_PREFIX as HELLO_PREFIX
@@ -31,12 +31,17 @@ from .v2_frames import encode_json as encode_json
 from .v2_frames import encode_window as encode_window
 from .v2_frames import frame_parts as frame_parts
 from .v2_session import DEFAULT_WINDOW as DEFAULT_WINDOW
+from .v2_session import DOWNLOAD_OPS as DOWNLOAD_OPS
 from .v2_session import MAX_PING as MAX_PING
+from .v2_session import UPLOAD_OPS as UPLOAD_OPS
 from .v2_session import AgentEvent as AgentEvent
 from .v2_session import AgentSession as AgentSession
 from .v2_session import CloseRequested as CloseRequested
+from .v2_session import CommitRequested as CommitRequested
 from .v2_session import ExecRequested as ExecRequested
 from .v2_session import Exited as Exited
+from .v2_session import FileRequested as FileRequested
+from .v2_session import FileResult as FileResult
 from .v2_session import HostEvent as HostEvent
 from .v2_session import HostSession as HostSession
 from .v2_session import Output as Output
@@ -53,6 +58,7 @@ from .v2_session import StreamError as StreamError
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_WINDOW",
+    "DOWNLOAD_OPS",
     "FLAG_END",
     "HEADER",
     "HELLO_PREFIX",
@@ -60,14 +66,18 @@ __all__ = [
     "MAX_CREDIT",
     "MAX_HELLO_ANSWER",
     "MAX_PING",
+    "UPLOAD_OPS",
     "VERSIONS",
     "AgentEvent",
     "AgentLimits",
     "AgentSession",
     "Channel",
     "CloseRequested",
+    "CommitRequested",
     "ExecRequested",
     "Exited",
+    "FileRequested",
+    "FileResult",
     "Frame",
     "FrameDecoder",
     "FrameType",

@@ -69,6 +69,7 @@ class FrameType(enum.IntEnum):
 
     EXEC = 0x01
     STARTED = 0x02
+    FILE = 0x03
     STDIN = 0x10
     STDOUT = 0x11
     STDERR = 0x12
@@ -76,7 +77,9 @@ class FrameType(enum.IntEnum):
     SIGNAL = 0x30
     RESIZE = 0x31
     CLOSE = 0x32
+    COMMIT = 0x33
     EXIT = 0x40
+    RESULT = 0x41
     ERROR = 0x50
     PING = 0x60
     PONG = 0x61
@@ -97,11 +100,14 @@ KNOWN_TYPES: Final = frozenset(FrameType)
 _CONTROL_TYPES: Final = frozenset(
     {
         FrameType.STARTED,
+        FrameType.FILE,
         FrameType.WINDOW,
         FrameType.SIGNAL,
         FrameType.RESIZE,
         FrameType.CLOSE,
+        FrameType.COMMIT,
         FrameType.EXIT,
+        FrameType.RESULT,
         FrameType.ERROR,
         FrameType.PING,
         FrameType.PONG,

@@ -1,20 +1,22 @@
 """The two ends of one v2 connection as pure state machines: bytes in, events out.
 
 :class:`HostSession` and :class:`AgentSession` own the wire rules: stream ids
-(odd, strictly increasing, never reused), each stream's state, credit per
-stream and channel in both directions, the order of the last frames (END on
-both output channels, then EXIT), limits, and the checks of every control
-payload. No sockets, no clock, no asyncio: feed received bytes with
-:meth:`receive_data` (or :meth:`get_buffer`/:meth:`buffer_updated`), read
-events with :meth:`next_event`, and write what :meth:`data_to_send` returns.
-A peer that breaks the protocol makes the receiving call raise
-:class:`ProtocolError` (close the connection: no resync); a call that breaks
-it locally raises :class:`UsageError` and sends nothing. Import these names
-from :mod:`vsock_async.protocol.v2`.
+(odd, strictly increasing, never reused), each stream's state (a process or
+a file operation), credit per stream and channel in both directions, the
+order of the last frames (END on both output channels, then EXIT; END, then
+RESULT), limits, and the checks of every control payload. No sockets, no
+clock, no asyncio: feed received bytes with :meth:`receive_data` (or
+:meth:`get_buffer`/:meth:`buffer_updated`), read events with
+:meth:`next_event`, and write what :meth:`data_to_send` returns. A peer that
+breaks the protocol makes the receiving call raise :class:`ProtocolError`
+(close the connection: no resync); a call that breaks it locally raises
+:class:`UsageError` and sends nothing. Import these names from
+:mod:`vsock_async.protocol.v2`.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,12 +48,17 @@ from .v2_frames import (
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "DOWNLOAD_OPS",
     "MAX_PING",
+    "UPLOAD_OPS",
     "AgentEvent",
     "AgentSession",
     "CloseRequested",
+    "CommitRequested",
     "ExecRequested",
     "Exited",
+    "FileRequested",
+    "FileResult",
     "HostEvent",
     "HostSession",
     "Output",
@@ -72,9 +79,15 @@ DEFAULT_WINDOW: Final = 256 * 1024
 MAX_PING: Final = 64
 """The largest PING payload."""
 
+UPLOAD_OPS: Final = frozenset({"put"})
+"""File operations whose bytes flow to the agent, on STDIN, with the agent's ``file_window``."""
+DOWNLOAD_OPS: Final = frozenset({"get", "listdir"})
+"""File operations whose bytes flow to the host, on STDOUT, with the FILE's ``window``."""
+
 _MAX_MESSAGE = 4096  # characters of an ERROR message we send; keeps ERROR far below 64 KiB
 _TERMINAL_MAX = 0xFFFF  # struct winsize holds unsigned shorts
 _SIGNAL_MAX = 255
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _OUTPUT = (Channel.STDOUT, Channel.STDERR)
 _DATA_TYPE = {FrameType.STDOUT: Channel.STDOUT, FrameType.STDERR: Channel.STDERR}
 _CHANNEL_TYPE = {
@@ -122,16 +135,30 @@ class Exited:
 
 @dataclass(frozen=True, slots=True)
 class StreamError:
-    """Host: the agent refused the EXEC of ``stream``; nothing was started, the stream ended.
+    """Host: the agent refused the EXEC of ``stream`` (nothing was started), or its file
+    operation failed; either way the stream ended.
 
-    ``code``: ``bad_request``, ``unsupported``, ``limit``, ``spawn_failed``
-    (``errno`` names the OS error, e.g. ``ENOENT``), ``permission``, ``internal``...
+    ``code``: ``bad_request``, ``unsupported``, ``limit``, ``spawn_failed``, ``file_error``
+    (``errno`` names the OS error, e.g. ``ENOENT``), ``permission``, ``digest_mismatch``,
+    ``closed``, ``internal``...
     """
 
     stream: int
     code: str
     message: str
     errno: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """Host: the file operation of ``stream`` succeeded; ``result`` is its RESULT object.
+
+    The stream's last event. The fields depend on the operation (docs/protocol.md);
+    the session checked only that it is a JSON object.
+    """
+
+    stream: int
+    result: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +202,33 @@ class ExecRequested:
 
     stream: int
     request: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FileRequested:
+    """Agent: carry out file operation ``op`` for ``stream``; end it with ``file_done()`` or
+    ``file_failed()``.
+
+    ``request`` is the FILE object as sent. The session has checked ``op`` (a
+    string) and ``window`` (an int) and the stream limits, and set up the
+    stream's credit: a put receives STDIN (:class:`StdinData`, then
+    :class:`CommitRequested`), a get or listdir sends STDOUT. An unknown ``op``
+    has no data channel: refuse it.
+    """
+
+    stream: int
+    op: str
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequested:
+    """Agent: every byte of the put on ``stream`` has come (STDIN END came first);
+    ``sha256`` is their digest, 64 lowercase hex digits. Rename the file into place only
+    if it matches."""
+
+    stream: int
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +279,13 @@ class OutputCredit:
     increment: int
 
 
-HostEvent = Started | Output | Exited | StreamError | RequestFailed | StdinCredit | Pong
+HostEvent = (
+    Started | Output | Exited | StreamError | FileResult | RequestFailed | StdinCredit | Pong
+)
 AgentEvent = (
     ExecRequested
+    | FileRequested
+    | CommitRequested
     | StdinData
     | SignalRequested
     | ResizeRequested
@@ -288,6 +346,23 @@ class _Stream:
     ended: list[bool] = field(default_factory=lambda: [False, False, False])
     started: bool = False
     closing: bool = False
+    op: str | None = None
+    """The operation of a file stream; None for a process stream."""
+    committed: bool = False
+    """A put's COMMIT went (host) or came (agent)."""
+
+
+def _file_stream(op: str, window: int, file_window: int) -> _Stream:
+    """A new file stream: STDIN flows for an upload, STDOUT for a download, STDERR never."""
+    upload, download = op in UPLOAD_OPS, op in DOWNLOAD_OPS
+    return _Stream(
+        stdin=upload,
+        pty=False,
+        credit=[file_window if upload else 0, window if download else 0, 0],
+        ended=[not upload, not download, True],
+        started=True,  # no STARTED: a file stream runs from its FILE on
+        op=op,
+    )
 
 
 class _Session:
@@ -360,6 +435,11 @@ class _Session:
         state = self._streams.get(stream)
         return state.credit[channel] if state is not None and not state.ended[channel] else 0
 
+    @property
+    def files(self) -> int:
+        """File streams open now (they count among :attr:`streams` too)."""
+        return sum(1 for state in self._streams.values() if state.op is not None)
+
     # -- shared machinery ------------------------------------------------------------------
 
     def _check_usable(self) -> None:
@@ -372,6 +452,20 @@ class _Session:
         state = self._streams.get(stream)
         if state is None:
             raise UsageError(f"stream {stream} is not open (it ended, or was never opened)")
+        return state
+
+    def _process(self, stream: int) -> _Stream:
+        """The open process stream ``stream``, or :class:`UsageError`."""
+        state = self._open(stream)
+        if state.op is not None:
+            raise UsageError(f"stream {stream} is a file stream ({state.op}), not a process")
+        return state
+
+    def _file(self, stream: int) -> _Stream:
+        """The open file stream ``stream``, or :class:`UsageError`."""
+        state = self._open(stream)
+        if state.op is None:
+            raise UsageError(f"stream {stream} runs a process, not a file operation")
         return state
 
     def _queue_json(self, stream: int, type: FrameType, obj: Mapping[str, Any]) -> None:
@@ -450,6 +544,8 @@ class _Session:
             raise _violation(frame, "stream 0 carries only PING, PONG and ERROR")
         elif type == FrameType.EXEC:
             self._on_exec(frame)
+        elif type == FrameType.FILE:
+            self._on_file(frame)
         elif (state := self._streams.get(stream)) is not None:
             if type == FrameType.WINDOW:
                 self._on_window(state, frame)
@@ -494,6 +590,9 @@ class _Session:
     def _on_exec(self, frame: Frame) -> None:
         raise NotImplementedError  # only an end that receives EXEC (the agent) gets here
 
+    def _on_file(self, frame: Frame) -> None:
+        raise NotImplementedError  # only an end that receives FILE (the agent) gets here
+
     def _on_stream_frame(self, state: _Stream, frame: Frame) -> None:
         raise NotImplementedError
 
@@ -514,14 +613,24 @@ class HostSession(_Session):
 
     Open process streams with :meth:`open_exec`, then send stdin, signals,
     resizes and CLOSE on them; grant output credit with :meth:`grant` as the
-    application consumes output. Events: :class:`Started`, :class:`Output`,
-    :class:`Exited` (a started stream's last), :class:`StreamError` (an EXEC
-    refused: the stream's last), :class:`StdinCredit`, :class:`Pong`,
-    :class:`RequestFailed`.
+    application consumes output. Open file streams with :meth:`open_file`: a
+    put sends its bytes with :meth:`send_stdin` and ends with
+    :meth:`send_commit`; a get or listdir receives STDOUT. Events:
+    :class:`Started`, :class:`Output`, :class:`Exited` (a started stream's
+    last), :class:`FileResult` (a file stream's last on success),
+    :class:`StreamError` (an EXEC refused, or a file operation failed: the
+    stream's last), :class:`StdinCredit`, :class:`Pong`, :class:`RequestFailed`.
     """
 
     _receives = frozenset(
-        {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.WINDOW, FrameType.EXIT}
+        {
+            FrameType.STARTED,
+            FrameType.STDOUT,
+            FrameType.STDERR,
+            FrameType.WINDOW,
+            FrameType.EXIT,
+            FrameType.RESULT,
+        }
     )
     _credited = frozenset({Channel.STDIN})
 
@@ -554,17 +663,9 @@ class HostSession(_Session):
         stdin = request.get("stdin", False)
         if not isinstance(stdin, bool):
             raise UsageError(f"EXEC stdin must be true or false, not {stdin!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_CREDIT:
-            raise UsageError(f"window must be an int in 0..{MAX_CREDIT}, not {window!r}")
+        _check_window(window)
+        stream = self._next_stream()
         limits = self.agent.limits
-        if len(self._streams) >= limits.max_streams:
-            raise UsageError(
-                f"the agent allows {limits.max_streams} open process streams per connection,"
-                " and that many are open: wait for one to exit"
-            )
-        stream = self._last_id + (2 if self._last_id else 1)
-        if stream > U32_MAX:
-            raise UsageError("this connection has used all its stream ids: open a new one")
         payload = json_payload({**request, "window": window})
         largest = max(limits.max_frame, limits.max_control)
         if len(payload) > largest:
@@ -578,6 +679,67 @@ class HostSession(_Session):
         credit = [limits.stdin_window if stdin else 0, window, window]
         self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit)
         return stream
+
+    def open_file(self, request: Mapping[str, Any], window: int = DEFAULT_WINDOW) -> int:
+        """Queue the FILE of ``request`` on a new stream; its id.
+
+        ``request`` is the FILE object (docs/protocol.md) with its ``op``;
+        ``window`` is the initial STDOUT credit of a get or listdir and
+        replaces any ``window`` in it. :class:`UsageError`, with nothing sent,
+        when the agent did not announce ``files``, its ``max_streams`` or
+        ``max_files`` are open, or the request does not fit in one control frame.
+        """
+        self._check_usable()
+        self._require("files", "transfer files")
+        op = request.get("op")
+        if not isinstance(op, str):
+            raise UsageError(f"a FILE request's op must be a string, not {op!r}")
+        _check_window(window)
+        limits = self.agent.limits
+        if self.files >= limits.max_files:
+            raise UsageError(
+                f"the agent allows {limits.max_files} open file streams per connection,"
+                " and that many are open: wait for one to end"
+            )
+        stream = self._next_stream()
+        payload = json_payload({**request, "window": window} if op in DOWNLOAD_OPS else request)
+        if len(payload) > limits.max_control:
+            raise UsageError(
+                f"the FILE request takes {len(payload)} bytes, more than the {limits.max_control}"
+                " the agent accepts (max_control): shorten the path"
+            )
+        self._send.append(encode_frame(stream, FrameType.FILE, 0, payload))
+        self._last_id = stream
+        self._streams[stream] = _file_stream(op, window, limits.file_window)
+        return stream
+
+    def _next_stream(self) -> int:
+        """The id of the next stream, or :class:`UsageError` if no stream may open now."""
+        limits = self.agent.limits
+        if len(self._streams) >= limits.max_streams:
+            raise UsageError(
+                f"the agent allows {limits.max_streams} open streams per connection,"
+                " and that many are open: wait for one to end"
+            )
+        stream = self._last_id + (2 if self._last_id else 1)
+        if stream > U32_MAX:
+            raise UsageError("this connection has used all its stream ids: open a new one")
+        return stream
+
+    def send_commit(self, stream: int, sha256: str) -> None:
+        """Queue COMMIT: the put on ``stream`` sent all its bytes, whose SHA-256 is ``sha256``
+        (64 lowercase hex digits); the agent renames the file into place if it matches."""
+        state = self._open(stream)
+        if state.op not in UPLOAD_OPS:
+            raise UsageError(f"stream {stream} is not a put: it has nothing to commit")
+        if not state.ended[Channel.STDIN]:
+            raise UsageError(f"COMMIT on stream {stream} before its bytes ended (STDIN END)")
+        if state.committed:
+            raise UsageError(f"stream {stream} was already committed")
+        if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+            raise UsageError(f"a SHA-256 is 64 lowercase hex digits, not {sha256!r}")
+        state.committed = True
+        self._queue_json(stream, FrameType.COMMIT, {"sha256": sha256})
 
     def send_stdin(
         self, stream: int, data: bytes | bytearray | memoryview, end: bool = False
@@ -598,7 +760,7 @@ class HostSession(_Session):
 
     def send_signal(self, stream: int, signal: int) -> None:
         """Queue SIGNAL: deliver ``signal`` to the process group of ``stream``."""
-        self._open(stream)
+        self._process(stream)
         self._require("signal", "deliver signals")
         if (
             isinstance(signal, bool)
@@ -610,7 +772,7 @@ class HostSession(_Session):
 
     def send_resize(self, stream: int, rows: int, cols: int) -> None:
         """Queue RESIZE: the terminal of ``stream`` (opened with a pty) becomes rows x cols."""
-        state = self._open(stream)
+        state = self._process(stream)
         self._require("resize", "resize terminals")
         if not state.pty:
             raise UsageError(
@@ -676,6 +838,11 @@ class HostSession(_Session):
 
     def _on_stream_frame(self, state: _Stream, frame: Frame) -> None:
         stream, type = frame.stream, frame.type
+        if state.op is not None:
+            self._on_file_frame(state, frame)
+            return
+        if type == FrameType.RESULT:
+            raise _violation(frame, "RESULT ends a file stream, and this one runs a process")
         if type == FrameType.STARTED:
             if state.started:
                 raise _violation(frame, "the stream had already started")
@@ -703,11 +870,31 @@ class HostSession(_Session):
         if frame.payload or frame.end:
             self._events.append(Output(stream, channel, frame.payload, frame.end))
 
+    def _on_file_frame(self, state: _Stream, frame: Frame) -> None:
+        stream, type = frame.stream, frame.type
+        if type == FrameType.RESULT:
+            if not state.ended[Channel.STDOUT]:
+                raise _violation(frame, "RESULT before END on STDOUT")
+            if state.op in UPLOAD_OPS and not state.committed:
+                raise _violation(frame, "RESULT of a put before its COMMIT")
+            result = _payload(frame)
+            del self._streams[stream]
+            self._events.append(FileResult(stream, result))
+        elif type == FrameType.STDOUT:
+            self._take_credit(state, Channel.STDOUT, frame)
+            if frame.payload or frame.end:
+                self._events.append(Output(stream, Channel.STDOUT, frame.payload, frame.end))
+        else:
+            raise _violation(frame, "a file stream carries only STDOUT, WINDOW and RESULT")
+
     def _on_error(
         self, stream: int, code: str, message: str, errno: str | None, type: int | None
     ) -> None:
         state = self._streams.get(stream)
-        if state is not None and not state.started and type in (None, FrameType.EXEC):
+        if state is not None and (
+            (state.op is None and not state.started and type in (None, FrameType.EXEC))
+            or (state.op is not None and type in (None, FrameType.FILE))
+        ):
             del self._streams[stream]
             self._events.append(StreamError(stream, code, message, errno))
         else:
@@ -718,6 +905,11 @@ class HostSession(_Session):
 
     def _on_credit(self, stream: int, channel: Channel, increment: int) -> None:
         self._events.append(StdinCredit(stream, increment))
+
+
+def _check_window(window: object) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_CREDIT:
+        raise UsageError(f"window must be an int in 0..{MAX_CREDIT}, not {window!r}")
 
 
 def _exit_fields(stream: int, obj: Mapping[str, Any]) -> Exited:
@@ -739,12 +931,17 @@ class AgentSession(_Session):
     :class:`ResizeRequested`, :class:`CloseRequested`, :class:`OutputCredit`,
     :class:`RequestFailed`. A started stream ends with :meth:`exited`, which
     requires END on both output channels first (:meth:`send_output` with
-    ``end=True``; an empty END needs no credit).
+    ``end=True``; an empty END needs no credit). A file stream starts with
+    :class:`FileRequested` (a put then gets :class:`StdinData` and
+    :class:`CommitRequested`) and ends with :meth:`file_done` or
+    :meth:`file_failed`.
     """
 
     _receives = frozenset(
         {
             FrameType.EXEC,
+            FrameType.FILE,
+            FrameType.COMMIT,
             FrameType.STDIN,
             FrameType.WINDOW,
             FrameType.SIGNAL,
@@ -768,7 +965,7 @@ class AgentSession(_Session):
 
     def started(self, stream: int, pid: int) -> None:
         """Queue STARTED: the process of ``stream`` runs as ``pid``."""
-        state = self._open(stream)
+        state = self._process(stream)
         if state.started:
             raise UsageError(f"stream {stream} has already started")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= U32_MAX:
@@ -778,7 +975,7 @@ class AgentSession(_Session):
 
     def exec_failed(self, stream: int, code: str, message: str, errno: str | None = None) -> None:
         """Queue ERROR for the EXEC of ``stream``, which started nothing; the stream ends."""
-        state = self._open(stream)
+        state = self._process(stream)
         if state.started:
             raise UsageError(f"stream {stream} has started: it ends with exited(), not an ERROR")
         del self._streams[stream]
@@ -832,7 +1029,7 @@ class AgentSession(_Session):
         output_incomplete: bool = False,
     ) -> None:
         """Queue EXIT, the last frame of a started stream; END must have gone on both channels."""
-        state = self._open(stream)
+        state = self._process(stream)
         if not state.started:
             raise UsageError(f"stream {stream} never started: end it with exec_failed()")
         if not state.ended[Channel.STDOUT] or not state.ended[Channel.STDERR]:
@@ -856,6 +1053,26 @@ class AgentSession(_Session):
             },
         )
 
+    def file_done(self, stream: int, result: Mapping[str, Any]) -> None:
+        """Queue RESULT, the last frame of a file stream that succeeded.
+
+        A get or listdir must have ended STDOUT first; a put must have had its COMMIT.
+        """
+        state = self._file(stream)
+        if not state.ended[Channel.STDOUT]:
+            raise UsageError(f"RESULT of stream {stream} before END on STDOUT")
+        if state.op in UPLOAD_OPS and not state.committed:
+            raise UsageError(f"RESULT of the put on stream {stream} before its COMMIT")
+        payload = json_payload(result)
+        del self._streams[stream]
+        self._send.append(encode_frame(stream, FrameType.RESULT, 0, payload))
+
+    def file_failed(self, stream: int, code: str, message: str, errno: str | None = None) -> None:
+        """Queue ERROR for the file operation of ``stream``; the stream ends."""
+        self._file(stream)
+        del self._streams[stream]
+        self._queue_error(stream, FrameType.FILE, code, message, errno)
+
     def stdin_consumed(self, stream: int, n: int) -> None:
         """``n`` bytes of stdin reached the process: queue WINDOW to return that credit.
 
@@ -874,13 +1091,17 @@ class AgentSession(_Session):
 
     # -- received frames -------------------------------------------------------------------
 
-    def _on_exec(self, frame: Frame) -> None:
-        stream = frame.stream
-        if stream % 2 == 0 or stream <= self._last_id:
+    def _claim(self, frame: Frame) -> None:
+        """Take the id of the stream ``frame`` opens; a violation unless it is a new odd one."""
+        if frame.stream % 2 == 0 or frame.stream <= self._last_id:
             raise _violation(
                 frame, f"stream ids are odd and increasing (the last was {self._last_id})"
             )
-        self._last_id = stream
+        self._last_id = frame.stream
+
+    def _on_exec(self, frame: Frame) -> None:
+        stream = frame.stream
+        self._claim(frame)
         request = _payload(frame)
         try:
             stdin = _bool(request, "stdin")
@@ -901,6 +1122,32 @@ class AgentSession(_Session):
         self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit)
         self._events.append(ExecRequested(stream, request))
 
+    def _on_file(self, frame: Frame) -> None:
+        stream = frame.stream
+        self._claim(frame)
+        request = _payload(frame)
+        op = request.get("op")
+        try:
+            if not isinstance(op, str):
+                raise _BadField(f"op must be a string, not {op!r}")
+            window = _int(request, "window", 0, MAX_CREDIT, DEFAULT_WINDOW)
+        except _BadField as exc:
+            self._queue_error(stream, FrameType.FILE, "bad_request", str(exc))
+            return
+        limits = self.limits
+        if len(self._streams) >= limits.max_streams or self.files >= limits.max_files:
+            self._queue_error(
+                stream,
+                FrameType.FILE,
+                "limit",
+                f"{len(self._streams)} streams ({self.files} of them file streams) are open on"
+                f" this connection already (max_streams {limits.max_streams}, max_files"
+                f" {limits.max_files})",
+            )
+            return
+        self._streams[stream] = _file_stream(op, window, limits.file_window)
+        self._events.append(FileRequested(stream, op, request))
+
     def _on_stream_frame(self, state: _Stream, frame: Frame) -> None:
         stream, type = frame.stream, frame.type
         if type == FrameType.STDIN:
@@ -913,6 +1160,10 @@ class AgentSession(_Session):
             if not state.closing:
                 state.closing = True
                 self._events.append(CloseRequested(stream))
+        elif type == FrameType.COMMIT:
+            self._on_commit(state, frame)
+        elif state.op is not None:  # SIGNAL or RESIZE
+            self._queue_error(stream, type, "unsupported", "a file stream runs no process")
         elif type == FrameType.SIGNAL:
             try:
                 signal = _int(_payload(frame), "signal", 1, _SIGNAL_MAX)
@@ -932,6 +1183,19 @@ class AgentSession(_Session):
                 self._queue_error(stream, type, "bad_request", str(exc))
                 return
             self._events.append(ResizeRequested(stream, rows, cols))
+
+    def _on_commit(self, state: _Stream, frame: Frame) -> None:
+        if state.op not in UPLOAD_OPS:
+            raise _violation(frame, "only a put stream is committed")
+        if not state.ended[Channel.STDIN]:
+            raise _violation(frame, "COMMIT before the put's bytes ended (STDIN END)")
+        if state.committed:
+            raise _violation(frame, "the put was already committed")
+        sha256 = _payload(frame).get("sha256")
+        if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+            raise _violation(frame, f"sha256 must be 64 lowercase hex digits, not {sha256!r}")
+        state.committed = True
+        self._events.append(CommitRequested(frame.stream, sha256))
 
     def _on_credit(self, stream: int, channel: Channel, increment: int) -> None:
         self._events.append(OutputCredit(stream, channel, increment))
