@@ -41,6 +41,8 @@ MODULES = (
     "agent/request",
     "agent/terminal",
     "agent/process",
+    "agent/paths",
+    "agent/files",
     "agent/v2",
     "agent/agent",
 )

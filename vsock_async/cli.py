@@ -158,6 +158,15 @@ def _add_agent_parser(
         ),
     )
     parser.add_argument(
+        "--files-root",
+        default="/",
+        metavar="DIR",
+        help=(
+            "protocol v2: file operations (put, get, listdir, remove...) may touch only DIR"
+            " and what is under it, symbolic links resolved (default %(default)s)"
+        ),
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -196,6 +205,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             max_output=args.max_output,
             output_grace=args.output_grace,
             max_streams=args.max_streams,
+            files_root=args.files_root,
         )
         asyncio.run(run(agent))
     except VsockAsyncError as exc:  # it could not start

@@ -54,6 +54,7 @@ from ..protocol import (
 )
 from ..protocol.v2 import AgentLimits, HelloRequest, hello_answer, parse_hello_command
 from ..timeouts import check_timeout
+from .paths import FilesRoot
 from .runner import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_OUTPUT_GRACE,
@@ -103,6 +104,7 @@ class GuestAgent:
         max_output: int = DEFAULT_MAX_OUTPUT,
         output_grace: float | None = DEFAULT_OUTPUT_GRACE,
         max_streams: int = AgentLimits().max_streams,
+        files_root: str = "/",
         reconnect_delay: float = 0.1,
         max_reconnect_delay: float = 5.0,
     ) -> None:
@@ -132,7 +134,13 @@ class GuestAgent:
         self.output_grace = check_timeout(output_grace, "output_grace")
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
             raise UsageError(f"max_streams must be an int >= 1, not {max_streams!r}")
-        self.v2 = V2Settings(shell, self.output_grace, AgentLimits(max_streams=max_streams))
+        try:
+            root = FilesRoot(files_root)
+        except OSError as exc:
+            raise UsageError(f"files_root {files_root!r} is not a directory: {exc}") from None
+        self.v2 = V2Settings(
+            shell, self.output_grace, AgentLimits(max_streams=max_streams), files_root=root
+        )
         """How v2 connections run processes, and the limits they announce."""
         self._capabilities: list[str] | None = None
         self.reconnect_delay = _delay(reconnect_delay, "reconnect_delay")

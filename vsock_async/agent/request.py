@@ -19,7 +19,7 @@ from typing import Any, Final
 from ..errors import UsageError
 from ..timeouts import check_timeout
 
-__all__ = ["DEFAULT_KILL_GRACE", "ExecSpec", "Refused", "User", "parse_exec"]
+__all__ = ["DEFAULT_KILL_GRACE", "ExecSpec", "Refused", "User", "byte_string", "parse_exec"]
 
 DEFAULT_KILL_GRACE: Final = 5.0
 _STDERR_MODES: Final = frozenset({"pipe", "stdout", "null"})
@@ -88,10 +88,10 @@ def parse_exec(
     if argv_field is not None:
         if not isinstance(argv_field, list) or not argv_field:
             raise Refused("bad_request", "argv must be a non-empty list of strings")
-        argv = tuple(_text(item, f"argv[{i}]") for i, item in enumerate(argv_field))
+        argv = tuple(byte_string(item, f"argv[{i}]") for i, item in enumerate(argv_field))
         size = sum(len(item) + 1 for item in argv)
     else:
-        command = _text(command_field, "command")
+        command = byte_string(command_field, "command")
         size = len(command) + 1
     env = _env(request.get("env"))
     size += sum(len(key) + len(value) + 2 for key, value in env.items())
@@ -110,7 +110,7 @@ def parse_exec(
         argv=argv,
         command=command,
         env=env,
-        cwd=None if cwd is None else _text(cwd, "cwd"),
+        cwd=None if cwd is None else byte_string(cwd, "cwd"),
         user=None if user is None else _user(user, can_switch_user),
         stdin=_flag(request.get("stdin", False), "stdin"),
         stderr=_stderr(request.get("stderr", "pipe")),
@@ -120,8 +120,8 @@ def parse_exec(
     )
 
 
-def _text(value: Any, what: str) -> bytes:
-    """A string field as bytes: a JSON string (UTF-8) or ``{"b64": ...}`` for any bytes."""
+def byte_string(value: Any, what: str) -> bytes:
+    """A byte string field: a JSON string (UTF-8) or ``{"b64": ...}`` for any bytes; no NUL."""
     if isinstance(value, str):
         try:
             data = value.encode()
@@ -146,10 +146,10 @@ def _env(value: Any) -> dict[bytes, bytes]:
         raise Refused("bad_request", "env must be an object of strings")
     env: dict[bytes, bytes] = {}
     for key, item in value.items():
-        name = _text(key, "an env name")
+        name = byte_string(key, "an env name")
         if not name or b"=" in name:
             raise Refused("bad_request", f"env name {key!r} is empty or holds '='")
-        env[name] = _text(item, f"env[{key!r}]")
+        env[name] = byte_string(item, f"env[{key!r}]")
     return env
 
 

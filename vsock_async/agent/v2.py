@@ -2,11 +2,13 @@
 
 Standard library only. After the hello (answered in v1 framing by
 :mod:`.agent`), the connection's bytes go to the session; each EXEC becomes a
-:class:`~.process.Process` on its own stream, running concurrently with the
-others. Output moves only within the credit the host grants per stream and
-channel, and not at all while the connection's write buffer is full, so one
-stalled reader never holds up another stream. When the connection goes, every
-process it started is killed (SIGKILL to its session) and reaped.
+:class:`~.process.Process` and each FILE a :class:`~.files.FileOperation` on
+its own stream, running concurrently with the others. Output moves only within
+the credit the host grants per stream and channel, and not at all while the
+connection's write buffer is full, so one stalled reader never holds up
+another stream. When the connection goes, every process it started is killed
+(SIGKILL to its session) and reaped, and every file operation is given up (a
+put's temporary file removed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -27,7 +29,9 @@ from ..protocol.v2 import (
     AgentSession,
     Channel,
     CloseRequested,
+    CommitRequested,
     ExecRequested,
+    FileRequested,
     FrameType,
     HelloRequest,
     OutputCredit,
@@ -36,6 +40,8 @@ from ..protocol.v2 import (
     SignalRequested,
     StdinData,
 )
+from .files import FileOperation, parse_file_request
+from .paths import FilesRoot
 from .process import Process
 from .request import Refused, parse_exec
 from .terminal import pty_available
@@ -54,11 +60,13 @@ class V2Settings:
     output_grace: float | None = 1.0
     """Seconds to wait for EOF on a process's output after it exits (None: no limit)."""
     limits: AgentLimits = field(default_factory=AgentLimits)
+    files_root: FilesRoot = field(default_factory=FilesRoot)
+    """What file operations may touch (``--files-root``)."""
 
 
 def capabilities() -> list[str]:
     """What this agent can do here: ``pty``/``resize`` if a terminal opens, ``user`` as root."""
-    found = ["exec", "signal", "ping"]
+    found = ["exec", "signal", "ping", "files"]
     if pty_available():
         found += ["pty", "resize"]
     if os.geteuid() == 0:
@@ -103,6 +111,7 @@ class V2Connection(asyncio.BufferedProtocol):
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
         self._processes: dict[int, Process] = {}
+        self._files: dict[int, FileOperation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._dead = False
@@ -144,6 +153,8 @@ class V2Connection(asyncio.BufferedProtocol):
         # Killed, not cancelled: a task that has not started yet still reaps its process.
         for process in self._processes.values():
             process.kill()
+        for operation in self._files.values():
+            operation.kill()
         if self._on_lost is not None:
             self._on_lost(exc)
 
@@ -188,11 +199,25 @@ class V2Connection(asyncio.BufferedProtocol):
             if isinstance(event, ExecRequested):
                 self._exec(event)
                 continue
+            if isinstance(event, FileRequested):
+                self._file(event)
+                continue
             if isinstance(event, RequestFailed):
                 _logger.info(
                     "the host refused a frame",
                     extra={"fields": {"stream": event.stream, "code": event.code}},
                 )
+                continue
+            operation = self._files.get(event.stream)
+            if operation is not None:
+                if isinstance(event, StdinData):
+                    operation.write(event.data, event.end)
+                elif isinstance(event, CommitRequested):
+                    operation.commit(event.sha256)
+                elif isinstance(event, OutputCredit):
+                    operation.credit_changed()
+                elif isinstance(event, CloseRequested):
+                    operation.close()
                 continue
             process = self._processes.get(event.stream)
             if process is None:  # its EXIT is out already; the host's frame crossed it
@@ -251,6 +276,48 @@ class V2Connection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _file(self, event: FileRequested) -> None:
+        stream = event.stream
+        try:
+            spec = parse_file_request(event.request, can_chown=self._can_switch_user)
+        except Refused as refused:
+            _logger.info(
+                "refused a file request",
+                extra={"fields": {"stream": stream, "code": refused.code}},
+            )
+            self._session.file_failed(stream, refused.code, refused.message, refused.errno)
+            return
+        operation = FileOperation(
+            spec, _Link(self, stream), self._settings.files_root, max_read=self._max_read
+        )
+        self._files[stream] = operation
+        task = self._loop.create_task(self._carry_out(stream, operation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _carry_out(self, stream: int, operation: FileOperation) -> None:
+        started = time.monotonic()
+        try:
+            outcome = await operation.run()
+        except Exception:
+            _logger.exception("a file operation failed unexpectedly; closing the connection")
+            self._abort("the agent failed to carry out a file operation")
+            return
+        finally:
+            self._files.pop(stream, None)
+        _logger.info(
+            "file operation ended",
+            extra={
+                "fields": {
+                    "stream": stream,
+                    "op": operation.spec.op,
+                    "path": os.fsdecode(operation.spec.path),
+                    "outcome": outcome,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            },
+        )
+
     async def _supervise(self, stream: int, process: Process) -> None:
         started = time.monotonic()
         try:
@@ -305,10 +372,13 @@ class V2Connection(asyncio.BufferedProtocol):
     def _credit_changed(self) -> None:
         for process in list(self._processes.values()):
             process.credit_changed()
+        for operation in self._files.values():
+            operation.credit_changed()
 
 
 class _Link:
-    """One stream's view of its connection (a :class:`~.process.StreamLink`)."""
+    """One stream's view of its connection (a :class:`~.process.StreamLink` or a
+    :class:`~.files.FileLink`)."""
 
     __slots__ = ("_conn", "_stream")
 
@@ -332,6 +402,18 @@ class _Link:
         conn = self._conn
         if not conn._dead:
             conn._session.stdin_consumed(self._stream, n)
+            conn._flush()
+
+    def file_done(self, result: Mapping[str, Any]) -> None:
+        conn = self._conn
+        if not conn._dead:
+            conn._session.file_done(self._stream, result)
+            conn._flush()
+
+    def file_failed(self, code: str, message: str, errno: str | None) -> None:
+        conn = self._conn
+        if not conn._dead:
+            conn._session.file_failed(self._stream, code, message, errno)
             conn._flush()
 
     def exited(
