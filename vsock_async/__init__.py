@@ -67,6 +67,9 @@ from .errors import (
     GuestBusy as GuestBusy,
 )
 from .errors import (
+    GuestFileError as GuestFileError,
+)
+from .errors import (
     InvalidAddress as InvalidAddress,
 )
 from .errors import (
@@ -140,6 +143,7 @@ __all__ = [
     "GuestBusy",
     "GuestChannel",
     "GuestEvent",
+    "GuestFileError",
     "HybridVsockAddress",
     "InvalidAddress",
     "Limits",

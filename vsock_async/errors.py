@@ -14,6 +14,7 @@
     │                                   timeout or cancel that put its stream out of step
     ├── CommandFailed                   ``check=True`` and a non-zero exit code
     ├── SpawnFailed                     the guest could not start a process (also OSError)
+    ├── GuestFileError                  a file operation failed in the guest (also OSError)
     ├── StdinClosed                     a process ended before its stdin was all sent
     │                                   (also BrokenPipeError)
     ├── GuestBusy                       every connection of a guest is busy and ``wait=False``
@@ -56,6 +57,7 @@ __all__ = [
     "DeadlineExceeded",
     "FrameTooLarge",
     "GuestBusy",
+    "GuestFileError",
     "InvalidAddress",
     "ListenFailed",
     "PeerError",
@@ -206,6 +208,27 @@ class SpawnFailed(VsockAsyncError, OSError):
         else:
             super().__init__(f"the guest could not start the process ({code}): {message}")
         self.code = code
+        self.errno_name = errno_name
+
+
+class GuestFileError(VsockAsyncError, OSError):
+    """A file operation failed in the guest; nothing was left half done.
+
+    ``path`` is the guest path of the operation. ``code`` is the agent's reason:
+    ``file_error`` (the OS said no: ``errno_name`` is its name, e.g. ``ENOENT``,
+    ``EACCES``, ``EISDIR``, ``ENOSPC``, and ``errno`` its number here),
+    ``permission`` (an owner asked of an agent that is not root),
+    ``digest_mismatch``, ``bad_request``, ``limit``, ``unsupported``, ``internal``.
+    """
+
+    def __init__(self, code: str, message: str, path: str, errno_name: str | None = None) -> None:
+        number = getattr(_errno, errno_name, None) if errno_name else None
+        if isinstance(number, int):
+            super().__init__(number, f"in the guest: {message}", path)
+        else:
+            super().__init__(f"{path!r} in the guest ({code}): {message}")
+        self.code = code
+        self.path = path
         self.errno_name = errno_name
 
 

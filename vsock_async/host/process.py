@@ -24,7 +24,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypedDict
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict
 
 from ..errors import (
     CommandTimeout,
@@ -331,6 +331,16 @@ class _Capture:
 # -- input --------------------------------------------------------------------------------
 
 
+class StdinOwner(Protocol):
+    """The stream a :class:`ProcessWriter` feeds: a process's stdin, or a put's bytes."""
+
+    _connection: SessionConnection
+
+    def _send_stdin(self, data: bytes, end: bool) -> int: ...
+
+    def _stdin_credit(self) -> int: ...
+
+
 class ProcessWriter:
     """The stdin of a guest process, written like ``asyncio.StreamWriter``.
 
@@ -339,7 +349,7 @@ class ProcessWriter:
     :meth:`write_eof` (or :meth:`close`) so the process sees the end of its input.
     """
 
-    def __init__(self, process: Process) -> None:
+    def __init__(self, process: StdinOwner) -> None:
         self._process = process
         self._pending = bytearray()
         self._eof = False  # write_eof() called

@@ -3,11 +3,12 @@
 
 The pure session holds the wire rules (frames, stream ids, credit in both
 directions, limits); this layer moves bytes between it and the socket, routes
-its events to the :class:`~vsock_async.host.process.Process` of each stream,
-and turns the connection's end into errors for everyone waiting. Reads go
-straight into the session's decoder (``recv_into``). Per-stream credit bounds
-what the agent may send; reading pauses only for an agent that keeps asking
-for answers (PING, unknown frames) while it reads none of what we write.
+its events to the :class:`~vsock_async.host.process.Process` or the
+:class:`~vsock_async.host.files.FileStream` of each stream, and turns the
+connection's end into errors for everyone waiting. Reads go straight into the
+session's decoder (``recv_into``). Per-stream credit bounds what the agent may
+send; reading pauses only for an agent that keeps asking for answers (PING,
+unknown frames) while it reads none of what we write.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..protocol.v1_host import copy_error
 from ..protocol.v2 import (
     Channel,
     Exited,
+    FileResult,
     HelloAnswer,
     HostSession,
     Output,
@@ -44,6 +46,7 @@ from ..protocol.v2 import (
 )
 
 if TYPE_CHECKING:
+    from .files import FileStream
     from .process import Process
 
 logger = logging.getLogger("vsock_async")
@@ -77,6 +80,8 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._streams: dict[int, Process] = {}
+        self._files: dict[int, FileStream] = {}
+        self._file_slots = asyncio.Semaphore(agent.limits.max_files)
         self._used = 0  # stream slots taken, including ones handed to a waiter not yet resumed
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
@@ -176,6 +181,11 @@ class SessionConnection(asyncio.BufferedProtocol):
         return len(self._streams)
 
     @property
+    def files(self) -> int:
+        """File streams open right now."""
+        return len(self._files)
+
+    @property
     def peer(self) -> Any:
         """The peer address as the kernel reports it: ``(cid, port)`` on AF_VSOCK."""
         return self.transport.get_extra_info("peername") if self.transport else None
@@ -237,6 +247,46 @@ class SessionConnection(asyncio.BufferedProtocol):
             process._give_up()
             raise
 
+    async def open_file(self, transfer: FileStream, request: dict[str, Any], window: int) -> None:
+        """Start the file operation ``request`` for ``transfer`` on a new stream.
+
+        Waits for a free file slot (the agent's ``max_files``) and stream slot
+        first; the stream holds both until its RESULT or ERROR arrives. Raises
+        the connection's error if it closes.
+        """
+        self._check_open()
+        await self._file_slots.acquire()
+        try:
+            self._check_open()
+            await self._take_slot()
+        except BaseException:
+            self._file_slots.release()
+            raise
+        try:
+            self._check_open()
+            stream = self._session.open_file(request, window)
+        except BaseException:
+            self._release_slot()
+            self._file_slots.release()
+            raise
+        transfer.stream = stream
+        self._files[stream] = transfer
+        self._flush()
+
+    def send_commit(self, stream: int, sha256: str) -> None:
+        """Queue COMMIT for the put on ``stream``, if it is still open."""
+        if self._open_stream(stream):
+            self._session.send_commit(stream, sha256)
+            self._flush()
+
+    def _end_file(self, stream: int) -> FileStream | None:
+        """Forget the file stream ``stream``, which has ended, and free its slots."""
+        transfer = self._files.pop(stream, None)
+        if transfer is not None:
+            self._release_slot()
+            self._file_slots.release()
+        return transfer
+
     # The core forgets a stream as it reads the stream's last frame, before its events are
     # dispatched: each request below first checks the stream is still open there.
 
@@ -280,7 +330,11 @@ class SessionConnection(asyncio.BufferedProtocol):
             self._flush()
 
     def _open_stream(self, stream: int) -> bool:
-        return self._error is None and stream in self._streams and stream in self._session.streams
+        return (
+            self._error is None
+            and (stream in self._streams or stream in self._files)
+            and stream in self._session.streams
+        )
 
     async def ping(self) -> None:
         """One PING round trip; raises the connection's error if it closes first."""
@@ -344,13 +398,13 @@ class SessionConnection(asyncio.BufferedProtocol):
         try:
             while (event := session.next_event()) is not None:
                 if isinstance(event, Output):
-                    process = self._streams.get(event.stream)
-                    if process is not None:
-                        process._on_output(event.channel, event.data, event.end)
+                    owner = self._streams.get(event.stream) or self._files.get(event.stream)
+                    if owner is not None:
+                        owner._on_output(event.channel, event.data, event.end)
                 elif isinstance(event, StdinCredit):
-                    process = self._streams.get(event.stream)
-                    if process is not None:
-                        process._on_stdin_credit()
+                    owner = self._streams.get(event.stream) or self._files.get(event.stream)
+                    if owner is not None:
+                        owner._on_stdin_credit()
                 elif isinstance(event, Started):
                     process = self._streams.get(event.stream)
                     if process is not None:
@@ -362,6 +416,10 @@ class SessionConnection(asyncio.BufferedProtocol):
                         process._on_exit(
                             event.exit_code, event.signal, event.timed_out, event.output_incomplete
                         )
+                elif isinstance(event, FileResult):
+                    transfer = self._end_file(event.stream)
+                    if transfer is not None:
+                        transfer._on_result(event.result)
                 elif isinstance(event, StreamError):
                     self._stream_error(event)
                 elif isinstance(event, Pong):
@@ -382,7 +440,12 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._flush()
 
     def _stream_error(self, event: StreamError) -> None:
-        """The agent refused an EXEC: nothing started, the stream is over."""
+        """The agent refused an EXEC (nothing started) or a file operation failed: the stream
+        is over."""
+        transfer = self._end_file(event.stream)
+        if transfer is not None:
+            transfer._on_error(event.code, event.message, event.errno)
+            return
         process = self._streams.pop(event.stream, None)
         if process is not None:
             self._release_slot()
@@ -408,6 +471,10 @@ class SessionConnection(asyncio.BufferedProtocol):
         streams, self._streams = self._streams, {}
         for process in streams.values():
             process._on_connection_lost(error)
+        files, self._files = self._files, {}
+        for transfer in files.values():
+            self._file_slots.release()  # a waiter for one wakes to the error
+            transfer._on_connection_lost(error)
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
             if not waiter.done():

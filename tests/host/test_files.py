@@ -1,0 +1,665 @@
+"""File operations through the host library against the real agent, over a Unix socket.
+
+Every transfer is checked byte for byte by SHA-256 on the file system it
+landed on; interrupted transfers are checked for what they left behind (the
+target untouched, no temporary file but the documented leftover of a killed
+agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import vsock_async
+from tests.agent_process import LONG, eventually, served_agent
+from vsock_async import (
+    ClosedLocally,
+    ConnectionClosed,
+    GuestFileError,
+    Limits,
+    Unsupported,
+    UsageError,
+)
+from vsock_async.host import files
+from vsock_async.host.negotiate import negotiate
+from vsock_async.host.process import start_process
+from vsock_async.host.session import SessionConnection
+from vsock_async.protocol.v2 import AgentLimits, HelloAnswer
+
+MiB = 1024 * 1024
+TEMP = re.compile(r"\.vsock_async\.put\.[0-9a-f]{16}")
+
+
+@dataclass
+class Guest:
+    """A v2 connection to a real agent, and the directory its files go to."""
+
+    conn: SessionConnection
+    agent: asyncio.subprocess.Process
+    dir: Path
+    log: Path
+
+    def path(self, *parts: str) -> str:
+        return str(self.dir.joinpath(*parts))
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, *options: str) -> AsyncIterator[Guest]:
+    """The agent dialling a server, and a v2 connection to it."""
+    async with served_agent(tmp_path, "files.sock", *options) as served:
+        v1 = served.guest.connection
+        conn = await negotiate(v1, require_v2=True, timeout=LONG)
+        assert isinstance(conn, SessionConnection)
+        guest_dir = tmp_path / "guest"
+        guest_dir.mkdir(exist_ok=True)
+        try:
+            yield Guest(conn, served.agent, guest_dir, tmp_path / "agent.log")
+        finally:
+            conn.abort(ClosedLocally("the test is over"))
+            await conn.wait_closed()
+            v1.connection_lost(None)  # the channel's own protocol object, which the hello replaced
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | bytes | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def leftovers(directory: str | Path) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith(".vsock_async.")]
+
+
+async def read_all(conn: SessionConnection, path: str) -> bytes:
+    return b"".join([chunk async for chunk in files.read_file(conn, path)])
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+SIZES = [0, 1, 1000, MiB - 1, MiB, MiB + 1, 3 * MiB + 17]
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_round_trips_are_byte_exact_for_every_size_and_source(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        for size in SIZES:
+            data = os.urandom(size)
+            local = tmp_path / f"local-{size}"
+            local.write_bytes(data)
+            sources: list[files.Source] = [data, local, chunks_of(data, 4096), bytearray(data)]
+            for i, source in enumerate(sources):
+                target = guest.path(f"f-{size}-{i}")
+                await files.put_file(guest.conn, source, target)
+                assert file_digest(target) == digest(data), (size, i)
+            back = tmp_path / f"back-{size}"
+            await files.get_file(guest.conn, guest.path(f"f-{size}-0"), back)
+            assert file_digest(back) == digest(data)
+            read = b"".join(
+                [c async for c in files.read_file(guest.conn, guest.path(f"f-{size}-1"))]
+            )
+            assert read == data
+        assert leftovers(guest.dir) == [] and leftovers(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_a_large_sparse_file_goes_both_ways(tmp_path: Path) -> None:
+    source = tmp_path / "sparse"
+    with open(source, "wb") as f:
+        f.truncate(300 * MiB)
+        f.seek(123 * MiB)
+        f.write(b"in the middle")
+        f.seek(300 * MiB - 4)
+        f.write(b"tail")
+    expected = file_digest(source)
+    async with running(tmp_path) as guest:
+        await files.put_file(guest.conn, source, guest.path("sparse"))
+        assert file_digest(guest.path("sparse")) == expected
+        await files.get_file(guest.conn, guest.path("sparse"), tmp_path / "again")
+        assert file_digest(tmp_path / "again") == expected
+
+
+@pytest.mark.asyncio
+async def test_put_sets_mode_mtime_and_owner_and_get_keeps_them(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        target = guest.path("f")
+        await files.put_file(guest.conn, b"x", target, mode=0o640, mtime=1_000_000_000.5)
+        st = os.stat(target)
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        assert st.st_mtime_ns == 1_000_000_000_500_000_000
+        await files.get_file(guest.conn, target, tmp_path / "back")
+        back = os.stat(tmp_path / "back")
+        assert (stat.S_IMODE(back.st_mode), back.st_mtime_ns) == (0o640, st.st_mtime_ns)
+        if os.geteuid() == 0:
+            await files.put_file(guest.conn, b"y", target, mode=0o4755, uid=1234, gid=5678)
+            st = os.stat(target)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o4755)
+            await files.get_file(guest.conn, target, tmp_path / "setuid")
+            assert stat.S_IMODE(os.stat(tmp_path / "setuid").st_mode) == 0o755  # no set-id here
+
+
+@pytest.mark.asyncio
+async def test_put_replaces_a_file_or_link_and_makes_parents_when_asked(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        await files.put_file(guest.conn, b"deep", guest.path("a", "b", "c"))
+        assert Path(guest.path("a", "b", "c")).read_bytes() == b"deep"
+        with pytest.raises(GuestFileError) as missing:
+            await files.put_file(guest.conn, b"x", guest.path("no", "f"), make_parents=False)
+        assert missing.value.errno_name == "ENOENT" and missing.value.path == guest.path("no", "f")
+        await files.put_file(guest.conn, b"new", guest.path("a", "b", "c"))
+        assert Path(guest.path("a", "b", "c")).read_bytes() == b"new"
+        os.symlink(guest.path("a", "b", "c"), guest.path("link"))
+        await files.put_file(guest.conn, b"replaces the link", guest.path("link"))
+        assert not os.path.islink(guest.path("link"))
+        assert Path(guest.path("a", "b", "c")).read_bytes() == b"new"  # not written through
+        with pytest.raises(GuestFileError) as directory:
+            await files.put_file(guest.conn, b"x", guest.path("a"))
+        assert directory.value.errno_name == "EISDIR"
+        assert leftovers(guest.dir) == [] and leftovers(guest.path("a")) == []
+
+
+@pytest.mark.asyncio
+async def test_get_errors_are_typed_and_leave_nothing_locally(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        os.mkfifo(guest.path("fifo"))
+        os.mkdir(guest.path("dir"))
+        for name, errno_name in (("nope", "ENOENT"), ("dir", "EISDIR"), ("fifo", "EINVAL")):
+            with pytest.raises(GuestFileError) as caught:
+                await files.get_file(guest.conn, guest.path(name), tmp_path / "local")
+            assert caught.value.errno_name == errno_name
+            assert caught.value.errno == getattr(__import__("errno"), errno_name)
+            assert caught.value.path == guest.path(name)
+            with pytest.raises(GuestFileError):
+                async for _ in files.read_file(guest.conn, guest.path(name)):
+                    pass
+        assert not (tmp_path / "local").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_relative_and_malformed_paths_are_usage_errors_sent_nowhere(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        sent = guest.conn.bytes_sent
+        for call in (
+            files.put_file(guest.conn, b"x", "relative/path"),
+            files.stat(guest.conn, "nope"),
+            files.listdir(guest.conn, b"dir"),
+            files.remove(guest.conn, "/with\0nul"),
+            files.mkdir(guest.conn, "", parents=True),
+            files.put_file(guest.conn, b"x", "/f", mode=0o10000),
+            files.put_file(guest.conn, 42, "/f"),  # type: ignore[arg-type]
+            files.get_file(guest.conn, "/f", tmp_path / "x", window=0),
+        ):
+            with pytest.raises(UsageError):
+                await call
+        with pytest.raises(UsageError):
+            files.read_file(guest.conn, "f")
+        assert guest.conn.bytes_sent == sent
+
+
+@pytest.mark.asyncio
+async def test_an_agent_without_files_is_refused_locally() -> None:
+    old = HelloAnswer(2, AgentLimits(), frozenset({"exec", "signal"}), "vsock_async/0.1.9")
+    conn = SessionConnection(old, limits=Limits(), max_frame=MiB)
+    with pytest.raises(Unsupported, match="'files' capability"):
+        await files.stat(conn, "/")
+    with pytest.raises(Unsupported, match="'files' capability"):
+        await files.put_file(conn, b"x", "/f")
+    with pytest.raises(Unsupported, match="'files' capability"):
+        async for _ in files.read_file(conn, "/f"):
+            pass
+
+
+# -- metadata ------------------------------------------------------------------------------
+
+
+ODD_NAMES = ["with space", "new\nline", "tab\there", "ünïcödé", "-dash", ".hidden"]
+RAW_NAME = b"not-utf8-\xff\xfe"
+
+
+@pytest.mark.asyncio
+async def test_stat_and_listdir_describe_every_kind_and_odd_names(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        top = Path(guest.path("top"))
+        top.mkdir(mode=0o750)
+        for name in ODD_NAMES:
+            (top / name).write_bytes(name.encode())
+        with open(os.path.join(os.fsencode(top), RAW_NAME), "wb") as f:
+            f.write(b"raw")
+        os.symlink("../elsewhere", top / "dangling")
+        os.mkfifo(top / "fifo")
+        os.mkdir(top / "sub")
+        entries = {e.name: e for e in await files.listdir(guest.conn, str(top))}
+        assert set(entries) == {*ODD_NAMES, os.fsdecode(RAW_NAME), "dangling", "fifo", "sub"}
+        assert entries["new\nline"].kind == "file" and entries["new\nline"].size == 8
+        assert entries[os.fsdecode(RAW_NAME)].size == 3
+        assert (entries["dangling"].kind, entries["dangling"].target) == ("symlink", "../elsewhere")
+        assert entries["fifo"].kind == "fifo" and entries["sub"].kind == "dir"
+        info = await files.stat(guest.conn, str(top))
+        st = os.stat(top)
+        assert (info.name, info.kind, info.mode, info.uid, info.mtime_ns) == (
+            "top",
+            "dir",
+            0o750,
+            st.st_uid,
+            st.st_mtime_ns,
+        )
+        os.symlink("top", guest.path("link"))
+        assert (await files.stat(guest.conn, guest.path("link"))).kind == "dir"
+        link = await files.stat(guest.conn, guest.path("link"), follow_symlinks=False)
+        assert (link.kind, link.target) == ("symlink", "top")
+        with pytest.raises(GuestFileError) as caught:
+            await files.listdir(guest.conn, str(top / "with space"))
+        assert caught.value.errno_name == "ENOTDIR"
+        assert await files.listdir(guest.conn, str(top / "sub")) == []
+
+
+@pytest.mark.asyncio
+async def test_a_directory_of_many_entries_is_listed_within_credit(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        big = Path(guest.path("big"))
+        big.mkdir()
+        names = {f"entry-{i:05d}-" + "x" * 100 for i in range(5000)}  # ~1 MB of listing
+        for name in names:
+            (big / name).touch()
+        assert {e.name for e in await files.listdir(guest.conn, str(big))} == names
+
+
+@pytest.mark.asyncio
+async def test_remove_and_mkdir(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        await files.mkdir(guest.conn, guest.path("d"), mode=0o711)
+        assert stat.S_IMODE(os.stat(guest.path("d")).st_mode) == 0o711
+        with pytest.raises(GuestFileError) as exists:
+            await files.mkdir(guest.conn, guest.path("d"))
+        assert exists.value.errno_name == "EEXIST"
+        await files.mkdir(guest.conn, guest.path("d"), parents=True)  # as mkdir -p
+        await files.mkdir(guest.conn, guest.path("d", "e", "f"), parents=True)
+        Path(guest.path("d", "e", "f", "file")).write_bytes(b"x")
+        with pytest.raises(GuestFileError) as not_empty:
+            await files.remove(guest.conn, guest.path("d"))
+        assert not_empty.value.errno_name == "ENOTEMPTY"
+        keep = Path(guest.path("keep"))
+        keep.mkdir()
+        (keep / "precious").write_bytes(b"!")
+        os.symlink(keep, guest.path("d", "link-to-keep"))
+        await files.remove(guest.conn, guest.path("d"), recursive=True)
+        assert not os.path.exists(guest.path("d"))
+        assert (keep / "precious").read_bytes() == b"!"  # a link is removed, not followed
+        await files.remove(guest.conn, str(keep / "precious"))
+        await files.remove(guest.conn, str(keep))
+        with pytest.raises(GuestFileError) as gone:
+            await files.remove(guest.conn, str(keep))
+        assert gone.value.errno_name == "ENOENT"
+
+
+# -- trees ----------------------------------------------------------------------------------
+
+
+def make_tree(root: Path, outside: Path) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    for name in ODD_NAMES:
+        (root / name).write_bytes(os.urandom(100))
+    (root / "sub" / "deeper" / "big").write_bytes(os.urandom(2 * MiB + 5))
+    (root / "empty").write_bytes(b"")
+    with open(os.path.join(os.fsencode(root / "sub"), RAW_NAME), "wb") as f:
+        f.write(b"raw name")
+    os.chmod(root / "sub" / "deeper" / "big", 0o600)
+    os.symlink("deeper/big", root / "sub" / "relative-link")
+    os.symlink(str(outside), root / "escape")  # to a directory outside the tree
+    os.symlink("nowhere", root / "dangling")
+
+
+def snapshot(root: Path) -> dict[bytes, tuple[str, str]]:
+    """Relative path -> (kind, content digest or link target), never following links."""
+    found: dict[bytes, tuple[str, str]] = {}
+    base = os.fsencode(root)
+    for directory, dirs, names in os.walk(base):
+        for name in dirs + names:
+            full = os.path.join(directory, name)
+            rel = os.path.relpath(full, base)
+            if os.path.islink(full):
+                found[rel] = ("link", os.fsdecode(os.readlink(full)))
+            elif os.path.isdir(full):
+                found[rel] = ("dir", oct(stat.S_IMODE(os.stat(full).st_mode) | 0o700))
+            else:
+                found[rel] = (oct(stat.S_IMODE(os.stat(full).st_mode)), file_digest(full))
+    return found
+
+
+@pytest.mark.asyncio
+async def test_trees_go_both_ways_with_links_as_links_and_odd_names(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not to be copied")
+    local = tmp_path / "local"
+    local.mkdir()
+    make_tree(local, outside)
+    async with running(tmp_path) as guest:
+        await files.put_tree(guest.conn, local, guest.path("tree"))
+        assert snapshot(Path(guest.path("tree"))) == snapshot(local)
+        assert os.readlink(guest.path("tree", "escape")) == str(outside)
+        await files.get_tree(guest.conn, guest.path("tree"), tmp_path / "back")
+        assert snapshot(tmp_path / "back") == snapshot(local)
+        assert os.listdir(outside) == ["secret"]  # nothing was written through the link
+        # Into an existing tree: files and links replaced, the rest kept.
+        (tmp_path / "back" / "extra").write_bytes(b"stays")
+        await files.get_tree(guest.conn, guest.path("tree"), tmp_path / "back")
+        assert (tmp_path / "back" / "extra").read_bytes() == b"stays"
+        with pytest.raises(GuestFileError) as not_dir:
+            await files.get_tree(guest.conn, guest.path("tree", "empty"), tmp_path / "x")
+        assert not_dir.value.errno_name == "ENOTDIR"
+        assert leftovers(tmp_path / "back") == [] and leftovers(guest.path("tree")) == []
+
+
+# -- sharing the connection -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_transfers_and_processes_share_one_connection(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        blobs = [os.urandom(MiB + i) for i in range(6)]
+        process = await start_process(guest.conn, ["cat"], stdin=-1)
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"meanwhile\n")
+        await asyncio.gather(
+            *(files.put_file(guest.conn, b, guest.path(f"p{i}")) for i, b in enumerate(blobs)),
+            *(files.stat(guest.conn, str(guest.dir)) for _ in range(40)),  # above max_files
+        )
+        assert await process.stdout.readline() == b"meanwhile\n"
+        reads = await asyncio.gather(
+            *(files.get_file(guest.conn, guest.path(f"p{i}"), tmp_path / f"g{i}") for i in range(6))
+        )
+        assert reads == [None] * 6
+        for i, blob in enumerate(blobs):
+            assert (tmp_path / f"g{i}").read_bytes() == blob
+        process.stdin.write_eof()
+        assert await process.wait() == 0
+        assert guest.conn.streams == guest.conn.files == 0
+
+
+# -- interruptions ----------------------------------------------------------------------------
+
+
+async def endless(first: bytes, started: asyncio.Event) -> AsyncIterator[bytes]:
+    """Yields ``first``, then waits forever (a source that stalls mid-file)."""
+    yield first
+    started.set()
+    await asyncio.Event().wait()
+    yield b"never"
+
+
+async def stalled_put(guest: Guest, target: str) -> asyncio.Task[None]:
+    """A put that has sent 2 MiB and waits for more; returns once the agent holds its temp file."""
+    started = asyncio.Event()
+    task = asyncio.create_task(
+        files.put_file(guest.conn, endless(os.urandom(2 * MiB), started), target)
+    )
+    await asyncio.wait_for(started.wait(), LONG)
+    directory = os.path.dirname(target)
+    await eventually(lambda: len(leftovers(directory)) == 1, "the agent made its temp file")
+    return task
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_put_leaves_no_target_and_no_temp(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        Path(guest.path("kept")).write_bytes(b"old")
+        task = await stalled_put(guest, guest.path("kept"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: leftovers(guest.dir) == [], "the agent removed its temp file")
+        assert Path(guest.path("kept")).read_bytes() == b"old"
+        await eventually(lambda: guest.conn.files == 0, "the stream ended")
+        await files.put_file(guest.conn, b"the connection is fine", guest.path("after"))
+        assert "outcome=closed" in guest.log.read_text()
+
+
+@pytest.mark.asyncio
+async def test_a_dropped_connection_mid_put_leaves_no_target_and_no_temp(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        task = await stalled_put(guest, guest.path("target"))
+        guest.conn.abort(ClosedLocally("reset mid-file"))
+        with pytest.raises(ConnectionClosed):
+            await task
+        await eventually(lambda: leftovers(guest.dir) == [], "the agent removed its temp file")
+        assert not os.path.exists(guest.path("target"))
+
+
+@pytest.mark.asyncio
+async def test_an_agent_stopped_mid_put_removes_its_temp(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        task = await stalled_put(guest, guest.path("target"))
+        guest.agent.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            await task
+        assert await asyncio.wait_for(guest.agent.wait(), LONG) == 0
+        assert leftovers(guest.dir) == [] and not os.path.exists(guest.path("target"))
+
+
+@pytest.mark.asyncio
+async def test_an_agent_killed_mid_put_leaves_only_its_documented_temp(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        Path(guest.path("target")).write_bytes(b"old")
+        task = await stalled_put(guest, guest.path("target"))
+        guest.agent.kill()
+        with pytest.raises(ConnectionClosed):
+            await task
+        (left,) = leftovers(guest.dir)
+        assert TEMP.fullmatch(left)
+        assert stat.S_IMODE(os.stat(guest.path(left)).st_mode) == 0o600
+        assert Path(guest.path("target")).read_bytes() == b"old"
+
+
+@pytest.mark.asyncio
+async def test_leaving_a_read_early_stops_the_transfer(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        Path(guest.path("big")).write_bytes(os.urandom(20 * MiB))
+        async for chunk in files.read_file(guest.conn, guest.path("big"), window=64 * 1024):
+            assert chunk
+            break
+        await eventually(lambda: guest.conn.files == 0, "the stream ended")
+        await eventually(lambda: "op=get" in guest.log.read_text(), "the agent logged the get")
+        assert "outcome=closed" in guest.log.read_text()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path / "local")
+        cancelled = asyncio.create_task(
+            files.get_file(guest.conn, guest.path("big"), tmp_path / "local", window=64 * 1024)
+        )
+        await eventually(lambda: leftovers(tmp_path) != [], "the download started")
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert leftovers(tmp_path) == [] and not (tmp_path / "local").exists()
+
+
+# -- what the guest refuses -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_files_root_confines_every_operation(tmp_path: Path) -> None:
+    jail = tmp_path / "guest" / "jail"
+    outside = tmp_path / "guest" / "outside"
+    (jail / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (jail / "sub" / "f").write_bytes(b"inside")
+    os.symlink(outside, jail / "out-dir")
+    os.symlink(outside / "secret", jail / "out-file")
+    os.symlink(jail / "sub", jail / "in-dir")  # absolute, but it stays inside
+    os.symlink("../jail/sub/f", jail / "in-file")
+    async with running(tmp_path, "--files-root", str(jail)) as guest:
+        conn = guest.conn
+        await files.put_file(conn, b"ok", str(jail / "new" / "file"))
+        assert await read_all(conn, str(jail / "in-dir" / "f")) == b"inside"
+        assert await read_all(conn, str(jail / "in-file")) == b"inside"
+        assert (await files.stat(conn, str(jail / "out-file"), follow_symlinks=False)).kind == (
+            "symlink"
+        )
+        refused = [
+            files.put_file(conn, b"x", str(outside / "x")),
+            files.put_file(conn, b"x", str(jail / ".." / "outside" / "x")),
+            files.put_file(conn, b"x", str(jail / "out-dir" / "x")),
+            files.put_file(conn, b"x", str(jail / "out-dir" / "a" / "b")),
+            files.get_file(conn, str(jail / "out-file"), tmp_path / "stolen"),
+            files.get_file(conn, str(jail / "out-dir" / "secret"), tmp_path / "stolen"),
+            files.stat(conn, str(jail / "out-file")),
+            files.listdir(conn, str(jail / "out-dir")),
+            files.listdir(conn, "/"),
+            files.mkdir(conn, str(outside / "a" / "b"), parents=True),
+            files.remove(conn, str(outside / "secret")),
+            files.symlink(conn, "anywhere", str(outside / "link")),
+        ]
+        for call in refused:
+            with pytest.raises(GuestFileError) as caught:
+                await call
+            assert caught.value.errno_name == "EACCES"
+            assert "files root" in str(caught.value)
+        assert sorted(os.listdir(outside)) == ["secret"]
+        assert not (tmp_path / "stolen").exists()
+        with pytest.raises(GuestFileError) as root:
+            await files.remove(conn, str(jail), recursive=True)
+        assert root.value.errno_name == "EBUSY"
+        await files.remove(conn, str(jail / "out-dir"), recursive=True)  # the link, not /outside
+        assert (outside / "secret").exists() and not os.path.lexists(jail / "out-dir")
+
+
+def a_python_for(uid: int) -> str | None:
+    """An interpreter that user ``uid`` can run (ours may sit in a directory closed to it)."""
+    for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if python is None:
+            continue
+        with contextlib.suppress(OSError):
+            ran = subprocess.run([python, "-c", "pass"], user=uid, capture_output=True)
+            if ran.returncode == 0:
+                return python
+    return None
+
+
+@contextlib.asynccontextmanager
+async def unprivileged(tmp_path: Path) -> AsyncIterator[Guest]:
+    """The agent as ``nobody`` (when the tests run as root) listening, and a v2 connection to it."""
+    nobody = 65534
+    python = a_python_for(nobody)
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody can run")
+    home = Path(tempfile.mkdtemp(prefix="vsa-nobody-"))  # tmp_path's parents are closed to it
+    os.chown(home, nobody, nobody)
+    socket_path = home / "agent.sock"
+    log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115 - closed below
+    agent = await asyncio.create_subprocess_exec(
+        python,
+        "-m",
+        "vsock_async",
+        "agent",
+        "--listen",
+        f"unix:{socket_path}",
+        stdout=log,
+        stderr=log,
+        cwd=home,
+        env={**os.environ, "PYTHONPATH": str(Path(vsock_async.__file__).parents[1])},
+        user=nobody,
+        group=nobody,
+        extra_groups=[],
+    )
+    try:
+        await eventually(socket_path.exists, "the agent listens")
+        channel = await vsock_async.connect(f"unix:{socket_path}", timeout=LONG)
+        v1 = channel.connection
+        conn = await negotiate(v1, require_v2=True, timeout=LONG)
+        assert isinstance(conn, SessionConnection)
+        try:
+            yield Guest(conn, agent, home, tmp_path / "agent.log")
+        finally:
+            conn.abort(ClosedLocally("the test is over"))
+            await conn.wait_closed()
+            v1.connection_lost(None)
+            await channel.aclose()
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+        await agent.wait()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the agent as another user")
+@pytest.mark.asyncio
+async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
+    async with unprivileged(tmp_path) as guest:
+        locked = guest.dir / "locked"
+        locked.mkdir(mode=0o555)
+        os.chown(locked, 65534, 65534)
+        (guest.dir / "unreadable").write_bytes(b"x")
+        os.chmod(guest.dir / "unreadable", 0o000)
+        os.chown(guest.dir / "unreadable", 0, 0)
+        for call, name in (
+            (files.put_file(guest.conn, b"x", str(locked / "f")), "locked/f"),
+            (files.mkdir(guest.conn, str(locked / "d")), "locked/d"),
+            (
+                files.get_file(guest.conn, str(guest.dir / "unreadable"), tmp_path / "x"),
+                "unreadable",
+            ),
+        ):
+            with pytest.raises(GuestFileError) as caught:
+                await call
+            assert caught.value.errno_name == "EACCES", name
+            assert caught.value.path == str(guest.dir / name)
+        with pytest.raises(GuestFileError) as owner:
+            await files.put_file(guest.conn, b"x", str(guest.dir / "f"), uid=0)
+        assert (owner.value.code, owner.value.errno_name) == ("permission", "EPERM")
+        assert "not run as root" in str(owner.value)
+        assert os.listdir(locked) == [] and not (guest.dir / "f").exists()
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.asyncio
+async def test_a_full_disk_fails_the_put_and_leaves_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        with tiny_tmpfs(guest.dir / "small", "1m") as small:
+            with pytest.raises(GuestFileError) as caught:
+                await files.put_file(guest.conn, os.urandom(3 * MiB), str(small / "big"))
+            assert caught.value.errno_name == "ENOSPC"
+            assert os.listdir(small) == []
+            await files.put_file(guest.conn, b"small enough", str(small / "f"))
+            assert (small / "f").read_bytes() == b"small enough"

@@ -1,0 +1,805 @@
+"""Files in the guest over a protocol v2 connection: put, get, read, stat, listdir, remove,
+mkdir, symlink, and whole trees.
+
+Each operation is a stream of its own (docs/protocol.md, "File streams"), so
+transfers and processes share one connection. Bytes move within the stream's
+credit through the reader and writer a process's output and stdin use
+(:class:`~.process.ProcessReader`, :class:`~.process.ProcessWriter`): a
+transfer holds a few MiB at most, never a whole file. Both sides compute the
+SHA-256 of the bytes as they stream. A put is renamed into place in the guest
+only once the agent's digest matches the host's; a get is renamed into place
+on the host only once the host's matches the agent's (a mismatch there means
+the guest is broken: :class:`ProtocolError`, the connection closed).
+
+Guest paths are absolute (``str``, ``bytes`` or ``os.PathLike``); a relative
+one is a :class:`UsageError`. A failure in the guest is a
+:class:`GuestFileError` carrying the errno name and the path; a local
+failure is the ``OSError`` the host's own system raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import stat as stat_module
+import time
+from collections.abc import AsyncGenerator, AsyncIterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from ..errors import GuestFileError, ProtocolError, UsageError, VsockAsyncError
+from ..protocol.v1_host import copy_error
+from ..protocol.v2 import Channel
+from .process import ProcessReader, ProcessWriter, _wire_string
+
+if TYPE_CHECKING:
+    from .session import SessionConnection
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "FileInfo",
+    "FileStream",
+    "get_file",
+    "get_tree",
+    "listdir",
+    "mkdir",
+    "put_file",
+    "put_tree",
+    "read_file",
+    "remove",
+    "stat",
+    "symlink",
+]
+
+logger = logging.getLogger("vsock_async")
+
+DEFAULT_WINDOW: Final = 1024 * 1024
+"""Bytes of a get the host holds unread: the credit it grants the agent."""
+_CHUNK: Final = 1024 * 1024  # bytes read from a local file at a time, and bytes slices
+_LISTING_WINDOW: Final = 256 * 1024  # also the longest listing line accepted
+_MAX_PATH: Final = 4096
+_MODE_MAX: Final = 0o7777
+_ID_MAX: Final = 0xFFFF_FFFE
+_TEMP_PREFIX: Final = b".vsock_async.get."
+_KINDS: Final = frozenset({"file", "dir", "symlink", "fifo", "socket", "char", "block", "other"})
+_LOCAL_DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+GuestPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+LocalPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+Source = (
+    str
+    | os.PathLike[str]
+    | os.PathLike[bytes]
+    | bytes
+    | bytearray
+    | memoryview
+    | AsyncIterable[bytes | bytearray | memoryview]
+)
+"""What :func:`put_file` writes: a local path, or the bytes themselves (``bytes`` are content,
+not a path), or an async iterable of bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What :func:`stat` and :func:`listdir` say about a file in the guest."""
+
+    name: str
+    """Its last path component (bytes that are not UTF-8 decoded as ``os.fsdecode`` does)."""
+    kind: str
+    """``file``, ``dir``, ``symlink``, ``fifo``, ``socket``, ``char``, ``block`` or ``other``."""
+    size: int
+    mode: int
+    """Permission bits, 0 to 0o7777."""
+    uid: int
+    gid: int
+    mtime_ns: int
+    target: str | None = None
+    """Where a symbolic link points (``os.fsdecode`` of its bytes); None for other kinds."""
+
+    @property
+    def mtime(self) -> float:
+        """The modification time in seconds since the epoch, as ``os.stat_result.st_mtime``."""
+        return self.mtime_ns / 1e9
+
+
+class FileStream:
+    """One file operation's stream, as its connection sees it.
+
+    Internal: the functions of this module create it and hand it to
+    :meth:`SessionConnection.open_file`, which routes the stream's events here.
+    """
+
+    def __init__(
+        self, connection: SessionConnection, path: bytes, *, window: int = 0, upload: bool = False
+    ) -> None:
+        self._connection = connection
+        self.stream = 0
+        self.path = path
+        self.reader = ProcessReader(window, self._grant) if window else None
+        self.writer = ProcessWriter(self) if upload else None
+        self._done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"<FileStream stream={self.stream} path={self.path!r}>"
+
+    async def result(self) -> dict[str, Any]:
+        """The RESULT object, once it arrives; :class:`GuestFileError` if the operation failed."""
+        return await asyncio.shield(self._done)
+
+    async def next_chunk(
+        self, chunks: AsyncGenerator[bytes | bytearray | memoryview, None]
+    ) -> bytes | bytearray | memoryview | None:
+        """The next chunk of a put's source (None at its end), or the error that ended the
+        stream meanwhile: a source that stalls never hides a lost connection."""
+        step = asyncio.ensure_future(anext(chunks, None))
+        try:
+            await asyncio.wait((step, self._done), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await step
+        if step.done() and not step.cancelled():
+            return step.result()
+        await self.result()  # raises: the stream failed (it cannot succeed before COMMIT)
+        raise AssertionError("a put ended before its COMMIT")
+
+    def give_up(self) -> None:
+        """Send CLOSE if the operation has not ended: the agent stops and leaves nothing behind."""
+        if not self._done.done():
+            if self.reader is not None:
+                self.reader._discard()
+            if self.stream:
+                self._connection.send_close(self.stream)
+
+    # -- what the writer of a put calls ---------------------------------------------------
+
+    def _send_stdin(self, data: bytes, end: bool) -> int:
+        return self._connection.send_stdin(self.stream, data, end)
+
+    def _stdin_credit(self) -> int:
+        return self._connection.stdin_credit(self.stream)
+
+    def _grant(self, n: int) -> None:
+        if not self._done.done():
+            self._connection.grant(self.stream, Channel.STDOUT, n)
+
+    # -- driven by the connection ---------------------------------------------------------
+
+    def _on_output(self, channel: Channel, data: bytes | memoryview, end: bool) -> None:
+        if self.reader is not None:
+            self.reader._feed(data, end)
+
+    def _on_stdin_credit(self) -> None:
+        if self.writer is not None:
+            self.writer._flush()
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        self._done.set_result(result)
+
+    def _on_error(self, code: str, message: str, errno: str | None) -> None:
+        self._fail(GuestFileError(code, message, os.fsdecode(self.path), errno))
+
+    def _on_connection_lost(self, error: VsockAsyncError) -> None:
+        self._fail(error)
+
+    def _fail(self, error: VsockAsyncError) -> None:
+        if self.writer is not None:
+            self.writer._ended(error)
+        if self.reader is not None:
+            self.reader._fail(error)
+        if not self._done.done():
+            self._done.set_exception(copy_error(error))
+            self._done.exception()  # retrieved: nobody may ever await it
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def _guest_path(path: GuestPath) -> bytes:
+    """An absolute guest path as bytes; :class:`UsageError` otherwise."""
+    try:
+        raw = os.fsencode(path)
+    except (TypeError, UnicodeEncodeError):
+        raise UsageError(f"a guest path is str, bytes or os.PathLike, not {path!r}") from None
+    if not raw.startswith(b"/"):
+        raise UsageError(f"guest paths are absolute: {path!r} does not start with '/'")
+    if b"\0" in raw:
+        raise UsageError(f"guest path {path!r} holds a NUL byte")
+    if len(raw) > _MAX_PATH:
+        raise UsageError(f"a guest path is at most {_MAX_PATH} bytes, not {len(raw)}")
+    return raw
+
+
+def _window(window: object) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 < window < 2**31:
+        raise UsageError(f"window must be a number of bytes in 1..{2**31 - 1}, not {window!r}")
+    return window
+
+
+def _join(directory: bytes, name: bytes) -> bytes:
+    return directory.rstrip(b"/") + b"/" + name
+
+
+def _number(value: object, what: str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise UsageError(f"{what} must be an int in 0..{high}, not {value!r}")
+    return value
+
+
+def _put_request(
+    path: bytes,
+    mode: int,
+    uid: int | None,
+    gid: int | None,
+    mtime_ns: int | None,
+    make_parents: bool,
+) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "op": "put",
+        "path": _wire_string(path, "path"),
+        "mode": _number(mode, "mode", _MODE_MAX),
+        "make_parents": bool(make_parents),
+    }
+    if uid is not None:
+        request["uid"] = _number(uid, "uid", _ID_MAX)
+    if gid is not None:
+        request["gid"] = _number(gid, "gid", _ID_MAX)
+    if mtime_ns is not None:
+        request["mtime_ns"] = _number(mtime_ns, "mtime", 2**63 - 1)
+    return request
+
+
+# -- what the guest sends ---------------------------------------------------------------------
+
+
+def _peer_error(connection: SessionConnection, message: str) -> ProtocolError:
+    """A guest that sent nonsense: the connection closes with the error, which is returned."""
+    error = ProtocolError(message)
+    connection.abort(error)
+    return error
+
+
+def _wire_bytes(value: object) -> bytes | None:
+    """A byte string from the guest (a JSON string, or ``{"b64": ...}``), or None if it is not."""
+    if isinstance(value, str):
+        try:
+            return value.encode()
+        except UnicodeEncodeError:
+            return None
+    if isinstance(value, dict) and isinstance(value.get("b64"), str):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
+_INFO_NUMBERS: Final = (
+    ("size", 0, 2**63 - 1),
+    ("mode", 0, _MODE_MAX),
+    ("uid", 0, 2**32 - 1),
+    ("gid", 0, 2**32 - 1),
+    ("mtime_ns", -(2**63), 2**63 - 1),
+)
+
+
+def _peer_ints(
+    connection: SessionConnection, obj: dict[str, Any], ranges: tuple[tuple[str, int, int], ...]
+) -> dict[str, int]:
+    """The integer fields ``ranges`` names, each in its range; :class:`ProtocolError` if not."""
+    found = {}
+    for key, low, high in ranges:
+        value = obj.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _peer_error(
+                connection, f"the guest sent {key} {value!r}, not an integer in {low}..{high}"
+            )
+        found[key] = value
+    return found
+
+
+def _info(connection: SessionConnection, obj: dict[str, Any], name: bytes) -> FileInfo:
+    """A :class:`FileInfo` from the guest's stat object; :class:`ProtocolError` if malformed."""
+    kind, target = obj.get("kind"), obj.get("target")
+    link = None if target is None else _wire_bytes(target)
+    if not isinstance(kind, str) or kind not in _KINDS or (target is not None and link is None):
+        raise _peer_error(connection, f"the guest sent a malformed file description: {obj!r:.200}")
+    return FileInfo(
+        name=os.fsdecode(name),
+        kind=kind,
+        target=None if link is None else os.fsdecode(link),
+        **_peer_ints(connection, obj, _INFO_NUMBERS),
+    )
+
+
+def _check_transfer(
+    connection: SessionConnection, answer: dict[str, Any], size: int, digest: str, path: bytes
+) -> None:
+    """The guest's count and SHA-256 of a transfer must be the host's."""
+    if answer.get("size") != size or answer.get("sha256") != digest:
+        raise _peer_error(
+            connection,
+            f"the guest's size and SHA-256 of {path!r} ({answer.get('size')!r},"
+            f" {answer.get('sha256')!r}) are not those of the {size} bytes that crossed"
+            f" ({digest})",
+        )
+
+
+async def _simple(connection: SessionConnection, path: bytes, request: dict[str, Any]) -> Any:
+    """One operation with no data, to its RESULT."""
+    connection.require("files", "work with files")
+    transfer = FileStream(connection, path)
+    await connection.open_file(transfer, request, 0)
+    try:
+        return await transfer.result()
+    except asyncio.CancelledError:
+        transfer.give_up()
+        raise
+
+
+# -- metadata ---------------------------------------------------------------------------------
+
+
+async def stat(
+    connection: SessionConnection, guest_path: GuestPath, *, follow_symlinks: bool = True
+) -> FileInfo:
+    """What the guest knows of ``guest_path``; with ``follow_symlinks=False``, of a link itself."""
+    path = _guest_path(guest_path)
+    request = {
+        "op": "stat",
+        "path": _wire_string(path, "path"),
+        "follow_symlinks": bool(follow_symlinks),
+    }
+    answer = await _simple(connection, path, request)
+    return _info(connection, answer, path.rstrip(b"/").rpartition(b"/")[2] or b"/")
+
+
+async def listdir(connection: SessionConnection, guest_path: GuestPath) -> list[FileInfo]:
+    """The entries of the guest directory ``guest_path`` (``.`` and ``..`` excluded), in the
+    order the guest lists them; links are described, not followed."""
+    path = _guest_path(guest_path)
+    connection.require("files", "work with files")
+    transfer = FileStream(connection, path, window=_LISTING_WINDOW)
+    await connection.open_file(
+        transfer, {"op": "listdir", "path": _wire_string(path, "path")}, _LISTING_WINDOW
+    )
+    assert transfer.reader is not None
+    entries: list[FileInfo] = []
+    try:
+        while line := await transfer.reader.readline():
+            entries.append(_entry(connection, line))
+        answer = await transfer.result()
+    except ValueError:  # a line longer than the window
+        raise _peer_error(connection, "the guest sent a listing line too long to hold") from None
+    finally:
+        transfer.give_up()
+    if answer.get("entries") != len(entries):
+        raise _peer_error(connection, f"the guest listed {len(entries)} entries, not {answer!r}")
+    return entries
+
+
+def _entry(connection: SessionConnection, line: bytes) -> FileInfo:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        obj = None
+    name = _wire_bytes(obj.get("name")) if isinstance(obj, dict) else None
+    if (
+        not isinstance(obj, dict)
+        or not line.endswith(b"\n")
+        or not name
+        or name in (b".", b"..")
+        or b"/" in name
+        or b"\0" in name
+    ):
+        raise _peer_error(connection, f"the guest sent a malformed listing line: {line[:200]!r}")
+    return _info(connection, obj, name)
+
+
+async def remove(
+    connection: SessionConnection, guest_path: GuestPath, *, recursive: bool = False
+) -> None:
+    """Remove a file, link or empty directory; ``recursive=True`` removes a whole tree.
+
+    A link is removed, never followed.
+    """
+    path = _guest_path(guest_path)
+    request = {"op": "remove", "path": _wire_string(path, "path"), "recursive": bool(recursive)}
+    await _simple(connection, path, request)
+
+
+async def mkdir(
+    connection: SessionConnection,
+    guest_path: GuestPath,
+    *,
+    parents: bool = False,
+    mode: int = 0o755,
+) -> None:
+    """Make a directory with exactly ``mode``; ``parents=True`` also makes missing parents
+    and accepts an existing directory, as ``mkdir -p``."""
+    path = _guest_path(guest_path)
+    request = {
+        "op": "mkdir",
+        "path": _wire_string(path, "path"),
+        "parents": bool(parents),
+        "mode": _number(mode, "mode", _MODE_MAX),
+    }
+    await _simple(connection, path, request)
+
+
+async def symlink(
+    connection: SessionConnection,
+    target: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    guest_path: GuestPath,
+    *,
+    make_parents: bool = False,
+) -> None:
+    """Make ``guest_path`` a symbolic link to ``target`` (kept as it is), replacing a file or
+    link already there."""
+    path = _guest_path(guest_path)
+    link = os.fsencode(target)
+    if not link or b"\0" in link:
+        raise UsageError(f"a link target is not empty and holds no NUL byte: {target!r}")
+    request = {
+        "op": "symlink",
+        "path": _wire_string(path, "path"),
+        "target": _wire_string(link, "target"),
+        "make_parents": bool(make_parents),
+    }
+    await _simple(connection, path, request)
+
+
+# -- into the guest ---------------------------------------------------------------------------
+
+
+async def put_file(
+    connection: SessionConnection,
+    source: Source,
+    guest_path: GuestPath,
+    *,
+    mode: int = 0o644,
+    uid: int | None = None,
+    gid: int | None = None,
+    mtime: float | None = None,
+    make_parents: bool = True,
+) -> None:
+    """Write ``source`` to ``guest_path`` in the guest, whole or not at all.
+
+    ``source`` is a local path (``str``, ``os.PathLike``), the bytes themselves
+    (``bytes``, ``bytearray``, ``memoryview``) or an async iterable of bytes.
+    The file gets exactly ``mode``, ``uid``/``gid`` if given (a root agent
+    only: :class:`GuestFileError` ``permission`` otherwise), and ``mtime``
+    (seconds since the epoch) if given; ``make_parents`` makes missing
+    directories. An existing file or link at ``guest_path`` is replaced; a
+    cancel or failure leaves it untouched.
+    """
+    path = _guest_path(guest_path)
+    mtime_ns = None if mtime is None else round(mtime * 1e9)
+    request = _put_request(path, mode, uid, gid, mtime_ns, make_parents)
+    await _upload(connection, path, request, _chunks(source))
+
+
+def _chunks(source: Source) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
+    """``source`` as chunks of at most 1 MiB (what an async iterable yields, as it is)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _slices(memoryview(source).cast("B"))
+    if isinstance(source, str | os.PathLike):
+        return _local_file(os.fspath(source))
+    if isinstance(source, AsyncIterable):
+        return _checked(source)
+    raise UsageError(
+        "put_file() takes a local path (str or os.PathLike), bytes, or an async iterable of"
+        f" bytes, not {type(source).__name__}"
+    )
+
+
+async def _slices(view: memoryview) -> AsyncGenerator[memoryview, None]:
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
+
+
+async def _local_file(path: str | bytes) -> AsyncGenerator[bytes, None]:
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while chunk := await asyncio.to_thread(os.read, fd, _CHUNK):
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+async def _from_fd(fd: int) -> AsyncGenerator[bytes, None]:
+    while chunk := await asyncio.to_thread(os.read, fd, _CHUNK):
+        yield chunk
+
+
+async def _checked(
+    source: AsyncIterable[bytes | bytearray | memoryview],
+) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
+    async for chunk in source:
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise UsageError(f"put_file() got a {type(chunk).__name__} chunk, not bytes")
+        yield chunk
+
+
+async def _upload(
+    connection: SessionConnection,
+    path: bytes,
+    request: dict[str, Any],
+    chunks: AsyncGenerator[bytes | bytearray | memoryview, None],
+) -> None:
+    """Stream ``chunks`` as the put ``request``, then COMMIT their digest; wait for RESULT."""
+    connection.require("files", "work with files")
+    transfer = FileStream(connection, path, upload=True)
+    writer = transfer.writer
+    assert writer is not None
+    async with contextlib.aclosing(chunks):
+        await connection.open_file(transfer, request, 0)
+        try:
+            hasher = hashlib.sha256()
+            size = 0
+            while (chunk := await transfer.next_chunk(chunks)) is not None:
+                hasher.update(chunk)
+                size += len(chunk)
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+            digest = hasher.hexdigest()
+            connection.send_commit(transfer.stream, digest)
+            answer = await transfer.result()
+        except BaseException:
+            transfer.give_up()
+            raise
+    _check_transfer(connection, answer, size, digest, path)
+
+
+async def put_tree(
+    connection: SessionConnection, local_dir: LocalPath, guest_dir: GuestPath
+) -> None:
+    """Copy the local directory ``local_dir`` to ``guest_dir``, made if missing.
+
+    Files keep their permission bits and mtime, directories their permission
+    bits plus the owner's ``rwx`` (so that they can be filled). Symbolic links
+    are copied as links, their targets as they are: never followed, so nothing
+    outside ``local_dir`` is read. Other kinds of file (FIFOs, sockets,
+    devices) are skipped with a log line.
+    """
+    root = _guest_path(guest_dir)
+    connection.require("files", "work with files")
+    fd = await asyncio.to_thread(os.open, local_dir, _LOCAL_DIRECTORY)
+    try:
+        mode = stat_module.S_IMODE(os.fstat(fd).st_mode) | 0o700
+        await mkdir(connection, root, parents=True, mode=mode)
+        await _put_directory(connection, fd, root)
+    finally:
+        os.close(fd)
+
+
+async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -> None:
+    for name, st, target in await asyncio.to_thread(_local_entries, fd):
+        child = _join(guest, name)
+        if target is not None:
+            await symlink(connection, target, child)
+        elif stat_module.S_ISDIR(st.st_mode):
+            await mkdir(
+                connection, child, parents=True, mode=stat_module.S_IMODE(st.st_mode) | 0o700
+            )
+            sub = await asyncio.to_thread(
+                os.open, name, _LOCAL_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd
+            )
+            try:
+                await _put_directory(connection, sub, child)
+            finally:
+                os.close(sub)
+        elif stat_module.S_ISREG(st.st_mode):
+            file = await asyncio.to_thread(
+                os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            try:
+                mode = stat_module.S_IMODE(st.st_mode)
+                request = _put_request(child, mode, None, None, st.st_mtime_ns, False)
+                await _upload(connection, child, request, _from_fd(file))
+            finally:
+                os.close(file)
+        else:
+            logger.warning("put_tree skips %r: not a file, directory or link", child)
+
+
+def _local_entries(fd: int) -> list[tuple[bytes, os.stat_result, bytes | None]]:
+    """Name, ``lstat`` and link target of each entry of the local directory ``fd``."""
+    found = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            target = None
+            if stat_module.S_ISLNK(st.st_mode):
+                target = os.fsencode(os.readlink(entry.name, dir_fd=fd))
+            found.append((os.fsencode(entry.name), st, target))
+    return found
+
+
+# -- out of the guest -------------------------------------------------------------------------
+
+
+def read_file(
+    connection: SessionConnection, guest_path: GuestPath, *, window: int = DEFAULT_WINDOW
+) -> AsyncGenerator[bytes, None]:
+    """The bytes of the guest file ``guest_path``, as they arrive: ``async for chunk in ...``.
+
+    At most ``window`` bytes are held unread. The iteration ends only after the
+    guest's size and SHA-256 matched what arrived. Leaving the loop early (or
+    ``aclose()``) stops the transfer in the guest.
+    """
+    path = _guest_path(guest_path)
+    return _get(connection, path, _window(window), {})
+
+
+async def _get(
+    connection: SessionConnection, path: bytes, window: int, result: dict[str, Any]
+) -> AsyncGenerator[bytes, None]:
+    """The chunks of a get, then its RESULT (checked) into ``result``."""
+    connection.require("files", "work with files")
+    transfer = FileStream(connection, path, window=window)
+    await connection.open_file(transfer, {"op": "get", "path": _wire_string(path, "path")}, window)
+    reader = transfer.reader
+    assert reader is not None
+    try:
+        hasher = hashlib.sha256()
+        size = 0
+        while chunk := await reader.read(window):
+            hasher.update(chunk)
+            size += len(chunk)
+            yield chunk
+        answer = await transfer.result()
+    finally:
+        transfer.give_up()
+    _check_transfer(connection, answer, size, hasher.hexdigest(), path)
+    result.update(answer)
+
+
+async def get_file(
+    connection: SessionConnection,
+    guest_path: GuestPath,
+    local_path: LocalPath,
+    *,
+    window: int = DEFAULT_WINDOW,
+) -> None:
+    """Copy the guest file ``guest_path`` to ``local_path``, whole or not at all.
+
+    The bytes go to a temporary file next to ``local_path`` (``.vsock_async.get.``
+    and 16 hex digits), renamed over it once the digests match, with the
+    guest file's permission bits (set-id and sticky bits dropped) and mtime.
+    """
+    path = _guest_path(guest_path)
+    window = _window(window)
+    directory, name = os.path.split(os.fsencode(local_path))
+    if not name:
+        raise UsageError(f"local_path {local_path!r} names a directory, not a file")
+    fd = await asyncio.to_thread(os.open, directory or b".", _LOCAL_DIRECTORY)
+    try:
+        await _download(connection, path, fd, name, window)
+    finally:
+        os.close(fd)
+
+
+async def _download(
+    connection: SessionConnection, path: bytes, dir_fd: int, name: bytes, window: int
+) -> None:
+    """The guest file ``path`` as ``name`` in the local directory ``dir_fd``."""
+    fd, temp = await asyncio.to_thread(_local_temp, dir_fd)
+    done = False
+    try:
+        result: dict[str, Any] = {}
+        async with contextlib.aclosing(_get(connection, path, window, result)) as chunks:
+            async for chunk in chunks:
+                await asyncio.to_thread(_write_all, fd, chunk)
+        kept = _peer_ints(connection, result, _KEPT)
+        await asyncio.to_thread(_install_local, fd, temp, dir_fd, name, **kept)
+        done = True
+    finally:
+        os.close(fd)
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+
+
+def _local_temp(dir_fd: int) -> tuple[int, bytes]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        try:
+            return os.open(temp, flags, 0o600, dir_fd=dir_fd), temp
+        except FileExistsError:
+            continue
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+_KEPT: Final = (("mode", 0, _MODE_MAX), ("mtime_ns", -(2**63), 2**63 - 1))
+
+
+def _install_local(
+    fd: int, temp: bytes, dir_fd: int, name: bytes, *, mode: int, mtime_ns: int
+) -> None:
+    os.fchmod(fd, mode & 0o777)
+    os.utime(fd, ns=(time.time_ns(), mtime_ns))
+    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+async def get_tree(
+    connection: SessionConnection,
+    guest_dir: GuestPath,
+    local_dir: LocalPath,
+    *,
+    window: int = DEFAULT_WINDOW,
+) -> None:
+    """Copy the guest directory ``guest_dir`` into ``local_dir``, made if missing.
+
+    Files keep their permission bits (set-id and sticky bits dropped) and
+    mtime; directories their permission bits once filled. Symbolic links are
+    made as links, never followed: every local file is created through the
+    descriptor of its directory with ``O_NOFOLLOW``, so a link (even one the
+    guest listed in place of a directory) never leads a write out of
+    ``local_dir``. Other kinds of file are skipped with a log line.
+    """
+    root = _guest_path(guest_dir)
+    info = await stat(connection, root)
+    if info.kind != "dir":
+        raise GuestFileError("file_error", "not a directory", os.fsdecode(root), "ENOTDIR")
+    local = os.fsencode(local_dir)
+    await asyncio.to_thread(os.makedirs, local, exist_ok=True)
+    fd = await asyncio.to_thread(os.open, local, _LOCAL_DIRECTORY)
+    try:
+        await _get_directory(connection, root, fd, _window(window))
+    finally:
+        os.close(fd)
+
+
+async def _get_directory(connection: SessionConnection, guest: bytes, fd: int, window: int) -> None:
+    for entry in await listdir(connection, guest):
+        name = os.fsencode(entry.name)
+        child = _join(guest, name)
+        if entry.kind == "dir":
+            sub = await asyncio.to_thread(_local_directory, fd, name)
+            try:
+                await _get_directory(connection, child, sub, window)
+                await asyncio.to_thread(os.fchmod, sub, entry.mode & 0o777)
+            finally:
+                os.close(sub)
+        elif entry.kind == "symlink":
+            assert entry.target is not None
+            await asyncio.to_thread(_local_symlink, fd, name, os.fsencode(entry.target))
+        elif entry.kind == "file":
+            await _download(connection, child, fd, name, window)
+        else:
+            logger.warning("get_tree skips %r: a %s", child, entry.kind)
+
+
+def _local_directory(fd: int, name: bytes) -> int:
+    """The subdirectory ``name`` of ``fd``, made if missing; never a link to one."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=fd)
+    return os.open(name, _LOCAL_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+
+
+def _local_symlink(fd: int, name: bytes, target: bytes) -> None:
+    """``name`` in ``fd`` becomes a link to ``target``, replacing a file or link there."""
+    temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+    os.symlink(target, temp, dir_fd=fd)
+    try:
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        os.unlink(temp, dir_fd=fd)
+        raise
