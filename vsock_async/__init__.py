@@ -105,6 +105,7 @@ from .errors import (
 from .host.channel import GuestChannel as GuestChannel
 from .host.commandline import compose_command as compose_command
 from .host.connect import connect as connect
+from .host.files import FileInfo as FileInfo
 from .host.guests import Guest as Guest
 from .host.guests import GuestEvent as GuestEvent
 from .host.process import DEVNULL as DEVNULL
@@ -137,6 +138,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionLost",
     "DeadlineExceeded",
+    "FileInfo",
     "FrameTooLarge",
     "Guest",
     "GuestAgent",

@@ -28,15 +28,14 @@ import pytest
 import vsock_async
 from tests.agent_process import LONG, eventually, served_agent
 from vsock_async import (
-    ClosedLocally,
     ConnectionClosed,
+    GuestChannel,
     GuestFileError,
     Limits,
     Unsupported,
     UsageError,
 )
 from vsock_async.host import files
-from vsock_async.host.negotiate import negotiate
 from vsock_async.host.process import start_process
 from vsock_async.host.session import SessionConnection
 from vsock_async.protocol.v2 import AgentLimits, HelloAnswer
@@ -47,12 +46,17 @@ TEMP = re.compile(r"\.vsock_async\.put\.[0-9a-f]{16}")
 
 @dataclass
 class Guest:
-    """A v2 connection to a real agent, and the directory its files go to."""
+    """A v2 channel to a real agent, its connection, and the directory its files go to."""
 
-    conn: SessionConnection
+    channel: GuestChannel
     agent: asyncio.subprocess.Process
     dir: Path
     log: Path
+
+    @property
+    def conn(self) -> SessionConnection:
+        assert isinstance(self.channel.connection, SessionConnection)
+        return self.channel.connection
 
     def path(self, *parts: str) -> str:
         return str(self.dir.joinpath(*parts))
@@ -60,19 +64,12 @@ class Guest:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, *options: str) -> AsyncIterator[Guest]:
-    """The agent dialling a server, and a v2 connection to it."""
+    """The agent dialling a server, and the v2 channel it made."""
     async with served_agent(tmp_path, "files.sock", *options) as served:
-        v1 = served.guest.connection
-        conn = await negotiate(v1, require_v2=True, timeout=LONG)
-        assert isinstance(conn, SessionConnection)
+        assert served.guest.protocol == "v2"
         guest_dir = tmp_path / "guest"
         guest_dir.mkdir(exist_ok=True)
-        try:
-            yield Guest(conn, served.agent, guest_dir, tmp_path / "agent.log")
-        finally:
-            conn.abort(ClosedLocally("the test is over"))
-            await conn.wait_closed()
-            v1.connection_lost(None)  # the channel's own protocol object, which the hello replaced
+        yield Guest(served.guest, served.agent, guest_dir, tmp_path / "agent.log")
 
 
 def digest(data: bytes) -> str:
@@ -88,8 +85,8 @@ def leftovers(directory: str | Path) -> list[str]:
     return [name for name in os.listdir(directory) if name.startswith(".vsock_async.")]
 
 
-async def read_all(conn: SessionConnection, path: str) -> bytes:
-    return b"".join([chunk async for chunk in files.read_file(conn, path)])
+async def read_all(channel: GuestChannel, path: str) -> bytes:
+    return b"".join([chunk async for chunk in channel.read_file(path)])
 
 
 async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
@@ -113,14 +110,12 @@ async def test_round_trips_are_byte_exact_for_every_size_and_source(tmp_path: Pa
             sources: list[files.Source] = [data, local, chunks_of(data, 4096), bytearray(data)]
             for i, source in enumerate(sources):
                 target = guest.path(f"f-{size}-{i}")
-                await files.put_file(guest.conn, source, target)
+                await guest.channel.put_file(source, target)
                 assert file_digest(target) == digest(data), (size, i)
             back = tmp_path / f"back-{size}"
-            await files.get_file(guest.conn, guest.path(f"f-{size}-0"), back)
+            await guest.channel.get_file(guest.path(f"f-{size}-0"), back)
             assert file_digest(back) == digest(data)
-            read = b"".join(
-                [c async for c in files.read_file(guest.conn, guest.path(f"f-{size}-1"))]
-            )
+            read = b"".join([c async for c in guest.channel.read_file(guest.path(f"f-{size}-1"))])
             assert read == data
         assert leftovers(guest.dir) == [] and leftovers(tmp_path) == []
 
@@ -136,9 +131,9 @@ async def test_a_large_sparse_file_goes_both_ways(tmp_path: Path) -> None:
         f.write(b"tail")
     expected = file_digest(source)
     async with running(tmp_path) as guest:
-        await files.put_file(guest.conn, source, guest.path("sparse"))
+        await guest.channel.put_file(source, guest.path("sparse"))
         assert file_digest(guest.path("sparse")) == expected
-        await files.get_file(guest.conn, guest.path("sparse"), tmp_path / "again")
+        await guest.channel.get_file(guest.path("sparse"), tmp_path / "again")
         assert file_digest(tmp_path / "again") == expected
 
 
@@ -146,37 +141,37 @@ async def test_a_large_sparse_file_goes_both_ways(tmp_path: Path) -> None:
 async def test_put_sets_mode_mtime_and_owner_and_get_keeps_them(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:
         target = guest.path("f")
-        await files.put_file(guest.conn, b"x", target, mode=0o640, mtime=1_000_000_000.5)
+        await guest.channel.put_file(b"x", target, mode=0o640, mtime=1_000_000_000.5)
         st = os.stat(target)
         assert stat.S_IMODE(st.st_mode) == 0o640
         assert st.st_mtime_ns == 1_000_000_000_500_000_000
-        await files.get_file(guest.conn, target, tmp_path / "back")
+        await guest.channel.get_file(target, tmp_path / "back")
         back = os.stat(tmp_path / "back")
         assert (stat.S_IMODE(back.st_mode), back.st_mtime_ns) == (0o640, st.st_mtime_ns)
         if os.geteuid() == 0:
-            await files.put_file(guest.conn, b"y", target, mode=0o4755, uid=1234, gid=5678)
+            await guest.channel.put_file(b"y", target, mode=0o4755, uid=1234, gid=5678)
             st = os.stat(target)
             assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o4755)
-            await files.get_file(guest.conn, target, tmp_path / "setuid")
+            await guest.channel.get_file(target, tmp_path / "setuid")
             assert stat.S_IMODE(os.stat(tmp_path / "setuid").st_mode) == 0o755  # no set-id here
 
 
 @pytest.mark.asyncio
 async def test_put_replaces_a_file_or_link_and_makes_parents_when_asked(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:
-        await files.put_file(guest.conn, b"deep", guest.path("a", "b", "c"))
+        await guest.channel.put_file(b"deep", guest.path("a", "b", "c"))
         assert Path(guest.path("a", "b", "c")).read_bytes() == b"deep"
         with pytest.raises(GuestFileError) as missing:
-            await files.put_file(guest.conn, b"x", guest.path("no", "f"), make_parents=False)
+            await guest.channel.put_file(b"x", guest.path("no", "f"), make_parents=False)
         assert missing.value.errno_name == "ENOENT" and missing.value.path == guest.path("no", "f")
-        await files.put_file(guest.conn, b"new", guest.path("a", "b", "c"))
+        await guest.channel.put_file(b"new", guest.path("a", "b", "c"))
         assert Path(guest.path("a", "b", "c")).read_bytes() == b"new"
         os.symlink(guest.path("a", "b", "c"), guest.path("link"))
-        await files.put_file(guest.conn, b"replaces the link", guest.path("link"))
+        await guest.channel.put_file(b"replaces the link", guest.path("link"))
         assert not os.path.islink(guest.path("link"))
         assert Path(guest.path("a", "b", "c")).read_bytes() == b"new"  # not written through
         with pytest.raises(GuestFileError) as directory:
-            await files.put_file(guest.conn, b"x", guest.path("a"))
+            await guest.channel.put_file(b"x", guest.path("a"))
         assert directory.value.errno_name == "EISDIR"
         assert leftovers(guest.dir) == [] and leftovers(guest.path("a")) == []
 
@@ -188,12 +183,12 @@ async def test_get_errors_are_typed_and_leave_nothing_locally(tmp_path: Path) ->
         os.mkdir(guest.path("dir"))
         for name, errno_name in (("nope", "ENOENT"), ("dir", "EISDIR"), ("fifo", "EINVAL")):
             with pytest.raises(GuestFileError) as caught:
-                await files.get_file(guest.conn, guest.path(name), tmp_path / "local")
+                await guest.channel.get_file(guest.path(name), tmp_path / "local")
             assert caught.value.errno_name == errno_name
             assert caught.value.errno == getattr(__import__("errno"), errno_name)
             assert caught.value.path == guest.path(name)
             with pytest.raises(GuestFileError):
-                async for _ in files.read_file(guest.conn, guest.path(name)):
+                async for _ in guest.channel.read_file(guest.path(name)):
                     pass
         assert not (tmp_path / "local").exists() and leftovers(tmp_path) == []
 
@@ -203,33 +198,69 @@ async def test_relative_and_malformed_paths_are_usage_errors_sent_nowhere(tmp_pa
     async with running(tmp_path) as guest:
         sent = guest.conn.bytes_sent
         for call in (
-            files.put_file(guest.conn, b"x", "relative/path"),
-            files.stat(guest.conn, "nope"),
-            files.listdir(guest.conn, b"dir"),
-            files.remove(guest.conn, "/with\0nul"),
-            files.mkdir(guest.conn, "", parents=True),
-            files.put_file(guest.conn, b"x", "/f", mode=0o10000),
-            files.put_file(guest.conn, 42, "/f"),  # type: ignore[arg-type]
-            files.get_file(guest.conn, "/f", tmp_path / "x", window=0),
+            guest.channel.put_file(b"x", "relative/path"),
+            guest.channel.stat("nope"),
+            guest.channel.listdir(b"dir"),
+            guest.channel.remove("/with\0nul"),
+            guest.channel.mkdir("", parents=True),
+            guest.channel.put_file(b"x", "/f", mode=0o10000),
+            guest.channel.put_file(42, "/f"),  # type: ignore[arg-type]
+            guest.channel.get_file("/f", tmp_path / "x", window=0),
         ):
             with pytest.raises(UsageError):
                 await call
         with pytest.raises(UsageError):
-            files.read_file(guest.conn, "f")
+            guest.channel.read_file("f")
         assert guest.conn.bytes_sent == sent
 
 
 @pytest.mark.asyncio
 async def test_an_agent_without_files_is_refused_locally() -> None:
     old = HelloAnswer(2, AgentLimits(), frozenset({"exec", "signal"}), "vsock_async/0.1.9")
-    conn = SessionConnection(old, limits=Limits(), max_frame=MiB)
+    channel = GuestChannel(SessionConnection(old, limits=Limits(), max_frame=MiB))
     with pytest.raises(Unsupported, match="'files' capability"):
-        await files.stat(conn, "/")
+        await channel.stat("/")
     with pytest.raises(Unsupported, match="'files' capability"):
-        await files.put_file(conn, b"x", "/f")
+        await channel.put_file(b"x", "/f")
     with pytest.raises(Unsupported, match="'files' capability"):
-        async for _ in files.read_file(conn, "/f"):
+        async for _ in channel.read_file("/f"):
             pass
+
+
+@pytest.mark.asyncio
+async def test_a_v1_channel_and_a_v1_guest_refuse_files(tmp_path: Path) -> None:
+    async with served_agent(tmp_path, "v1.sock", protocol="v1") as served:
+        guest = served.server.guest(served.guest.key)
+        for owner in (served.guest, guest):
+            with pytest.raises(Unsupported, match="v1"):
+                await owner.put_file(b"x", str(tmp_path / "f"))
+            with pytest.raises(Unsupported, match="v1"):
+                owner.read_file(str(tmp_path / "f"))
+        assert (await served.guest.run("echo still fine")).stdout == b"still fine\n"
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.asyncio
+async def test_a_guest_spreads_file_operations_over_its_v2_connections(tmp_path: Path) -> None:
+    async with served_agent(tmp_path, "two.sock", "--connections", "2") as served:
+        guest = served.server.guest(served.guest.key)
+        await eventually(lambda: len(guest.channels) == 2, "both connections are up")
+        target = tmp_path / "guest-api"
+        await guest.mkdir(str(target))
+        await asyncio.gather(
+            *(guest.put_file(bytes([i]) * 1000, str(target / str(i))) for i in range(20))
+        )
+        assert sorted(e.name for e in await guest.listdir(str(target))) == sorted(
+            map(str, range(20))
+        )
+        assert (await guest.stat(str(target / "7"))).size == 1000
+        assert b"".join([c async for c in guest.read_file(str(target / "3"))]) == b"\x03" * 1000
+        await guest.get_file(str(target / "4"), tmp_path / "four")
+        await guest.put_tree(tmp_path / "guest-api", str(tmp_path / "copy"))
+        await guest.get_tree(str(tmp_path / "copy"), tmp_path / "copy-back")
+        assert (tmp_path / "copy-back" / "19").read_bytes() == bytes([19]) * 1000
+        await guest.remove(str(target), recursive=True)
+        assert not target.exists() and (tmp_path / "four").read_bytes() == b"\x04" * 1000
 
 
 # -- metadata ------------------------------------------------------------------------------
@@ -251,13 +282,13 @@ async def test_stat_and_listdir_describe_every_kind_and_odd_names(tmp_path: Path
         os.symlink("../elsewhere", top / "dangling")
         os.mkfifo(top / "fifo")
         os.mkdir(top / "sub")
-        entries = {e.name: e for e in await files.listdir(guest.conn, str(top))}
+        entries = {e.name: e for e in await guest.channel.listdir(str(top))}
         assert set(entries) == {*ODD_NAMES, os.fsdecode(RAW_NAME), "dangling", "fifo", "sub"}
         assert entries["new\nline"].kind == "file" and entries["new\nline"].size == 8
         assert entries[os.fsdecode(RAW_NAME)].size == 3
         assert (entries["dangling"].kind, entries["dangling"].target) == ("symlink", "../elsewhere")
         assert entries["fifo"].kind == "fifo" and entries["sub"].kind == "dir"
-        info = await files.stat(guest.conn, str(top))
+        info = await guest.channel.stat(str(top))
         st = os.stat(top)
         assert (info.name, info.kind, info.mode, info.uid, info.mtime_ns) == (
             "top",
@@ -267,13 +298,13 @@ async def test_stat_and_listdir_describe_every_kind_and_odd_names(tmp_path: Path
             st.st_mtime_ns,
         )
         os.symlink("top", guest.path("link"))
-        assert (await files.stat(guest.conn, guest.path("link"))).kind == "dir"
-        link = await files.stat(guest.conn, guest.path("link"), follow_symlinks=False)
+        assert (await guest.channel.stat(guest.path("link"))).kind == "dir"
+        link = await guest.channel.stat(guest.path("link"), follow_symlinks=False)
         assert (link.kind, link.target) == ("symlink", "top")
         with pytest.raises(GuestFileError) as caught:
-            await files.listdir(guest.conn, str(top / "with space"))
+            await guest.channel.listdir(str(top / "with space"))
         assert caught.value.errno_name == "ENOTDIR"
-        assert await files.listdir(guest.conn, str(top / "sub")) == []
+        assert await guest.channel.listdir(str(top / "sub")) == []
 
 
 @pytest.mark.asyncio
@@ -284,34 +315,34 @@ async def test_a_directory_of_many_entries_is_listed_within_credit(tmp_path: Pat
         names = {f"entry-{i:05d}-" + "x" * 100 for i in range(5000)}  # ~1 MB of listing
         for name in names:
             (big / name).touch()
-        assert {e.name for e in await files.listdir(guest.conn, str(big))} == names
+        assert {e.name for e in await guest.channel.listdir(str(big))} == names
 
 
 @pytest.mark.asyncio
 async def test_remove_and_mkdir(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:
-        await files.mkdir(guest.conn, guest.path("d"), mode=0o711)
+        await guest.channel.mkdir(guest.path("d"), mode=0o711)
         assert stat.S_IMODE(os.stat(guest.path("d")).st_mode) == 0o711
         with pytest.raises(GuestFileError) as exists:
-            await files.mkdir(guest.conn, guest.path("d"))
+            await guest.channel.mkdir(guest.path("d"))
         assert exists.value.errno_name == "EEXIST"
-        await files.mkdir(guest.conn, guest.path("d"), parents=True)  # as mkdir -p
-        await files.mkdir(guest.conn, guest.path("d", "e", "f"), parents=True)
+        await guest.channel.mkdir(guest.path("d"), parents=True)  # as mkdir -p
+        await guest.channel.mkdir(guest.path("d", "e", "f"), parents=True)
         Path(guest.path("d", "e", "f", "file")).write_bytes(b"x")
         with pytest.raises(GuestFileError) as not_empty:
-            await files.remove(guest.conn, guest.path("d"))
+            await guest.channel.remove(guest.path("d"))
         assert not_empty.value.errno_name == "ENOTEMPTY"
         keep = Path(guest.path("keep"))
         keep.mkdir()
         (keep / "precious").write_bytes(b"!")
         os.symlink(keep, guest.path("d", "link-to-keep"))
-        await files.remove(guest.conn, guest.path("d"), recursive=True)
+        await guest.channel.remove(guest.path("d"), recursive=True)
         assert not os.path.exists(guest.path("d"))
         assert (keep / "precious").read_bytes() == b"!"  # a link is removed, not followed
-        await files.remove(guest.conn, str(keep / "precious"))
-        await files.remove(guest.conn, str(keep))
+        await guest.channel.remove(str(keep / "precious"))
+        await guest.channel.remove(str(keep))
         with pytest.raises(GuestFileError) as gone:
-            await files.remove(guest.conn, str(keep))
+            await guest.channel.remove(str(keep))
         assert gone.value.errno_name == "ENOENT"
 
 
@@ -359,18 +390,18 @@ async def test_trees_go_both_ways_with_links_as_links_and_odd_names(tmp_path: Pa
     local.mkdir()
     make_tree(local, outside)
     async with running(tmp_path) as guest:
-        await files.put_tree(guest.conn, local, guest.path("tree"))
+        await guest.channel.put_tree(local, guest.path("tree"))
         assert snapshot(Path(guest.path("tree"))) == snapshot(local)
         assert os.readlink(guest.path("tree", "escape")) == str(outside)
-        await files.get_tree(guest.conn, guest.path("tree"), tmp_path / "back")
+        await guest.channel.get_tree(guest.path("tree"), tmp_path / "back")
         assert snapshot(tmp_path / "back") == snapshot(local)
         assert os.listdir(outside) == ["secret"]  # nothing was written through the link
         # Into an existing tree: files and links replaced, the rest kept.
         (tmp_path / "back" / "extra").write_bytes(b"stays")
-        await files.get_tree(guest.conn, guest.path("tree"), tmp_path / "back")
+        await guest.channel.get_tree(guest.path("tree"), tmp_path / "back")
         assert (tmp_path / "back" / "extra").read_bytes() == b"stays"
         with pytest.raises(GuestFileError) as not_dir:
-            await files.get_tree(guest.conn, guest.path("tree", "empty"), tmp_path / "x")
+            await guest.channel.get_tree(guest.path("tree", "empty"), tmp_path / "x")
         assert not_dir.value.errno_name == "ENOTDIR"
         assert leftovers(tmp_path / "back") == [] and leftovers(guest.path("tree")) == []
 
@@ -386,12 +417,12 @@ async def test_transfers_and_processes_share_one_connection(tmp_path: Path) -> N
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(b"meanwhile\n")
         await asyncio.gather(
-            *(files.put_file(guest.conn, b, guest.path(f"p{i}")) for i, b in enumerate(blobs)),
-            *(files.stat(guest.conn, str(guest.dir)) for _ in range(40)),  # above max_files
+            *(guest.channel.put_file(b, guest.path(f"p{i}")) for i, b in enumerate(blobs)),
+            *(guest.channel.stat(str(guest.dir)) for _ in range(40)),  # above max_files
         )
         assert await process.stdout.readline() == b"meanwhile\n"
         reads = await asyncio.gather(
-            *(files.get_file(guest.conn, guest.path(f"p{i}"), tmp_path / f"g{i}") for i in range(6))
+            *(guest.channel.get_file(guest.path(f"p{i}"), tmp_path / f"g{i}") for i in range(6))
         )
         assert reads == [None] * 6
         for i, blob in enumerate(blobs):
@@ -416,7 +447,7 @@ async def stalled_put(guest: Guest, target: str) -> asyncio.Task[None]:
     """A put that has sent 2 MiB and waits for more; returns once the agent holds its temp file."""
     started = asyncio.Event()
     task = asyncio.create_task(
-        files.put_file(guest.conn, endless(os.urandom(2 * MiB), started), target)
+        guest.channel.put_file(endless(os.urandom(2 * MiB), started), target)
     )
     await asyncio.wait_for(started.wait(), LONG)
     directory = os.path.dirname(target)
@@ -435,7 +466,7 @@ async def test_a_cancelled_put_leaves_no_target_and_no_temp(tmp_path: Path) -> N
         await eventually(lambda: leftovers(guest.dir) == [], "the agent removed its temp file")
         assert Path(guest.path("kept")).read_bytes() == b"old"
         await eventually(lambda: guest.conn.files == 0, "the stream ended")
-        await files.put_file(guest.conn, b"the connection is fine", guest.path("after"))
+        await guest.channel.put_file(b"the connection is fine", guest.path("after"))
         assert "outcome=closed" in guest.log.read_text()
 
 
@@ -443,7 +474,7 @@ async def test_a_cancelled_put_leaves_no_target_and_no_temp(tmp_path: Path) -> N
 async def test_a_dropped_connection_mid_put_leaves_no_target_and_no_temp(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:
         task = await stalled_put(guest, guest.path("target"))
-        guest.conn.abort(ClosedLocally("reset mid-file"))
+        guest.channel.abort("reset mid-file")
         with pytest.raises(ConnectionClosed):
             await task
         await eventually(lambda: leftovers(guest.dir) == [], "the agent removed its temp file")
@@ -479,7 +510,7 @@ async def test_an_agent_killed_mid_put_leaves_only_its_documented_temp(tmp_path:
 async def test_leaving_a_read_early_stops_the_transfer(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:
         Path(guest.path("big")).write_bytes(os.urandom(20 * MiB))
-        async for chunk in files.read_file(guest.conn, guest.path("big"), window=64 * 1024):
+        async for chunk in guest.channel.read_file(guest.path("big"), window=64 * 1024):
             assert chunk
             break
         await eventually(lambda: guest.conn.files == 0, "the stream ended")
@@ -488,7 +519,7 @@ async def test_leaving_a_read_early_stops_the_transfer(tmp_path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path / "local")
         cancelled = asyncio.create_task(
-            files.get_file(guest.conn, guest.path("big"), tmp_path / "local", window=64 * 1024)
+            guest.channel.get_file(guest.path("big"), tmp_path / "local", window=64 * 1024)
         )
         await eventually(lambda: leftovers(tmp_path) != [], "the download started")
         cancelled.cancel()
@@ -513,26 +544,26 @@ async def test_the_files_root_confines_every_operation(tmp_path: Path) -> None:
     os.symlink(jail / "sub", jail / "in-dir")  # absolute, but it stays inside
     os.symlink("../jail/sub/f", jail / "in-file")
     async with running(tmp_path, "--files-root", str(jail)) as guest:
-        conn = guest.conn
-        await files.put_file(conn, b"ok", str(jail / "new" / "file"))
-        assert await read_all(conn, str(jail / "in-dir" / "f")) == b"inside"
-        assert await read_all(conn, str(jail / "in-file")) == b"inside"
-        assert (await files.stat(conn, str(jail / "out-file"), follow_symlinks=False)).kind == (
+        channel = guest.channel
+        await channel.put_file(b"ok", str(jail / "new" / "file"))
+        assert await read_all(channel, str(jail / "in-dir" / "f")) == b"inside"
+        assert await read_all(channel, str(jail / "in-file")) == b"inside"
+        assert (await channel.stat(str(jail / "out-file"), follow_symlinks=False)).kind == (
             "symlink"
         )
         refused = [
-            files.put_file(conn, b"x", str(outside / "x")),
-            files.put_file(conn, b"x", str(jail / ".." / "outside" / "x")),
-            files.put_file(conn, b"x", str(jail / "out-dir" / "x")),
-            files.put_file(conn, b"x", str(jail / "out-dir" / "a" / "b")),
-            files.get_file(conn, str(jail / "out-file"), tmp_path / "stolen"),
-            files.get_file(conn, str(jail / "out-dir" / "secret"), tmp_path / "stolen"),
-            files.stat(conn, str(jail / "out-file")),
-            files.listdir(conn, str(jail / "out-dir")),
-            files.listdir(conn, "/"),
-            files.mkdir(conn, str(outside / "a" / "b"), parents=True),
-            files.remove(conn, str(outside / "secret")),
-            files.symlink(conn, "anywhere", str(outside / "link")),
+            channel.put_file(b"x", str(outside / "x")),
+            channel.put_file(b"x", str(jail / ".." / "outside" / "x")),
+            channel.put_file(b"x", str(jail / "out-dir" / "x")),
+            channel.put_file(b"x", str(jail / "out-dir" / "a" / "b")),
+            channel.get_file(str(jail / "out-file"), tmp_path / "stolen"),
+            channel.get_file(str(jail / "out-dir" / "secret"), tmp_path / "stolen"),
+            channel.stat(str(jail / "out-file")),
+            channel.listdir(str(jail / "out-dir")),
+            channel.listdir("/"),
+            channel.mkdir(str(outside / "a" / "b"), parents=True),
+            channel.remove(str(outside / "secret")),
+            files.symlink(guest.conn, "anywhere", str(outside / "link")),
         ]
         for call in refused:
             with pytest.raises(GuestFileError) as caught:
@@ -542,9 +573,9 @@ async def test_the_files_root_confines_every_operation(tmp_path: Path) -> None:
         assert sorted(os.listdir(outside)) == ["secret"]
         assert not (tmp_path / "stolen").exists()
         with pytest.raises(GuestFileError) as root:
-            await files.remove(conn, str(jail), recursive=True)
+            await channel.remove(str(jail), recursive=True)
         assert root.value.errno_name == "EBUSY"
-        await files.remove(conn, str(jail / "out-dir"), recursive=True)  # the link, not /outside
+        await channel.remove(str(jail / "out-dir"), recursive=True)  # the link, not /outside
         assert (outside / "secret").exists() and not os.path.lexists(jail / "out-dir")
 
 
@@ -588,17 +619,9 @@ async def unprivileged(tmp_path: Path) -> AsyncIterator[Guest]:
     )
     try:
         await eventually(socket_path.exists, "the agent listens")
-        channel = await vsock_async.connect(f"unix:{socket_path}", timeout=LONG)
-        v1 = channel.connection
-        conn = await negotiate(v1, require_v2=True, timeout=LONG)
-        assert isinstance(conn, SessionConnection)
-        try:
-            yield Guest(conn, agent, home, tmp_path / "agent.log")
-        finally:
-            conn.abort(ClosedLocally("the test is over"))
-            await conn.wait_closed()
-            v1.connection_lost(None)
-            await channel.aclose()
+        async with vsock_async.connect(f"unix:{socket_path}", timeout=LONG) as channel:
+            assert channel.protocol == "v2"
+            yield Guest(channel, agent, home, tmp_path / "agent.log")
     finally:
         if agent.returncode is None:
             agent.kill()
@@ -618,10 +641,10 @@ async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
         os.chmod(guest.dir / "unreadable", 0o000)
         os.chown(guest.dir / "unreadable", 0, 0)
         for call, name in (
-            (files.put_file(guest.conn, b"x", str(locked / "f")), "locked/f"),
-            (files.mkdir(guest.conn, str(locked / "d")), "locked/d"),
+            (guest.channel.put_file(b"x", str(locked / "f")), "locked/f"),
+            (guest.channel.mkdir(str(locked / "d")), "locked/d"),
             (
-                files.get_file(guest.conn, str(guest.dir / "unreadable"), tmp_path / "x"),
+                guest.channel.get_file(str(guest.dir / "unreadable"), tmp_path / "x"),
                 "unreadable",
             ),
         ):
@@ -630,7 +653,7 @@ async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
             assert caught.value.errno_name == "EACCES", name
             assert caught.value.path == str(guest.dir / name)
         with pytest.raises(GuestFileError) as owner:
-            await files.put_file(guest.conn, b"x", str(guest.dir / "f"), uid=0)
+            await guest.channel.put_file(b"x", str(guest.dir / "f"), uid=0)
         assert (owner.value.code, owner.value.errno_name) == ("permission", "EPERM")
         assert "not run as root" in str(owner.value)
         assert os.listdir(locked) == [] and not (guest.dir / "f").exists()
@@ -658,8 +681,8 @@ async def test_a_full_disk_fails_the_put_and_leaves_nothing(tmp_path: Path) -> N
     async with running(tmp_path) as guest:
         with tiny_tmpfs(guest.dir / "small", "1m") as small:
             with pytest.raises(GuestFileError) as caught:
-                await files.put_file(guest.conn, os.urandom(3 * MiB), str(small / "big"))
+                await guest.channel.put_file(os.urandom(3 * MiB), str(small / "big"))
             assert caught.value.errno_name == "ENOSPC"
             assert os.listdir(small) == []
-            await files.put_file(guest.conn, b"small enough", str(small / "f"))
+            await guest.channel.put_file(b"small enough", str(small / "f"))
             assert (small / "f").read_bytes() == b"small enough"

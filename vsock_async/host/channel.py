@@ -1,9 +1,10 @@
-"""``GuestChannel``: run commands, probes and processes on one guest connection, with deadlines.
+"""``GuestChannel``: run commands, probes, processes and file transfers on one guest
+connection, with deadlines.
 
 A channel speaks whatever its connection agreed on (:attr:`GuestChannel.protocol`):
 on v1 calls take turns and a deadline on the wire closes the channel; on v2 each
-``run()`` and process has a stream of its own, so they proceed at once and a
-deadline or cancel stops only its own process.
+``run()``, process and file operation has a stream of its own, so they proceed at
+once and a deadline or cancel stops only its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Unpack
 
@@ -29,7 +30,9 @@ from ..protocol import PROBE_COMMAND, Limits
 from ..protocol.v2 import HelloAnswer
 from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
+from . import files
 from .commandline import CommandLike, compose_command
+from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, Source
 from .process import Process, ProcessOptions, ProgramLike, run_command, start_process
 from .session import SessionConnection
 from .transport import GuestConnection
@@ -277,6 +280,106 @@ class GuestChannel:
                 " Upgrade the guest's agent, or use run()"
             )
         return await start_process(self._v2, program, **options)
+
+    # -- files (v2) ----------------------------------------------------------------------
+
+    def _files(self) -> SessionConnection:
+        """The v2 connection file operations run on; :class:`Unsupported` on v1."""
+        if self._v2 is None:
+            raise Unsupported(
+                f"channel {self.id} speaks protocol v1, which cannot transfer files: file"
+                " operations need v2. Upgrade the guest's agent"
+            )
+        return self._v2
+
+    async def put_file(
+        self,
+        source: Source,
+        guest_path: GuestPath,
+        *,
+        mode: int = 0o644,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime: float | None = None,
+        make_parents: bool = True,
+    ) -> None:
+        """Write ``source`` to the absolute ``guest_path``, whole or not at all.
+
+        ``source`` is a local path (``str``, ``os.PathLike``), the bytes
+        themselves (``bytes``, ``bytearray``, ``memoryview``) or an async
+        iterable of bytes; it streams, never held whole. The file gets exactly
+        ``mode``; ``uid``/``gid`` (a root agent only) and ``mtime`` (seconds
+        since the epoch) if given; ``make_parents`` makes missing directories.
+        It lands only once the agent's SHA-256 matches ours: a failure or a
+        cancel leaves what was at ``guest_path`` untouched. Raises
+        :class:`GuestFileError` (``errno_name``: ``ENOENT``, ``EACCES``,
+        ``EISDIR``, ``ENOSPC``...), :class:`UsageError` for a relative path,
+        :class:`Unsupported` on v1 or without the agent's ``files``.
+        """
+        await files.put_file(
+            self._files(),
+            source,
+            guest_path,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            make_parents=make_parents,
+        )
+
+    async def get_file(
+        self, guest_path: GuestPath, local_path: LocalPath, *, window: int = DEFAULT_WINDOW
+    ) -> None:
+        """Copy the guest file ``guest_path`` to ``local_path``, whole or not at all.
+
+        It streams into a temporary file next to ``local_path``, renamed over it
+        once the SHA-256 matches, with the guest file's permission bits (set-id
+        bits dropped) and mtime. ``window`` is the unread bytes held (the credit
+        granted the agent).
+        """
+        await files.get_file(self._files(), guest_path, local_path, window=window)
+
+    def read_file(
+        self, guest_path: GuestPath, *, window: int = DEFAULT_WINDOW
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes of the guest file ``guest_path`` as they arrive: ``async for chunk in``.
+
+        The iteration ends only once the guest's SHA-256 matched what arrived;
+        leaving the loop early stops the transfer in the guest.
+        """
+        return files.read_file(self._files(), guest_path, window=window)
+
+    async def stat(self, guest_path: GuestPath, *, follow_symlinks: bool = True) -> FileInfo:
+        """Kind, size, mode, owner and mtime of ``guest_path`` (of a link itself with
+        ``follow_symlinks=False``)."""
+        return await files.stat(self._files(), guest_path, follow_symlinks=follow_symlinks)
+
+    async def listdir(self, guest_path: GuestPath) -> list[FileInfo]:
+        """The entries of a guest directory, each described as :meth:`stat` does (links not
+        followed), in the directory's order."""
+        return await files.listdir(self._files(), guest_path)
+
+    async def remove(self, guest_path: GuestPath, *, recursive: bool = False) -> None:
+        """Remove a file, link or empty directory; ``recursive=True``: a whole tree."""
+        await files.remove(self._files(), guest_path, recursive=recursive)
+
+    async def mkdir(
+        self, guest_path: GuestPath, *, parents: bool = False, mode: int = 0o755
+    ) -> None:
+        """Make a directory with exactly ``mode``; ``parents=True`` as ``mkdir -p``."""
+        await files.mkdir(self._files(), guest_path, parents=parents, mode=mode)
+
+    async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
+        """Copy a local directory into the guest: files with their mode and mtime, links as
+        links (never followed), directories made as needed."""
+        await files.put_tree(self._files(), local_dir, guest_dir)
+
+    async def get_tree(
+        self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW
+    ) -> None:
+        """Copy a guest directory to ``local_dir``: files with their mode and mtime, links as
+        links, never followed (nothing is written outside ``local_dir``)."""
+        await files.get_tree(self._files(), guest_dir, local_dir, window=window)
 
     def _resolve(self, timeout: Timeout) -> float | None:
         """``timeout`` as seconds or None: the channel's default for ``DEFAULT``, else checked."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping
+from collections.abc import AsyncGenerator, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Unpack
 
@@ -30,11 +30,13 @@ from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
+from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, Source
 from .process import Process, ProcessOptions, ProgramLike
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
 
 _MAX_CID_DIGITS = 10  # a CID is a u32: at most 10 digits
+_FILES = "file operations"
 
 
 def _shown(line: bytes) -> str:
@@ -207,11 +209,70 @@ class Guest:
         :class:`Unsupported` if the guest speaks only v1, :class:`ConnectionClosed`
         if it has no open connection.
         """
-        channel = self._process_channel()
+        channel = self._v2_channel("processes (streaming output, stdin, signals, terminals)")
         return await channel.create_process(program, **options)
 
-    def _process_channel(self) -> GuestChannel:
-        """A v2 connection for a new process: a free one, else the one with the fewest waiting."""
+    # -- files (v2): GuestChannel's file operations, each on one of the guest's connections --
+
+    async def put_file(
+        self,
+        source: Source,
+        guest_path: GuestPath,
+        *,
+        mode: int = 0o644,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime: float | None = None,
+        make_parents: bool = True,
+    ) -> None:
+        """:meth:`GuestChannel.put_file` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).put_file(
+            source, guest_path, mode=mode, uid=uid, gid=gid, mtime=mtime, make_parents=make_parents
+        )
+
+    async def get_file(
+        self, guest_path: GuestPath, local_path: LocalPath, *, window: int = DEFAULT_WINDOW
+    ) -> None:
+        """:meth:`GuestChannel.get_file` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).get_file(guest_path, local_path, window=window)
+
+    def read_file(
+        self, guest_path: GuestPath, *, window: int = DEFAULT_WINDOW
+    ) -> AsyncGenerator[bytes, None]:
+        """:meth:`GuestChannel.read_file` on a v2 connection with a free stream."""
+        return self._v2_channel(_FILES).read_file(guest_path, window=window)
+
+    async def stat(self, guest_path: GuestPath, *, follow_symlinks: bool = True) -> FileInfo:
+        """:meth:`GuestChannel.stat` on a v2 connection with a free stream."""
+        return await self._v2_channel(_FILES).stat(guest_path, follow_symlinks=follow_symlinks)
+
+    async def listdir(self, guest_path: GuestPath) -> list[FileInfo]:
+        """:meth:`GuestChannel.listdir` on a v2 connection with a free stream."""
+        return await self._v2_channel(_FILES).listdir(guest_path)
+
+    async def remove(self, guest_path: GuestPath, *, recursive: bool = False) -> None:
+        """:meth:`GuestChannel.remove` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).remove(guest_path, recursive=recursive)
+
+    async def mkdir(
+        self, guest_path: GuestPath, *, parents: bool = False, mode: int = 0o755
+    ) -> None:
+        """:meth:`GuestChannel.mkdir` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).mkdir(guest_path, parents=parents, mode=mode)
+
+    async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
+        """:meth:`GuestChannel.put_tree` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).put_tree(local_dir, guest_dir)
+
+    async def get_tree(
+        self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW
+    ) -> None:
+        """:meth:`GuestChannel.get_tree` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).get_tree(guest_dir, local_dir, window=window)
+
+    def _v2_channel(self, need: str) -> GuestChannel:
+        """A v2 connection for new streams (``need`` says for what, should there be none): a
+        free one, else the one with the fewest waiting."""
         free = self._free_channel()
         if free is not None and free.protocol == "v2":
             return free
@@ -222,9 +283,8 @@ class Guest:
         if not v2:
             raise Unsupported(
                 f"guest {self.key!r} speaks only protocol v1 on its {len(open_)}"
-                " connection(s), which run one buffered command at a time: processes"
-                " (streaming output, stdin, signals, terminals) need v2. Upgrade the guest's"
-                " agent, or use run()"
+                f" connection(s), which run one buffered command at a time: {need} need v2."
+                " Upgrade the guest's agent, or use run()"
             )
         return min(v2, key=lambda c: (c.busy, c.queued))
 
