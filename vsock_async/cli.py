@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from .serve.config import ServeConfig
 
 __all__ = [
+    "EXIT_CANNOT_RUN",
     "EXIT_ERROR",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
@@ -39,6 +41,11 @@ EXIT_TIMEOUT: Final = 124
 """``exec``: the command's deadline fired (as with timeout(1))."""
 EXIT_FAILED: Final = 125
 """``exec``: the daemon, the guest or its connection failed; the reason is on stderr."""
+EXIT_CANNOT_RUN: Final = 126
+"""``exec``: the guest could not start the program (a bad cwd or user, no permission), as
+a shell says."""
+EXIT_NOT_FOUND: Final = 127
+"""``exec``: the guest found no such program (or cwd), as a shell says."""
 EXIT_INTERRUPTED: Final = 130
 """Interrupted by Ctrl-C (128 + SIGINT)."""
 
@@ -446,19 +453,48 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="run a command in a guest through serve; exit with its exit code",
         description=(
             "Run a command in a guest through `serve`, write the guest's stdout and stderr"
-            f" to ours, and exit with the guest's exit code ({EXIT_TIMEOUT}: it timed out;"
-            f" {EXIT_FAILED}: the daemon or the guest connection failed)."
+            " to ours as they come, and exit with the guest's exit code (128+N: killed by"
+            f" signal N; {EXIT_TIMEOUT}: it timed out; {EXIT_FAILED}: the daemon or the guest"
+            f" connection failed; {EXIT_CANNOT_RUN}/{EXIT_NOT_FOUND}: the guest could not"
+            " start the program). Ctrl-C and SIGTERM are forwarded to the command (a second"
+            " Ctrl-C stops waiting for it). A guest speaking only protocol v1 runs it too,"
+            " its output written once it ended; -i, -t and --user need v2."
         ),
-        usage="vsock-async exec [options] (-c 'COMMAND LINE' | -- ARGV...)",
+        usage="vsock-async exec [options] [-i] [-t] (-c 'COMMAND LINE' | -- ARGV...)",
     )
     _add_control_options(p)
     p.add_argument("--guest", metavar="KEY", help="the guest (CID or label); optional with one")
+    p.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="forward our stdin to the command, its end included (no deadline by default)",
+    )
+    p.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the command a terminal in the guest, of our terminal's size; with -i our"
+        " terminal goes raw, every key to the guest (no deadline by default)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        metavar="NAME=VALUE",
+        help="set an environment variable for the command; repeatable",
+    )
+    p.add_argument("--cwd", metavar="DIR", help="run the command in DIR")
+    p.add_argument(
+        "--user", type=_user, metavar="USER", help="run as USER, a name or a uid (a root agent)"
+    )
     p.add_argument(
         "--timeout",
         type=_timeout("--timeout"),
         default=DEFAULT,
         metavar="S",
-        help="command deadline in seconds; 'none': no deadline (default: the daemon's)",
+        help="command deadline in seconds; 'none': no deadline (default: the daemon's, and"
+        " none with -i or -t)",
     )
     p.add_argument(
         "-c",
@@ -468,6 +504,17 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     p.add_argument("argv", nargs="*", metavar="ARGV", help="a command and its arguments (quoted)")
     p.set_defaults(run=_run_exec, parser=p)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not name or not equals:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _user(text: str) -> str | int:
+    return int(text) if text.isascii() and text.isdigit() else text
 
 
 def _exec_misparsed(args: argparse.Namespace, unknown: list[str]) -> NoReturn:
@@ -498,6 +545,11 @@ def _run_exec(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         guest=args.guest,
         timeout=args.timeout,
+        interactive=args.interactive,
+        tty=args.tty,
+        env=dict(args.env) if args.env else None,
+        cwd=args.cwd,
+        user=args.user,
     )
 
 

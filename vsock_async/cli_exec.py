@@ -1,22 +1,39 @@
 """``vsock-async exec`` and ``vsock-async guests``: the control client library, driven from a
-terminal. Standard library only; the exit codes are :mod:`vsock_async.cli`'s."""
+terminal; the exit codes are :mod:`vsock_async.cli`'s.
+
+``exec`` streams over the daemon's exec WebSocket (:mod:`vsock_async.cli_stream`, which
+needs aiohttp); against a guest speaking only protocol v1, or without aiohttp, a plain
+``exec`` falls back to ``run`` (the whole output once the command ended), while ``-i``,
+``-t`` and ``--user`` cannot be done and say so.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import BinaryIO, TextIO
 
-from .cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from .cli import (
+    EXIT_CANNOT_RUN,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+)
 from .errors import UsageError, VsockAsyncError
+from .host.commandline import shown_command
 from .serve.control_client import ControlClient, ControlError
 from .serve.defaults import TOKEN_FILE_ENV, read_token_file
-from .timeouts import Timeout
+from .timeouts import DEFAULT, Timeout
 
 __all__ = ["exec_command", "list_guests"]
 
@@ -87,29 +104,91 @@ def exec_command(
     token_file: str | None,
     guest: str | None,
     timeout: Timeout,
+    interactive: bool = False,
+    tty: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    user: str | int | None = None,
 ) -> int:
-    """Run ``command`` in a guest through the daemon, copy its output; the exit status.
+    """Run ``command`` in a guest through the daemon, copy its output as it comes; the exit
+    status.
 
-    The guest's exit code, or :data:`EXIT_TIMEOUT` when the deadline fired
-    (the output that arrived is still written) or :data:`EXIT_FAILED` when
-    the daemon or the guest connection failed.
+    The guest's exit code (128+N when signal N killed the command), or
+    :data:`EXIT_TIMEOUT` when the deadline fired, :data:`EXIT_NOT_FOUND` or
+    :data:`EXIT_CANNOT_RUN` when the guest could not start the program, and
+    :data:`EXIT_FAILED` when the daemon or the guest connection failed. With
+    ``interactive`` or ``tty`` the deadline defaults to none.
     """
+    needs_stream = interactive or tty or user is not None
+    if needs_stream and timeout is DEFAULT:
+        timeout = None
     try:
         client = _client(control, token_file)
         key = _pick_guest(client, guest)
+    except VsockAsyncError as exc:
+        return _failed(exc)
+    try:
+        from .cli_stream import ExecOptions, TimedOut, stream_exec
+    except ImportError as exc:  # no aiohttp: what run can do, it does
+        if needs_stream:
+            return _failed(
+                UsageError(
+                    f"-i, -t and --user need aiohttp ({exc}): pip install 'vsock_async[serve]'"
+                )
+            )
+        return _run_command(client, key, command, timeout=timeout, env=env, cwd=cwd)
+    options = ExecOptions(command, interactive, tty, env, cwd, user, timeout)
+    try:
+        return asyncio.run(stream_exec(str(client.address), client.token, key, options))
+    except TimedOut:
+        after = "" if not isinstance(timeout, float) else f" after {timeout:.3g} s"
+        print(f"vsock-async exec: command {_shown(command)} timed out{after}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except ControlError as exc:
+        if exc.code == "unsupported" and not needs_stream:  # a v1 guest: run does it
+            return _run_command(client, key, command, timeout=timeout, env=env, cwd=cwd)
+        if exc.code == "command_timeout":
+            print(f"vsock-async exec: {exc.message}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        if exc.code == "spawn_failed":
+            print(f"vsock-async exec: {exc.message}", file=sys.stderr)
+            return EXIT_NOT_FOUND if exc.body.get("errno") == "ENOENT" else EXIT_CANNOT_RUN
+        return _failed(exc)
+    except VsockAsyncError as exc:
+        return _failed(exc)
+
+
+def _shown(command: str | list[str]) -> str:
+    return shown_command((command if isinstance(command, str) else shlex.join(command)).encode())
+
+
+def _failed(exc: VsockAsyncError) -> int:
+    print(f"vsock-async exec: error: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _run_command(
+    client: ControlClient,
+    key: str,
+    command: str | list[str],
+    *,
+    timeout: Timeout,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+) -> int:
+    """``exec`` through ``run``: the whole output once the command ended."""
+    try:
         with _ElapsedTicker(sys.stderr):
-            outcome = client.run(key, command, timeout=timeout)
+            outcome = client.run(key, command, timeout=timeout, env=env, cwd=cwd)
     except ControlError as exc:
         if exc.code == "command_timeout":
             _write(sys.stdout.buffer, _base64_field(exc.body.get("stdout")))
             _write(sys.stderr.buffer, _base64_field(exc.body.get("stderr")))
             print(f"vsock-async exec: {exc.message}", file=sys.stderr)
             return EXIT_TIMEOUT
-        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(exc)
     except VsockAsyncError as exc:
-        print(f"vsock-async exec: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(exc)
     try:
         _write(sys.stdout.buffer, outcome.stdout)
         _write(sys.stderr.buffer, outcome.stderr)

@@ -28,7 +28,7 @@ from vsock_async.cli import main
 from vsock_async.errors import ConnectFailed
 from vsock_async.protocol import CommandDecoder, encode_result
 from vsock_async.protocol.v2 import HELLO_PREFIX
-from vsock_async.serve.control_client import ControlClient, ControlError
+from vsock_async.serve.control_client import ControlClient, ControlError, RunOutcome
 
 __all__ = ["stack"]
 
@@ -368,12 +368,31 @@ def test_timeouts_follow_the_one_rule(stack: Stack) -> None:
 # -- shutdown ---------------------------------------------------------------------------------
 
 
-def start_exec(daemon: Daemon, command: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        python_m("exec", "--control", f"unix:{daemon.control_socket}", "-c", command),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+class Running:
+    """A run through the control API in a thread: its outcome, or the error it ended with.
+
+    The drain treats runs and streamed execs apart (execs get SIGTERM: test_exec_api.py);
+    these tests are about runs.
+    """
+
+    def __init__(self, client: ControlClient, command: str) -> None:
+        self.outcome: RunOutcome | None = None
+        self.error: ControlError | None = None
+        self._thread = threading.Thread(target=self._run, args=(client, command), daemon=True)
+        self._thread.start()
+
+    def _run(self, client: ControlClient, command: str) -> None:
+        try:
+            self.outcome = client.run("vm1", command)
+        except ControlError as exc:
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join(LONG)
+        assert self.done(), "the run never ended"
 
 
 def busy(client: ControlClient) -> bool:
@@ -391,18 +410,18 @@ def refused(client: ControlClient) -> bool:
 
 def draining_setup(
     stack: Stack, grace: str, gate_name: str
-) -> tuple[Daemon, ControlClient, subprocess.Popen[bytes], Path]:
-    """serve with ``--grace``, an agent, and ``exec`` of a command held until the marker exists."""
+) -> tuple[Daemon, ControlClient, Running, Path]:
+    """serve with ``--grace``, an agent, and a run of a command held until the marker exists."""
     daemon = stack.daemon("--grace", grace, "--probe-interval", "none")  # busy means: the command
     stack.agent(daemon.guest_address)
     client = daemon.client()
     wait_for_guest(client, "vm1")
     command, marker = gate(stack.directory, gate_name)
-    running = start_exec(daemon, command)
+    running = Running(daemon.client(), command)
 
     def started() -> bool:
-        if running.poll() is not None:
-            pytest.fail(f"exec ended early: {running.communicate()}\n{daemon.log()}")
+        if running.done():
+            pytest.fail(f"the run ended early: {running.outcome, running.error}\n{daemon.log()}")
         return busy(client)
 
     eventually(started, "the command running")
@@ -418,8 +437,9 @@ def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> Non
         guest.connect(daemon.guest_socket)
     assert daemon.proc.poll() is None  # still draining
     marker.touch()
-    stdout, stderr = running.communicate(timeout=LONG)
-    assert (running.returncode, stdout) == (0, b"released\n"), stderr
+    running.wait()
+    assert running.outcome is not None, running.error
+    assert (running.outcome.exit_code, running.outcome.stdout) == (0, b"released\n")
     assert daemon.proc.wait(LONG) == 0
     assert not os.path.exists(daemon.control_socket)
     assert not os.path.exists(daemon.guest_socket)
@@ -429,10 +449,11 @@ def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> Non
 def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
     daemon, _, running, _ = draining_setup(stack, "0.2", "never")
     daemon.send(signal.SIGTERM)
-    _, stderr = running.communicate(timeout=LONG)
-    assert running.returncode == 125
-    assert b"guest_failed" in stderr
-    assert b"the daemon closed the connection of guest 'vm1' during command 'while" in stderr
+    running.wait()
+    assert running.error is not None and running.error.code == "guest_failed"
+    assert "the daemon closed the connection of guest 'vm1' during command 'while" in str(
+        running.error
+    )
     assert daemon.proc.wait(LONG) == 0
     assert "still running: closing their connections" in daemon.log()
 
@@ -443,6 +464,6 @@ def test_a_second_signal_stops_at_once(stack: Stack) -> None:
     eventually(lambda: "waiting for 1 running command" in daemon.log(), "the drain begun")
     daemon.send(signal.SIGTERM)
     assert daemon.proc.wait(LONG) == 0
-    running.communicate(timeout=LONG)
-    assert running.returncode == 125
+    running.wait()
+    assert running.error is not None and running.error.code == "guest_failed"
     assert "again: stopping at once" in daemon.log()

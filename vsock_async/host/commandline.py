@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import UsageError
 
-__all__ = ["CommandLike", "compose_command"]
+__all__ = ["CommandLike", "compose_command", "shown_command"]
 
 CommandLike = str | bytes | Sequence[str]
 
@@ -69,3 +69,10 @@ def compose_command(
             raise UsageError(f"environment variable {name} must be a str, not {value!r}")
         prelude.append(f"export {name}={shlex.quote(value)}")
     return _encode("\n".join(prelude)) + b"\n" + line
+
+
+def shown_command(line: bytes) -> str:
+    """A command line as messages for people show it: text (undecodable bytes replaced), cut
+    at 60 characters, quoted."""
+    text = line.decode(errors="replace")
+    return repr(text if len(text) <= 60 else text[:57] + "...")

@@ -40,6 +40,7 @@ from ..errors import (
     UsageError,
 )
 from ..host.commandline import compose_command
+from ..host.commandline import shown_command as _shown
 from ..host.guests import Guest
 from ..host.process import DEVNULL, PIPE, Process
 from ..host.server import CommandServer
@@ -269,12 +270,6 @@ def _wants_raw(request: web.Request) -> bool:
         return raw
     accept = request.headers.get("Accept", "")
     return RAW_RESULT_TYPE in accept or _OCTET_STREAM in accept
-
-
-def _shown(line: bytes) -> str:
-    """A command line as messages show it: text (undecodable bytes replaced), cut at 60."""
-    text = line.decode(errors="replace")
-    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 class ControlAPI:
