@@ -11,6 +11,7 @@ and SIGQUIT are forwarded to the guest process; a second Ctrl-C stops waiting fo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -174,7 +175,7 @@ class _Session:
                 sent = asyncio.run_coroutine_threadsafe(self._forward(data), self.loop)
                 if not sent.result():
                     return
-            except (RuntimeError, asyncio.CancelledError):  # the loop is gone: we are done
+            except (RuntimeError, concurrent.futures.CancelledError):  # the loop is gone
                 return
 
     async def _forward(self, data: bytes) -> bool:
