@@ -331,10 +331,19 @@ class _Capture:
 # -- input --------------------------------------------------------------------------------
 
 
-class StdinOwner(Protocol):
-    """The stream a :class:`ProcessWriter` feeds: a process's stdin, or a put's bytes."""
+class _Writable(Protocol):
+    async def writable(self) -> None: ...
 
-    _connection: SessionConnection
+
+class StdinOwner(Protocol):
+    """The stream a :class:`ProcessWriter` feeds: a process's stdin, a put's bytes, or the
+    stdin messages of a process streamed through ``serve``.
+
+    ``_connection.writable()`` returns once what was handed over has left.
+    """
+
+    @property
+    def _connection(self) -> _Writable: ...
 
     def _send_stdin(self, data: bytes, end: bool) -> int: ...
 

@@ -14,9 +14,10 @@ aiohttp) only then.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -32,7 +33,14 @@ from ..errors import (
     UsageError,
     VsockAsyncError,
 )
-from ..host.process import DEFAULT_LIMIT, DEVNULL, PIPE, ProcessReader, check_terminal_size
+from ..host.process import (
+    DEFAULT_LIMIT,
+    DEVNULL,
+    PIPE,
+    ProcessReader,
+    ProcessWriter,
+    check_terminal_size,
+)
 from ..protocol.v1_host import copy_error
 from ..timeouts import DEFAULT, Timeout
 from .control_client import (
@@ -63,13 +71,15 @@ from .exec_stream import (
     split_data_message,
 )
 
-__all__ = ["AsyncControlClient", "RemoteProcess", "RemoteWriter"]
+__all__ = ["AsyncControlClient", "RemoteProcess"]
 
 T = TypeVar("T")
 
 _STDIN_CHUNK: Final = 32 * 1024
 """Stdin goes out in messages of at most this much: well under the daemon's smallest
 message limit (twice ``--max-command`` plus 64 KiB)."""
+_STDIN_QUEUE: Final = 64 * 1024
+"""Stdin bytes handed to the WebSocket's sender and not yet sent."""
 
 
 class AsyncControlClient:
@@ -279,109 +289,71 @@ class _Window:
         await self._room.wait()
 
 
-class RemoteWriter:
-    """The stdin of a :class:`RemoteProcess`, written like ``asyncio.StreamWriter``.
+class _WebSocketStdin:
+    """What the :class:`~vsock_async.ProcessWriter` of a :class:`RemoteProcess` feeds:
+    stdin messages on the exec WebSocket, sent in order by one task.
 
-    :meth:`write` never blocks: the bytes go out in the background, as fast as
-    the daemon takes them (it takes the next message once the agent took the
-    last); :meth:`drain` waits until all of them went. :meth:`write_eof` (or
-    :meth:`close`) sends the end of input after them.
+    Its credit is the room left in a small send queue, so the writer holds what
+    does not fit (and :meth:`ProcessWriter.drain` waits for it) exactly as it does
+    for the agent's credit; the daemon reads the next message only once the agent
+    took the last, which holds the queue, and so the writer, back.
     """
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
-        self._pending = bytearray()
-        self._eof = False
-        self._eof_sent = False
-        self._error: VsockAsyncError | None = None
+        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self._queued = 0
         self._work = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.writer = ProcessWriter(self)
         self._sender = asyncio.ensure_future(self._send())
 
-    def __repr__(self) -> str:
-        state = "closed" if self._eof_sent else "closing" if self._eof else "open"
-        return f"<RemoteWriter {state} pending={len(self._pending)}>"
+    @property
+    def _connection(self) -> _WebSocketStdin:
+        return self
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data`` for the process's stdin."""
-        if self._eof:
-            raise UsageError("write() after write_eof() or close() on a process's stdin")
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise UsageError(f"stdin takes bytes, not {type(data).__name__}")
-        if not data:
-            return
-        self._pending += data
-        if self._error is None:  # else it stays queued: drain() says it never went
-            self._idle.clear()
+    def _stdin_credit(self) -> int:
+        return max(0, _STDIN_QUEUE - self._queued)
+
+    def _send_stdin(self, data: bytes, end: bool) -> int:
+        taken = min(len(data), self._stdin_credit())
+        if taken or (end and not data):
+            self._queue.append((data[:taken], end and taken == len(data)))
+            self._queued += taken
+            self._empty.clear()
             self._work.set()
+        return taken
 
-    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
-        """Queue each buffer of ``data`` in turn."""
-        for chunk in data:
-            self.write(chunk)
-
-    def write_eof(self) -> None:
-        """Close the process's stdin once what is queued has gone out."""
-        if self._eof:
-            return
-        self._eof = True
-        self._idle.clear()
-        self._work.set()
-
-    def can_write_eof(self) -> bool:
-        """Always True: a process's stdin can be closed on its own."""
-        return True
-
-    def close(self) -> None:
-        """The same as :meth:`write_eof`, as closing a pipe is."""
-        self.write_eof()
-
-    def is_closing(self) -> bool:
-        """True once :meth:`write_eof` or :meth:`close` was called, or the process ended."""
-        return self._eof or self._error is not None
-
-    async def drain(self) -> None:
-        """Wait until everything written has gone to the daemon.
-
-        Raises :class:`StdinClosed` (a ``BrokenPipeError``) if the process ended
-        with bytes still queued, and the stream's error if it failed.
-        """
-        await self._idle.wait()
-        if self._error is not None and self._pending:
-            self._pending.clear()
-            raise copy_error(self._error)
-
-    async def wait_closed(self) -> None:
-        """Wait until the end of input has gone out (after :meth:`close`)."""
-        while not self._eof_sent and self._error is None:
-            await self._idle.wait()
-            if not self._eof:
-                return
+    async def writable(self) -> None:
+        """Return once everything handed over went to the daemon (or never can)."""
+        await self._empty.wait()
 
     async def _send(self) -> None:
         while True:
             await self._work.wait()
             self._work.clear()
-            try:
-                while self._pending:
-                    chunk = bytes(self._pending[:_STDIN_CHUNK])
-                    del self._pending[: len(chunk)]
-                    await self._ws.send_bytes(data_message(STDIN, chunk))
-                if self._eof and not self._eof_sent:
-                    await self._ws.send_json(EOF.to_json())
-                    self._eof_sent = True
-            except ConnectionResetError:
-                self._ended(ConnectionLost("the exec stream closed before stdin was sent"))
-                return
-            self._idle.set()
+            while self._queue:
+                data, end = self._queue.popleft()
+                try:
+                    for start in range(0, len(data), _STDIN_CHUNK):
+                        chunk = data[start : start + _STDIN_CHUNK]
+                        await self._ws.send_bytes(data_message(STDIN, chunk))
+                    if end:
+                        await self._ws.send_json(EOF.to_json())
+                except ConnectionResetError:
+                    self.ended(ConnectionLost("the exec stream closed before stdin was sent"))
+                    return
+                self._queued -= len(data)
+                self.writer._flush()  # more room: what the writer holds moves up
+            self._empty.set()
 
-    def _ended(self, error: VsockAsyncError) -> None:
-        """The process or the stream ended: what is queued can never go."""
-        if self._error is None:
-            self._error = error
+    def ended(self, error: VsockAsyncError) -> None:
+        """The process or the stream ended: nothing more goes out."""
+        self.writer._ended(error)
         self._sender.cancel()
-        self._idle.set()
+        self._queue.clear()
+        self._empty.set()
 
 
 class RemoteProcess:
@@ -391,7 +363,7 @@ class RemoteProcess:
     (``-N`` when signal N killed it), :attr:`exit_signal`, :attr:`timed_out`,
     :attr:`output_incomplete`; :attr:`stdout` and :attr:`stderr` are
     :class:`~vsock_async.ProcessReader` objects, :attr:`stdin` a
-    :class:`RemoteWriter`; :meth:`wait`, :meth:`send_signal`, :meth:`terminate`,
+    :class:`~vsock_async.ProcessWriter`; :meth:`wait`, :meth:`send_signal`, :meth:`terminate`,
     :meth:`kill`, :meth:`resize`, :meth:`aclose`, ``async with``.
 
     Each output stream holds at most ``limit`` unread bytes; beyond that the
@@ -422,7 +394,8 @@ class RemoteProcess:
         if not self._pty:
             self._windows[STDERR] = _Window(limit)
             self.stderr = ProcessReader(limit, self._windows[STDERR].grant)
-        self.stdin: RemoteWriter | None = RemoteWriter(ws) if request.stdin else None
+        self._stdin = _WebSocketStdin(ws) if request.stdin else None
+        self.stdin: ProcessWriter | None = self._stdin.writer if self._stdin else None
         """Where to write the process's stdin (with ``stdin=PIPE``), or None."""
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[None] = loop.create_future()
@@ -484,8 +457,8 @@ class RemoteProcess:
         for task in (self._receiver, *self._controls):
             if task is not None:
                 task.cancel()
-        if self.stdin is not None:
-            self.stdin._ended(ClosedLocally("the exec was closed by this client"))
+        if self._stdin is not None:
+            self._stdin.ended(ClosedLocally("the exec was closed by this client"))
 
     async def __aenter__(self) -> RemoteProcess:
         return self
@@ -552,8 +525,8 @@ class RemoteProcess:
             for reader in (self.stdout, self.stderr):
                 if reader is not None:
                     reader._feed(b"", True)
-            if self.stdin is not None:
-                self.stdin._ended(
+            if self._stdin is not None:
+                self._stdin.ended(
                     StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
                 )
             if not self._exited.done():
@@ -566,8 +539,8 @@ class RemoteProcess:
         for reader in (self.stdout, self.stderr):
             if reader is not None:
                 reader._fail(error)
-        if self.stdin is not None:
-            self.stdin._ended(error)
+        if self._stdin is not None:
+            self._stdin.ended(error)
         for future in (self._started, self._exited):
             if not future.done():
                 future.set_exception(copy_error(error))

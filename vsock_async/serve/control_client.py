@@ -36,7 +36,7 @@ from .defaults import (
 )
 
 if TYPE_CHECKING:
-    from .async_client import AsyncControlClient, RemoteProcess, RemoteWriter
+    from .async_client import AsyncControlClient, RemoteProcess
 
 __all__ = [
     "CONTROL_ENV",
@@ -47,7 +47,6 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "RemoteProcess",
-    "RemoteWriter",
     "Reply",
     "RunOutcome",
     "auth_headers",
@@ -62,7 +61,7 @@ __all__ = [
 ]
 
 _U32 = struct.Struct(">I")
-_ASYNC_NAMES = frozenset({"AsyncControlClient", "RemoteProcess", "RemoteWriter"})
+_ASYNC_NAMES = frozenset({"AsyncControlClient", "RemoteProcess"})
 T = TypeVar("T")
 
 
