@@ -19,6 +19,7 @@ MODULES = {
     "agent": "benchmarks.agent_overhead",
     "agent-memory": "benchmarks.agent_memory",
     "v2": "benchmarks.v2_streams",
+    "files": "benchmarks.files",
 }
 
 

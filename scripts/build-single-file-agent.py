@@ -37,6 +37,7 @@ MODULES = (
     "addresses",
     "_sockets",
     "_logging",
+    "_digest",
     "agent/runner",
     "agent/request",
     "agent/terminal",

@@ -92,6 +92,17 @@ def _run_benchmarks(*args: str) -> str:
             ],
         ),
         (
+            "files",
+            "6. files",
+            [
+                "upload: put_file vs raw socket copy [MiB/s]",
+                "upload: host CPU [CPU s]",
+                "download: get_file vs raw socket copy [MiB/s]",
+                "upload: agent peak RSS above idle while ours runs",
+                "download: host peak RSS above idle while ours runs",
+            ],
+        ),
+        (
             "agent-memory",
             "4b. agent memory",
             [

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -36,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
+from .._digest import BackgroundDigest
 from .paths import MAX_PATH, FilesRoot, Resolved
 from .request import Refused, byte_string
 
@@ -326,23 +326,23 @@ class FileOperation:
             fd, temp = await self._io(_create_temp, where)
             done = False
             try:
-                hasher = hashlib.sha256()
-                size = 0
+                digest = BackgroundDigest()
                 while True:
                     await self._until(lambda: bool(self._chunks) or self._end)
                     if not self._chunks:
                         break
-                    chunk = self._chunks.popleft()
-                    await self._io(_write_hashed, fd, chunk, hasher)
-                    size += len(chunk)
-                    self._link.stdin_consumed(len(chunk))
+                    chunks = list(self._chunks)  # all that came meanwhile: one trip to the pool
+                    self._chunks.clear()
+                    # Hashed while written (each in a thread of its own), credit back once written.
+                    await asyncio.gather(digest.update(*chunks), self._io(_write_all, fd, chunks))
+                    self._link.stdin_consumed(sum(len(chunk) for chunk in chunks))
                 await self._until(lambda: self._digest is not None)
-                digest = hasher.hexdigest()
-                if digest != self._digest:
+                sha256 = await digest.hexdigest()
+                if sha256 != self._digest:
                     raise Refused(
                         "digest_mismatch",
-                        f"the {size} bytes received have SHA-256 {digest}, not {self._digest}:"
-                        " the file was not written",
+                        f"the {digest.size} bytes received have SHA-256 {sha256}, not"
+                        f" {self._digest}: the file was not written",
                     )
                 self._committing = True
                 await self._io(_install, fd, temp, where, spec)
@@ -352,34 +352,34 @@ class FileOperation:
                 if not done:
                     with contextlib.suppress(OSError):
                         os.unlink(temp, dir_fd=where.dir_fd)
-        return {"size": size, "sha256": digest}
+        return {"size": digest.size, "sha256": sha256}
 
     async def _get(self) -> dict[str, Any]:
         with await self._resolve(follow=True) as where:
             fd = await self._io(_open_regular, where)
         try:
             opened = os.fstat(fd)
-            hasher = hashlib.sha256()
-            size = 0
+            digest = BackgroundDigest()
             while True:
                 if self._link.credit(_FILE_STDOUT) <= 0:
                     if await self._io(_at_end, fd):  # END needs no credit: do not wait for it
                         break
                     await self._until(lambda: self._link.credit(_FILE_STDOUT) > 0)
                 size_now = min(self._max_read, self._link.credit(_FILE_STDOUT))
-                data = await self._io(_read_hashed, fd, size_now, hasher)
+                data = await self._io(os.read, fd, size_now)
                 if self._aborted is not None:
                     raise _Aborted
                 if not data:
                     break
+                await digest.update(data)  # hashed while the next read happens
                 self._link.send_output(_FILE_STDOUT, data, False)
-                size += len(data)
+            sha256 = await digest.hexdigest()
         finally:
             os.close(fd)
         self._link.send_output(_FILE_STDOUT, b"", True)
         return {
-            "size": size,
-            "sha256": hasher.hexdigest(),
+            "size": digest.size,
+            "sha256": sha256,
             "mode": stat.S_IMODE(opened.st_mode),
             "mtime_ns": opened.st_mtime_ns,
         }
@@ -455,11 +455,11 @@ def _create_temp(where: Resolved) -> tuple[int, bytes]:
             continue
 
 
-def _write_hashed(fd: int, data: bytes, hasher: Any) -> None:
-    hasher.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    for data in chunks:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _install(fd: int, temp: bytes, where: Resolved, spec: FileSpec) -> None:
@@ -496,12 +496,6 @@ def _open_regular(where: Resolved) -> int:
 
 def _at_end(fd: int) -> bool:
     return not os.pread(fd, 1, os.lseek(fd, 0, os.SEEK_CUR))
-
-
-def _read_hashed(fd: int, size: int, hasher: Any) -> bytes:
-    data = os.read(fd, size)
-    hasher.update(data)
-    return data
 
 
 def _listing(entries: Iterator[os.DirEntry[str]], dir_fd: int) -> Iterator[bytes]:

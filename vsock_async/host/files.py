@@ -23,7 +23,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from .._digest import BackgroundDigest
 from ..errors import GuestFileError, ProtocolError, UsageError, VsockAsyncError
 from ..protocol.v1_host import copy_error
 from ..protocol.v2 import Channel
@@ -543,22 +543,20 @@ async def _upload(
     async with contextlib.aclosing(chunks):
         await connection.open_file(transfer, request, 0)
         try:
-            hasher = hashlib.sha256()
-            size = 0
+            digest = BackgroundDigest()
             while (chunk := await transfer.next_chunk(chunks)) is not None:
-                hasher.update(chunk)
-                size += len(chunk)
+                await digest.update(chunk)  # hashed while it is sent
                 writer.write(chunk)
                 await writer.drain()
             writer.write_eof()
             await writer.drain()
-            digest = hasher.hexdigest()
-            connection.send_commit(transfer.stream, digest)
+            sha256 = await digest.hexdigest()
+            connection.send_commit(transfer.stream, sha256)
             answer = await transfer.result()
         except BaseException:
             transfer.give_up()
             raise
-    _check_transfer(connection, answer, size, digest, path)
+    _check_transfer(connection, answer, digest.size, sha256, path)
 
 
 async def put_tree(
@@ -652,16 +650,15 @@ async def _get(
     reader = transfer.reader
     assert reader is not None
     try:
-        hasher = hashlib.sha256()
-        size = 0
+        digest = BackgroundDigest()
         while chunk := await reader.read(window):
-            hasher.update(chunk)
-            size += len(chunk)
+            await digest.update(chunk)  # hashed while the caller uses it
             yield chunk
         answer = await transfer.result()
+        sha256 = await digest.hexdigest()
     finally:
         transfer.give_up()
-    _check_transfer(connection, answer, size, hasher.hexdigest(), path)
+    _check_transfer(connection, answer, digest.size, sha256, path)
     result.update(answer)
 
 

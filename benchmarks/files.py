@@ -1,0 +1,255 @@
+"""Benchmark 6: files over protocol v2 against a raw socket copy of the same bytes.
+
+Ours: ``GuestChannel.put_file()`` of a 1 GiB local file to the real agent (``python -m
+vsock_async agent``, its own process) over a Unix socket, and ``get_file()`` of it back to a
+local file: SHA-256 on both sides, the agent's temporary file, fsync and rename, credit both
+ways.
+
+Baseline: the same bytes through a plain Unix socket between this process and a peer process
+(``python -m benchmarks.files peer``) with no protocol at all: for the upload this process
+reads the file 1 MiB at a time and ``sendall``s it, the peer ``recv_into``s a reused 1 MiB
+buffer, writes it to a file and fsyncs it (as the agent does); for the download the peer
+reads and sends, this process receives and writes. Beside the rates: host CPU, and the peak
+RSS above idle of this process and of the agent while ours runs (issue 13: at least 0.8x the
+raw copy; host and agent each under 32 MiB above idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import vsock_async
+
+from ._harness import Row, Table, fresh_dir, python_process, read_status_kib, reset_peak_rss
+
+NAME = "files"
+MEMORY_MIB = 32
+PIECE = 1024 * 1024
+_SIZE = struct.Struct(">Q")
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _make_file(path: str, size: int) -> None:
+    block = os.urandom(16 * PIECE)
+    with open(path, "wb") as f:
+        for start in range(0, size, len(block)):
+            f.write(block[: size - start])
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def _send_file(sock: socket.socket, path: str, buffer: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            sock.sendall(memoryview(buffer)[:n])
+
+
+def _receive_file(sock: socket.socket, path: str, size: int, buffer: bytearray, sync: bool) -> None:
+    view = memoryview(buffer)
+    with open(path, "wb", buffering=0) as f:
+        left = size
+        while left:
+            n = sock.recv_into(view[: min(left, len(view))])
+            if not n:
+                raise ConnectionError("the peer closed the connection mid-file")
+            f.write(view[:n])
+            left -= n
+        if sync:
+            os.fsync(f.fileno())
+
+
+def peer(address: str) -> None:
+    """The baseline's other end: ``put PATH`` (8-byte size, the bytes) or ``get PATH``."""
+    buffer = bytearray(PIECE)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(address)
+        reader = sock.makefile("rb", buffering=0)
+        while line := reader.readline():
+            op, path = line.decode().rstrip("\n").split(" ", 1)
+            if op == "put":
+                (size,) = _SIZE.unpack(_recv_exact(sock, _SIZE.size))
+                _receive_file(sock, path, size, buffer, sync=True)
+                sock.sendall(b"k")
+            else:
+                sock.sendall(_SIZE.pack(os.path.getsize(path)))
+                _send_file(sock, path, buffer)
+
+
+class _Raw:
+    """This process's end of the baseline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray(PIECE)
+
+    def put(self, local: str, remote: str) -> None:
+        self.sock.sendall(f"put {remote}\n".encode() + _SIZE.pack(os.path.getsize(local)))
+        _send_file(self.sock, local, self.buffer)
+        assert _recv_exact(self.sock, 1) == b"k"
+
+    def get(self, remote: str, local: str) -> None:
+        self.sock.sendall(f"get {remote}\n".encode())
+        (size,) = _SIZE.unpack(_recv_exact(self.sock, _SIZE.size))
+        _receive_file(self.sock, local, size, self.buffer, sync=False)
+
+
+class _Ours:
+    """Our end: the channel to the agent, with the agent's pid for its memory."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, channel: vsock_async.GuestChannel, pid: int
+    ) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.pid = pid
+        self.peaks: dict[str, list[float]] = {}
+        """Per ``upload``/``download``, peak RSS above idle (MiB): host, agent, host, ..."""
+
+    def _measured(self, way: str, call: Coroutine[Any, Any, None]) -> None:
+        gc.collect()
+        idle, agent_idle = read_status_kib("VmRSS"), _status_kib(self.pid, "VmRSS")
+        reset_peak_rss()
+        _reset_peak(self.pid)
+        self.loop.run_until_complete(call)
+        self.peaks.setdefault(way, []).extend(
+            [
+                (read_status_kib("VmHWM") - idle) / 1024,
+                (_status_kib(self.pid, "VmHWM") - agent_idle) / 1024,
+            ]
+        )
+
+    def put(self, local: str, remote: str) -> None:
+        self._measured("upload", self.channel.put_file(local, remote))
+
+    def get(self, remote: str, local: str) -> None:
+        self._measured("download", self.channel.get_file(remote, local))
+
+
+def run(quick: bool = False, rounds: int | None = None) -> Table:
+    size = 8 * PIECE if quick else 1024 * PIECE
+    rounds = rounds or (1 if quick else 5)
+    table = Table(f"6. files: {size / 2**20:g} MiB up and down ({rounds} rounds)")
+    rows = {
+        way: (
+            table.row(
+                f"{way}: {call} vs raw socket copy", "MiB/s", baseline_name="raw copy", target=0.8
+            ),
+            table.row(
+                f"{way}: host CPU", "CPU s", baseline_name="raw copy", higher_is_better=False
+            ),
+        )
+        for way, call in (("upload", "put_file"), ("download", "get_file"))
+    }
+    loop = asyncio.new_event_loop()
+    try:
+        with fresh_dir() as d:
+            data, v2_path, raw_path = (os.path.join(d, n) for n in ("data", "v2.sock", "raw.sock"))
+            _make_file(data, size)
+            server = loop.run_until_complete(vsock_async.listen(f"unix:{v2_path}"))
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(raw_path)
+            listener.listen(1)
+            listener.settimeout(30)
+            agent = ["-m", "vsock_async", "agent", "--connect", f"unix:{v2_path}"]
+            try:
+                with (
+                    python_process([*agent, "--log-level", "warning"]) as agent_proc,
+                    python_process(["-m", "benchmarks.files", "peer", raw_path]),
+                ):
+                    channel = loop.run_until_complete(server.accept(timeout=30))
+                    assert channel.protocol == "v2"
+                    accepted, _ = listener.accept()
+                    with accepted:
+                        ours = _Ours(loop, channel, agent_proc.pid)
+                        _compare(d, data, ours, _Raw(accepted), rows, rounds, size)
+            finally:
+                listener.close()
+                loop.run_until_complete(server.aclose())
+    finally:
+        loop.close()
+    for way in ("upload", "download"):
+        peaks = ours.peaks[way]
+        for i, side in enumerate(("host", "agent")):
+            single = table.single(
+                f"{way}: {side} peak RSS above idle while ours runs", "MiB", limit=MEMORY_MIB
+            )
+            single.values.extend(peaks[i::2])
+    table.notes.append(
+        "rates: above 1 means ours is ahead; target (issue 13) >= 0.8x the raw copy; both"
+        " uploads fsync the file, neither download does"
+    )
+    table.notes.append(
+        "host CPU = process_time of this process (the agent's and the peer's are not in it)"
+    )
+    return table
+
+
+def _compare(
+    d: str,
+    data: str,
+    ours: _Ours,
+    raw: _Raw,
+    rows: dict[str, tuple[Row, Row]],
+    rounds: int,
+    size: int,
+) -> None:
+    pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+        "upload": (
+            lambda: ours.put(data, os.path.join(d, "ours")),
+            lambda: raw.put(data, os.path.join(d, "raw")),
+        ),
+        "download": (
+            lambda: ours.get(os.path.join(d, "ours"), os.path.join(d, "ours-back")),
+            lambda: raw.get(os.path.join(d, "raw"), os.path.join(d, "raw-back")),
+        ),
+    }
+    for ours_call, raw_call in pairs.values():  # warm up: files exist, caches are hot
+        ours_call()
+        raw_call()
+    ours.peaks.clear()
+    for r in range(rounds):
+        for way, (ours_call, raw_call) in pairs.items():
+            rate, cpu = rows[way]
+            first, second = (ours_call, raw_call) if r % 2 == 0 else (raw_call, ours_call)
+            a, b = _timed(first), _timed(second)
+            o, bl = (a, b) if first is ours_call else (b, a)
+            rate.add(size / 2**20 / o[0], size / 2**20 / bl[0])
+            cpu.add(o[1], bl[1])
+
+
+def _timed(call: Callable[[], None]) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["peer"]:
+    peer(sys.argv[2])
