@@ -369,6 +369,13 @@ class GuestChannel:
         """Make a directory with exactly ``mode``; ``parents=True`` as ``mkdir -p``."""
         await files.mkdir(self._files(), guest_path, parents=parents, mode=mode)
 
+    async def symlink(
+        self, target: LocalPath, guest_path: GuestPath, *, make_parents: bool = False
+    ) -> None:
+        """Make ``guest_path`` a symbolic link to ``target`` (kept as it is), replacing a file
+        or link there."""
+        await files.symlink(self._files(), target, guest_path, make_parents=make_parents)
+
     async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
         """Copy a local directory into the guest: files with their mode and mtime, links as
         links (never followed), directories made as needed."""

@@ -260,6 +260,12 @@ class Guest:
         """:meth:`GuestChannel.mkdir` on a v2 connection with a free stream."""
         await self._v2_channel(_FILES).mkdir(guest_path, parents=parents, mode=mode)
 
+    async def symlink(
+        self, target: LocalPath, guest_path: GuestPath, *, make_parents: bool = False
+    ) -> None:
+        """:meth:`GuestChannel.symlink` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).symlink(target, guest_path, make_parents=make_parents)
+
     async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
         """:meth:`GuestChannel.put_tree` on a v2 connection with a free stream."""
         await self._v2_channel(_FILES).put_tree(local_dir, guest_dir)

@@ -1,4 +1,5 @@
-"""``serve``'s HTTP control API (aiohttp): guests, run, exec, probe, drop, health, metrics.
+"""``serve``'s HTTP control API (aiohttp): guests, run, exec, files, probe, drop, health,
+metrics.
 
 With :mod:`.control_exec` (which streams an exec) the only modules of the
 daemon that import aiohttp; ``serve`` imports them when it starts, so the
@@ -15,6 +16,8 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import os
 import shlex
 import socket
 import time
@@ -32,15 +35,18 @@ from ..errors import (
     ConnectionClosed,
     DeadlineExceeded,
     GuestBusy,
+    GuestFileError,
     PeerError,
     ProbeFailed,
     SpawnFailed,
     UnknownGuest,
     Unsupported,
     UsageError,
+    VsockAsyncError,
 )
 from ..host.commandline import compose_command
 from ..host.commandline import shown_command as _shown
+from ..host.files import FileInfo
 from ..host.guests import Guest
 from ..host.process import DEVNULL, PIPE, Process
 from ..host.server import CommandServer
@@ -65,6 +71,7 @@ __all__ = [
     "ERROR_STATUS",
     "RAW_RESULT_TYPE",
     "ControlAPI",
+    "file_info_json",
     "guest_json",
     "send_json",
 ]
@@ -83,6 +90,8 @@ BOOLEAN_WORDS: Final = {
 }
 """How a boolean query parameter (``?raw=``) may be spelled, in any case."""
 _RUN_FIELDS: Final = frozenset({"command", "timeout", "wait", "cwd", "env"})
+_FILE_CHUNK: Final = 1024 * 1024
+"""An upload's body is read, and passed on to the guest, this much at a time at most."""
 _PROBE_FIELDS: Final = frozenset({"timeout"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,11 +103,13 @@ ERROR_STATUS: Final = {
     "unauthorized": 401,
     "not_found": 404,
     "guest_not_found": 404,
+    "file_not_found": 404,
     "method_not_allowed": 405,
     "guest_busy": 409,
     "unsupported": 409,
     "body_too_large": 413,
     "spawn_failed": 422,
+    "file_error": 422,
     "internal": 500,
     "guest_failed": 502,
     "probe_failed": 502,
@@ -264,6 +275,78 @@ def _query_flag(request: web.Request, name: str) -> bool | None:
     return value
 
 
+def _query_path(request: web.Request, name: str = "path", *, absolute: bool = True) -> bytes:
+    """``name`` (text) or ``name_b64`` (any bytes) of the query; an absolute path if asked."""
+    text, encoded = request.query.get(name), request.query.get(f"{name}_b64")
+    if (text is None) == (encoded is None):
+        raise ApiError("bad_request", f"give exactly one of {name}= and {name}_b64= in the query")
+    if encoded is not None:
+        try:
+            value = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise ApiError("bad_request", f"{name}_b64 is not valid base64") from None
+    else:
+        assert text is not None
+        value = os.fsencode(text)
+    if not value or b"\0" in value or (absolute and not value.startswith(b"/")):
+        what = "an absolute guest path" if absolute else "not empty"
+        raise ApiError("bad_request", f"{name} must be {what}, without NUL: {value[:100]!r}")
+    return value
+
+
+def _query_number(request: web.Request, name: str, base: int) -> int | None:
+    """A whole number of the query (``base`` 8 for a mode, as chmod takes it); None if absent."""
+    text = request.query.get(name, "")
+    if not text:
+        return None
+    try:
+        value = int(text, base)
+    except ValueError:
+        value = -1
+    if value < 0:
+        digits = "octal digits" if base == 8 else "digits"
+        raise ApiError("bad_request", f"{name} must be {digits}, not {text!r}")
+    return value
+
+
+def _query_mtime(request: web.Request) -> float | None:
+    text = request.query.get("mtime", "")
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise ApiError("bad_request", f"mtime is seconds since the epoch, not {text!r}")
+    return value
+
+
+def file_info_json(info: FileInfo) -> dict[str, Any]:
+    """What the API says about a guest file: :class:`FileInfo` with ``mtime`` in seconds, and
+    ``name_b64``/``target_b64`` beside a name or link target that is not UTF-8."""
+    body: dict[str, Any] = {
+        "name": _text(info.name),
+        "kind": info.kind,
+        "size": info.size,
+        "mode": info.mode,
+        "uid": info.uid,
+        "gid": info.gid,
+        "mtime": info.mtime,
+        "mtime_ns": info.mtime_ns,
+        "target": None if info.target is None else _text(info.target),
+    }
+    for field, value in (("name", info.name), ("target", info.target)):
+        if value is not None and body[field] != value:
+            body[f"{field}_b64"] = base64.b64encode(os.fsencode(value)).decode("ascii")
+    return body
+
+
+def _text(value: str) -> str:
+    """``os.fsdecode`` text as valid text: undecodable bytes shown as U+FFFD."""
+    return os.fsencode(value).decode("utf-8", "replace")
+
+
 def _wants_raw(request: web.Request) -> bool:
     raw = _query_flag(request, "raw")
     if raw is not None:
@@ -318,6 +401,13 @@ class ControlAPI:
         app.router.add_get("/v1/guests/{key}/exec", self._exec, allow_head=False)
         app.router.add_post("/v1/guests/{key}/exec", self._exec)
         app.router.add_post("/v1/guests/{key}/probe", self._probe)
+        app.router.add_get("/v1/guests/{key}/files", self._get_file, allow_head=False)
+        app.router.add_put("/v1/guests/{key}/files", self._put_file)
+        app.router.add_delete("/v1/guests/{key}/files", self._remove_file)
+        app.router.add_get("/v1/guests/{key}/files/stat", self._stat_file)
+        app.router.add_get("/v1/guests/{key}/files/list", self._list_files)
+        app.router.add_post("/v1/guests/{key}/files/mkdir", self._make_directory)
+        app.router.add_post("/v1/guests/{key}/files/symlink", self._make_symlink)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -652,6 +742,122 @@ class ControlAPI:
                 await response.write(piece)
         await response.write_eof()
         return response
+
+    # -- files ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _file_call(self, guest: Guest, what: str) -> Iterator[None]:
+        """Count a file operation as an exchange, and turn its failures into API errors."""
+        with self._exchange():
+            try:
+                yield
+            except GuestFileError as exc:
+                code = "file_not_found" if exc.errno_name == "ENOENT" else "file_error"
+                message = exc.strerror or str(exc)  # without the "[Errno N]" of an OSError
+                raise ApiError(
+                    code, message, path=exc.path, reason=exc.code, errno=exc.errno_name
+                ) from None
+            except Unsupported as exc:
+                raise ApiError("unsupported", str(exc)) from None
+            except UsageError as exc:
+                raise ApiError("bad_request", str(exc)) from None
+            except (PeerError, ConnectionClosed) as exc:
+                raise _guest_failure(exc, guest, what, None, 0.0) from None
+
+    async def _put_file(self, request: web.Request) -> web.StreamResponse:
+        guest, path = self._guest(request), _query_path(request)
+        mode = _query_number(request, "mode", 8)
+        uid, gid = _query_number(request, "uid", 10), _query_number(request, "gid", 10)
+        mtime = _query_mtime(request)
+        make_parents = _query_flag(request, "make_parents")
+        received = 0
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal received
+            async for chunk in request.content.iter_chunked(_FILE_CHUNK):
+                received += len(chunk)
+                yield chunk
+
+        with self._file_call(guest, "the upload"):
+            await guest.put_file(
+                body(),
+                path,
+                mode=0o644 if mode is None else mode,
+                uid=uid,
+                gid=gid,
+                mtime=mtime,
+                make_parents=True if make_parents is None else make_parents,
+            )
+        return web.json_response({"path": os.fsdecode(path), "size": received})
+
+    async def _get_file(self, request: web.Request) -> web.StreamResponse:
+        """The file's bytes as they come; an error before the first one is an error answer."""
+        guest, path = self._guest(request), _query_path(request)
+        with self._file_call(guest, "the download"):
+            chunks = guest.read_file(path)
+            async with contextlib.aclosing(chunks):
+                first = await anext(chunks, b"")
+                response = web.StreamResponse(headers={"Content-Type": _OCTET_STREAM})
+                response.enable_chunked_encoding()
+                await response.prepare(request)
+                try:
+                    await response.write(first)
+                    async for chunk in chunks:
+                        await response.write(chunk)
+                except VsockAsyncError as exc:
+                    # Too late for an error answer: cut the body short, so that no client
+                    # takes what came for the whole file (a chunked body without its end).
+                    logger.warning(
+                        "GET files of guest %r: %s failed after it began: %s",
+                        guest.key,
+                        os.fsdecode(path),
+                        exc,
+                    )
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                await response.write_eof()
+                return response
+
+    async def _remove_file(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        recursive = _query_flag(request, "recursive") or False
+        with self._file_call(guest, "the removal"):
+            await guest.remove(path, recursive=recursive)
+        return web.json_response({"path": os.fsdecode(path)})
+
+    async def _stat_file(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        follow = _query_flag(request, "follow_symlinks")
+        with self._file_call(guest, "the stat"):
+            info = await guest.stat(path, follow_symlinks=True if follow is None else follow)
+        return web.json_response(file_info_json(info))
+
+    async def _list_files(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        with self._file_call(guest, "the listing"):
+            entries = await guest.listdir(path)
+        return web.json_response({"entries": [file_info_json(e) for e in entries]})
+
+    async def _make_directory(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        mode = _query_number(request, "mode", 8)
+        with self._file_call(guest, "the mkdir"):
+            await guest.mkdir(
+                path,
+                parents=_query_flag(request, "parents") or False,
+                mode=0o755 if mode is None else mode,
+            )
+        return web.json_response({"path": os.fsdecode(path)})
+
+    async def _make_symlink(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        target = _query_path(request, "target", absolute=False)
+        with self._file_call(guest, "the symlink"):
+            await guest.symlink(
+                target, path, make_parents=_query_flag(request, "make_parents") or False
+            )
+        return web.json_response({"path": os.fsdecode(path)})
 
     # -- exec ----------------------------------------------------------------------------
 

@@ -14,12 +14,14 @@ they read it, and adds streaming processes over the exec WebSocket.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import os
 import socket
 import struct
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -55,6 +57,7 @@ __all__ = [
     "default_control_address",
     "default_control_path",
     "error_from",
+    "file_query",
     "guest_path",
     "read_token_file",
     "unreachable",
@@ -210,9 +213,55 @@ class Call(Generic[T]):
         return Call("DELETE", guest_path(key), _json)
 
     @staticmethod
+    def stat_file(key: str, path: str | bytes, *, follow_symlinks: bool = True) -> Call[Any]:
+        """``GET /v1/guests/{key}/files/stat``: what the guest knows of ``path``."""
+        query = file_query(path, follow_symlinks="true" if follow_symlinks else "false")
+        return Call("GET", f"{guest_path(key)}/files/stat?{query}", _json)
+
+    @staticmethod
+    def list_files(key: str, path: str | bytes) -> Call[list[dict[str, Any]]]:
+        """``GET /v1/guests/{key}/files/list``: the entries of a guest directory."""
+        return Call(
+            "GET",
+            f"{guest_path(key)}/files/list?{file_query(path)}",
+            lambda reply: _json(reply)["entries"],
+        )
+
+    @staticmethod
+    def remove_file(key: str, path: str | bytes, *, recursive: bool = False) -> Call[Any]:
+        """``DELETE /v1/guests/{key}/files``: a file, link or directory (``recursive``: a tree)."""
+        query = file_query(path, recursive="true" if recursive else "false")
+        return Call("DELETE", f"{guest_path(key)}/files?{query}", _json)
+
+    @staticmethod
+    def make_directory(
+        key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+    ) -> Call[Any]:
+        """``POST /v1/guests/{key}/files/mkdir``."""
+        extra = {} if mode is None else {"mode": f"{mode:o}"}
+        query = file_query(path, parents="true" if parents else "false", **extra)
+        return Call("POST", f"{guest_path(key)}/files/mkdir?{query}", _json)
+
+    @staticmethod
+    def make_symlink(key: str, target: str | bytes, path: str | bytes) -> Call[Any]:
+        """``POST /v1/guests/{key}/files/symlink``: ``path`` becomes a link to ``target``."""
+        query = file_query(path) + "&" + file_query(target, name="target")
+        return Call("POST", f"{guest_path(key)}/files/symlink?{query}", _json)
+
+    @staticmethod
     def metrics() -> Call[str]:
         """``GET /metrics``, the Prometheus text."""
         return Call("GET", "/metrics", lambda reply: reply.body.decode(), accept="text/plain")
+
+
+def file_query(path: str | bytes, *, name: str = "path", **params: str) -> str:
+    """The query naming a guest path: ``name=`` for text, ``name_b64=`` for bytes not UTF-8."""
+    raw = os.fsencode(path)
+    try:
+        fields = {name: raw.decode()}
+    except UnicodeDecodeError:
+        fields = {f"{name}_b64": base64.b64encode(raw).decode("ascii")}
+    return urllib.parse.urlencode({**fields, **params})
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -388,6 +437,97 @@ class ControlClient:
     def metrics(self) -> str:
         """``GET /metrics``, the Prometheus text."""
         return self.call(Call.metrics())
+
+    # -- files ---------------------------------------------------------------------------
+
+    def stat_file(self, key: str, path: str | bytes, *, follow_symlinks: bool = True) -> Any:
+        """What the guest knows of ``path`` (docs/control-api.md, "Files")."""
+        return self.call(Call.stat_file(key, path, follow_symlinks=follow_symlinks))
+
+    def list_files(self, key: str, path: str | bytes) -> list[dict[str, Any]]:
+        """The entries of the guest directory ``path``."""
+        return self.call(Call.list_files(key, path))
+
+    def remove_file(self, key: str, path: str | bytes, *, recursive: bool = False) -> Any:
+        """Remove a guest file, link or directory (``recursive``: a whole tree)."""
+        return self.call(Call.remove_file(key, path, recursive=recursive))
+
+    def make_directory(
+        self, key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+    ) -> Any:
+        """Make a guest directory (``parents``: as ``mkdir -p``)."""
+        return self.call(Call.make_directory(key, path, parents=parents, mode=mode))
+
+    def make_symlink(self, key: str, target: str | bytes, path: str | bytes) -> Any:
+        """Make the guest path ``path`` a symbolic link to ``target``."""
+        return self.call(Call.make_symlink(key, target, path))
+
+    def put_file(
+        self,
+        key: str,
+        path: str | bytes,
+        chunks: Iterable[bytes],
+        *,
+        mode: int | None = None,
+        mtime: float | None = None,
+        make_parents: bool = True,
+    ) -> Any:
+        """``PUT /v1/guests/{key}/files``: ``chunks`` streamed as the body (chunked), never
+        held whole; the daemon's answer."""
+        params = {"make_parents": "true" if make_parents else "false"}
+        if mode is not None:
+            params["mode"] = f"{mode:o}"
+        if mtime is not None:
+            params["mtime"] = repr(mtime)
+        url = f"{guest_path(key)}/files?{file_query(path, **params)}"
+        headers = {"Content-Type": "application/octet-stream", **auth_headers(self.token)}
+        conn = self._connection(None)
+        try:
+            conn.request("PUT", url, body=iter(chunks), headers=headers, encode_chunked=True)
+            response = conn.getresponse()
+            payload = response.read()
+        except OSError as exc:
+            raise unreachable(self.address, exc) from None
+        except http.client.HTTPException as exc:
+            raise ConnectFailed(f"control API at {self.address}: {exc}") from None
+        finally:
+            conn.close()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, payload)
+        if reply.status >= 400:
+            raise error_from(reply)
+        return _json(reply)
+
+    def get_file(self, key: str, path: str | bytes, sink: Callable[[bytes], object]) -> int:
+        """``GET /v1/guests/{key}/files``: each piece of the file handed to ``sink`` as it
+        arrives; how many bytes. A body cut short (the transfer failed after it began) is a
+        ProtocolError: what ``sink`` got is not the whole file."""
+        url = f"{guest_path(key)}/files?{file_query(path)}"
+        conn = self._connection(None)
+        received = -1  # the body has not begun
+        try:
+            conn.request("GET", url, headers=auth_headers(self.token))
+            response = conn.getresponse()
+            if response.status >= 400:
+                headers = {k.lower(): v for k, v in response.getheaders()}
+                raise error_from(Reply(response.status, headers, response.read()))
+            received = 0
+            while piece := response.read1(1024 * 1024):
+                sink(piece)
+                received += len(piece)
+        except (http.client.IncompleteRead, OSError) as exc:
+            if received < 0:
+                if isinstance(exc, OSError):
+                    raise unreachable(self.address, exc) from None
+                raise ConnectFailed(f"control API at {self.address}: {exc}") from None
+            raise ProtocolError(
+                f"the daemon cut the file short after {received} bytes: the transfer failed in"
+                " the guest or the daemon (its log says why)"
+            ) from None
+        except http.client.HTTPException as exc:
+            raise ConnectFailed(f"control API at {self.address}: {exc}") from None
+        finally:
+            conn.close()
+        return received
 
 
 def guest_path(key: str) -> str:
