@@ -312,6 +312,34 @@ async def test_an_oversized_message_closes_with_1009_and_stops_the_process(
     await gone(pid)
 
 
+def _process_counts(daemon: Daemon) -> tuple[int, int, int]:
+    """Processes started, running and exited (all kinds), from the metrics."""
+    values: dict[str, float] = {}
+    for line in daemon.client().metrics().splitlines():
+        if line.startswith("vsock_async_processes_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = values.get(name, 0) + float(value)
+    exited = sum(v for k, v in values.items() if k.startswith("vsock_async_processes_exited"))
+    started = values["vsock_async_processes_started_total"]
+    return int(started), int(values["vsock_async_processes_running"]), int(exited)
+
+
+@pytest.mark.asyncio
+async def test_clients_that_close_while_output_floods_leave_no_process_counted(
+    daemon: Daemon,
+) -> None:
+    # The process floods; the client reads none of it, then closes: the daemon is writing
+    # when the close comes, and the connection drops while it stops the process.
+    for _ in range(6):
+        async with websocket(daemon) as ws:
+            pid = await start(ws, {"command": ["cat", "/dev/zero"], "timeout": None})
+            await asyncio.sleep(0.2)
+        await gone(pid)
+    eventually(lambda: _process_counts(daemon)[1] == 0, "no exec process counted as running")
+    started, _, exited = _process_counts(daemon)
+    assert exited == started
+
+
 # -- raw WebSocket clients: abrupt, never reading -----------------------------------------------
 
 

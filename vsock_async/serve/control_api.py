@@ -986,15 +986,22 @@ class ControlAPI:
         self.metrics.processes_started.inc()
         self.metrics.processes_running.set(len(self._processes))
         logger.debug("exec %s in guest %r started as pid %s", what, guest.key, process.pid)
-        try:
-            yield process
-        finally:
-            await process.aclose()
+
+        def ended(_: object) -> None:
             self._processes.discard(process)
             self.metrics.processes_running.set(len(self._processes))
             how = _exit_kind(process)
             self.metrics.processes_exited.inc(how)
             logger.debug("exec %s in guest %r (pid %s): %s", what, guest.key, process.pid, how)
+
+        try:
+            yield process
+        finally:
+            # Counted out once it is gone, even when the client's hang-up cancels this
+            # handler while it waits (it was told to stop, so it ends: the drain still sees it).
+            stopping = asyncio.ensure_future(process.aclose())
+            stopping.add_done_callback(ended)
+            await asyncio.shield(stopping)
 
 
 async def _first_request(ws: web.WebSocketResponse) -> ExecRequest:
