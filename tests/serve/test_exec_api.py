@@ -623,3 +623,14 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
     assert "sent SIGTERM to 1 exec process(es)" in log
     assert "sent SIGKILL to 1 exec process(es) still running" in log
     await gone(pid)
+
+
+def test_an_exec_whose_request_never_came_does_not_hold_the_drain(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none", "--grace", str(LONG))
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    client = RawWebSocket(daemon)  # upgraded, and nothing sent: no process to wait for
+    daemon.send(signal.SIGTERM)
+    assert daemon.proc.wait(LONG) == 0
+    assert "waiting for" not in daemon.log()
+    client.abort()

@@ -909,8 +909,8 @@ class ControlAPI:
 
     async def _relay(self, ws: web.WebSocketResponse, request: web.Request, start: float) -> None:
         guest = self._v2_guest(request)
+        exec_request = await _first_request(ws)  # an idle WebSocket is no exec: no drain waits
         with self._exchange():
-            exec_request = await _first_request(ws)
             async with self._process(guest, exec_request) as process:
                 await ws.send_json(Started(process.pid).to_json())
                 try:
