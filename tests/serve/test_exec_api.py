@@ -488,6 +488,25 @@ async def test_an_http_client_that_leaves_stops_its_process(daemon: Daemon) -> N
     await gone(pid)
 
 
+def test_an_http_client_that_leaves_mid_output_is_no_daemon_error(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none")
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    body = json.dumps({"command": ["cat", "/dev/zero"], "timeout": None}).encode()
+    for _ in range(5):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(daemon.control_socket)
+            sock.sendall(
+                b"POST /v1/guests/vm1/exec HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            for _ in range(20):  # the output flowing: the daemon writing when we close
+                assert sock.recv(65536)
+    eventually(lambda: daemon.log().count("the client went away") == 5, "five hang-ups logged")
+    assert "ERROR" not in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("body", "says"),

@@ -899,12 +899,7 @@ class ControlAPI:
         except UsageError as exc:  # a message the client may not send
             await _close_with_error(ws, ApiError("bad_request", str(exc)))
         except (ClientGone, ConnectionResetError):
-            logger.info(
-                "%s %s: the client went away after %.3f s; its process was stopped",
-                request.method,
-                request.path,
-                time.monotonic() - start,
-            )
+            _client_went_away(request, start)
         return ws
 
     async def _relay(self, ws: web.WebSocketResponse, request: web.Request, start: float) -> None:
@@ -932,23 +927,26 @@ class ControlAPI:
                 "bad_request",
                 "stdin and tty need the WebSocket form of exec (Upgrade: websocket)",
             )
-        async with self._process(guest, exec_request) as process:
-            response = web.StreamResponse(headers={"Content-Type": STREAM_TYPE})
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            await response.write(_control(Started(process.pid).to_json()))
-            try:
-                status: ExitStatus | ApiError = await stream_http(
-                    response, process, self.metrics, start
-                )
-            except (PeerError, ConnectionClosed) as exc:
-                status = _guest_failure(exc, guest, "the exec", None, 0.0)
-            if isinstance(status, ApiError):
-                await response.write(_control(status.stream_message()))
-            else:
-                await response.write(_control(status.to_json()))
-            await response.write_eof()
-            return response
+        response = web.StreamResponse(headers={"Content-Type": STREAM_TYPE})
+        response.enable_chunked_encoding()
+        try:
+            async with self._process(guest, exec_request) as process:
+                await response.prepare(request)
+                await response.write(_control(Started(process.pid).to_json()))
+                try:
+                    status: ExitStatus | ApiError = await stream_http(
+                        response, process, self.metrics, start
+                    )
+                except (PeerError, ConnectionClosed) as exc:
+                    status = _guest_failure(exc, guest, "the exec", None, 0.0)
+                if isinstance(status, ApiError):
+                    await response.write(_control(status.stream_message()))
+                else:
+                    await response.write(_control(status.to_json()))
+                await response.write_eof()
+        except ConnectionResetError:  # aiohttp's own: the client left while we wrote to it
+            _client_went_away(request, start)
+        return response
 
     @contextlib.asynccontextmanager
     async def _process(self, guest: Guest, request: ExecRequest) -> AsyncIterator[Process]:
@@ -1015,6 +1013,15 @@ async def _first_request(ws: web.WebSocketResponse) -> ExecRequest:
     if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
         raise ClientGone
     raise ApiError("bad_request", "the first message must be the exec request, as JSON text")
+
+
+def _client_went_away(request: web.Request, start: float) -> None:
+    logger.info(
+        "%s %s: the client went away after %.3f s; its process was stopped",
+        request.method,
+        request.path,
+        time.monotonic() - start,
+    )
 
 
 async def _close_with_error(ws: web.WebSocketResponse, error: ApiError) -> None:
