@@ -9,7 +9,7 @@ import asyncio
 import errno
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -283,3 +283,36 @@ async def test_a_v1_guest_is_unsupported_and_a_token_is_required_over_tcp(
             await client.create_process("vm1", "true")
         assert (caught.value.status, caught.value.code) == (409, "unsupported")
         assert (await client.run("vm1", "echo v1")).stdout == b"v1\n"
+
+
+@pytest.mark.asyncio
+async def test_files_go_both_ways_streamed(daemon: Daemon, tmp_path: Path) -> None:
+    base = tmp_path / "async-files"
+    data = bytes(range(256)) * 5000 + b"tail"
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 100_000):
+            yield data[i : i + 100_000]
+
+    async with client_of(daemon) as client:
+        placed = await client.put_file("vm1", str(base / "deep" / "f.bin"), pieces(), mode=0o600)
+        assert placed["size"] == len(data)
+        assert (base / "deep" / "f.bin").read_bytes() == data
+        assert (base / "deep" / "f.bin").stat().st_mode & 0o777 == 0o600
+        await client.put_file("vm1", str(base / "small"), b"small bytes")
+        back = b"".join(
+            [piece async for piece in client.read_file("vm1", str(base / "deep/f.bin"))]
+        )
+        assert back == data
+        info = await client.stat_file("vm1", str(base / "small"))
+        assert info["size"] == len(b"small bytes")
+        await client.make_directory("vm1", str(base / "d1" / "d2"), parents=True)
+        await client.make_symlink("vm1", "small", str(base / "link"))
+        names = sorted(e["name"] for e in await client.list_files("vm1", str(base)))
+        assert names == ["d1", "deep", "link", "small"]
+        with pytest.raises(ControlError) as missing:
+            async for _ in client.read_file("vm1", str(base / "nope")):
+                pass
+        assert (missing.value.status, missing.value.code) == (404, "file_not_found")
+        await client.remove_file("vm1", str(base), recursive=True)
+        assert not base.exists()

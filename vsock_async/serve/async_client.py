@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -44,6 +45,7 @@ from ..host.process import (
 from ..protocol.v1_host import copy_error
 from ..timeouts import DEFAULT, Timeout
 from .control_client import (
+    CUT_SHORT,
     Call,
     ControlError,
     Reply,
@@ -51,7 +53,9 @@ from .control_client import (
     auth_headers,
     control_address,
     error_from,
+    get_file_url,
     guest_path,
+    put_file_url,
     unreachable,
 )
 from .exec_stream import (
@@ -193,6 +197,81 @@ class AsyncControlClient:
     async def metrics(self) -> str:
         """``GET /metrics``, the Prometheus text."""
         return await self.call(Call.metrics())
+
+    # -- files (docs/control-api.md, "Files") --------------------------------------------
+
+    async def stat_file(self, key: str, path: str | bytes, *, follow_symlinks: bool = True) -> Any:
+        """What the guest knows of ``path``."""
+        return await self.call(Call.stat_file(key, path, follow_symlinks=follow_symlinks))
+
+    async def list_files(self, key: str, path: str | bytes) -> list[dict[str, Any]]:
+        """The entries of the guest directory ``path``."""
+        return await self.call(Call.list_files(key, path))
+
+    async def remove_file(self, key: str, path: str | bytes, *, recursive: bool = False) -> Any:
+        """Remove a guest file, link or directory (``recursive``: a whole tree)."""
+        return await self.call(Call.remove_file(key, path, recursive=recursive))
+
+    async def make_directory(
+        self, key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+    ) -> Any:
+        """Make a guest directory (``parents``: as ``mkdir -p``)."""
+        return await self.call(Call.make_directory(key, path, parents=parents, mode=mode))
+
+    async def make_symlink(self, key: str, target: str | bytes, path: str | bytes) -> Any:
+        """Make the guest path ``path`` a symbolic link to ``target``."""
+        return await self.call(Call.make_symlink(key, target, path))
+
+    async def put_file(
+        self,
+        key: str,
+        path: str | bytes,
+        source: bytes | AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        mtime: float | None = None,
+        make_parents: bool = True,
+    ) -> Any:
+        """``PUT /v1/guests/{key}/files``: ``source`` (bytes, or an async iterable of bytes
+        streamed as a chunked body, never held whole); the daemon's answer once the file is
+        in place."""
+        url = put_file_url(key, path, mode=mode, mtime=mtime, make_parents=make_parents)
+        headers = {"Content-Type": "application/octet-stream", **auth_headers(self.token)}
+        try:
+            async with self._http().put(url, data=source, headers=headers) as response:
+                payload = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise unreachable(self.address, exc.os_error) from None
+        except aiohttp.ClientError as exc:
+            raise ConnectFailed(f"control API at {self.address}: {exc!r}") from None
+        reply = Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, payload)
+        if reply.status >= 400:
+            raise error_from(reply)
+        return json.loads(payload)
+
+    async def read_file(self, key: str, path: str | bytes) -> AsyncIterator[bytes]:
+        """``GET /v1/guests/{key}/files``: the guest file's bytes, piece by piece as they
+        arrive. A body cut short (the transfer failed after it began) is a ProtocolError:
+        what came before it is not the whole file."""
+        url = get_file_url(key, path)
+        received = -1  # the body has not begun
+        try:
+            async with self._http().get(url, headers=auth_headers(self.token)) as response:
+                if response.status >= 400:
+                    headers = {k.lower(): v for k, v in response.headers.items()}
+                    raise error_from(Reply(response.status, headers, await response.read()))
+                received = 0
+                async for piece in response.content.iter_any():
+                    received += len(piece)
+                    yield piece
+        except aiohttp.ClientConnectorError as exc:
+            raise unreachable(self.address, exc.os_error) from None
+        except aiohttp.ClientPayloadError:
+            raise ProtocolError(CUT_SHORT.format(received)) from None
+        except aiohttp.ClientError as exc:
+            if received >= 0:
+                raise ProtocolError(CUT_SHORT.format(received)) from None
+            raise ConnectFailed(f"control API at {self.address}: {exc!r}") from None
 
     async def create_process(
         self,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_ENV",
+    "CUT_SHORT",
     "RAW_RESULT_TYPE",
     "TOKEN_FILE_ENV",
     "AsyncControlClient",
@@ -58,7 +59,9 @@ __all__ = [
     "default_control_path",
     "error_from",
     "file_query",
+    "get_file_url",
     "guest_path",
+    "put_file_url",
     "read_token_file",
     "unreachable",
 ]
@@ -262,6 +265,30 @@ def file_query(path: str | bytes, *, name: str = "path", **params: str) -> str:
     except UnicodeDecodeError:
         fields = {f"{name}_b64": base64.b64encode(raw).decode("ascii")}
     return urllib.parse.urlencode({**fields, **params})
+
+
+def put_file_url(
+    key: str, path: str | bytes, *, mode: int | None, mtime: float | None, make_parents: bool
+) -> str:
+    """The URL of ``PUT /v1/guests/{key}/files`` for these settings."""
+    params = {"make_parents": "true" if make_parents else "false"}
+    if mode is not None:
+        params["mode"] = f"{mode:o}"
+    if mtime is not None:
+        params["mtime"] = repr(mtime)
+    return f"{guest_path(key)}/files?{file_query(path, **params)}"
+
+
+def get_file_url(key: str, path: str | bytes) -> str:
+    """The URL of ``GET /v1/guests/{key}/files`` for the guest file ``path``."""
+    return f"{guest_path(key)}/files?{file_query(path)}"
+
+
+CUT_SHORT = (
+    "the daemon cut the file short after {} bytes: the transfer failed in the guest or the"
+    " daemon (its log says why)"
+)
+"""The ProtocolError of a file body that ended before its end, with the bytes received."""
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -474,12 +501,7 @@ class ControlClient:
     ) -> Any:
         """``PUT /v1/guests/{key}/files``: ``chunks`` streamed as the body (chunked), never
         held whole; the daemon's answer."""
-        params = {"make_parents": "true" if make_parents else "false"}
-        if mode is not None:
-            params["mode"] = f"{mode:o}"
-        if mtime is not None:
-            params["mtime"] = repr(mtime)
-        url = f"{guest_path(key)}/files?{file_query(path, **params)}"
+        url = put_file_url(key, path, mode=mode, mtime=mtime, make_parents=make_parents)
         headers = {"Content-Type": "application/octet-stream", **auth_headers(self.token)}
         conn = self._connection(None)
         try:
@@ -501,7 +523,7 @@ class ControlClient:
         """``GET /v1/guests/{key}/files``: each piece of the file handed to ``sink`` as it
         arrives; how many bytes. A body cut short (the transfer failed after it began) is a
         ProtocolError: what ``sink`` got is not the whole file."""
-        url = f"{guest_path(key)}/files?{file_query(path)}"
+        url = get_file_url(key, path)
         conn = self._connection(None)
         received = -1  # the body has not begun
         try:
@@ -519,10 +541,7 @@ class ControlClient:
                 if isinstance(exc, OSError):
                     raise unreachable(self.address, exc) from None
                 raise ConnectFailed(f"control API at {self.address}: {exc}") from None
-            raise ProtocolError(
-                f"the daemon cut the file short after {received} bytes: the transfer failed in"
-                " the guest or the daemon (its log says why)"
-            ) from None
+            raise ProtocolError(CUT_SHORT.format(received)) from None
         except http.client.HTTPException as exc:
             raise ConnectFailed(f"control API at {self.address}: {exc}") from None
         finally:
