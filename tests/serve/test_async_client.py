@@ -316,3 +316,16 @@ async def test_files_go_both_ways_streamed(daemon: Daemon, tmp_path: Path) -> No
         assert (missing.value.status, missing.value.code) == (404, "file_not_found")
         await client.remove_file("vm1", str(base), recursive=True)
         assert not base.exists()
+
+
+@pytest.mark.asyncio
+async def test_communicate_as_the_library_process_does(daemon: Daemon) -> None:
+    data = b"0123456789" * 300_000  # more than the windows both ways
+    async with client_of(daemon) as client:
+        proc = await client.create_process("vm1", ["sh", "-c", "cat; echo done >&2"], stdin=PIPE)
+        assert await proc.communicate(data) == (data, b"done\n")
+        assert proc.returncode == 0
+        quiet = await client.create_process("vm1", ["true"])
+        with pytest.raises(UsageError, match="stdin=PIPE"):
+            await quiet.communicate(b"x")
+        assert await quiet.communicate() == (b"", b"")

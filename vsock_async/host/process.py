@@ -562,35 +562,7 @@ class Process:
 
         Returns ``(stdout, stderr)``; None for a stream that is not ``PIPE``.
         """
-        if input is not None and self.stdin is None:
-            raise UsageError("communicate(input) needs stdin=PIPE")
-        feeding = asyncio.ensure_future(self._feed_stdin(input))
-        try:
-            stdout, stderr = await asyncio.gather(
-                self._read_all(self.stdout), self._read_all(self.stderr)
-            )
-            await feeding
-        finally:
-            if not feeding.done():
-                feeding.cancel()
-        await self.wait()
-        return stdout, stderr
-
-    async def _feed_stdin(self, input: bytes | None) -> None:
-        stdin = self.stdin
-        if stdin is None:
-            return
-        try:
-            if input:
-                stdin.write(input)
-            stdin.close()
-            await stdin.drain()
-        except StdinClosed:
-            pass  # the process ended without reading it all, as asyncio's communicate allows
-
-    @staticmethod
-    async def _read_all(reader: ProcessReader | None) -> bytes | None:
-        return None if reader is None else await reader.read()
+        return await communicate(self, input)
 
     def send_signal(self, sig: int) -> None:
         """Deliver signal ``sig`` to the process group (a terminal's foreground group).
@@ -742,6 +714,53 @@ class Process:
         for reader in (self._out, self._err):
             if reader is not None:
                 reader._fail(error)
+
+
+class _Communicating(Protocol):
+    """What :func:`communicate` needs of a process: its three streams and its end."""
+
+    @property
+    def stdin(self) -> ProcessWriter | None: ...
+    @property
+    def stdout(self) -> ProcessReader | None: ...
+    @property
+    def stderr(self) -> ProcessReader | None: ...
+    async def wait(self) -> int: ...
+
+
+async def communicate(
+    process: _Communicating, input: bytes | None
+) -> tuple[bytes | None, bytes | None]:
+    """``communicate()`` of :class:`Process` and of the control API's remote process: send
+    ``input`` and EOF, read stdout and stderr to the end (at once: neither can block the
+    other), wait for the exit."""
+    stdin = process.stdin
+    if input is not None and stdin is None:
+        raise UsageError("communicate(input) needs stdin=PIPE")
+
+    async def feed() -> None:
+        if stdin is None:
+            return
+        try:
+            if input:
+                stdin.write(input)
+            stdin.close()
+            await stdin.drain()
+        except StdinClosed:
+            pass  # the process ended without reading it all, as asyncio's communicate allows
+
+    async def read_all(reader: ProcessReader | None) -> bytes | None:
+        return None if reader is None else await reader.read()
+
+    feeding = asyncio.ensure_future(feed())
+    try:
+        stdout, stderr = await asyncio.gather(read_all(process.stdout), read_all(process.stderr))
+        await feeding
+    finally:
+        if not feeding.done():
+            feeding.cancel()
+    await process.wait()
+    return stdout, stderr
 
 
 async def start_process(

@@ -41,6 +41,7 @@ from ..host.process import (
     ProcessReader,
     ProcessWriter,
     check_terminal_size,
+    communicate,
 )
 from ..protocol.v1_host import copy_error
 from ..timeouts import DEFAULT, Timeout
@@ -443,7 +444,7 @@ class RemoteProcess:
     :attr:`output_incomplete`; :attr:`stdout` and :attr:`stderr` are
     :class:`~vsock_async.ProcessReader` objects, :attr:`stdin` a
     :class:`~vsock_async.ProcessWriter`; :meth:`wait`, :meth:`send_signal`, :meth:`terminate`,
-    :meth:`kill`, :meth:`resize`, :meth:`aclose`, ``async with``.
+    :meth:`kill`, :meth:`resize`, :meth:`communicate`, :meth:`aclose`, ``async with``.
 
     Each output stream holds at most ``limit`` unread bytes; beyond that the
     WebSocket is not read, so the daemon and then the process wait. As with
@@ -500,6 +501,11 @@ class RemoteProcess:
         if it ends without an exit.
         """
         return await asyncio.shield(self._exited)
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+        """Send ``input`` (then EOF) to stdin, read stdout and stderr to the end, wait for
+        exit; ``(stdout, stderr)``, None for a stream that is not piped."""
+        return await communicate(self, input)
 
     def send_signal(self, sig: int) -> None:
         """Deliver signal ``sig`` to the process group (a terminal's foreground group).
