@@ -401,3 +401,37 @@ async def test_v2_large_output_streams_in_order(tmp_path: Path) -> None:
             received += buffer[:n]
         assert await proc.wait() == 0
     assert received == expected
+
+
+# -- files over v2 through the kernel's vsock path ------------------------------------------
+
+
+@in_module_loop
+@pytest.mark.usefixtures("shared_agent")
+async def test_files_round_trip_byte_exact_and_errors_typed(tmp_path: Path) -> None:
+    sizes = {"empty": 0, "small": 100, "one-chunk": 64 * 1024, "many-chunks": 3 * 1024 * 1024 + 7}
+    rng = random.Random(9)
+    async with await vsock_async.listen(any_cid(SHARED_PORT)) as server:
+        guest = await server.accept(timeout=LONG)
+        assert guest.protocol == "v2"
+        for name, size in sizes.items():
+            data = rng.randbytes(size)
+            target = tmp_path / "in" / name
+            await guest.put_file(data, str(target), mode=0o640)
+            assert target.read_bytes() == data
+            back = tmp_path / "out" / name
+            back.parent.mkdir(exist_ok=True)
+            await guest.get_file(str(target), back)
+            assert back.read_bytes() == data
+            assert (await guest.stat(str(target))).size == size
+        with pytest.raises(vsock_async.GuestFileError) as missing:
+            await guest.get_file(str(tmp_path / "nope"), tmp_path / "out" / "nope")
+        assert missing.value.errno_name == "ENOENT"
+        assert not (tmp_path / "out" / "nope").exists()
+        tree = tmp_path / "tree"
+        (tree / "sub dir").mkdir(parents=True)
+        (tree / "sub dir" / "f").write_bytes(b"leaf")
+        (tree / "link").symlink_to("sub dir/f")
+        await guest.put_tree(tree, str(tmp_path / "tree-in"))
+        assert (tmp_path / "tree-in" / "sub dir" / "f").read_bytes() == b"leaf"
+        assert os.readlink(tmp_path / "tree-in" / "link") == "sub dir/f"
