@@ -34,7 +34,7 @@ __all__ = [
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
-"""``serve`` could not start; ``guests`` could not reach the daemon."""
+"""``serve`` could not start; ``guests`` could not reach the daemon; ``cp`` failed."""
 EXIT_USAGE: Final = 2
 """A bad option or argument (argparse's own status)."""
 EXIT_TIMEOUT: Final = 124
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(subparsers)
     _add_exec_parser(subparsers)
     _add_guests_parser(subparsers)
+    _add_cp_parser(subparsers)
     _add_demo_parser(subparsers)
     return parser
 
@@ -564,6 +565,37 @@ def _run_guests(args: argparse.Namespace) -> int:
     from .cli_exec import list_guests
 
     return list_guests(control=args.control, token_file=args.token_file, as_json=args.json)
+
+
+def _add_cp_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "cp",
+        help="copy files and directories in and out of a guest through serve, like docker cp",
+        description=(
+            "Copy SOURCE to DESTINATION, one of them GUEST:PATH (PATH absolute; an empty GUEST"
+            " is the only connected guest), the other a local path, or - for stdin or stdout"
+            " (one file's bytes). A directory is copied whole, links as links; into an"
+            " existing directory, the copy takes SOURCE's name. Files keep their mode and mtime"
+            " and land whole or not at all. A local path with a ':' is written ./a:b. Progress"
+            f" shows on a terminal. Exit status {EXIT_OK}: copied; {EXIT_ERROR}: it failed (the"
+            f" reason on stderr); {EXIT_USAGE}: bad arguments; {EXIT_INTERRUPTED}: Ctrl-C."
+        ),
+    )
+    _add_control_options(p)
+    p.add_argument("source", metavar="SOURCE", help="GUEST:PATH, a local path, or -")
+    p.add_argument("destination", metavar="DESTINATION", help="GUEST:PATH, a local path, or -")
+    p.set_defaults(run=_run_cp)
+
+
+def _run_cp(args: argparse.Namespace) -> int:
+    from .cli_cp import copy
+    from .errors import UsageError
+
+    try:
+        return copy(args.source, args.destination, control=args.control, token_file=args.token_file)
+    except UsageError as exc:
+        print(f"vsock-async cp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # -- demo ---------------------------------------------------------------------------------

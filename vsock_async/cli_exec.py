@@ -35,16 +35,19 @@ from .serve.control_client import ControlClient, ControlError
 from .serve.defaults import TOKEN_FILE_ENV, read_token_file
 from .timeouts import DEFAULT, Timeout
 
-__all__ = ["exec_command", "list_guests"]
+__all__ = ["control_client", "exec_command", "list_guests", "pick_guest"]
 
 
-def _client(control: str | None, token_file: str | None) -> ControlClient:
+def control_client(control: str | None, token_file: str | None) -> ControlClient:
+    """The client of the daemon at ``control`` (default: serve's), with the token of ``token_file``
+    (default ``$VSOCK_ASYNC_TOKEN_FILE``)."""
     token_path = token_file or os.environ.get(TOKEN_FILE_ENV)
     token = read_token_file(token_path) if token_path else None
     return ControlClient(control, token=token)
 
 
-def _pick_guest(client: ControlClient, guest: str | None) -> str:
+def pick_guest(client: ControlClient, guest: str | None) -> str:
+    """``guest``, or the only connected guest; UsageError when there is none or several."""
     if guest is not None:
         return guest
     keys = [g["key"] for g in client.guests()]
@@ -123,8 +126,8 @@ def exec_command(
     if needs_stream and timeout is DEFAULT:
         timeout = None
     try:
-        client = _client(control, token_file)
-        key = _pick_guest(client, guest)
+        client = control_client(control, token_file)
+        key = pick_guest(client, guest)
     except VsockAsyncError as exc:
         return _failed(exc)
     try:
@@ -202,7 +205,7 @@ def _run_command(
 def list_guests(*, control: str | None, token_file: str | None, as_json: bool) -> int:
     """Print the connected guests: a table, or the API's JSON with ``as_json``."""
     try:
-        guests = _client(control, token_file).guests()
+        guests = control_client(control, token_file).guests()
     except VsockAsyncError as exc:
         print(f"vsock-async guests: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -26,9 +26,7 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import stat as stat_module
-import time
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -37,6 +35,7 @@ from .._digest import BackgroundDigest
 from ..errors import GuestFileError, ProtocolError, UsageError, VsockAsyncError
 from ..protocol.v1_host import copy_error
 from ..protocol.v2 import Channel
+from . import local
 from .process import ProcessReader, ProcessWriter, _wire_string
 
 if TYPE_CHECKING:
@@ -67,9 +66,7 @@ _LISTING_WINDOW: Final = 256 * 1024  # also the longest listing line accepted
 _MAX_PATH: Final = 4096
 _MODE_MAX: Final = 0o7777
 _ID_MAX: Final = 0xFFFF_FFFE
-_TEMP_PREFIX: Final = b".vsock_async.get."
 _KINDS: Final = frozenset({"file", "dir", "symlink", "fifo", "socket", "char", "block", "other"})
-_LOCAL_DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 GuestPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 LocalPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -572,7 +569,7 @@ async def put_tree(
     """
     root = _guest_path(guest_dir)
     connection.require("files", "work with files")
-    fd = await asyncio.to_thread(os.open, local_dir, _LOCAL_DIRECTORY)
+    fd = await asyncio.to_thread(local.open_directory, local_dir)
     try:
         mode = stat_module.S_IMODE(os.fstat(fd).st_mode) | 0o700
         await mkdir(connection, root, parents=True, mode=mode)
@@ -582,7 +579,7 @@ async def put_tree(
 
 
 async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -> None:
-    for name, st, target in await asyncio.to_thread(_local_entries, fd):
+    for name, st, target in await asyncio.to_thread(local.entries, fd):
         child = _join(guest, name)
         if target is not None:
             await symlink(connection, target, child)
@@ -590,17 +587,13 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
             await mkdir(
                 connection, child, parents=True, mode=stat_module.S_IMODE(st.st_mode) | 0o700
             )
-            sub = await asyncio.to_thread(
-                os.open, name, _LOCAL_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd
-            )
+            sub = await asyncio.to_thread(local.subdirectory, fd, name, make=False)
             try:
                 await _put_directory(connection, sub, child)
             finally:
                 os.close(sub)
         elif stat_module.S_ISREG(st.st_mode):
-            file = await asyncio.to_thread(
-                os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
+            file = await asyncio.to_thread(local.open_file, fd, name)
             try:
                 mode = stat_module.S_IMODE(st.st_mode)
                 request = _put_request(child, mode, None, None, st.st_mtime_ns, False)
@@ -609,19 +602,6 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
                 os.close(file)
         else:
             logger.warning("put_tree skips %r: not a file, directory or link", child)
-
-
-def _local_entries(fd: int) -> list[tuple[bytes, os.stat_result, bytes | None]]:
-    """Name, ``lstat`` and link target of each entry of the local directory ``fd``."""
-    found = []
-    with os.scandir(fd) as entries:
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            target = None
-            if stat_module.S_ISLNK(st.st_mode):
-                target = os.fsencode(os.readlink(entry.name, dir_fd=fd))
-            found.append((os.fsencode(entry.name), st, target))
-    return found
 
 
 # -- out of the guest -------------------------------------------------------------------------
@@ -680,7 +660,7 @@ async def get_file(
     directory, name = os.path.split(os.fsencode(local_path))
     if not name:
         raise UsageError(f"local_path {local_path!r} names a directory, not a file")
-    fd = await asyncio.to_thread(os.open, directory or b".", _LOCAL_DIRECTORY)
+    fd = await asyncio.to_thread(local.open_directory, directory or b".")
     try:
         await _download(connection, path, fd, name, window)
     finally:
@@ -691,48 +671,23 @@ async def _download(
     connection: SessionConnection, path: bytes, dir_fd: int, name: bytes, window: int
 ) -> None:
     """The guest file ``path`` as ``name`` in the local directory ``dir_fd``."""
-    fd, temp = await asyncio.to_thread(_local_temp, dir_fd)
+    fd, temp = await asyncio.to_thread(local.create_temp, dir_fd)
     done = False
     try:
         result: dict[str, Any] = {}
         async with contextlib.aclosing(_get(connection, path, window, result)) as chunks:
             async for chunk in chunks:
-                await asyncio.to_thread(_write_all, fd, chunk)
+                await asyncio.to_thread(local.write_all, fd, chunk)
         kept = _peer_ints(connection, result, _KEPT)
-        await asyncio.to_thread(_install_local, fd, temp, dir_fd, name, **kept)
+        await asyncio.to_thread(local.install, fd, temp, dir_fd, name, **kept)
         done = True
     finally:
         os.close(fd)
         if not done:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dir_fd)
-
-
-def _local_temp(dir_fd: int) -> tuple[int, bytes]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
-        try:
-            return os.open(temp, flags, 0o600, dir_fd=dir_fd), temp
-        except FileExistsError:
-            continue
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+            local.discard(dir_fd, temp)
 
 
 _KEPT: Final = (("mode", 0, _MODE_MAX), ("mtime_ns", -(2**63), 2**63 - 1))
-
-
-def _install_local(
-    fd: int, temp: bytes, dir_fd: int, name: bytes, *, mode: int, mtime_ns: int
-) -> None:
-    os.fchmod(fd, mode & 0o777)
-    os.utime(fd, ns=(time.time_ns(), mtime_ns))
-    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 async def get_tree(
@@ -755,9 +710,9 @@ async def get_tree(
     info = await stat(connection, root)
     if info.kind != "dir":
         raise GuestFileError("file_error", "not a directory", os.fsdecode(root), "ENOTDIR")
-    local = os.fsencode(local_dir)
-    await asyncio.to_thread(os.makedirs, local, exist_ok=True)
-    fd = await asyncio.to_thread(os.open, local, _LOCAL_DIRECTORY)
+    target = os.fsencode(local_dir)
+    await asyncio.to_thread(os.makedirs, target, exist_ok=True)
+    fd = await asyncio.to_thread(local.open_directory, target)
     try:
         await _get_directory(connection, root, fd, _window(window))
     finally:
@@ -769,7 +724,7 @@ async def _get_directory(connection: SessionConnection, guest: bytes, fd: int, w
         name = os.fsencode(entry.name)
         child = _join(guest, name)
         if entry.kind == "dir":
-            sub = await asyncio.to_thread(_local_directory, fd, name)
+            sub = await asyncio.to_thread(local.subdirectory, fd, name, make=True)
             try:
                 await _get_directory(connection, child, sub, window)
                 await asyncio.to_thread(os.fchmod, sub, entry.mode & 0o777)
@@ -777,26 +732,8 @@ async def _get_directory(connection: SessionConnection, guest: bytes, fd: int, w
                 os.close(sub)
         elif entry.kind == "symlink":
             assert entry.target is not None
-            await asyncio.to_thread(_local_symlink, fd, name, os.fsencode(entry.target))
+            await asyncio.to_thread(local.make_symlink, fd, name, os.fsencode(entry.target))
         elif entry.kind == "file":
             await _download(connection, child, fd, name, window)
         else:
             logger.warning("get_tree skips %r: a %s", child, entry.kind)
-
-
-def _local_directory(fd: int, name: bytes) -> int:
-    """The subdirectory ``name`` of ``fd``, made if missing; never a link to one."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=fd)
-    return os.open(name, _LOCAL_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-
-
-def _local_symlink(fd: int, name: bytes, target: bytes) -> None:
-    """``name`` in ``fd`` becomes a link to ``target``, replacing a file or link there."""
-    temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
-    os.symlink(target, temp, dir_fd=fd)
-    try:
-        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
-    except BaseException:
-        os.unlink(temp, dir_fd=fd)
-        raise
