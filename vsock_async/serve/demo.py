@@ -93,7 +93,7 @@ def _drive(client: ControlClient) -> None:
     guest = client.guest(GUEST_KEY, wait=10)
     print(
         f"  guests         GET /v1/guests/{GUEST_KEY}: {guest['connections']} connection(s),"
-        f" connected at {guest['connected_at']}"
+        f" protocol {guest['protocol']}, connected at {guest['connected_at']}"
     )
     for title, command, timeout in _COMMANDS:
         shown = shlex.join(command) if isinstance(command, list) else command
@@ -103,12 +103,20 @@ def _drive(client: ControlClient) -> None:
         except ControlError as exc:
             print(f"    -> HTTP {exc.status} {exc.code}: {exc.message}")
             if exc.code == "command_timeout":
-                print(
-                    "    the daemon closed that connection (v1: a late result must never be read"
-                    "\n    as the next one's); the agent killed the command and dials again"
-                )
                 guest = client.guest(GUEST_KEY, wait=10)
-                print(f"    -> {GUEST_KEY} is back with {guest['connections']} connection(s)")
+                if guest["protocol"] == "v2":
+                    print(
+                        "    on protocol v2 each command has a stream of its own: the agent"
+                        "\n    stopped that command's process group; the connection carries on"
+                    )
+                    print(f"    -> {GUEST_KEY} still has {guest['connections']} connection(s)")
+                else:
+                    print(
+                        "    the daemon closed that connection (v1: a late result must never"
+                        "\n    be read as the next one's); the agent killed the command and dials"
+                        " again"
+                    )
+                    print(f"    -> {GUEST_KEY} is back with {guest['connections']} connection(s)")
             continue
         print(f"    -> exit code {outcome.exit_code} in {outcome.duration * 1000:.1f} ms")
         if outcome.stdout:
