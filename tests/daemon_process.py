@@ -194,6 +194,21 @@ def wait_for_guest(client: ControlClient, key: str) -> dict[str, object]:
     return guest
 
 
+@contextlib.contextmanager
+def serve_with_agent() -> Iterator[tuple[Daemon, Path]]:
+    """A real serve (no periodic probes) and one agent connected to it as guest vm1, in a
+    fresh short directory; both stopped at the end."""
+    with short_directory() as directory:
+        processes = Stack(directory)
+        try:
+            daemon = processes.daemon("--probe-interval", "none")
+            processes.agent(daemon.guest_address)
+            wait_for_guest(daemon.client(), "vm1")
+            yield daemon, directory
+        finally:
+            processes.close()
+
+
 def exec_cli(control_socket: str, *args: str) -> subprocess.CompletedProcess[bytes]:
     """``python -m vsock_async exec --control unix:SOCKET ARGS``, output captured as bytes."""
     return subprocess.run(
@@ -213,6 +228,7 @@ __all__ = [
     "exec_cli",
     "free_tcp_port",
     "python_m",
+    "serve_with_agent",
     "short_directory",
     "stack",
     "wait_for_guest",

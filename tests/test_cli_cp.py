@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import LONG, Daemon, Stack, python_m, short_directory, wait_for_guest
+from tests.daemon_process import (
+    LONG,
+    Daemon,
+    python_m,
+    serve_with_agent,
+)
 
 ODD = ["with space", "new\nline", "ünï"]
 RAW = b"raw-\xff"
@@ -41,15 +46,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    with short_directory() as directory:
-        processes = Stack(directory)
-        try:
-            daemon = processes.daemon("--probe-interval", "none")
-            processes.agent(daemon.guest_address)
-            wait_for_guest(daemon.client(), "vm1")
-            yield Served(daemon, directory)
-        finally:
-            processes.close()
+    with serve_with_agent() as (daemon, directory):
+        yield Served(daemon, directory)
 
 
 def tree(root: Path) -> dict[bytes, tuple[str, bytes | int]]:

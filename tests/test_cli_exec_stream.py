@@ -29,7 +29,7 @@ from tests.daemon_process import (
     eventually,
     exec_cli,
     python_m,
-    short_directory,
+    serve_with_agent,
     stack,
     wait_for_guest,
 )
@@ -58,15 +58,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    with short_directory() as directory:
-        processes = Stack(directory)
-        try:
-            daemon = processes.daemon("--probe-interval", "none")
-            processes.agent(daemon.guest_address)
-            wait_for_guest(daemon.client(), "vm1")
-            yield Served(daemon, directory)
-        finally:
-            processes.close()
+    with serve_with_agent() as (daemon, directory):
+        yield Served(daemon, directory)
 
 
 def ended(path: Path) -> None:

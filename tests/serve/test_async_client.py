@@ -20,7 +20,7 @@ from tests.daemon_process import (
     Daemon,
     Stack,
     free_tcp_port,
-    short_directory,
+    serve_with_agent,
     stack,
     wait_for_guest,
 )
@@ -33,15 +33,8 @@ __all__ = ["stack"]
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with short_directory() as directory:
-        processes = Stack(directory)
-        try:
-            served = processes.daemon("--probe-interval", "none")
-            processes.agent(served.guest_address)
-            wait_for_guest(served.client(), "vm1")
-            yield served
-        finally:
-            processes.close()
+    with serve_with_agent() as (served, _):
+        yield served
 
 
 def client_of(daemon: Daemon) -> AsyncControlClient:
