@@ -478,7 +478,24 @@ class ProcessWriter:
 # -- the process ----------------------------------------------------------------------------
 
 
-class Process:
+class Signalling:
+    """``terminate()`` and ``kill()`` over a process's own ``send_signal()``, as on
+    ``asyncio.subprocess.Process``: shared by :class:`Process` and the control API's
+    remote process."""
+
+    def send_signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        """Send ``SIGTERM``."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send ``SIGKILL``."""
+        self.send_signal(signal.SIGKILL)
+
+
+class Process(Signalling):
     """A process running in the guest, on one stream of a v2 connection.
 
     Shaped like ``asyncio.subprocess.Process``: :attr:`pid`, :attr:`returncode`
@@ -574,14 +591,6 @@ class Process:
         self._connection.require("signal", "send a signal to a process")
         if self.returncode is None and not self._exited.done():
             self._connection.send_signal(self.stream, int(sig))
-
-    def terminate(self) -> None:
-        """Send ``SIGTERM``."""
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Send ``SIGKILL``."""
-        self.send_signal(signal.SIGKILL)
 
     async def resize(self, rows: int, cols: int) -> None:
         """Set the size of the process's terminal (``pty=``); it gets ``SIGWINCH``."""

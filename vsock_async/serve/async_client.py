@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import signal
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -40,6 +39,7 @@ from ..host.process import (
     PIPE,
     ProcessReader,
     ProcessWriter,
+    Signalling,
     check_terminal_size,
     communicate,
 )
@@ -436,7 +436,7 @@ class _WebSocketStdin:
         self._empty.set()
 
 
-class RemoteProcess:
+class RemoteProcess(Signalling):
     """A process in a guest, streamed through ``serve``'s exec WebSocket.
 
     Shaped like :class:`vsock_async.Process`: :attr:`pid`, :attr:`returncode`
@@ -515,14 +515,6 @@ class RemoteProcess:
         number = parse_signal(sig)
         if not self._exited.done():
             self._send_control(SendSignal(number).to_json())
-
-    def terminate(self) -> None:
-        """Send ``SIGTERM``."""
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Send ``SIGKILL``."""
-        self.send_signal(signal.SIGKILL)
 
     async def resize(self, rows: int, cols: int) -> None:
         """Set the size of the process's terminal (``pty``); it gets ``SIGWINCH``."""
