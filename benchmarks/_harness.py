@@ -246,16 +246,17 @@ def guest_process(args: Sequence[str]) -> ChildProcess:
     return python_process(["-m", "benchmarks._guest", *args])
 
 
-def read_status_kib(field_name: str) -> int:
-    """A ``kB`` figure from /proc/self/status (VmRSS, VmHWM, ...)."""
-    with open("/proc/self/status") as f:
+def read_status_kib(field_name: str, pid: int | str = "self") -> int:
+    """A ``kB`` figure from /proc/PID/status (VmRSS, VmHWM, ...), this process's by default."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
     raise KeyError(field_name)
 
 
-def reset_peak_rss() -> None:
-    """Make VmHWM start again from the current RSS (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Make VmHWM of process ``pid`` (this one by default) start again from its current RSS
+    (Linux: write 5 to clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")

@@ -22,7 +22,7 @@ import sys
 
 import vsock_async
 
-from ._harness import Table, fresh_dir, python_process
+from ._harness import Table, fresh_dir, python_process, read_status_kib, reset_peak_rss
 
 NAME = "agent-memory"
 MiB = 1024 * 1024
@@ -53,21 +53,6 @@ print(json.dumps({"idle_kib": idle, "peak_kib": status("VmHWM"), "captured": cap
 """
 
 
-def status_kib(pid: int, field_name: str) -> int:
-    """A ``kB`` figure from /proc/PID/status (VmRSS, VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Make VmHWM of ``pid`` start again from its current RSS."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
 def command_for(size: int) -> str:
     return f"head -c {size} /dev/zero; head -c {size} /dev/zero >&2"
 
@@ -75,11 +60,11 @@ def command_for(size: int) -> str:
 async def ours(channel: vsock_async.GuestChannel, pid: int, size: int) -> float:
     """MiB the agent's RSS peaked above its idle RSS while answering one command."""
     await channel.run("true", timeout=60)
-    idle = status_kib(pid, "VmRSS")
+    idle = read_status_kib("VmRSS", pid)
     reset_peak_rss(pid)
     result = await channel.run(command_for(size), timeout=60)
     assert (len(result.stdout), len(result.stderr)) == (size, size), result.stderr[-200:]
-    return (status_kib(pid, "VmHWM") - idle) / 1024
+    return (read_status_kib("VmHWM", pid) - idle) / 1024
 
 
 def baseline(size: int) -> float:

@@ -28,7 +28,14 @@ from collections.abc import Awaitable, Callable
 
 import vsock_async
 
-from ._harness import ChildProcess, Table, fresh_dir, python_process
+from ._harness import (
+    ChildProcess,
+    Table,
+    fresh_dir,
+    python_process,
+    read_status_kib,
+    reset_peak_rss,
+)
 
 NAME = "agent"
 SHELL = "/bin/sh"
@@ -54,21 +61,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def status_kib(pid: int, field_name: str) -> int:
-    """A ``kB`` figure from /proc/PID/status (VmRSS, VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Make VmHWM of ``pid`` start again from its current RSS."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _timed(n: int, once: Callable[[], None]) -> Measure:
@@ -125,14 +117,14 @@ class _Agent:
         """``n`` commands: seconds and host CPU per command, the agent's own CPU per command
         and its peak RSS above idle (MiB)."""
         one = self._stream if stream else self._run
-        idle = status_kib(self.pid, "VmRSS")
+        idle = read_status_kib("VmRSS", self.pid)
         reset_peak_rss(self.pid)
         agent_cpu = cpu_seconds(self.pid)
         seconds, host_cpu = self.loop.run_until_complete(
             _timed_async(n, lambda: one(command, size))
         )
         agent_cpu = (cpu_seconds(self.pid) - agent_cpu) / n
-        return seconds, host_cpu, agent_cpu, (status_kib(self.pid, "VmHWM") - idle) / 1024
+        return seconds, host_cpu, agent_cpu, (read_status_kib("VmHWM", self.pid) - idle) / 1024
 
 
 def _no_agent(measure: Callable[[], Measure]) -> Sample:

@@ -36,19 +36,6 @@ PIECE = 1024 * 1024
 _SIZE = struct.Struct(">Q")
 
 
-def _status_kib(pid: int, field_name: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def _reset_peak(pid: int) -> None:
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _make_file(path: str, size: int) -> None:
     block = os.urandom(16 * PIECE)
     with open(path, "wb") as f:
@@ -135,14 +122,14 @@ class _Ours:
 
     def _measured(self, way: str, call: Coroutine[Any, Any, None]) -> None:
         gc.collect()
-        idle, agent_idle = read_status_kib("VmRSS"), _status_kib(self.pid, "VmRSS")
+        idle, agent_idle = read_status_kib("VmRSS"), read_status_kib("VmRSS", self.pid)
         reset_peak_rss()
-        _reset_peak(self.pid)
+        reset_peak_rss(self.pid)
         self.loop.run_until_complete(call)
         self.peaks.setdefault(way, []).extend(
             [
                 (read_status_kib("VmHWM") - idle) / 1024,
-                (_status_kib(self.pid, "VmHWM") - agent_idle) / 1024,
+                (read_status_kib("VmHWM", self.pid) - agent_idle) / 1024,
             ]
         )
 

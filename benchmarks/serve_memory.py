@@ -26,8 +26,7 @@ from collections.abc import Iterator
 
 from vsock_async.serve.control_client import ControlClient
 
-from ._harness import REPO, fresh_dir
-from .agent_memory import reset_peak_rss, status_kib
+from ._harness import REPO, fresh_dir, read_status_kib, reset_peak_rss
 
 MiB = 1024 * 1024
 
@@ -118,9 +117,9 @@ def measure(raw: bool, mib: int, agent: bool = False) -> tuple[int, int]:
                         raise
                 time.sleep(0.05)
             reset_peak_rss(serve.pid)
-            before = status_kib(serve.pid, "VmRSS")
+            before = read_status_kib("VmRSS", serve.pid)
             size = _read_and_drop(control_path, raw, json.dumps({"command": command}).encode())
-            peak = status_kib(serve.pid, "VmHWM")
+            peak = read_status_kib("VmHWM", serve.pid)
     return (peak - before) * 1024, size
 
 
