@@ -32,7 +32,7 @@ from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from . import files
 from .commandline import CommandLike, compose_command
-from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, Source
+from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
 from .process import Process, ProcessOptions, ProgramLike, run_command, start_process
 from .session import SessionConnection
 from .transport import GuestConnection
@@ -293,15 +293,7 @@ class GuestChannel:
         return self._v2
 
     async def put_file(
-        self,
-        source: Source,
-        guest_path: GuestPath,
-        *,
-        mode: int = 0o644,
-        uid: int | None = None,
-        gid: int | None = None,
-        mtime: float | None = None,
-        make_parents: bool = True,
+        self, source: Source, guest_path: GuestPath, **options: Unpack[PutOptions]
     ) -> None:
         """Write ``source`` to the absolute ``guest_path``, whole or not at all.
 
@@ -316,16 +308,7 @@ class GuestChannel:
         ``EISDIR``, ``ENOSPC``...), :class:`UsageError` for a relative path,
         :class:`Unsupported` on v1 or without the agent's ``files``.
         """
-        await files.put_file(
-            self._files(),
-            source,
-            guest_path,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            mtime=mtime,
-            make_parents=make_parents,
-        )
+        await files.put_file(self._files(), source, guest_path, **options)
 
     async def get_file(
         self, guest_path: GuestPath, local_path: LocalPath, *, window: int = DEFAULT_WINDOW

@@ -29,7 +29,7 @@ import os
 import stat as stat_module
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from .._digest import BackgroundDigest
 from ..errors import GuestFileError, ProtocolError, UsageError, VsockAsyncError
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "FileInfo",
     "FileStream",
+    "PutOptions",
     "get_file",
     "get_tree",
     "listdir",
@@ -81,6 +82,16 @@ Source = (
 )
 """What :func:`put_file` writes: a local path, or the bytes themselves (``bytes`` are content,
 not a path), or an async iterable of bytes."""
+
+
+class PutOptions(TypedDict, total=False):
+    """The keyword arguments of ``put_file()``: see :meth:`GuestChannel.put_file`."""
+
+    mode: int
+    uid: int | None
+    gid: int | None
+    mtime: float | None
+    make_parents: bool
 
 
 @dataclass(frozen=True, slots=True)

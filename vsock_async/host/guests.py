@@ -30,7 +30,7 @@ from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
-from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, Source
+from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
 from .process import Process, ProcessOptions, ProgramLike
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
@@ -215,20 +215,10 @@ class Guest:
     # -- files (v2): GuestChannel's file operations, each on one of the guest's connections --
 
     async def put_file(
-        self,
-        source: Source,
-        guest_path: GuestPath,
-        *,
-        mode: int = 0o644,
-        uid: int | None = None,
-        gid: int | None = None,
-        mtime: float | None = None,
-        make_parents: bool = True,
+        self, source: Source, guest_path: GuestPath, **options: Unpack[PutOptions]
     ) -> None:
         """:meth:`GuestChannel.put_file` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).put_file(
-            source, guest_path, mode=mode, uid=uid, gid=gid, mtime=mtime, make_parents=make_parents
-        )
+        await self._v2_channel(_FILES).put_file(source, guest_path, **options)
 
     async def get_file(
         self, guest_path: GuestPath, local_path: LocalPath, *, window: int = DEFAULT_WINDOW
