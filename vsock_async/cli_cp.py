@@ -254,7 +254,7 @@ class _Download:
                 sub = local.subdirectory(fd, name, make=True)
                 try:
                     self._tree(source, sub)
-                    os.fchmod(sub, info["mode"] & 0o777)
+                    local.set_mode_and_mtime(sub, mode=info["mode"], mtime_ns=info["mtime_ns"])
                 finally:
                     os.close(sub)
             else:
@@ -276,7 +276,7 @@ class _Download:
                 sub = local.subdirectory(fd, name, make=True)
                 try:
                     self._tree(child, sub)
-                    os.fchmod(sub, entry["mode"] & 0o777)
+                    local.set_mode_and_mtime(sub, mode=entry["mode"], mtime_ns=entry["mtime_ns"])
                 finally:
                     os.close(sub)
             elif entry["kind"] == "symlink":

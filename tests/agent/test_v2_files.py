@@ -120,6 +120,8 @@ async def test_close_mid_put_removes_the_temp_and_answers_closed(tmp_path: Path)
         ({"op": "stat", "path": {"b64": "!!"}}, "bad_request"),
         ({"op": "symlink", "path": "/x", "target": ""}, "bad_request"),
         ({"op": "remove", "path": "/x", "recursive": "yes"}, "bad_request"),
+        ({"op": "setattr", "path": "/x", "mode": "0755"}, "bad_request"),
+        ({"op": "setattr", "path": "/x", "mtime_ns": -1}, "bad_request"),
     ],
 )
 @pytest.mark.asyncio
@@ -197,3 +199,29 @@ async def test_an_end_with_no_commit_keeps_waiting_and_a_drop_cleans_up(tmp_path
         await host.aclose()
         await eventually(lambda: leftovers(tmp_path) == [], "the temp file is removed")
         assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.asyncio
+async def test_setattr_sets_mode_and_mtime_and_never_follows_a_link(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        (tmp_path / "d").mkdir(mode=0o755)
+        (tmp_path / "f").write_bytes(b"x")
+        os.symlink("d", tmp_path / "link")
+        os.mkfifo(tmp_path / "fifo")
+        for name, mode in (("d", 0o555), ("f", 0o4711)):
+            request = {"op": "setattr", "path": str(tmp_path / name), "mode": mode}
+            result = await ended(host, open_file(host, {**request, "mtime_ns": 10**18 + 1}))
+            assert result == FileResult(result.stream, {})
+            st = os.stat(tmp_path / name)
+            assert (st.st_mode & 0o7777, st.st_mtime_ns) == (mode, 10**18 + 1)
+        only_mtime = {"op": "setattr", "path": str(tmp_path / "f"), "mtime_ns": 5}
+        assert isinstance(await ended(host, open_file(host, only_mtime)), FileResult)
+        assert (tmp_path / "f").stat().st_mode & 0o7777 == 0o4711
+        for name in ("link", "fifo"):
+            request = {"op": "setattr", "path": str(tmp_path / name), "mode": 0o700}
+            refused = await ended(host, open_file(host, request))
+            assert isinstance(refused, StreamError)
+            assert (refused.code, refused.errno) == ("file_error", "EINVAL"), name
+        assert (tmp_path / "d").stat().st_mode & 0o7777 == 0o555  # not through the link
+        os.chmod(tmp_path / "d", 0o755)

@@ -364,21 +364,105 @@ def make_tree(root: Path, outside: Path) -> None:
     os.symlink("nowhere", root / "dangling")
 
 
-def snapshot(root: Path) -> dict[bytes, tuple[str, str]]:
-    """Relative path -> (kind, content digest or link target), never following links."""
-    found: dict[bytes, tuple[str, str]] = {}
+def snapshot(root: Path, *, top: bool = False) -> dict[bytes, tuple[str, ...]]:
+    """Relative path -> (kind or mode, content digest or link target, mtime), never following
+    links; with ``top``, ``root`` itself as ``.`` too. Modes and mtimes are exact."""
+    found: dict[bytes, tuple[str, ...]] = {}
     base = os.fsencode(root)
+    if top:
+        st = os.stat(base)
+        found[b"."] = ("dir", oct(stat.S_IMODE(st.st_mode)), str(st.st_mtime_ns))
     for directory, dirs, names in os.walk(base):
         for name in dirs + names:
             full = os.path.join(directory, name)
             rel = os.path.relpath(full, base)
-            if os.path.islink(full):
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
                 found[rel] = ("link", os.fsdecode(os.readlink(full)))
-            elif os.path.isdir(full):
-                found[rel] = ("dir", oct(stat.S_IMODE(os.stat(full).st_mode) | 0o700))
+            elif stat.S_ISDIR(st.st_mode):
+                found[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)), str(st.st_mtime_ns))
             else:
-                found[rel] = (oct(stat.S_IMODE(os.stat(full).st_mode)), file_digest(full))
+                mode = oct(stat.S_IMODE(st.st_mode))
+                found[rel] = (mode, file_digest(full), str(st.st_mtime_ns))
     return found
+
+
+def make_modes_tree(root: Path) -> None:
+    """A tree whose directories are read-only (0555, 0500), private (0700) and odd (0751),
+    with files of several modes, every mtime set apart."""
+    (root / "ro" / "inner").mkdir(parents=True)
+    (root / "private" / "odd").mkdir(parents=True)
+    (root / "ro" / "inner" / "deep").write_bytes(b"deep")
+    (root / "ro" / "f").write_bytes(b"in a read-only directory")
+    (root / "private" / "x").write_bytes(os.urandom(MiB + 3))
+    (root / "private" / "odd" / "run").write_bytes(b"#!/bin/sh\n")
+    os.symlink("../ro/f", root / "private" / "link")
+    for name, mode in (("ro/f", 0o444), ("private/x", 0o600), ("private/odd/run", 0o751)):
+        os.chmod(root / name, mode)
+    paths = sorted(
+        (Path(d) / n for d, ds, ns in os.walk(root) for n in ds + ns if n != "link"),
+        key=lambda p: -len(p.parts),
+    )
+    for i, path in enumerate([*paths, root]):  # deepest first: a child's mtime is not its parent's
+        os.utime(path, ns=(0, 1_500_000_000_123_456_789 + i * 1_000_000_007))
+    for name, mode in (("ro/inner", 0o500), ("ro", 0o555), ("private/odd", 0o751)):
+        os.chmod(root / name, mode)
+    os.chmod(root / "private", 0o700)
+    os.chmod(root, 0o750)
+
+
+def make_writable(root: Path) -> None:
+    """Let pytest remove a tree with read-only directories."""
+    for directory, _, _ in os.walk(root):
+        os.chmod(directory, 0o700)
+
+
+@pytest.mark.asyncio
+async def test_trees_keep_modes_and_mtimes_exactly_both_ways(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    make_modes_tree(local)
+    expected = snapshot(local, top=True)
+    try:
+        async with running(tmp_path) as guest:
+            await guest.channel.put_tree(local, guest.path("tree"))
+            assert snapshot(Path(guest.path("tree")), top=True) == expected
+            await guest.channel.get_tree(guest.path("tree"), tmp_path / "back")
+            assert snapshot(tmp_path / "back", top=True) == expected
+            # An existing top directory keeps its own mode; what is under it is copied.
+            for existing in (Path(guest.path("there")), tmp_path / "there"):
+                existing.mkdir()
+                os.chmod(existing, 0o711)
+            await guest.channel.put_tree(local, guest.path("there"))
+            await guest.channel.get_tree(guest.path("tree"), tmp_path / "there")
+            for existing in (Path(guest.path("there")), tmp_path / "there"):
+                copy = snapshot(existing, top=True)
+                assert copy.pop(b".")[:2] == ("dir", "0o711")
+                assert copy == {k: v for k, v in expected.items() if k != b"."}
+    finally:
+        for tree in (local, tmp_path / "back", tmp_path / "there", tmp_path / "guest"):
+            make_writable(tree)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the agent as another user")
+@pytest.mark.asyncio
+async def test_an_agent_not_root_fills_read_only_directories_before_closing_them(
+    tmp_path: Path,
+) -> None:
+    """Without root's override, a 0555 directory can be filled only before it gets its mode."""
+    local = tmp_path / "local"
+    local.mkdir()
+    make_modes_tree(local)
+    expected = snapshot(local, top=True)
+    try:
+        async with unprivileged(tmp_path) as guest:
+            await guest.channel.put_tree(local, str(guest.dir / "tree"))
+            assert snapshot(guest.dir / "tree", top=True) == expected
+            await guest.channel.get_tree(str(guest.dir / "tree"), tmp_path / "back")
+            assert snapshot(tmp_path / "back", top=True) == expected
+            make_writable(guest.dir)
+    finally:
+        make_writable(local)
 
 
 @pytest.mark.asyncio

@@ -15,7 +15,7 @@ step at a time per stream, so a slow disk never stalls the connection:
 - **get** reads a regular file within the host's credit, hashing it, and
   ends with END and the size and SHA-256 of what was sent.
 - **listdir** sends one JSON line per entry on STDOUT, within credit.
-- **stat**, **remove**, **mkdir** and **symlink** answer at once.
+- **stat**, **remove**, **mkdir**, **symlink** and **setattr** answer at once.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ __all__ = [
 
 TEMP_PREFIX: Final = b".vsock_async.put."
 """A put's temporary file is this and 16 lowercase hex digits, in the target's directory."""
-_FILE_OPS: Final = frozenset({"put", "get", "stat", "listdir", "remove", "mkdir", "symlink"})
+_FILE_OPS: Final = frozenset(
+    {"put", "get", "stat", "listdir", "remove", "mkdir", "symlink", "setattr"}
+)
 _FILE_MODE_MAX: Final = 0o7777
 _FILE_ID_MAX: Final = 0xFFFF_FFFE  # (uid_t) -1 means "unchanged" to chown
 _LISTING_BATCH: Final = 64 * 1024  # bytes of listing lines prepared per trip to the thread pool
@@ -93,7 +95,8 @@ class FileSpec:
     op: str
     path: bytes
     mode: int | None = None
-    """put (default 0644) and mkdir (default 0755): the permission bits, set exactly."""
+    """put (default 0644) and mkdir (default 0755): the permission bits, set exactly;
+    setattr: the new ones, if not None."""
     uid: int | None = None
     gid: int | None = None
     mtime_ns: int | None = None
@@ -148,6 +151,13 @@ def parse_file_request(request: Mapping[str, Any], *, can_chown: bool) -> FileSp
         if not target:
             raise Refused("bad_request", "a symbolic link's target must not be empty")
         return FileSpec(op, path, target=target, make_parents=_file_flag(request, "make_parents"))
+    if op == "setattr":
+        return FileSpec(
+            op,
+            path,
+            mode=_file_number(request.get("mode"), "mode", _FILE_MODE_MAX),
+            mtime_ns=_file_number(request.get("mtime_ns"), "mtime_ns", 2**63 - 1),
+        )
     return spec
 
 
@@ -273,6 +283,7 @@ class FileOperation:
             "remove": self._remove,
             "mkdir": self._mkdir,
             "symlink": self._symlink,
+            "setattr": self._setattr,
         }
         try:
             result = await operations[self.spec.op]()
@@ -431,6 +442,11 @@ class FileOperation:
             await self._io(_make_symlink, where, spec.target)
         return {}
 
+    async def _setattr(self) -> dict[str, Any]:
+        with await self._resolve(follow=False) as where:
+            await self._io(_set_attributes, where, self.spec)
+        return {}
+
 
 # -- the blocking steps, run in the thread pool ----------------------------------------------
 
@@ -575,3 +591,19 @@ def _make_symlink(where: Resolved, target: bytes) -> None:
     except BaseException:
         os.unlink(temp, dir_fd=where.dir_fd)
         raise
+
+
+def _set_attributes(where: Resolved, spec: FileSpec) -> None:
+    """Mode, then mtime, of a regular file or directory, through a descriptor of it: a link
+    in its place is refused, never followed (``EINVAL``, or ``ELOOP`` if swapped in meanwhile)."""
+    st = os.stat(where.name or b".", dir_fd=where.dir_fd, follow_symlinks=False)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise OSError(errno.EINVAL, "not a regular file or directory")
+    fd = where.open(os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if spec.mode is not None:
+            os.fchmod(fd, spec.mode)
+        if spec.mtime_ns is not None:
+            os.utime(fd, ns=(time.time_ns(), spec.mtime_ns))
+    finally:
+        os.close(fd)

@@ -360,15 +360,15 @@ class GuestChannel:
         await files.symlink(self._files(), target, guest_path, make_parents=make_parents)
 
     async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
-        """Copy a local directory into the guest: files with their mode and mtime, links as
-        links (never followed), directories made as needed."""
+        """Copy a local directory into the guest: files and directories with their exact mode
+        and mtime (a directory's set once it is filled), links as links (never followed)."""
         await files.put_tree(self._files(), local_dir, guest_dir)
 
     async def get_tree(
         self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW
     ) -> None:
-        """Copy a guest directory to ``local_dir``: files with their mode and mtime, links as
-        links, never followed (nothing is written outside ``local_dir``)."""
+        """Copy a guest directory to ``local_dir``: files and directories with their mode and
+        mtime, links as links, never followed (nothing is written outside ``local_dir``)."""
         await files.get_tree(self._files(), guest_dir, local_dir, window=window)
 
     def _resolve(self, timeout: Timeout) -> float | None:

@@ -572,19 +572,31 @@ async def put_tree(
 ) -> None:
     """Copy the local directory ``local_dir`` to ``guest_dir``, made if missing.
 
-    Files keep their permission bits and mtime, directories their permission
-    bits plus the owner's ``rwx`` (so that they can be filled). Symbolic links
-    are copied as links, their targets as they are: never followed, so nothing
-    outside ``local_dir`` is read. Other kinds of file (FIFOs, sockets,
-    devices) are skipped with a log line.
+    Files and directories keep their permission bits and mtime exactly, as
+    tar and rsync do it: a directory is made with its owner's ``rwx`` added,
+    filled, and given its own mode and mtime after its entries, deepest first
+    (so a read-only one is filled too). ``guest_dir`` gets those of
+    ``local_dir`` only if this call makes it; an existing one keeps its mode.
+    Symbolic links are copied as links, their targets as they are: never
+    followed, so nothing outside ``local_dir`` is read. Other kinds of file
+    (FIFOs, sockets, devices) are skipped with a log line.
     """
     root = _guest_path(guest_dir)
     connection.require("files", "work with files")
     fd = await asyncio.to_thread(local.open_directory, local_dir)
     try:
-        mode = stat_module.S_IMODE(os.fstat(fd).st_mode) | 0o700
-        await mkdir(connection, root, parents=True, mode=mode)
+        st = os.fstat(fd)
+        try:
+            await _make_directory(connection, root, st, parents=False)
+            made = True
+        except GuestFileError as error:
+            if error.errno_name not in ("EEXIST", "ENOENT"):
+                raise
+            await _make_directory(connection, root, st, parents=True)
+            made = error.errno_name == "ENOENT"
         await _put_directory(connection, fd, root)
+        if made:
+            await _finish_directory(connection, root, st)
     finally:
         os.close(fd)
 
@@ -595,14 +607,13 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
         if target is not None:
             await symlink(connection, target, child)
         elif stat_module.S_ISDIR(st.st_mode):
-            await mkdir(
-                connection, child, parents=True, mode=stat_module.S_IMODE(st.st_mode) | 0o700
-            )
+            await _make_directory(connection, child, st, parents=True)
             sub = await asyncio.to_thread(local.subdirectory, fd, name, make=False)
             try:
                 await _put_directory(connection, sub, child)
             finally:
                 os.close(sub)
+            await _finish_directory(connection, child, st)
         elif stat_module.S_ISREG(st.st_mode):
             file = await asyncio.to_thread(local.open_file, fd, name)
             try:
@@ -613,6 +624,24 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
                 os.close(file)
         else:
             logger.warning("put_tree skips %r: not a file, directory or link", child)
+
+
+async def _make_directory(
+    connection: SessionConnection, path: bytes, st: os.stat_result, *, parents: bool
+) -> None:
+    """A directory of a tree, to be filled: the mode of ``st`` and its owner's ``rwx``."""
+    await mkdir(connection, path, parents=parents, mode=stat_module.S_IMODE(st.st_mode) | 0o700)
+
+
+async def _finish_directory(connection: SessionConnection, path: bytes, st: os.stat_result) -> None:
+    """A filled directory of a tree gets the mode and mtime of ``st``."""
+    request = {
+        "op": "setattr",
+        "path": _wire_string(path, "path"),
+        "mode": stat_module.S_IMODE(st.st_mode),
+        "mtime_ns": st.st_mtime_ns,
+    }
+    await _simple(connection, path, request)
 
 
 # -- out of the guest -------------------------------------------------------------------------
@@ -710,22 +739,28 @@ async def get_tree(
 ) -> None:
     """Copy the guest directory ``guest_dir`` into ``local_dir``, made if missing.
 
-    Files keep their permission bits (set-id and sticky bits dropped) and
-    mtime; directories their permission bits once filled. Symbolic links are
+    Files and directories keep their permission bits (set-id and sticky bits
+    dropped) and mtime: a directory is made 0700, filled, then given its mode
+    and mtime, deepest first. ``local_dir`` gets those of ``guest_dir`` only
+    if this call makes it; an existing one keeps its mode. Symbolic links are
     made as links, never followed: every local file is created through the
     descriptor of its directory with ``O_NOFOLLOW``, so a link (even one the
     guest listed in place of a directory) never leads a write out of
     ``local_dir``. Other kinds of file are skipped with a log line.
     """
     root = _guest_path(guest_dir)
+    window = _window(window)
     info = await stat(connection, root)
     if info.kind != "dir":
         raise GuestFileError("file_error", "not a directory", os.fsdecode(root), "ENOTDIR")
-    target = os.fsencode(local_dir)
-    await asyncio.to_thread(os.makedirs, target, exist_ok=True)
-    fd = await asyncio.to_thread(local.open_directory, target)
+    made = await asyncio.to_thread(local.make_directory, os.fsencode(local_dir))
+    fd = await asyncio.to_thread(local.open_directory, local_dir)
     try:
-        await _get_directory(connection, root, fd, _window(window))
+        await _get_directory(connection, root, fd, window)
+        if made:
+            await asyncio.to_thread(
+                local.set_mode_and_mtime, fd, mode=info.mode, mtime_ns=info.mtime_ns
+            )
     finally:
         os.close(fd)
 
@@ -738,7 +773,9 @@ async def _get_directory(connection: SessionConnection, guest: bytes, fd: int, w
             sub = await asyncio.to_thread(local.subdirectory, fd, name, make=True)
             try:
                 await _get_directory(connection, child, sub, window)
-                await asyncio.to_thread(os.fchmod, sub, entry.mode & 0o777)
+                await asyncio.to_thread(
+                    local.set_mode_and_mtime, sub, mode=entry.mode, mtime_ns=entry.mtime_ns
+                )
             finally:
                 os.close(sub)
         elif entry.kind == "symlink":

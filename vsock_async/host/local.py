@@ -23,9 +23,11 @@ __all__ = [
     "discard",
     "entries",
     "install",
+    "make_directory",
     "make_symlink",
     "open_directory",
     "open_file",
+    "set_mode_and_mtime",
     "subdirectory",
     "write_all",
 ]
@@ -43,6 +45,16 @@ def open_directory(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) ->
     """A descriptor of the directory the caller named (a link to one is followed: it is the
     caller's own choice)."""
     return os.open(path, _DIRECTORY)
+
+
+def make_directory(path: bytes) -> bool:
+    """Make the directory ``path`` (mode 0700, to be filled) and its missing parents; False if
+    something was there already (a file there fails when it is opened as a directory)."""
+    try:
+        os.makedirs(path, 0o700)
+    except FileExistsError:
+        return False
+    return True
 
 
 def subdirectory(dir_fd: int, name: bytes, *, make: bool) -> int:
@@ -90,11 +102,17 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def install(fd: int, temp: bytes, dir_fd: int, name: bytes, *, mode: int, mtime_ns: int) -> None:
-    """Give the temporary file ``temp`` ``mode`` (set-id and sticky bits dropped) and
-    ``mtime_ns``, and rename it over ``name``."""
+def set_mode_and_mtime(fd: int, *, mode: int, mtime_ns: int) -> None:
+    """Give the file or directory ``fd`` ``mode`` (set-id and sticky bits dropped) and
+    ``mtime_ns``: a directory's last, once it is filled (its entries change its mtime)."""
     os.fchmod(fd, mode & 0o777)
     os.utime(fd, ns=(time.time_ns(), mtime_ns))
+
+
+def install(fd: int, temp: bytes, dir_fd: int, name: bytes, *, mode: int, mtime_ns: int) -> None:
+    """Give the temporary file ``temp`` ``mode`` and ``mtime_ns`` (:func:`set_mode_and_mtime`),
+    and rename it over ``name``."""
+    set_mode_and_mtime(fd, mode=mode, mtime_ns=mtime_ns)
     os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
