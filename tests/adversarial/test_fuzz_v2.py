@@ -143,6 +143,38 @@ def mixture(*parts: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
     return st.lists(piece, max_size=14).map(b"".join)
 
 
+def test_streaming_frame_decoder_on_hostile_bytes(scale: Scale) -> None:
+    """``stream_data``: the pieces of each data payload, copied as an I/O layer must before
+    the next input, add up to the frames the reference decoder finds, in order."""
+
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(small_limit, small_limit, mixture(frames), cuts)
+    def check(max_frame: int, max_control: int, data: bytes, cuts: list[int]) -> None:
+        decoder = FrameDecoder(max_frame, max_control, stream_data=True)
+        got: list[Frame] = []
+        partial: list[Frame] = []
+        error: ProtocolError | None = None
+        for piece in pieces(data, cuts):
+            try:
+                decoder.receive_data(piece)
+            except ProtocolError as exc:
+                error = exc
+            while (frame := decoder.next_frame()) is not None:
+                assert frame.offset == sum(len(p.payload) for p in partial)
+                partial.append(frame)
+                if not frame.more:
+                    payload = b"".join(bytes(p.payload) for p in partial)
+                    got.append(Frame(frame.stream, frame.type, frame.flags, payload))
+                    partial.clear()
+            if error is not None:
+                break
+        expected, expected_error = reference_frames(data, max_frame, max_control)
+        assert got == expected
+        assert (error is None) == (expected_error is None)
+
+    check()
+
+
 def test_frame_decoder_on_hostile_bytes(scale: Scale) -> None:
     @settings(_fuzz, max_examples=scale.fuzz_examples)
     @given(small_limit, small_limit, mixture(frames), cuts, feeders)
@@ -459,7 +491,12 @@ def test_agent_session_on_hostile_bytes(scale: Scale) -> None:
                 if frame.type in (T.STDOUT, T.STDERR):
                     assert len(frame.payload) <= host_max_frame
                 if frame.type == T.ERROR:
-                    assert set(json.loads(frame.payload)) <= {"code", "message", "type", "errno"}
+                    assert set(json.loads(bytes(frame.payload))) <= {
+                        "code",
+                        "message",
+                        "type",
+                        "errno",
+                    }
 
         feed_until_error(agent, data, cuts, feed, step)
 

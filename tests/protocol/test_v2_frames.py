@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 
 from vsock_async import FrameTooLarge, ProtocolError, UsageError
 from vsock_async.protocol.v2 import (
+    DEFAULT_MAX_FRAME,
     FLAG_END,
     HEADER,
     MAX_CONTROL,
@@ -19,11 +21,13 @@ from vsock_async.protocol.v2 import (
     encode_json,
     encode_window,
     frame_parts,
+    write_pieces,
 )
+from vsock_async.protocol.v2_frames import DATA_BUFFER
 
 
-def lend(decoder: FrameDecoder, data: bytes) -> None:
-    """The BufferedProtocol path: write into the lent memory, commit, repeat."""
+def lend(decoder: FrameDecoder, data: bytes, after: Callable[[], object] = lambda: None) -> None:
+    """The BufferedProtocol path: write into the lent memory, commit, ``after()``, repeat."""
     pos = 0
     while pos < len(data):
         with decoder.get_buffer(-1) as buf:
@@ -31,6 +35,7 @@ def lend(decoder: FrameDecoder, data: bytes) -> None:
             n = min(len(buf), len(data) - pos)
             buf[:n] = data[pos : pos + n]
         decoder.buffer_updated(n)
+        after()
         pos += n
 
 
@@ -113,6 +118,126 @@ def test_large_payload_is_received_in_place() -> None:
         received += n
     assert max(sizes) > 8 * 1024  # not limited to the scratch buffer
     assert frames_of(decoder) == [Frame(1, FrameType.STDOUT, 0, b"q" * 300_000)]
+
+
+def joined(pieces: list[Frame]) -> list[Frame]:
+    """Streamed pieces put back together as the frames they came from, checking each piece's
+    offset and that only a frame's last piece carries END."""
+    out: list[Frame] = []
+    payload = bytearray()
+    for piece in pieces:
+        assert piece.offset == len(payload)
+        if piece.more:
+            assert not piece.end
+        payload += piece.payload
+        if not piece.more:
+            out.append(Frame(piece.stream, piece.type, piece.flags, bytes(payload)))
+            payload.clear()
+    assert not payload
+    return out
+
+
+def copied(frames: list[Frame]) -> list[Frame]:
+    """Pieces are views of memory the decoder reuses: what a caller keeps, it copies."""
+    return [Frame(f.stream, f.type, f.flags, bytes(f.payload), f.offset, f.length) for f in frames]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 65_536, 1 << 20])
+@pytest.mark.parametrize("path", ["push", "lend"])
+def test_streamed_data_payloads_are_the_same_bytes_in_any_chunking(path: str, chunk: int) -> None:
+    decoder = FrameDecoder(stream_data=True)
+    got: list[Frame] = []
+
+    def take() -> None:  # as an I/O layer does after each commit, and a pusher after each push
+        got.extend(copied(frames_of(decoder)))
+
+    def feed(data: bytes) -> None:
+        if path == "push":
+            decoder.receive_data(data)
+            take()
+        else:
+            lend(decoder, data, take)
+
+    want = SAMPLE if chunk > 1 else [f for f in SAMPLE if len(f.payload) < 20_000]  # quicker
+    wire = b"".join(encode_frame(f.stream, f.type, f.flags, f.payload) for f in want)
+    for start in range(0, len(wire), chunk):
+        feed(wire[start : start + chunk])
+    assert joined(got) == want
+    assert not decoder.in_frame
+
+
+def test_streamed_pieces_share_one_reused_buffer_and_carry_the_whole_length() -> None:
+    decoder = FrameDecoder(stream_data=True)
+    size = 3 * DATA_BUFFER + 5
+    decoder.receive_data(HEADER.pack(size, 9, FrameType.STDOUT, FLAG_END) + b"ab")
+    first = frames_of(decoder)
+    assert [(f.offset, f.length, bytes(f.payload), f.more, f.end) for f in first] == [
+        (0, size, b"ab", True, False)
+    ]
+    buffers = set()
+    pieces = []
+    received = 2
+    while received < size:
+        with decoder.get_buffer(-1) as buf:
+            assert len(buf) == min(DATA_BUFFER, size - received)  # never past the payload
+            buffers.add(id(buf.obj))
+            n = len(buf)
+            buf[:n] = b"q" * n
+        decoder.buffer_updated(n)
+        received += n
+        pieces += [(f.offset, len(f.payload), f.more, f.end) for f in frames_of(decoder)]
+    assert len(buffers) == 1  # every piece went through the same memory
+    assert pieces[-1] == (size - (size - 2) % DATA_BUFFER, (size - 2) % DATA_BUFFER, False, True)
+    assert [p[0] for p in pieces] == [2 + i * DATA_BUFFER for i in range(len(pieces))]
+    assert all(not end for *_, end in pieces[:-1])
+    # The next frame's header is parsed in the scratch again.
+    decoder.receive_data(encode_frame(9, FrameType.EXIT, 0, b"{}"))
+    assert frames_of(decoder) == [Frame(9, FrameType.EXIT, 0, b"{}")]
+
+
+def test_only_data_payloads_stream_and_small_ones_stay_whole() -> None:
+    decoder = FrameDecoder(max_control=1 << 20, stream_data=True)
+    frames = [
+        Frame(1, FrameType.EXEC, 0, b"x" * 100_000),  # a control payload is assembled whole
+        Frame(1, FrameType.STDIN, 0, b"y" * 4000),  # inline: whole
+        Frame(2, 0x7F, 0, b""),  # an unknown type is skipped, not streamed
+    ]
+    decoder.receive_data(encode_frame(1, FrameType.EXEC, 0, b"x" * 100_000))
+    decoder.receive_data(encode_frame(1, FrameType.STDIN, 0, b"y" * 4000))
+    decoder.receive_data(encode_frame(2, 0x7F, 0, b"z" * 100_000))
+    got = frames_of(decoder)
+    assert got == frames
+    assert all(isinstance(f.payload, bytes) for f in got)
+
+
+def test_release_frees_the_data_buffer_only_between_payloads() -> None:
+    decoder = FrameDecoder(stream_data=True)
+    decoder.receive_data(HEADER.pack(100_000, 1, FrameType.STDOUT, 0))
+    with decoder.get_buffer(-1) as buf:
+        held = buf.obj
+        buf[:50_000] = b"a" * 50_000
+    decoder.buffer_updated(50_000)
+    decoder.release()  # mid-payload: kept
+    with decoder.get_buffer(-1) as buf:
+        assert buf.obj is held
+        buf[:50_000] = b"b" * 50_000
+    decoder.buffer_updated(50_000)
+    assert [(f.offset, f.more) for f in frames_of(decoder)] == [(0, True), (50_000, False)]
+    decoder.release()
+    decoder.receive_data(HEADER.pack(100_000, 1, FrameType.STDOUT, 0))
+    with decoder.get_buffer(-1) as buf:
+        assert buf.obj is not held  # a new one, made when needed
+
+
+def test_write_pieces_joins_small_parts_and_passes_payloads_uncopied() -> None:
+    payload = memoryview(b"p" * DEFAULT_MAX_FRAME)
+    header, body = frame_parts(1, FrameType.STDOUT, 0, payload)
+    window = encode_window(1, Channel.STDOUT, 5)
+    pieces = write_pieces([window, window, header, payload, window])
+    assert len(pieces) == 3
+    assert (pieces[0], pieces[2]) == (window + window + header, window)
+    assert pieces[1] is payload and body is payload
+    assert write_pieces([]) == []
 
 
 @pytest.mark.parametrize(

@@ -138,7 +138,7 @@ def test_answer_bytes_and_round_trip() -> None:
     assert stdout == (
         b'vsock_async.hello {"version":2,"nonce":"0123456789abcdef","agent":"vsock_async/0.2.0",'
         b'"limits":{"max_frame":1048576,"max_control":65536,"max_streams":8,'
-        b'"stdin_window":262144,"max_argv_bytes":1048576,"max_files":16,"file_window":1048576},'
+        b'"stdin_window":262144,"max_argv_bytes":1048576,"max_files":16,"file_window":4194304},'
         b'"capabilities":["exec","ping"]}\n'
     )
     result = CommandResult(stdout, b"", 0)

@@ -7,6 +7,7 @@ tests, the two are wired to each other in memory: what one queues in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from vsock_async import FrameTooLarge, ProtocolError, UsageError
 from vsock_async.protocol.v2 import (
     FLAG_END,
+    HEADER,
     MAX_CREDIT,
     AgentLimits,
     AgentSession,
@@ -58,8 +60,10 @@ def host(
     return HostSession(HelloAnswer(2, limits or AgentLimits(), caps, "test"), **kw)
 
 
-def agent(limits: AgentLimits | None = None, host_max_frame: int = 1 << 20) -> AgentSession:
-    return AgentSession(HelloRequest((2,), NONCE, host_max_frame), limits or AgentLimits())
+def agent(
+    limits: AgentLimits | None = None, host_max_frame: int = 1 << 20, **kw: Any
+) -> AgentSession:
+    return AgentSession(HelloRequest((2,), NONCE, host_max_frame), limits or AgentLimits(), **kw)
 
 
 def sent(session: HostSession | AgentSession) -> list[Frame]:
@@ -82,7 +86,7 @@ def events(session: HostSession | AgentSession) -> list[Any]:
 
 def error_of(frame: Frame) -> dict[str, Any]:
     assert frame.type == T.ERROR
-    obj: dict[str, Any] = json.loads(frame.payload)
+    obj: dict[str, Any] = json.loads(bytes(frame.payload))
     return obj
 
 
@@ -127,7 +131,7 @@ def test_stream_ids_are_odd_and_increasing() -> None:
     assert ids == [1, 3, 5, 7]
     frames = sent(h)
     assert [(f.stream, f.type) for f in frames] == [(i, T.EXEC) for i in ids]
-    assert json.loads(frames[0].payload) == {"argv": ["true"], "window": 262144}
+    assert json.loads(bytes(frames[0].payload)) == {"argv": ["true"], "window": 262144}
     assert h.streams == frozenset(ids)
 
 
@@ -135,7 +139,7 @@ def test_window_argument_replaces_the_request_field() -> None:
     h = host()
     h.open_exec({"command": "ls", "window": 5}, 9)
     (frame,) = sent(h)
-    assert json.loads(frame.payload) == {"command": "ls", "window": 9}
+    assert json.loads(bytes(frame.payload)) == {"command": "ls", "window": 9}
     assert h.credit(1, Channel.STDOUT) == h.credit(1, Channel.STDERR) == 9
 
 
@@ -1193,3 +1197,69 @@ def test_close_on_a_file_stream_drops_its_output() -> None:
     assert a.send_output(stream, Channel.STDOUT, b"dropped") == 7
     a.file_failed(stream, "closed", "the host closed the stream")
     assert to_host(a, h) == [StreamError(stream, "closed", "the host closed the stream", None)]
+
+
+# -- streamed data payloads (stream_data=True, what the host and the agent use) ----------------
+
+
+def lent(session: HostSession | AgentSession, data: bytes) -> list[Any]:
+    """``data`` through lent memory, as an I/O layer feeds it, events (copied) after each
+    commit; an event's data is only valid until the session lends memory again."""
+    out: list[Any] = []
+    pos = 0
+    while pos < len(data):
+        with session.get_buffer(-1) as buf:
+            n = min(len(buf), len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+        session.buffer_updated(n)
+        pos += n
+        for event in events(session):
+            if isinstance(event, Output | StdinData):
+                event = dataclasses.replace(event, data=bytes(event.data))
+            out.append(event)
+    return out
+
+
+def test_a_streamed_stdout_frame_arrives_in_pieces_that_add_up() -> None:
+    h = host(stream_data=True)
+    h.open_exec({"argv": ["x"]}, 1 << 20)
+    h.receive_data(jframe(1, T.STARTED, {"pid": 7}))
+    events(h)
+    payload = bytes(range(256)) * 3000  # 768,000 bytes: several pieces
+    got = lent(h, encode_frame(1, T.STDOUT, FLAG_END, payload))
+    assert len(got) > 2
+    assert all(isinstance(e, Output) and e.stream == 1 for e in got)
+    assert b"".join(e.data for e in got) == payload
+    assert [e.end for e in got] == [False] * (len(got) - 1) + [True]
+    assert h.credit(1, Channel.STDOUT) == 0  # the channel ended
+
+
+def test_a_streamed_frame_beyond_credit_is_refused_before_any_piece_is_delivered() -> None:
+    a = agent(stream_data=True)
+    a.receive_data(jframe(1, T.EXEC, {"argv": ["x"], "stdin": True}))
+    events(a)
+    a.started(1, 7)
+    window = a.limits.stdin_window
+    # The header alone first: the payload's first bytes come through the data buffer.
+    a.receive_data(HEADER.pack(window + 1, 1, T.STDIN, 0))
+    assert events(a) == []
+    with a.get_buffer(-1) as buf:
+        buf[:10] = b"x" * 10
+    with pytest.raises(ProtocolError, match="exceed"):
+        a.buffer_updated(10)
+    assert [e for e in events(a) if isinstance(e, StdinData)] == []
+
+
+def test_pieces_of_a_frame_for_a_stream_never_opened_get_one_error() -> None:
+    a = agent(stream_data=True)
+    got = lent(a, encode_frame(5, T.STDIN, 0, b"s" * 600_000))
+    assert got == []
+    errors = [f for f in sent(a) if f.type == T.ERROR]
+    assert len(errors) == 1 and error_of(errors[0])["code"] == "unknown_stream"
+
+
+def test_without_stream_data_a_large_frame_is_one_event_of_bytes() -> None:
+    h = started_host(window=1 << 20)
+    h.receive_data(encode_frame(1, T.STDOUT, 0, b"o" * 600_000))
+    (event,) = events(h)
+    assert isinstance(event.data, bytes) and len(event.data) == 600_000

@@ -8,6 +8,9 @@ step at a time per stream, so a slow disk never stalls the connection:
 - **put** writes into a new temporary file in the target's directory,
   ``.vsock_async.put.<16 hex digits>`` (``O_EXCL``, mode 0600), hashing the
   bytes as they are written and returning their credit only once written.
+  The bytes wait in one ring of ``file_window`` bytes (the credit the host
+  never exceeds), written and hashed from there in one trip to the pool per
+  batch: a put allocates nothing per chunk.
   After STDIN END and COMMIT, if the SHA-256 matches, it sets owner, mode and
   mtime, fsyncs, renames the file into place and fsyncs the directory. Any
   other end (a mismatch, an error, CLOSE, the connection lost) removes the
@@ -24,18 +27,17 @@ import asyncio
 import base64
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import stat
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
-from .._digest import BackgroundDigest
 from .paths import MAX_PATH, FilesRoot, Resolved
 from .request import Refused, byte_string
 
@@ -224,14 +226,19 @@ class FileOperation:
     :meth:`kill` (the connection is gone: nothing more is sent).
     """
 
-    def __init__(self, spec: FileSpec, link: FileLink, root: FilesRoot, *, max_read: int) -> None:
+    def __init__(
+        self, spec: FileSpec, link: FileLink, root: FilesRoot, *, max_read: int, window: int
+    ) -> None:
         self.spec = spec
         self._link = link
         self._root = root
         self._max_read = max_read
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        self._chunks: deque[bytes] = deque()
+        self._window = window  # a put's credit: the host never has more bytes on the way
+        self._ring: bytearray | None = None  # a put's bytes not yet written, made on the first
+        self._head = 0  # where the next bytes of a put go in the ring
+        self._held = 0  # bytes in the ring not yet written
         self._end = False
         self._digest: str | None = None
         self._aborted: str | None = None  # "closed" (CLOSE) or "killed" (connection lost)
@@ -239,10 +246,21 @@ class FileOperation:
 
     # -- the host's frames ---------------------------------------------------------------
 
-    def write(self, data: bytes, end: bool) -> None:
-        """Bytes of a put (credit comes back as they are written); ``end``: the last ones."""
+    def write(self, data: bytes | memoryview, end: bool) -> None:
+        """Bytes of a put, copied into the ring (credit comes back as they are written);
+        ``end``: the last ones. The session never passes more than the credit left."""
         if data:
-            self._chunks.append(data)
+            if self._ring is None:
+                self._ring = bytearray(self._window)
+            ring, at, n = self._ring, self._head, len(data)
+            if self._held + n > len(ring):
+                raise RuntimeError(f"{n} bytes of a put beyond the {len(ring)} bytes of credit")
+            src = memoryview(data)
+            first = min(n, len(ring) - at)
+            ring[at : at + first] = src[:first]
+            ring[: n - first] = src[first:]
+            self._head = (at + n) % len(ring)
+            self._held += n
         self._end = end
         self._changed.set()
 
@@ -337,22 +355,31 @@ class FileOperation:
             fd, temp = await self._io(_create_temp, where)
             done = False
             try:
-                digest = BackgroundDigest()
+                hasher = hashlib.sha256()
+                size = tail = 0
                 while True:
-                    await self._until(lambda: bool(self._chunks) or self._end)
-                    if not self._chunks:
+                    await self._until(lambda: bool(self._held) or self._end)
+                    if not self._held:
                         break
-                    chunks = list(self._chunks)  # all that came meanwhile: one trip to the pool
-                    self._chunks.clear()
-                    # Hashed while written (each in a thread of its own), credit back once written.
-                    await asyncio.gather(digest.update(*chunks), self._io(_write_all, fd, chunks))
-                    self._link.stdin_consumed(sum(len(chunk) for chunk in chunks))
+                    # What came meanwhile, in one trip to the pool; at most a quarter of the
+                    # window, so that credit flows back while the rest is written.
+                    assert self._ring is not None
+                    n = min(self._held, len(self._ring) // 4 or 1)
+                    with memoryview(self._ring) as ring:
+                        pieces = [ring[tail : tail + n], ring[: max(0, tail + n - len(ring))]]
+                        await self._io(_hash_and_write, hasher, fd, pieces)
+                        for piece in pieces:
+                            piece.release()
+                    tail = (tail + n) % len(self._ring)
+                    self._held -= n
+                    size += n
+                    self._link.stdin_consumed(n)  # credit back once written
                 await self._until(lambda: self._digest is not None)
-                sha256 = await digest.hexdigest()
+                sha256 = hasher.hexdigest()
                 if sha256 != self._digest:
                     raise Refused(
                         "digest_mismatch",
-                        f"the {digest.size} bytes received have SHA-256 {sha256}, not"
+                        f"the {size} bytes received have SHA-256 {sha256}, not"
                         f" {self._digest}: the file was not written",
                     )
                 self._committing = True
@@ -363,33 +390,34 @@ class FileOperation:
                 if not done:
                     with contextlib.suppress(OSError):
                         os.unlink(temp, dir_fd=where.dir_fd)
-        return {"size": digest.size, "sha256": sha256}
+        return {"size": size, "sha256": sha256}
 
     async def _get(self) -> dict[str, Any]:
         with await self._resolve(follow=True) as where:
             fd = await self._io(_open_regular, where)
         try:
             opened = os.fstat(fd)
-            digest = BackgroundDigest()
+            hasher = hashlib.sha256()
+            size = 0
             while True:
                 if self._link.credit(_FILE_STDOUT) <= 0:
                     if await self._io(_at_end, fd):  # END needs no credit: do not wait for it
                         break
                     await self._until(lambda: self._link.credit(_FILE_STDOUT) > 0)
                 size_now = min(self._max_read, self._link.credit(_FILE_STDOUT))
-                data = await self._io(os.read, fd, size_now)
+                data = await self._io(_read_and_hash, fd, size_now, hasher)
                 if self._aborted is not None:
                     raise _Aborted
                 if not data:
                     break
-                await digest.update(data)  # hashed while the next read happens
+                size += len(data)
                 self._link.send_output(_FILE_STDOUT, data, False)
-            sha256 = await digest.hexdigest()
+            sha256 = hasher.hexdigest()
         finally:
             os.close(fd)
         self._link.send_output(_FILE_STDOUT, b"", True)
         return {
-            "size": digest.size,
+            "size": size,
             "sha256": sha256,
             "mode": stat.S_IMODE(opened.st_mode),
             "mtime_ns": opened.st_mtime_ns,
@@ -471,11 +499,19 @@ def _create_temp(where: Resolved) -> tuple[int, bytes]:
             continue
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    for data in chunks:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+def _read_and_hash(fd: int, n: int, hasher: Any) -> bytes:
+    """Up to ``n`` bytes of ``fd``, hashed: one trip to the pool for both."""
+    data = os.read(fd, n)
+    hasher.update(data)
+    return data
+
+
+def _hash_and_write(hasher: Any, fd: int, pieces: list[memoryview]) -> None:
+    """Hash ``pieces``, then write them whole (in the pool: both release the GIL)."""
+    for piece in pieces:
+        hasher.update(piece)
+        while piece:
+            piece = piece[os.write(fd, piece) :]
 
 
 def _install(fd: int, temp: bytes, where: Resolved, spec: FileSpec) -> None:

@@ -39,6 +39,7 @@ from ..protocol.v2 import (
     ResizeRequested,
     SignalRequested,
     StdinData,
+    write_pieces,
 )
 from .files import FileOperation, parse_file_request
 from .paths import FilesRoot
@@ -49,7 +50,6 @@ from .terminal import pty_available
 __all__ = ["V2Connection", "V2Settings", "agent_name", "capabilities"]
 
 _logger = logging.getLogger("vsock_async.agent")
-_JOIN_BELOW = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,8 @@ class V2Connection(asyncio.BufferedProtocol):
         on_lost: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._session = AgentSession(hello, settings.limits)
+        # Large STDIN frames come in pieces of one reused buffer; processes and puts copy them.
+        self._session = AgentSession(hello, settings.limits, stream_data=True)
         self._settings = settings
         self._can_pty = "pty" in capabilities
         self._can_switch_user = "user" in capabilities
@@ -288,7 +289,11 @@ class V2Connection(asyncio.BufferedProtocol):
             self._session.file_failed(stream, refused.code, refused.message, refused.errno)
             return
         operation = FileOperation(
-            spec, _Link(self, stream), self._settings.files_root, max_read=self._max_read
+            spec,
+            _Link(self, stream),
+            self._settings.files_root,
+            max_read=self._max_read,
+            window=self._settings.limits.file_window,
         )
         self._files[stream] = operation
         task = self._loop.create_task(self._carry_out(stream, operation))
@@ -346,28 +351,13 @@ class V2Connection(asyncio.BufferedProtocol):
     # -- sending -------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Write the queued frames: small pieces joined, large payloads as they are.
-
-        Not ``writelines``: on Python 3.12.0-3.12.8 and 3.13.0-3.13.1 it never pauses the
-        protocol (CPython gh-127655), so a host that stops reading would grow the buffer
-        without bound. ``write`` pauses it; joining only pieces under 4 KiB keeps the
-        payloads uncopied at the price of one more send for the header of a large frame.
-        """
+        """Write the queued frames: small pieces joined, large payloads as they are."""
         transport = self._transport
         chunks = self._session.data_to_send()
         if not chunks or transport is None or transport.is_closing():
             return
-        small: list[bytes | memoryview] = []
-        for chunk in chunks:
-            if len(chunk) < _JOIN_BELOW:
-                small.append(chunk)
-                continue
-            if small:
-                transport.write(b"".join(small))
-                small.clear()
-            transport.write(chunk)
-        if small:
-            transport.write(small[0] if len(small) == 1 else b"".join(small))
+        for piece in write_pieces(chunks):
+            transport.write(piece)
 
     def _credit_changed(self) -> None:
         for process in list(self._processes.values()):

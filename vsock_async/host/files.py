@@ -23,11 +23,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import stat as stat_module
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypedDict
 
@@ -60,8 +61,9 @@ __all__ = [
 
 logger = logging.getLogger("vsock_async")
 
-DEFAULT_WINDOW: Final = 1024 * 1024
-"""Bytes of a get the host holds unread: the credit it grants the agent."""
+DEFAULT_WINDOW: Final = 4 * 1024 * 1024
+"""Bytes of a get the host holds unread: the credit it grants the agent. Four times the
+largest frame, so the agent keeps sending while the host writes what came."""
 _CHUNK: Final = 1024 * 1024  # bytes read from a local file at a time, and bytes slices
 _LISTING_WINDOW: Final = 256 * 1024  # also the longest listing line accepted
 _MAX_PATH: Final = 4096
@@ -657,29 +659,37 @@ def read_file(
     ``aclose()``) stops the transfer in the guest.
     """
     path = _guest_path(guest_path)
-    return _get(connection, path, _window(window), {})
+    return _get(connection, path, _window(window))
 
 
-async def _get(
-    connection: SessionConnection, path: bytes, window: int, result: dict[str, Any]
-) -> AsyncGenerator[bytes, None]:
-    """The chunks of a get, then its RESULT (checked) into ``result``."""
+@contextlib.asynccontextmanager
+async def _getting(
+    connection: SessionConnection, path: bytes, window: int
+) -> AsyncIterator[tuple[FileStream, ProcessReader]]:
+    """A get of ``path`` under way, and the reader of its bytes; stopped in the guest if
+    left before its RESULT."""
     connection.require("files", "work with files")
     transfer = FileStream(connection, path, window=window)
     await connection.open_file(transfer, {"op": "get", "path": _wire_string(path, "path")}, window)
-    reader = transfer.reader
-    assert reader is not None
+    assert transfer.reader is not None
     try:
+        yield transfer, transfer.reader
+    finally:
+        transfer.give_up()
+
+
+async def _get(
+    connection: SessionConnection, path: bytes, window: int
+) -> AsyncGenerator[bytes, None]:
+    """The chunks of a get; the last comes only once its size and digest are checked."""
+    async with _getting(connection, path, window) as (transfer, reader):
         digest = BackgroundDigest()
         while chunk := await reader.read(window):
             await digest.update(chunk)  # hashed while the caller uses it
             yield chunk
         answer = await transfer.result()
         sha256 = await digest.hexdigest()
-    finally:
-        transfer.give_up()
     _check_transfer(connection, answer, digest.size, sha256, path)
-    result.update(answer)
 
 
 async def get_file(
@@ -710,14 +720,22 @@ async def get_file(
 async def _download(
     connection: SessionConnection, path: bytes, dir_fd: int, name: bytes, window: int
 ) -> None:
-    """The guest file ``path`` as ``name`` in the local directory ``dir_fd``."""
+    """The guest file ``path`` as ``name`` in the local directory ``dir_fd``.
+
+    The bytes are copied out of the reader into one reused buffer and hashed and written
+    from it in one trip to the thread pool per batch, while the next ones arrive."""
     fd, temp = await asyncio.to_thread(local.create_temp, dir_fd)
     done = False
     try:
-        result: dict[str, Any] = {}
-        async with contextlib.aclosing(_get(connection, path, window, result)) as chunks:
-            async for chunk in chunks:
-                await asyncio.to_thread(local.write_all, fd, chunk)
+        hasher = hashlib.sha256()
+        size = 0
+        async with _getting(connection, path, window) as (transfer, reader):
+            with memoryview(bytearray(min(window, _CHUNK))) as buffer:
+                while n := await reader.readinto(buffer):
+                    await asyncio.to_thread(local.hash_and_write, hasher, fd, buffer[:n])
+                    size += n
+            result = await transfer.result()
+        _check_transfer(connection, result, size, hasher.hexdigest(), path)
         kept = _peer_ints(connection, result, _KEPT)
         await asyncio.to_thread(local.install, fd, temp, dir_fd, name, **kept)
         done = True

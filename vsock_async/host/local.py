@@ -15,13 +15,14 @@ import os
 import secrets
 import stat
 import time
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "TEMP_PREFIX",
     "create_temp",
     "discard",
     "entries",
+    "hash_and_write",
     "install",
     "make_directory",
     "make_symlink",
@@ -100,6 +101,13 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]
+
+
+def hash_and_write(hasher: Any, fd: int, data: memoryview) -> None:
+    """Hash ``data``, then write all of it: one trip to the thread pool for both (each
+    releases the GIL)."""
+    hasher.update(data)
+    write_all(fd, data)
 
 
 def set_mode_and_mtime(fd: int, *, mode: int, mtime_ns: int) -> None:

@@ -210,7 +210,8 @@ class ProcessReader:
         while not self._buffer and not self._eof:
             await self._wait_for_data("readinto")
         n = min(len(view), len(self._buffer))
-        view[:n] = self._buffer[:n]
+        with memoryview(self._buffer) as held:
+            view[:n] = held[:n]
         del self._buffer[:n]
         self._ungranted += n
         if self._ungranted >= self._batch:

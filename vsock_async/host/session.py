@@ -43,6 +43,7 @@ from ..protocol.v2 import (
     Started,
     StdinCredit,
     StreamError,
+    write_pieces,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         """What the agent announced in its hello: version, limits, capabilities."""
         self.limits = limits
         """The host's limits; :meth:`GuestChannel.run` caps captured output with them."""
-        self._session = HostSession(agent, max_frame)
+        self._session = HostSession(agent, max_frame, stream_data=True)  # output pieces are copied
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._streams: dict[int, Process] = {}
@@ -456,11 +457,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             return
         data = self._session.data_to_send()
         if data and self._error is None:
-            # One write, not writelines(): on some 3.12/3.13 releases the selector
-            # transport's writelines() never pauses the protocol (CPython gh-127655).
-            chunk = data[0] if len(data) == 1 else b"".join(data)
-            self.bytes_sent += len(chunk)
-            self.transport.write(chunk)
+            for piece in write_pieces(data):  # payloads uncopied, small pieces joined
+                self.bytes_sent += len(piece)
+                self.transport.write(piece)
 
     def _wake_writers(self) -> None:
         if self._writable is not None and not self._writable.done():

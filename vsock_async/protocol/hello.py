@@ -68,7 +68,7 @@ class AgentLimits:
     """Total bytes of argv, command and env of one EXEC."""
     max_files: int = 16
     """File streams open at once on one connection (they count as streams too)."""
-    file_window: int = 1 * MiB
+    file_window: int = 4 * MiB
     """Initial STDIN credit of each put: the file bytes it holds at most before writing them."""
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from .v2_frames import encode_frame as encode_frame
 from .v2_frames import encode_json as encode_json
 from .v2_frames import encode_window as encode_window
 from .v2_frames import frame_parts as frame_parts
+from .v2_frames import write_pieces as write_pieces
 from .v2_session import DEFAULT_WINDOW as DEFAULT_WINDOW
 from .v2_session import DOWNLOAD_OPS as DOWNLOAD_OPS
 from .v2_session import MAX_PING as MAX_PING
@@ -105,4 +106,5 @@ __all__ = [
     "new_nonce",
     "parse_hello_answer",
     "parse_hello_command",
+    "write_pieces",
 ]

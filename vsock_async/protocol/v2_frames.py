@@ -13,6 +13,15 @@ other control types against ``max_control``); headers and small payloads are
 parsed in a fixed scratch buffer, and a large payload gets memory only as its
 bytes arrive. The payload of a frame of an unknown type is read and dropped,
 never stored.
+
+A decoder made with ``stream_data=True`` does not assemble large data
+payloads (STDIN, STDOUT, STDERR above ``INLINE_MAX``): it receives them into
+one reused buffer of ``DATA_BUFFER`` bytes and hands each piece on as it
+arrives: a :class:`Frame` with the whole ``length`` and the piece's
+``offset``; the first (offset 0) lets the frame be checked whole before any
+of it is used. Bulk data then
+costs no allocation at all; the price is that a piece's payload is a
+``memoryview`` valid only until the next :meth:`FrameDecoder.get_buffer`.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from ..errors import FrameTooLarge, ProtocolError, UsageError
 
 # The v1 memory rules, shared: a scratch for headers and small payloads; larger payloads get
 # growing chunks, then their final object once an eighth has arrived.
-from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody, copy_into_lent_memory
+from ._body import INLINE_MAX, SCRATCH_SIZE, LargeBody
 from .limits import U32_MAX, MiB
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
     "encode_json",
     "encode_window",
     "frame_parts",
+    "write_pieces",
 ]
 
 HEADER: Final = struct.Struct(">IIBB")
@@ -53,6 +63,9 @@ HEADER: Final = struct.Struct(">IIBB")
 
 DEFAULT_MAX_FRAME: Final = 1 * MiB
 """The default largest payload of a data frame (STDIN, STDOUT, STDERR)."""
+
+DATA_BUFFER: Final = 256 * 1024
+"""The reused receive buffer of a ``stream_data`` decoder: pieces of a large data payload."""
 
 MAX_CONTROL: Final = 64 * 1024
 """The default largest payload of a control frame; every v2 peer accepts at least this much."""
@@ -113,6 +126,7 @@ _CONTROL_TYPES: Final = frozenset(
         FrameType.PONG,
     }
 )
+_DATA_TYPES: Final = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR})
 _WINDOW = struct.Struct(">BI")
 WINDOW_SIZE: Final = _WINDOW.size
 """The length of a WINDOW payload: u8 channel, u32 increment."""
@@ -130,12 +144,55 @@ class Frame:
     stream: int
     type: int
     flags: int = 0
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
+    offset: int = 0
+    """Where ``payload`` starts in the frame's payload: above 0 for a later piece of a
+    streamed payload (``stream_data`` decoders; a piece's payload is a ``memoryview``
+    valid until the decoder lends memory again)."""
+    length: int = -1
+    """The whole payload's length when this is a piece of it; -1 when ``payload`` is whole."""
+
+    @property
+    def total(self) -> int:
+        """The length of the frame's whole payload."""
+        return len(self.payload) if self.length < 0 else self.length
+
+    @property
+    def more(self) -> bool:
+        """True for a piece of a payload that more pieces follow."""
+        return self.offset + len(self.payload) < self.total
 
     @property
     def end(self) -> bool:
-        """True when the END flag is set."""
-        return bool(self.flags & FLAG_END)
+        """True when the END flag is set (on a streamed payload: on its last piece)."""
+        return bool(self.flags & FLAG_END) and not self.more
+
+
+_JOIN_BELOW: Final = 4096
+
+
+def write_pieces(chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Queued frame parts (headers, payloads) regrouped for one ``transport.write()`` each:
+    runs of pieces under 4 KiB joined, larger payloads passed on uncopied.
+
+    Not ``writelines``: on Python 3.12.0-3.12.8 and 3.13.0-3.13.1 it never pauses the
+    protocol (CPython gh-127655), so a peer that stops reading would grow the buffer
+    without bound; ``write`` pauses it. The price of not copying a large payload is one
+    more send for the header before it.
+    """
+    out: list[bytes | memoryview] = []
+    small: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if len(chunk) < _JOIN_BELOW:
+            small.append(chunk)
+            continue
+        if small:
+            out.append(small[0] if len(small) == 1 else b"".join(small))
+            small = []
+        out.append(chunk)
+    if small:
+        out.append(small[0] if len(small) == 1 else b"".join(small))
+    return out
 
 
 def frame_parts(
@@ -172,10 +229,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def decode_json(payload: bytes, what: str) -> dict[str, Any]:
+def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
     """A JSON object from strict UTF-8; :class:`ProtocolError` naming ``what`` otherwise."""
     try:
-        obj = json.loads(payload.decode(), parse_constant=_no_constants)
+        obj = json.loads(bytes(payload).decode(), parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -195,7 +252,7 @@ def encode_window(stream: int, channel: Channel, increment: int) -> bytes:
     return encode_frame(stream, FrameType.WINDOW, 0, _WINDOW.pack(channel, increment))
 
 
-def decode_window(payload: bytes) -> tuple[int, int]:
+def decode_window(payload: bytes | memoryview) -> tuple[int, int]:
     """``(channel, increment)`` from a WINDOW payload, which must be 5 bytes long."""
     channel, increment = _WINDOW.unpack(payload)
     return channel, increment
@@ -210,9 +267,17 @@ class FrameDecoder:
     place). Read frames with :meth:`next_frame`. A payload above its limit
     raises :class:`FrameTooLarge`; after that the decoder is unusable. Input
     after an error or after :meth:`receive_eof` is a :class:`UsageError`.
+    With ``stream_data``, large data payloads come as pieces (see the module's
+    docstring): take every frame, and copy what you keep, before lending again.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_control: int = MAX_CONTROL):
+    def __init__(
+        self,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_control: int = MAX_CONTROL,
+        *,
+        stream_data: bool = False,
+    ):
         for name, value in (("max_frame", max_frame), ("max_control", max_control)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
                 raise UsageError(f"{name} must be an int in 0..{U32_MAX}, not {value!r}")
@@ -228,6 +293,10 @@ class FrameDecoder:
         self._flags = 0
         self._skip = 0  # bytes of an unknown type's payload still to drop
         self._body: LargeBody | None = None  # a large payload being received
+        self._stream_data = stream_data
+        self._data: bytearray | None = None  # the reused buffer of streamed data payloads
+        self._data_left = 0  # bytes of the data payload being streamed still to come
+        self._data_offset = 0  # where the next piece of it starts
         self._lent = -1  # size of the buffer last lent; -1 when none is outstanding
         self._frames: deque[Frame] = deque()
         self._error: ProtocolError | None = None
@@ -243,6 +312,10 @@ class FrameDecoder:
         return buffer
 
     def _next_buffer(self) -> memoryview:
+        if self._data_left:
+            if self._data is None:
+                self._data = bytearray(DATA_BUFFER)
+            return memoryview(self._data)[: self._data_left]
         if self._body is not None:
             return self._body.buffer()
         if self._start and SCRATCH_SIZE - self._end < INLINE_MAX:
@@ -258,6 +331,11 @@ class FrameDecoder:
         self._lent = -1
         if nbytes == 0:
             return
+        if self._data_left:
+            assert self._data is not None
+            self._data_left -= nbytes
+            self._piece(memoryview(self._data)[:nbytes])
+            return
         body = self._body
         if body is not None:
             if body.commit(nbytes):
@@ -270,15 +348,35 @@ class FrameDecoder:
         self._parse()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Push bytes received from the peer; ``b""`` means end of stream."""
-        if data:
-            copy_into_lent_memory(self, data)
-        else:
+        """Push bytes received from the peer; ``b""`` means end of stream. With
+        ``stream_data``, the pieces of a streamed payload are views of ``data`` itself."""
+        if not data:
             self.receive_eof()
+            return
+        src = memoryview(data).cast("B")
+        while src:
+            if self._data_left:
+                self._check_usable()
+                n = min(len(src), self._data_left)
+                self._data_left -= n
+                self._piece(src[:n])
+                src = src[n:]
+                continue
+            with self.get_buffer() as dst:
+                n = min(len(dst), len(src))
+                dst[:n] = src[:n]
+            src = src[n:]
+            self.buffer_updated(n)
 
     def receive_eof(self) -> None:
         """The peer will send nothing more (see :attr:`in_frame` for a cut frame)."""
         self._eof = True
+
+    def release(self) -> None:
+        """Free the reused data buffer unless a payload is streaming into it (an idle
+        connection need not hold it); the next large data payload makes a new one."""
+        if not self._data_left:
+            self._data = None
 
     # -- output -------------------------------------------------------------------------
 
@@ -289,7 +387,7 @@ class FrameDecoder:
     @property
     def in_frame(self) -> bool:
         """True when part of a frame has arrived and the rest has not."""
-        return self._length >= 0 or self._skip > 0 or self._end > self._start
+        return self._length >= 0 or self._skip > 0 or self._data_left > 0 or self._end > self._start
 
     @property
     def eof(self) -> bool:
@@ -320,6 +418,16 @@ class FrameDecoder:
     def _frame_done(self, payload: bytes) -> None:
         self._length = -1
         self._frames.append(Frame(self._stream, self._type, self._flags, payload))
+
+    def _piece(self, payload: bytes | memoryview) -> None:
+        """A piece of the data payload being streamed."""
+        offset = self._data_offset
+        self._data_offset += len(payload)
+        self._frames.append(
+            Frame(self._stream, self._type, self._flags, payload, offset, self._length)
+        )
+        if not self._data_left:
+            self._length = -1
 
     def _parse(self) -> None:
         view = self._view
@@ -360,7 +468,15 @@ class FrameDecoder:
                 self._frame_done(payload)
                 continue
             if length > INLINE_MAX:
-                self._body = LargeBody(length, view[start:end])
+                if self._stream_data and type in _DATA_TYPES:
+                    # What has come is a first piece (a view of the scratch, which is reused
+                    # only once lent again); the rest goes through the data buffer.
+                    self._data_left = length - available
+                    self._data_offset = 0
+                    if available:  # a copy: the scratch is reused before the next piece
+                        self._piece(view[start:end].tobytes())
+                else:
+                    self._body = LargeBody(length, view[start:end])
                 start = end = 0
             break
         if start == end:

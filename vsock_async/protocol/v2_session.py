@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import ProtocolError, UsageError
-from ._body import copy_into_lent_memory
 from .hello import AgentLimits, HelloAnswer, HelloRequest
 from .limits import U32_MAX
 from .v2_frames import (
@@ -113,12 +112,14 @@ class Output:
     """Host: bytes of ``channel`` (STDOUT or STDERR); ``end``: the channel is closed after them.
 
     The bytes used ``len(data)`` of the channel's credit: give it back with
-    :meth:`HostSession.grant` as the application consumes them.
+    :meth:`HostSession.grant` as the application consumes them. A session made
+    with ``stream_data=True`` hands large frames on in pieces, as a
+    ``memoryview`` valid until the session lends memory again: copy what you keep.
     """
 
     stream: int
     channel: Channel
-    data: bytes
+    data: bytes | memoryview
     end: bool
 
 
@@ -235,11 +236,13 @@ class CommitRequested:
 class StdinData:
     """Agent: bytes for the stdin of ``stream``; ``end``: close it after them.
 
-    Return the credit with :meth:`AgentSession.stdin_consumed` once written.
+    Return the credit with :meth:`AgentSession.stdin_consumed` once written. With
+    ``stream_data=True``, ``data`` may be a ``memoryview`` valid until the session lends
+    memory again (see :class:`Output`).
     """
 
     stream: int
-    data: bytes
+    data: bytes | memoryview
     end: bool
 
 
@@ -371,8 +374,10 @@ class _Session:
     _receives: frozenset[FrameType]  # stream types this end receives; others are violations
     _credited: frozenset[Channel]  # channels whose credit this end receives (WINDOW)
 
-    def __init__(self, max_frame: int, max_control: int, peer_max_frame: int) -> None:
-        self._decoder = FrameDecoder(max_frame, max_control)
+    def __init__(
+        self, max_frame: int, max_control: int, peer_max_frame: int, stream_data: bool
+    ) -> None:
+        self._decoder = FrameDecoder(max_frame, max_control, stream_data=stream_data)
         self._peer_max_frame = peer_max_frame
         self._send: list[bytes | memoryview] = []
         self._events: deque[Any] = deque()
@@ -393,21 +398,24 @@ class _Session:
     def buffer_updated(self, nbytes: int) -> None:
         """Commit ``nbytes`` received into the buffer last lent; :class:`ProtocolError` if bad."""
         self._check_usable()
-        try:
-            try:
-                self._decoder.buffer_updated(nbytes)
-            finally:
-                self._handle_frames()  # the frames before a bad one stand
-        except ProtocolError as exc:
-            self._error = exc
-            raise
+        self._decode(self._decoder.buffer_updated, nbytes)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Push received bytes; ``b""`` means the peer closed the connection."""
-        if data:
-            copy_into_lent_memory(self, data)
-        else:
-            self.receive_eof()
+        self._check_usable()
+        self._decode(self._decoder.receive_data, data)
+
+    def _decode(self, step: Callable[[Any], None], arg: Any) -> None:
+        try:
+            try:
+                step(arg)
+            finally:
+                self._handle_frames()  # the frames before a bad one stand
+            if not self._streams:
+                self._decoder.release()  # no stream is open: nothing streams for a while
+        except ProtocolError as exc:
+            self._error = exc
+            raise
 
     def receive_eof(self) -> None:
         """The peer closed the connection: its open streams are lost (see :attr:`in_frame`)."""
@@ -551,7 +559,7 @@ class _Session:
                 self._on_window(state, frame)
             else:
                 self._on_stream_frame(state, frame)
-        elif stream % 2 == 0 or stream > self._last_id:
+        elif (stream % 2 == 0 or stream > self._last_id) and not frame.offset:
             self._queue_error(stream, type, "unknown_stream", f"stream {stream} was never opened")
         # Otherwise the stream has ended, and this frame crossed its last one on the wire.
 
@@ -569,14 +577,16 @@ class _Session:
             self._on_credit(frame.stream, Channel(channel), increment)
 
     def _take_credit(self, state: _Stream, channel: Channel, frame: Frame) -> None:
-        """Account for a received data frame; a violation if it is beyond credit or after END."""
-        if state.ended[channel]:
-            raise _violation(frame, f"{channel.name} had already ended")
-        size = len(frame.payload)
-        if size > state.credit[channel]:
-            left = state.credit[channel]
-            raise _violation(frame, f"{size} bytes exceed the {left} bytes of credit left")
-        state.credit[channel] -= size
+        """Account for a received data frame, whole at its first piece; a violation if it is
+        beyond credit or after END."""
+        if not frame.offset:
+            if state.ended[channel]:
+                raise _violation(frame, f"{channel.name} had already ended")
+            size = frame.total
+            if size > state.credit[channel]:
+                left = state.credit[channel]
+                raise _violation(frame, f"{size} bytes exceed the {left} bytes of credit left")
+            state.credit[channel] -= size
         state.ended[channel] = frame.end
 
     def _on_error(
@@ -584,7 +594,7 @@ class _Session:
     ) -> None:
         self._events.append(RequestFailed(stream, type, code, message, errno))
 
-    def _on_pong(self, payload: bytes) -> None:
+    def _on_pong(self, payload: bytes | memoryview) -> None:
         """A PONG this end never asked for: ignored."""
 
     def _on_exec(self, frame: Frame) -> None:
@@ -634,8 +644,10 @@ class HostSession(_Session):
     )
     _credited = frozenset({Channel.STDIN})
 
-    def __init__(self, agent: HelloAnswer, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        super().__init__(max_frame, MAX_CONTROL, agent.limits.max_frame)
+    def __init__(
+        self, agent: HelloAnswer, max_frame: int = DEFAULT_MAX_FRAME, *, stream_data: bool = False
+    ) -> None:
+        super().__init__(max_frame, MAX_CONTROL, agent.limits.max_frame, stream_data)
         self.agent = agent
         """What the agent announced in its hello answer."""
 
@@ -900,8 +912,8 @@ class HostSession(_Session):
         else:
             super()._on_error(stream, code, message, errno, type)
 
-    def _on_pong(self, payload: bytes) -> None:
-        self._events.append(Pong(payload))
+    def _on_pong(self, payload: bytes | memoryview) -> None:
+        self._events.append(Pong(bytes(payload)))
 
     def _on_credit(self, stream: int, channel: Channel, increment: int) -> None:
         self._events.append(StdinCredit(stream, increment))
@@ -951,9 +963,11 @@ class AgentSession(_Session):
     )
     _credited = frozenset(_OUTPUT)
 
-    def __init__(self, hello: HelloRequest, limits: AgentLimits | None = None) -> None:
+    def __init__(
+        self, hello: HelloRequest, limits: AgentLimits | None = None, *, stream_data: bool = False
+    ) -> None:
         limits = limits or AgentLimits()
-        super().__init__(limits.max_frame, limits.max_control, hello.max_frame)
+        super().__init__(limits.max_frame, limits.max_control, hello.max_frame, stream_data)
         self.limits = limits
         """What this agent announced in its hello answer."""
 
