@@ -260,3 +260,11 @@ def reset_peak_rss(pid: int | str = "self") -> None:
     (Linux: write 5 to clear_refs)."""
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` itself, its threads included (not its
+    children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

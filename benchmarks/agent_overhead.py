@@ -31,6 +31,7 @@ import vsock_async
 from ._harness import (
     ChildProcess,
     Table,
+    cpu_seconds,
     fresh_dir,
     python_process,
     read_status_kib,
@@ -41,7 +42,6 @@ NAME = "agent"
 SHELL = "/bin/sh"
 TRUE = "true"
 BULK_BYTES = 100_000_000
-TICK = os.sysconf("SC_CLK_TCK")
 
 Measure = tuple[float, float]  # (seconds per command, host CPU seconds per command)
 # ... and the agent's own CPU seconds per command and its peak RSS above idle (MiB; NaN for
@@ -54,13 +54,6 @@ def agent_process(address: str, max_output: int) -> ChildProcess:
     """The real agent dialling ``address``; killed by its pid afterwards."""
     args = ["-m", "vsock_async", "agent", "--connect", address, "--log-level", "warning"]
     return python_process([*args, "--max-output", str(max_output)])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` itself (not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _timed(n: int, once: Callable[[], None]) -> Measure:
