@@ -121,6 +121,8 @@ async def test_close_mid_put_removes_the_temp_and_answers_closed(tmp_path: Path)
         ({"op": "symlink", "path": "/x", "target": ""}, "bad_request"),
         ({"op": "remove", "path": "/x", "recursive": "yes"}, "bad_request"),
         ({"op": "setattr", "path": "/x", "mode": "0755"}, "bad_request"),
+        ({"op": "mkdir", "path": "/x", "uid": -1}, "bad_request"),
+        ({"op": "symlink", "path": "/x", "target": "y", "gid": "root"}, "bad_request"),
         ({"op": "setattr", "path": "/x", "mtime_ns": -1}, "bad_request"),
     ],
 )

@@ -743,6 +743,55 @@ async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
         assert os.listdir(locked) == [] and not (guest.dir / "f").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="owning files by another user needs root")
+@pytest.mark.asyncio
+async def test_put_tree_gives_every_entry_it_makes_the_owner(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    make_modes_tree(local)
+    (local / "setuid").write_bytes(b"x")
+    os.chmod(local / "setuid", 0o4755)  # chown clears set-id bits: the mode comes after
+    expected = snapshot(local, top=True)
+    async with running(tmp_path) as guest:
+        copy = Path(guest.path("tree"))
+        await guest.channel.put_tree(local, str(copy), uid=1234, gid=5678)
+        assert snapshot(copy, top=True) == expected
+        owners = {
+            os.path.relpath(os.path.join(d, n), copy): os.lstat(os.path.join(d, n))[4:6]
+            for d, ds, ns in os.walk(copy)
+            for n in ds + ns
+        }
+        assert "private/link" in owners and "ro/inner/deep" in owners
+        assert set(owners.values()) == {(1234, 5678)}, owners
+        assert os.stat(copy)[4:6] == (1234, 5678)
+        # Only gid: the uid is the agent's.
+        await guest.channel.put_tree(local / "private", guest.path("gid-only"), gid=5678)
+        assert os.lstat(guest.path("gid-only", "link"))[4:6] == (0, 5678)
+        assert os.stat(guest.path("gid-only", "odd", "run"))[4:6] == (0, 5678)
+
+
+@pytest.mark.asyncio
+async def test_put_tree_with_an_owner_needs_a_root_agent_and_makes_nothing(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / "local"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "f").write_bytes(b"x")
+    agent = unprivileged(tmp_path) if os.geteuid() == 0 else running(tmp_path)
+    async with agent as guest:
+        for owner in ({"uid": 0}, {"gid": 0}):
+            with pytest.raises(GuestFileError) as refused:
+                await guest.channel.put_tree(local, str(guest.dir / "tree"), **owner)
+            assert (refused.value.code, refused.value.errno_name) == ("permission", "EPERM")
+            assert "not run as root" in str(refused.value)
+            assert refused.value.path == str(guest.dir / "tree")
+            assert not (guest.dir / "tree").exists()
+        with pytest.raises(UsageError):
+            await guest.channel.put_tree(local, str(guest.dir / "tree"), uid=-1)
+        await guest.channel.put_tree(local, str(guest.dir / "tree"))
+        assert (guest.dir / "tree" / "sub" / "f").read_bytes() == b"x"
+
+
 @contextlib.contextmanager
 def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
     where.mkdir()

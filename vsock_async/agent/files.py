@@ -101,6 +101,7 @@ class FileSpec:
     setattr: the new ones, if not None."""
     uid: int | None = None
     gid: int | None = None
+    """put, mkdir, symlink: the owner of what is made (None: the agent's)."""
     mtime_ns: int | None = None
     make_parents: bool = False
     """put, mkdir (``parents``), symlink: create missing directories on the way."""
@@ -123,14 +124,7 @@ def parse_file_request(request: Mapping[str, Any], *, can_chown: bool) -> FileSp
         raise Refused("bad_request", f"path must be absolute, not {path[:100]!r}")
     spec = FileSpec(op, path)
     if op == "put":
-        uid = _file_number(request.get("uid"), "uid", _FILE_ID_MAX)
-        gid = _file_number(request.get("gid"), "gid", _FILE_ID_MAX)
-        if (uid is not None or gid is not None) and not can_chown:
-            raise Refused(
-                "permission",
-                "cannot set a file's owner (uid, gid): the agent does not run as root",
-                "EPERM",
-            )
+        uid, gid = _file_owner(request, can_chown)
         return FileSpec(
             op,
             path,
@@ -145,14 +139,28 @@ def parse_file_request(request: Mapping[str, Any], *, can_chown: bool) -> FileSp
     if op == "remove":
         return FileSpec(op, path, recursive=_file_flag(request, "recursive"))
     if op == "mkdir":
+        uid, gid = _file_owner(request, can_chown)
         return FileSpec(
-            op, path, mode=_file_mode(request, 0o755), make_parents=_file_flag(request, "parents")
+            op,
+            path,
+            mode=_file_mode(request, 0o755),
+            uid=uid,
+            gid=gid,
+            make_parents=_file_flag(request, "parents"),
         )
     if op == "symlink":
         target = _file_bytes(request.get("target"), "target")
         if not target:
             raise Refused("bad_request", "a symbolic link's target must not be empty")
-        return FileSpec(op, path, target=target, make_parents=_file_flag(request, "make_parents"))
+        uid, gid = _file_owner(request, can_chown)
+        return FileSpec(
+            op,
+            path,
+            uid=uid,
+            gid=gid,
+            target=target,
+            make_parents=_file_flag(request, "make_parents"),
+        )
     if op == "setattr":
         return FileSpec(
             op,
@@ -177,6 +185,19 @@ def _file_number(value: Any, what: str, high: int) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
         raise Refused("bad_request", f"{what} must be null or an integer in 0..{high}")
     return value
+
+
+def _file_owner(request: Mapping[str, Any], can_chown: bool) -> tuple[int | None, int | None]:
+    """``uid`` and ``gid`` (put, mkdir, symlink); ``permission`` unless the agent is root."""
+    uid = _file_number(request.get("uid"), "uid", _FILE_ID_MAX)
+    gid = _file_number(request.get("gid"), "gid", _FILE_ID_MAX)
+    if (uid is not None or gid is not None) and not can_chown:
+        raise Refused(
+            "permission",
+            "cannot set a file's owner (uid, gid): the agent does not run as root",
+            "EPERM",
+        )
+    return uid, gid
 
 
 def _file_mode(request: Mapping[str, Any], default: int) -> int:
@@ -467,7 +488,7 @@ class FileOperation:
         spec = self.spec
         assert spec.target is not None
         with await self._resolve(follow=False, make_parents=spec.make_parents) as where:
-            await self._io(_make_symlink, where, spec.target)
+            await self._io(_make_symlink, where, spec)
         return {}
 
     async def _setattr(self) -> dict[str, Any]:
@@ -499,6 +520,17 @@ def _create_temp(where: Resolved) -> tuple[int, bytes]:
             continue
 
 
+def _owner_ids(spec: FileSpec) -> tuple[int, int]:
+    """``uid`` and ``gid`` for chown: -1 leaves one unchanged."""
+    return -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid
+
+
+def _set_owner(fd: int, spec: FileSpec) -> None:
+    """The owner ``spec`` asks for, if any (before the mode: chown clears set-id bits)."""
+    if spec.uid is not None or spec.gid is not None:
+        os.fchown(fd, *_owner_ids(spec))
+
+
 def _read_and_hash(fd: int, n: int, hasher: Any) -> bytes:
     """Up to ``n`` bytes of ``fd``, hashed: one trip to the pool for both."""
     data = os.read(fd, n)
@@ -516,8 +548,7 @@ def _hash_and_write(hasher: Any, fd: int, pieces: list[memoryview]) -> None:
 
 def _install(fd: int, temp: bytes, where: Resolved, spec: FileSpec) -> None:
     """Owner, then mode (chown clears set-id bits), mtime, fsync, rename, fsync the directory."""
-    if spec.uid is not None or spec.gid is not None:
-        os.fchown(fd, -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid)
+    _set_owner(fd, spec)
     assert spec.mode is not None and where.name is not None
     os.fchmod(fd, spec.mode)
     if spec.mtime_ns is not None:
@@ -605,6 +636,7 @@ def _make_directory(where: Resolved, spec: FileSpec) -> None:
         else:
             fd = where.open(os.O_RDONLY | os.O_DIRECTORY)
             try:
+                _set_owner(fd, spec)
                 os.fchmod(fd, spec.mode)  # exactly: mkdir's mode is cut by the umask
             finally:
                 os.close(fd)
@@ -616,13 +648,17 @@ def _make_directory(where: Resolved, spec: FileSpec) -> None:
         raise FileExistsError(errno.EEXIST, "exists and is not a directory")
 
 
-def _make_symlink(where: Resolved, target: bytes) -> None:
-    """The link under a temporary name, renamed over the target: it replaces what was there."""
+def _make_symlink(where: Resolved, spec: FileSpec) -> None:
+    """The link under a temporary name (its owner set there: ``lchown``), renamed over the
+    target: it replaces what was there."""
+    assert spec.target is not None
     if where.name is None:
         raise FileExistsError(errno.EEXIST, "file exists")
     temp = _temp_name()
-    os.symlink(target, temp, dir_fd=where.dir_fd)
+    os.symlink(spec.target, temp, dir_fd=where.dir_fd)
     try:
+        if spec.uid is not None or spec.gid is not None:
+            os.chown(temp, *_owner_ids(spec), dir_fd=where.dir_fd, follow_symlinks=False)
         os.rename(temp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
     except BaseException:
         os.unlink(temp, dir_fd=where.dir_fd)

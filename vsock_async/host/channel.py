@@ -359,10 +359,18 @@ class GuestChannel:
         or link there."""
         await files.symlink(self._files(), target, guest_path, make_parents=make_parents)
 
-    async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
+    async def put_tree(
+        self,
+        local_dir: LocalPath,
+        guest_dir: GuestPath,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
         """Copy a local directory into the guest: files and directories with their exact mode
-        and mtime (a directory's set once it is filled), links as links (never followed)."""
-        await files.put_tree(self._files(), local_dir, guest_dir)
+        and mtime (a directory's set once it is filled), links as links (never followed);
+        everything it makes owned by ``uid``/``gid`` if given (a root agent only)."""
+        await files.put_tree(self._files(), local_dir, guest_dir, uid=uid, gid=gid)
 
     async def get_tree(
         self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW

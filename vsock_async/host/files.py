@@ -71,6 +71,7 @@ _MODE_MAX: Final = 0o7777
 _ID_MAX: Final = 0xFFFF_FFFE
 _KINDS: Final = frozenset({"file", "dir", "symlink", "fifo", "socket", "char", "block", "other"})
 
+_Owner = tuple[int | None, int | None]  # uid, gid: None leaves the agent's
 GuestPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 LocalPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Source = (
@@ -244,6 +245,16 @@ def _number(value: object, what: str, high: int) -> int:
     return value
 
 
+def _owner(uid: int | None, gid: int | None) -> dict[str, int]:
+    """The ``uid``/``gid`` fields of a request, those given (checked)."""
+    owner = {}
+    if uid is not None:
+        owner["uid"] = _number(uid, "uid", _ID_MAX)
+    if gid is not None:
+        owner["gid"] = _number(gid, "gid", _ID_MAX)
+    return owner
+
+
 def _put_request(
     path: bytes,
     mode: int,
@@ -258,10 +269,7 @@ def _put_request(
         "mode": _number(mode, "mode", _MODE_MAX),
         "make_parents": bool(make_parents),
     }
-    if uid is not None:
-        request["uid"] = _number(uid, "uid", _ID_MAX)
-    if gid is not None:
-        request["gid"] = _number(gid, "gid", _ID_MAX)
+    request.update(_owner(uid, gid))
     if mtime_ns is not None:
         request["mtime_ns"] = _number(mtime_ns, "mtime", 2**63 - 1)
     return request
@@ -432,15 +440,19 @@ async def mkdir(
     *,
     parents: bool = False,
     mode: int = 0o755,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> None:
-    """Make a directory with exactly ``mode``; ``parents=True`` also makes missing parents
-    and accepts an existing directory, as ``mkdir -p``."""
+    """Make a directory with exactly ``mode`` (and ``uid``/``gid`` if given: a root agent
+    only); ``parents=True`` also makes missing parents and accepts an existing directory
+    (left as it is), as ``mkdir -p``."""
     path = _guest_path(guest_path)
     request = {
         "op": "mkdir",
         "path": _wire_string(path, "path"),
         "parents": bool(parents),
         "mode": _number(mode, "mode", _MODE_MAX),
+        **_owner(uid, gid),
     }
     await _simple(connection, path, request)
 
@@ -451,9 +463,11 @@ async def symlink(
     guest_path: GuestPath,
     *,
     make_parents: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> None:
     """Make ``guest_path`` a symbolic link to ``target`` (kept as it is), replacing a file or
-    link already there."""
+    link already there; owned by ``uid``/``gid`` if given (a root agent only)."""
     path = _guest_path(guest_path)
     link = os.fsencode(target)
     if not link or b"\0" in link:
@@ -463,6 +477,7 @@ async def symlink(
         "path": _wire_string(path, "path"),
         "target": _wire_string(link, "target"),
         "make_parents": bool(make_parents),
+        **_owner(uid, gid),
     }
     await _simple(connection, path, request)
 
@@ -570,7 +585,12 @@ async def _upload(
 
 
 async def put_tree(
-    connection: SessionConnection, local_dir: LocalPath, guest_dir: GuestPath
+    connection: SessionConnection,
+    local_dir: LocalPath,
+    guest_dir: GuestPath,
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> None:
     """Copy the local directory ``local_dir`` to ``guest_dir``, made if missing.
 
@@ -582,37 +602,46 @@ async def put_tree(
     Symbolic links are copied as links, their targets as they are: never
     followed, so nothing outside ``local_dir`` is read. Other kinds of file
     (FIFOs, sockets, devices) are skipped with a log line.
+
+    ``uid``/``gid``, if given, own every file, directory and link the call
+    makes (a link itself, as ``lchown``); that needs a root agent, and one
+    that is not refuses the first request, before anything is made:
+    :class:`GuestFileError` ``permission``, ``EPERM``.
     """
     root = _guest_path(guest_dir)
+    _owner(uid, gid)  # checked before anything is sent
+    owner = (uid, gid)
     connection.require("files", "work with files")
     fd = await asyncio.to_thread(local.open_directory, local_dir)
     try:
         st = os.fstat(fd)
         try:
-            await _make_directory(connection, root, st, parents=False)
+            await _make_directory(connection, root, st, owner, parents=False)
             made = True
         except GuestFileError as error:
             if error.errno_name not in ("EEXIST", "ENOENT"):
                 raise
-            await _make_directory(connection, root, st, parents=True)
+            await _make_directory(connection, root, st, owner, parents=True)
             made = error.errno_name == "ENOENT"
-        await _put_directory(connection, fd, root)
+        await _put_directory(connection, fd, root, owner)
         if made:
             await _finish_directory(connection, root, st)
     finally:
         os.close(fd)
 
 
-async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -> None:
+async def _put_directory(
+    connection: SessionConnection, fd: int, guest: bytes, owner: _Owner
+) -> None:
     for name, st, target in await asyncio.to_thread(local.entries, fd):
         child = _join(guest, name)
         if target is not None:
-            await symlink(connection, target, child)
+            await symlink(connection, target, child, uid=owner[0], gid=owner[1])
         elif stat_module.S_ISDIR(st.st_mode):
-            await _make_directory(connection, child, st, parents=True)
+            await _make_directory(connection, child, st, owner, parents=True)
             sub = await asyncio.to_thread(local.subdirectory, fd, name, make=False)
             try:
-                await _put_directory(connection, sub, child)
+                await _put_directory(connection, sub, child, owner)
             finally:
                 os.close(sub)
             await _finish_directory(connection, child, st)
@@ -620,7 +649,7 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
             file = await asyncio.to_thread(local.open_file, fd, name)
             try:
                 mode = stat_module.S_IMODE(st.st_mode)
-                request = _put_request(child, mode, None, None, st.st_mtime_ns, False)
+                request = _put_request(child, mode, *owner, st.st_mtime_ns, False)
                 await _upload(connection, child, request, _from_fd(file))
             finally:
                 os.close(file)
@@ -629,10 +658,16 @@ async def _put_directory(connection: SessionConnection, fd: int, guest: bytes) -
 
 
 async def _make_directory(
-    connection: SessionConnection, path: bytes, st: os.stat_result, *, parents: bool
+    connection: SessionConnection,
+    path: bytes,
+    st: os.stat_result,
+    owner: _Owner,
+    *,
+    parents: bool,
 ) -> None:
     """A directory of a tree, to be filled: the mode of ``st`` and its owner's ``rwx``."""
-    await mkdir(connection, path, parents=parents, mode=stat_module.S_IMODE(st.st_mode) | 0o700)
+    mode = stat_module.S_IMODE(st.st_mode) | 0o700
+    await mkdir(connection, path, parents=parents, mode=mode, uid=owner[0], gid=owner[1])
 
 
 async def _finish_directory(connection: SessionConnection, path: bytes, st: os.stat_result) -> None:

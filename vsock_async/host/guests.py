@@ -256,9 +256,16 @@ class Guest:
         """:meth:`GuestChannel.symlink` on a v2 connection with a free stream."""
         await self._v2_channel(_FILES).symlink(target, guest_path, make_parents=make_parents)
 
-    async def put_tree(self, local_dir: LocalPath, guest_dir: GuestPath) -> None:
+    async def put_tree(
+        self,
+        local_dir: LocalPath,
+        guest_dir: GuestPath,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
         """:meth:`GuestChannel.put_tree` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).put_tree(local_dir, guest_dir)
+        await self._v2_channel(_FILES).put_tree(local_dir, guest_dir, uid=uid, gid=gid)
 
     async def get_tree(
         self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW
