@@ -10,7 +10,7 @@ Baseline: the same bytes through a plain Unix socket between this process and a 
 reads the file 1 MiB at a time and ``sendall``s it, the peer ``recv_into``s a reused 1 MiB
 buffer, writes it to a temporary file, fsyncs it, renames it over the target and fsyncs the
 directory (as the agent does); for the download the peer reads and sends, this process
-receives into a temporary file and renames it (as ``get_file`` does). The receiving side
+receives into a temporary file the same way (as ``get_file`` does). The receiving side
 does the same file-system work in both: what differs is the protocol, the checksums and the
 event loop. (Overwriting in place with ``O_TRUNC`` instead frees the old file's page cache
 before the new one is written; on this VM, where fresh pages are slow and erratic to fault
@@ -74,9 +74,10 @@ def _send_file(sock: socket.socket, path: str, buffer: bytearray) -> None:
             sock.sendall(memoryview(buffer)[:n])
 
 
-def _receive_file(sock: socket.socket, path: str, size: int, buffer: bytearray, sync: bool) -> None:
-    """Into a temporary file renamed over ``path`` once complete, as ours does (and rsync):
-    the old file stays whole until then, so both hold the old and the new in the page cache."""
+def _receive_file(sock: socket.socket, path: str, size: int, buffer: bytearray) -> None:
+    """Into a temporary file fsynced and renamed over ``path`` once complete, its directory
+    fsynced after, as ours does both ways (and rsync): the old file stays whole until then,
+    so both hold the old and the new in the page cache."""
     view = memoryview(buffer)
     temp = f"{path}.raw-temp"
     with open(temp, "wb", buffering=0) as f:
@@ -87,15 +88,13 @@ def _receive_file(sock: socket.socket, path: str, size: int, buffer: bytearray, 
                 raise ConnectionError("the peer closed the connection mid-file")
             f.write(view[:n])
             left -= n
-        if sync:
-            os.fsync(f.fileno())
+        os.fsync(f.fileno())
     os.rename(temp, path)
-    if sync:
-        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def peer(address: str) -> None:
@@ -108,7 +107,7 @@ def peer(address: str) -> None:
             op, path = line.decode().rstrip("\n").split(" ", 1)
             if op == "put":
                 (size,) = _SIZE.unpack(_recv_exact(sock, _SIZE.size))
-                _receive_file(sock, path, size, buffer, sync=True)
+                _receive_file(sock, path, size, buffer)
                 sock.sendall(b"k")
             else:
                 sock.sendall(_SIZE.pack(os.path.getsize(path)))
@@ -131,7 +130,7 @@ class _Raw:
     def get(self, remote: str, local: str) -> None:
         self.sock.sendall(f"get {remote}\n".encode())
         (size,) = _SIZE.unpack(_recv_exact(self.sock, _SIZE.size))
-        _receive_file(self.sock, local, size, self.buffer, sync=False)
+        _receive_file(self.sock, local, size, self.buffer)
 
 
 class _Ours:
@@ -224,7 +223,8 @@ def run(quick: bool = False, rounds: int | None = None) -> Table:
             single.values.extend(peaks[i::2])
     table.notes.append(
         "rates: above 1 means ours is ahead; target (issue 13) >= 0.8x the raw copy; every"
-        " receiver writes a temporary file and renames it over the target; uploads fsync"
+        " receiver writes a temporary file, fsyncs it, renames it over the target and fsyncs"
+        " the directory"
     )
     table.notes.append(
         "host CPU = process_time of this process; the other end's = utime+stime of the agent"

@@ -119,11 +119,39 @@ SHA = hashlib.sha256(GOOD).hexdigest()
 async def test_a_get_that_does_not_add_up_writes_nothing(
     tmp_path: Path, result: dict[str, Any]
 ) -> None:
+    (tmp_path / "kept").write_bytes(b"old")
     async with hostile(get_with(GOOD, result)) as conn:
         with pytest.raises(ProtocolError):
             await files.get_file(conn, "/f", tmp_path / "local")
         assert conn.closed
-    assert os.listdir(tmp_path) == []
+    async with hostile(get_with(GOOD, result)) as conn:
+        with pytest.raises(ProtocolError):
+            await files.get_file(conn, "/f", tmp_path / "kept")
+    assert os.listdir(tmp_path) == ["kept"] and (tmp_path / "kept").read_bytes() == b"old"
+
+
+@pytest.mark.asyncio
+async def test_a_file_of_a_tree_that_does_not_add_up_is_not_written(tmp_path: Path) -> None:
+    def answer(session: AgentSession, request: FileRequested) -> None:
+        stream = request.stream
+        if request.op == "stat":
+            session.file_done(stream, info("dir"))
+        elif request.op == "listdir":
+            listing = line(name="good", **info()) + line(name="bad", **info())
+            session.send_output(stream, Channel.STDOUT, listing, end=True)
+            session.file_done(stream, {"entries": 2})
+        else:
+            sha = SHA if request.request["path"] == "/tree/good" else "0" * 64
+            session.send_output(stream, Channel.STDOUT, GOOD, end=True)
+            session.file_done(
+                stream, {"size": len(GOOD), "sha256": sha, "mode": 0o644, "mtime_ns": 0}
+            )
+
+    async with hostile(answer) as conn:
+        with pytest.raises(ProtocolError, match="SHA-256"):
+            await files.get_tree(conn, "/tree", tmp_path / "local")
+    assert os.listdir(tmp_path / "local") == ["good"]
+    assert (tmp_path / "local" / "good").read_bytes() == GOOD
 
 
 @pytest.mark.asyncio

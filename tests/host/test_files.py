@@ -590,6 +590,61 @@ async def test_an_agent_killed_mid_put_leaves_only_its_documented_temp(tmp_path:
         assert Path(guest.path("target")).read_bytes() == b"old"
 
 
+def sparse(path: str, size: int = 16 * 1024**3) -> None:
+    """A file far too large to cross before the test kills its agent, that takes no space."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def all_leftovers(root: Path) -> list[str]:
+    return [
+        os.path.join(d, n)
+        for d, ds, ns in os.walk(root)
+        for n in ds + ns
+        if n.startswith(".vsock_async.")
+    ]
+
+
+@pytest.mark.asyncio
+async def test_an_agent_killed_mid_get_leaves_the_target_as_it_was_and_no_temp(
+    tmp_path: Path,
+) -> None:
+    down = tmp_path / "down"
+    down.mkdir()
+    async with running(tmp_path) as guest:
+        sparse(guest.path("huge"))
+        (down / "kept").write_bytes(b"old")
+        task = asyncio.create_task(
+            guest.channel.get_file(guest.path("huge"), down / "kept", window=64 * 1024)
+        )
+        await eventually(lambda: leftovers(down) != [], "the download started")
+        guest.agent.kill()
+        with pytest.raises(ConnectionClosed):
+            await task
+        assert task.done()
+    assert os.listdir(down) == ["kept"] and (down / "kept").read_bytes() == b"old"
+
+
+@pytest.mark.asyncio
+async def test_an_agent_killed_mid_get_tree_leaves_no_partial_file_and_no_temp(
+    tmp_path: Path,
+) -> None:
+    back = tmp_path / "back"
+    async with running(tmp_path) as guest:
+        Path(guest.path("tree", "sub")).mkdir(parents=True)
+        Path(guest.path("tree", "a")).write_bytes(b"small")
+        sparse(guest.path("tree", "sub", "huge"))
+        task = asyncio.create_task(
+            guest.channel.get_tree(guest.path("tree"), back, window=64 * 1024)
+        )
+        await eventually(lambda: all_leftovers(back) != [], "the big file's download started")
+        guest.agent.kill()
+        with pytest.raises(ConnectionClosed):
+            await task
+    assert all_leftovers(back) == []
+    assert not (back / "sub" / "huge").exists()
+
+
 @pytest.mark.asyncio
 async def test_leaving_a_read_early_stops_the_transfer(tmp_path: Path) -> None:
     async with running(tmp_path) as guest:

@@ -315,10 +315,10 @@ class GuestChannel:
     ) -> None:
         """Copy the guest file ``guest_path`` to ``local_path``, whole or not at all.
 
-        It streams into a temporary file next to ``local_path``, renamed over it
-        once the SHA-256 matches, with the guest file's permission bits (set-id
-        bits dropped) and mtime. ``window`` is the unread bytes held (the credit
-        granted the agent).
+        It streams into a temporary file next to ``local_path``, fsynced and
+        renamed over it once the SHA-256 matches (then the directory fsynced),
+        with the guest file's permission bits (set-id bits dropped) and mtime.
+        ``window`` is the unread bytes held (the credit granted the agent).
         """
         await files.get_file(self._files(), guest_path, local_path, window=window)
 

@@ -737,8 +737,10 @@ async def get_file(
     """Copy the guest file ``guest_path`` to ``local_path``, whole or not at all.
 
     The bytes go to a temporary file next to ``local_path`` (``.vsock_async.get.``
-    and 16 hex digits), renamed over it once the digests match, with the
-    guest file's permission bits (set-id and sticky bits dropped) and mtime.
+    and 16 hex digits), with the guest file's permission bits (set-id and
+    sticky bits dropped) and mtime, fsynced, renamed over it once the digests
+    match, then the directory fsynced: durable once this returns. A failure,
+    cancel or lost connection removes the temporary file.
     """
     path = _guest_path(guest_path)
     window = _window(window)

@@ -5,7 +5,8 @@ Blocking functions: :mod:`.files` runs them in threads, the ``cp`` command calls
 they are. Below the directory the caller names, every file, directory and link is reached
 through the descriptor of its parent with ``O_NOFOLLOW``, so a link (even one a hostile
 guest listed where a directory should be) never leads a read or a write out of the tree.
-A file is written to a temporary name next to its target and renamed over it once whole.
+A file is written to a temporary name next to its target and renamed over it once whole
+and on disk (fsynced, and its directory after the rename).
 """
 
 from __future__ import annotations
@@ -119,9 +120,12 @@ def set_mode_and_mtime(fd: int, *, mode: int, mtime_ns: int) -> None:
 
 def install(fd: int, temp: bytes, dir_fd: int, name: bytes, *, mode: int, mtime_ns: int) -> None:
     """Give the temporary file ``temp`` ``mode`` and ``mtime_ns`` (:func:`set_mode_and_mtime`),
-    and rename it over ``name``."""
+    fsync it, rename it over ``name`` and fsync the directory: once this returns, ``name`` is
+    the whole new file even after a crash or power loss, and before, the old one or none."""
     set_mode_and_mtime(fd, mode=mode, mtime_ns=mtime_ns)
+    os.fsync(fd)
     os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def discard(dir_fd: int, temp: bytes) -> None:
