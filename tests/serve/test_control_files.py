@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import Daemon, Stack, short_directory, wait_for_guest
+from tests.daemon_process import (
+    Daemon,
+    Stack,
+    serve_with_agent,
+    short_directory,
+    stack,
+    wait_for_guest,
+)
 from tests.serve.test_control_api import error_of
 from vsock_async.errors import ProtocolError
 from vsock_async.serve.control_client import ControlClient, guest_path
+
+__all__ = ["stack"]  # the fixture
 
 MiB = 1024 * 1024
 
@@ -156,3 +165,83 @@ def test_paths_that_are_not_utf8_go_by_b64(files: Files) -> None:
     query = urllib.parse.urlencode({"path_b64": base64.b64encode(name).decode()})
     reply = files.client.request("GET", f"{guest_path('vm1')}/files/stat?{query}")
     assert b'"size": 3' in reply.body
+
+
+def file_metrics(client: ControlClient) -> dict[str, float]:
+    """The file counters of ``/metrics``, by their line's name and labels."""
+    found = {}
+    for line in client.metrics().splitlines():
+        if line.startswith(("vsock_async_file_operations_total{", "vsock_async_file_bytes_total{")):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def ops(op: str, outcome: str) -> str:
+    return f'vsock_async_file_operations_total{{op="{op}",outcome="{outcome}"}}'
+
+
+def test_metrics_count_file_operations_by_route_and_outcome_and_bytes() -> None:
+    with serve_with_agent() as (daemon, directory):
+        client = daemon.client()
+        before = file_metrics(client)
+        assert len(before) == 7 * 4 + 2 and set(before.values()) == {0.0}
+        work = directory / "guest"
+        work.mkdir()
+        sizes = (1000, 0, 2 * MiB + 1)
+        for i, size in enumerate(sizes):
+            client.put_file("vm1", str(work / f"f{i}"), pieces(os.urandom(size)))
+        missing = str(work / "missing" / "x")
+        error_of(lambda: client.put_file("vm1", missing, [], make_parents=False))
+        for i in (0, 2):
+            download(client, str(work / f"f{i}"))
+        error_of(lambda: client.get_file("vm1", missing, print))
+        client.stat_file("vm1", str(work))
+        client.list_files("vm1", str(work))
+        client.make_directory("vm1", str(work / "d"))
+        error_of(lambda: client.make_directory("vm1", str(work / "d")))
+        client.make_symlink("vm1", "f0", str(work / "link"))
+        client.remove_file("vm1", str(work / "link"))
+        error_of(lambda: client.remove_file("vm1", str(work / "link")))
+        counted = file_metrics(client)
+        assert {k: v for k, v in counted.items() if v} == {
+            ops("put", "ok"): 3,
+            ops("put", "file_error"): 1,
+            ops("get", "ok"): 2,
+            ops("get", "file_error"): 1,
+            ops("stat", "ok"): 1,
+            ops("list", "ok"): 1,
+            ops("mkdir", "ok"): 1,
+            ops("mkdir", "file_error"): 1,
+            ops("symlink", "ok"): 1,
+            ops("delete", "ok"): 1,
+            ops("delete", "file_error"): 1,
+            'vsock_async_file_bytes_total{direction="upload"}': sum(sizes),
+            'vsock_async_file_bytes_total{direction="download"}': 1000 + 2 * MiB + 1,
+        }
+        # A download cut short after its first byte failed, whatever its answer's status.
+        big = work / "big"
+        big.write_bytes(os.urandom(64 * MiB))
+
+        def sink(piece: bytes) -> None:
+            if big.exists():
+                client.drop("vm1")
+                big.unlink()
+
+        with pytest.raises(ProtocolError, match="cut the file short"):
+            client.get_file("vm1", str(big), sink)
+        after = file_metrics(client)
+        assert after[ops("get", "failed")] == 1 and after[ops("get", "ok")] == 2
+        downloaded = 'vsock_async_file_bytes_total{direction="download"}'
+        assert after[downloaded] > counted[downloaded]
+
+
+def test_metrics_count_file_operations_a_v1_guest_refuses(stack: Stack) -> None:
+    daemon = stack.daemon("--probe-interval", "none", "--protocol", "v1")
+    stack.agent(daemon.guest_address)
+    client = daemon.client()
+    wait_for_guest(client, "vm1")
+    err = error_of(lambda: client.stat_file("vm1", "/"))
+    assert (err.status, err.code) == (409, "unsupported")
+    counted = file_metrics(client)
+    assert {k: v for k, v in counted.items() if v} == {ops("stat", "refused"): 1}

@@ -154,6 +154,16 @@ class ApiError(Exception):
         return await send_json(request, body, status=self.status, headers=self.headers)
 
 
+class _FileCall:
+    """What a file route tells the metrics beyond an exception: a download cut short after
+    its first byte (too late for an error answer) failed."""
+
+    __slots__ = ("cut_short",)
+
+    def __init__(self) -> None:
+        self.cut_short = False
+
+
 class _Base64:
     """Bytes to be sent as base64, encoded a piece at a time as they are written."""
 
@@ -746,23 +756,32 @@ class ControlAPI:
     # -- files ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _file_call(self, guest: Guest, what: str) -> Iterator[None]:
-        """Count a file operation as an exchange, and turn its failures into API errors."""
+    def _file_call(self, guest: Guest, what: str, op: str) -> Iterator[_FileCall]:
+        """Count a file operation as an exchange and in the metrics (``op``: its route), and
+        turn its failures into API errors."""
+        call = _FileCall()
+        outcome = "failed"
         with self._exchange():
             try:
-                yield
+                yield call
+                outcome = "failed" if call.cut_short else "ok"
             except GuestFileError as exc:
+                outcome = "file_error"
                 code = "file_not_found" if exc.errno_name == "ENOENT" else "file_error"
                 message = exc.strerror or str(exc)  # without the "[Errno N]" of an OSError
                 raise ApiError(
                     code, message, path=exc.path, reason=exc.code, errno=exc.errno_name
                 ) from None
             except Unsupported as exc:
+                outcome = "refused"
                 raise ApiError("unsupported", str(exc)) from None
             except UsageError as exc:
+                outcome = "refused"
                 raise ApiError("bad_request", str(exc)) from None
             except (PeerError, ConnectionClosed) as exc:
                 raise _guest_failure(exc, guest, what, None, 0.0) from None
+            finally:
+                self.metrics.file_operations.inc((op, outcome))
 
     async def _put_file(self, request: web.Request) -> web.StreamResponse:
         guest, path = self._guest(request), _query_path(request)
@@ -776,9 +795,10 @@ class ControlAPI:
             nonlocal received
             async for chunk in request.content.iter_chunked(_FILE_CHUNK):
                 received += len(chunk)
+                self.metrics.file_bytes.inc("upload", len(chunk))
                 yield chunk
 
-        with self._file_call(guest, "the upload"):
+        with self._file_call(guest, "the upload", "put"):
             await guest.put_file(
                 body(),
                 path,
@@ -793,7 +813,7 @@ class ControlAPI:
     async def _get_file(self, request: web.Request) -> web.StreamResponse:
         """The file's bytes as they come; an error before the first one is an error answer."""
         guest, path = self._guest(request), _query_path(request)
-        with self._file_call(guest, "the download"):
+        with self._file_call(guest, "the download", "get") as call:
             chunks = guest.read_file(path)
             async with contextlib.aclosing(chunks):
                 first = await anext(chunks, b"")
@@ -802,9 +822,12 @@ class ControlAPI:
                 await response.prepare(request)
                 try:
                     await response.write(first)
+                    self.metrics.file_bytes.inc("download", len(first))
                     async for chunk in chunks:
                         await response.write(chunk)
+                        self.metrics.file_bytes.inc("download", len(chunk))
                 except VsockAsyncError as exc:
+                    call.cut_short = True
                     # Too late for an error answer: cut the body short, so that no client
                     # takes what came for the whole file (a chunked body without its end).
                     logger.warning(
@@ -822,27 +845,27 @@ class ControlAPI:
     async def _remove_file(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         recursive = _query_flag(request, "recursive") or False
-        with self._file_call(guest, "the removal"):
+        with self._file_call(guest, "the removal", "delete"):
             await guest.remove(path, recursive=recursive)
         return web.json_response({"path": os.fsdecode(path)})
 
     async def _stat_file(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         follow = _query_flag(request, "follow_symlinks")
-        with self._file_call(guest, "the stat"):
+        with self._file_call(guest, "the stat", "stat"):
             info = await guest.stat(path, follow_symlinks=True if follow is None else follow)
         return web.json_response(file_info_json(info))
 
     async def _list_files(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
-        with self._file_call(guest, "the listing"):
+        with self._file_call(guest, "the listing", "list"):
             entries = await guest.listdir(path)
         return web.json_response({"entries": [file_info_json(e) for e in entries]})
 
     async def _make_directory(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         mode = _query_number(request, "mode", 8)
-        with self._file_call(guest, "the mkdir"):
+        with self._file_call(guest, "the mkdir", "mkdir"):
             await guest.mkdir(
                 path,
                 parents=_query_flag(request, "parents") or False,
@@ -853,7 +876,7 @@ class ControlAPI:
     async def _make_symlink(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         target = _query_path(request, "target", absolute=False)
-        with self._file_call(guest, "the symlink"):
+        with self._file_call(guest, "the symlink", "symlink"):
             await guest.symlink(
                 target, path, make_parents=_query_flag(request, "make_parents") or False
             )

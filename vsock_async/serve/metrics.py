@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXCHANGE_BUCKETS",
+    "FILE_OPERATIONS",
+    "FILE_OUTCOMES",
     "PROMETHEUS_CONTENT_TYPE",
     "Counter",
     "Gauge",
@@ -45,6 +47,13 @@ EXCHANGE_BUCKETS: Final = (
     60.0,
 )
 """Upper bounds (seconds) of the exchange latency histogram: a probe to a long build."""
+
+FILE_OPERATIONS: Final = ("put", "get", "stat", "list", "delete", "mkdir", "symlink")
+"""The file routes of the control API, as the metrics name them."""
+FILE_OUTCOMES: Final = ("ok", "file_error", "refused", "failed")
+"""How a file operation ended: done; refused by the guest (a ``GuestFileError``: 404 or 422);
+refused by the daemon (a bad request, a v1 guest: 400 or 409); or failed (the guest's
+connection lost, a download cut short, the client gone, an internal error)."""
 
 
 def _number(value: float) -> str:
@@ -89,29 +98,44 @@ class Counter(_Metric):
 
 
 class LabelledCounter(_Metric):
-    """Counters that only go up, one per value of one label (a fixed set, all always shown)."""
+    """Counters that only go up, one per value of one label, or per combination of the values
+    of several (a fixed set, all always shown)."""
 
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str, label: str, values: Iterable[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        label: str | tuple[str, ...],
+        values: Iterable[str | tuple[str, ...]],
+    ) -> None:
         super().__init__(name, help_text)
-        self.label = label
-        self.values = dict.fromkeys(values, 0.0)
+        self.labels = _labels(label)
+        self.values = dict.fromkeys(map(_labels, values), 0.0)
 
-    def inc(self, value: str, amount: float = 1.0) -> None:
-        """Add ``amount`` (>= 0) to the counter of label value ``value`` (one of the set)."""
+    def inc(self, value: str | tuple[str, ...], amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the counter of label value(s) ``value`` (one of the set)."""
         if amount < 0:
             raise ValueError(f"a counter cannot go down (inc({value!r}, {amount}))")
-        self.values[value] += amount
+        self.values[_labels(value)] += amount
 
     def lines(self) -> list[str]:
         return [
             *self.header(),
             *(
-                f'{self.name}{{{self.label}="{value}"}} {_number(count)}'
-                for value, count in self.values.items()
+                f"{self.name}{{{_label_set(self.labels, values)}}} {_number(count)}"
+                for values, count in self.values.items()
             ),
         ]
+
+
+def _labels(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else value
+
+
+def _label_set(labels: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return ",".join(f'{label}="{value}"' for label, value in zip(labels, values, strict=True))
 
 
 class Gauge(_Metric):
@@ -169,8 +193,8 @@ def render(metrics: Iterable[_Metric]) -> str:
 
 
 class ServeMetrics:
-    """What ``serve`` counts: guests, commands and processes and their outcomes, bytes,
-    exchange latency."""
+    """What ``serve`` counts: guests, commands, processes and file operations and their
+    outcomes, bytes, exchange latency."""
 
     def __init__(self) -> None:
         self.guests_connected = Gauge(
@@ -219,6 +243,19 @@ class ServeMetrics:
             "stream",
             ("stdin", "stdout", "stderr"),
         )
+        self.file_operations = LabelledCounter(
+            "vsock_async_file_operations_total",
+            "File operations through the control API, by route and how they ended.",
+            ("op", "outcome"),
+            [(op, outcome) for op in FILE_OPERATIONS for outcome in FILE_OUTCOMES],
+        )
+        self.file_bytes = LabelledCounter(
+            "vsock_async_file_bytes_total",
+            "File bytes streamed by the control API: uploaded from clients into guests,"
+            " downloaded from guests to clients.",
+            "direction",
+            ("upload", "download"),
+        )
         self.exchange_seconds = Histogram(
             "vsock_async_exchange_duration_seconds",
             "Duration of command and probe exchanges, queueing included.",
@@ -257,6 +294,8 @@ class ServeMetrics:
                 self.processes_running,
                 self.processes_exited,
                 self.exec_bytes,
+                self.file_operations,
+                self.file_bytes,
                 self.exchange_seconds,
             ]
         )
