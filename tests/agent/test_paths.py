@@ -127,6 +127,27 @@ def test_parents_are_made_only_under_the_root(tree: Path) -> None:
         root.resolve(b(jail / "x" / "y"), follow=False)
 
 
+def test_a_directory_moved_out_of_the_root_after_the_walk_is_caught(tree: Path) -> None:
+    """The descriptor follows the move; where the directory is now is what counts."""
+    jail = tree / "jail"
+    root = FilesRoot(str(jail))
+    (jail / "sub" / "deeper").mkdir()
+    with root.resolve(b(jail / "sub" / "deeper" / "new"), follow=False) as resolved:
+        resolved.confirm()
+        os.rename(jail / "sub", jail / "moved-inside")
+        resolved.confirm()  # still under the root
+        os.rename(jail / "moved-inside", tree / "outside" / "sub")
+        with pytest.raises(PermissionError, match="moved outside the agent's files root") as out:
+            resolved.confirm()
+        assert out.value.errno == errno.EACCES
+        assert not root.holds(resolved.dir_fd)
+    with root.resolve(b(jail), follow=True) as top:  # the root's parent is outside, not moved
+        assert root.holds(top.dir_fd) is False
+    whole = FilesRoot("/")
+    with whole.resolve(b(tree / "outside" / "sub" / "deeper" / "x"), follow=False) as anywhere:
+        anywhere.confirm()  # "/" holds everything
+
+
 def test_the_root_is_an_existing_directory_with_its_links_resolved(tree: Path) -> None:
     os.symlink(tree / "jail", tree / "alias")
     assert FilesRoot(str(tree / "alias")).path == b(tree / "jail")

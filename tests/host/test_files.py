@@ -718,6 +718,47 @@ async def test_the_files_root_confines_every_operation(tmp_path: Path) -> None:
         assert (outside / "secret").exists() and not os.path.lexists(jail / "out-dir")
 
 
+async def held(first: bytes, started: asyncio.Event, go_on: asyncio.Event) -> AsyncIterator[bytes]:
+    """Yields ``first``, then waits for ``go_on`` before its last chunk."""
+    yield first
+    started.set()
+    await go_on.wait()
+    yield b"the end"
+
+
+@pytest.mark.asyncio
+async def test_a_directory_moved_out_of_the_root_mid_put_is_never_written(tmp_path: Path) -> None:
+    """A guest process renames the target's directory out of the files root while the put
+    streams: the agent's descriptor follows it, and the put must fail, not land outside."""
+    jail = tmp_path / "guest" / "jail"
+    outside = tmp_path / "guest" / "outside"
+    (jail / "d").mkdir(parents=True)
+    outside.mkdir()
+    async with running(tmp_path, "--files-root", str(jail)) as guest:
+        started, go_on = asyncio.Event(), asyncio.Event()
+        put = asyncio.create_task(
+            guest.channel.put_file(held(b"x" * 1000, started, go_on), str(jail / "d" / "f"))
+        )
+        await asyncio.wait_for(started.wait(), LONG)
+        await eventually(lambda: len(leftovers(jail / "d")) == 1, "the agent made its temp file")
+        os.rename(jail / "d", outside / "d")
+        go_on.set()
+        with pytest.raises(GuestFileError) as caught:
+            await put
+        assert caught.value.errno_name == "EACCES"
+        assert "moved outside the agent's files root" in str(caught.value)
+        await eventually(lambda: leftovers(outside / "d") == [], "the agent removed its temp file")
+        assert os.listdir(outside / "d") == []
+        # A link planted where the directory was: refused before anything is written.
+        os.symlink(outside / "d", jail / "d")
+        with pytest.raises(GuestFileError) as planted:
+            await guest.channel.put_file(b"x", str(jail / "d" / "f"))
+        assert planted.value.errno_name == "EACCES" and "files root" in str(planted.value)
+        assert os.listdir(outside / "d") == []
+        await guest.channel.put_file(b"fine", str(jail / "e" / "f"))  # the connection goes on
+        assert (jail / "e" / "f").read_bytes() == b"fine"
+
+
 def a_python_for(uid: int) -> str | None:
     """An interpreter that user ``uid`` can run (ours may sit in a directory closed to it)."""
     for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):

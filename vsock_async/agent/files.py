@@ -506,6 +506,7 @@ def _temp_name() -> bytes:
 
 def _create_temp(where: Resolved) -> tuple[int, bytes]:
     """A new temporary file next to the target, mode 0600; the target must not be a directory."""
+    where.confirm()
     if where.name is None:
         raise IsADirectoryError(errno.EISDIR, "is a directory")
     with contextlib.suppress(FileNotFoundError):
@@ -554,6 +555,7 @@ def _install(fd: int, temp: bytes, where: Resolved, spec: FileSpec) -> None:
     if spec.mtime_ns is not None:
         os.utime(fd, ns=(time.time_ns(), spec.mtime_ns))
     os.fsync(fd)
+    where.confirm()  # the directory may have been moved out of the root during the transfer
     os.rename(temp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
     directory = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where.dir_fd)
     try:
@@ -564,6 +566,7 @@ def _install(fd: int, temp: bytes, where: Resolved, spec: FileSpec) -> None:
 
 def _open_regular(where: Resolved) -> int:
     """The file to get, open for reading; only a regular file (a FIFO would never end)."""
+    where.confirm()
     fd = where.open(os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
@@ -608,6 +611,7 @@ def _next_batch(lines: Iterator[bytes]) -> tuple[bytes, int]:
 
 
 def _stat_of(where: Resolved) -> dict[str, Any]:
+    where.confirm()
     name = where.name or b"."
     st = os.stat(name, dir_fd=where.dir_fd, follow_symlinks=False)
     target = os.readlink(name, dir_fd=where.dir_fd) if stat.S_ISLNK(st.st_mode) else None
@@ -615,6 +619,7 @@ def _stat_of(where: Resolved) -> dict[str, Any]:
 
 
 def _remove(where: Resolved, recursive: bool) -> None:
+    where.confirm()
     assert where.name is not None
     st = os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
@@ -626,6 +631,7 @@ def _remove(where: Resolved, recursive: bool) -> None:
 
 
 def _make_directory(where: Resolved, spec: FileSpec) -> None:
+    where.confirm()
     assert spec.mode is not None
     if where.name is not None:
         try:
@@ -652,6 +658,7 @@ def _make_symlink(where: Resolved, spec: FileSpec) -> None:
     """The link under a temporary name (its owner set there: ``lchown``), renamed over the
     target: it replaces what was there."""
     assert spec.target is not None
+    where.confirm()
     if where.name is None:
         raise FileExistsError(errno.EEXIST, "file exists")
     temp = _temp_name()
@@ -668,6 +675,7 @@ def _make_symlink(where: Resolved, spec: FileSpec) -> None:
 def _set_attributes(where: Resolved, spec: FileSpec) -> None:
     """Mode, then mtime, of a regular file or directory, through a descriptor of it: a link
     in its place is refused, never followed (``EINVAL``, or ``ELOOP`` if swapped in meanwhile)."""
+    where.confirm()
     st = os.stat(where.name or b".", dir_fd=where.dir_fd, follow_symlinks=False)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise OSError(errno.EINVAL, "not a regular file or directory")

@@ -7,7 +7,12 @@ and its target walked in turn, so the walk never trusts a name twice and a
 link swapped in meanwhile cannot send it elsewhere. What the walk ends on,
 the directory and the last name, must lie under the agent's files root
 (``--files-root``); otherwise ``EACCES``. The operation then uses the last
-name relative to the directory's descriptor, with ``O_NOFOLLOW``.
+name relative to the directory's descriptor, with ``O_NOFOLLOW``. A descriptor
+follows its directory when another process renames it, so the directory's place
+is checked again where it is *now* (its ``..`` walked up to the root or ``/``)
+at the end of the walk and right before each step that touches it
+(:meth:`Resolved.confirm`): a directory moved out of the root meanwhile fails
+the step with ``EACCES``.
 docs/security.md ("File operations") describes the model and its limits.
 """
 
@@ -48,6 +53,18 @@ class Resolved:
     dir_fd: int
     name: bytes | None
     parts: tuple[bytes, ...]
+    root: FilesRoot
+
+    def confirm(self) -> None:
+        """``EACCES`` unless the directory is under the files root where it is now (another
+        process may have moved it since the walk): call it right before using it. The root
+        itself, named in its parent, must still be the root."""
+        if self.name is not None and self.target == self.root.parts:
+            held = self.root.is_root(self.dir_fd, self.name)
+        else:
+            held = self.root.holds(self.dir_fd)
+        if not held:
+            raise self.root.moved_out()
 
     @property
     def target(self) -> tuple[bytes, ...]:
@@ -87,6 +104,8 @@ class FilesRoot:
         self.path = real
         """The root's real path, as bytes."""
         self.parts = tuple(_components(real))
+        st = os.stat(real)
+        self._identity = (st.st_dev, st.st_ino)
 
     def __repr__(self) -> str:
         return f"FilesRoot({os.fsdecode(self.path)!r})"
@@ -94,6 +113,36 @@ class FilesRoot:
     def inside(self, parts: Iterable[bytes]) -> bool:
         """True if the path of ``parts`` (components from ``/``) is the root or under it."""
         return tuple(parts)[: len(self.parts)] == self.parts
+
+    def holds(self, dir_fd: int) -> bool:
+        """True if the directory ``dir_fd`` is the root or under it *now*: its ``..`` walked
+        up until the root (True) or ``/`` (False). Always True for the root ``/``."""
+        if not self.parts:
+            return True
+        fd = os.open(b".", _DIRECTORY, dir_fd=dir_fd)  # our own, to walk up with
+        try:
+            st = os.fstat(fd)
+            while (st.st_dev, st.st_ino) != self._identity:
+                parent = os.open(b"..", _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                above = os.fstat(fd)
+                if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):
+                    return False  # "/": its own parent
+                st = above
+            return True
+        finally:
+            os.close(fd)
+
+    def is_root(self, dir_fd: int, name: bytes) -> bool:
+        """True if ``name`` in ``dir_fd`` is the root directory itself."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def moved_out(self) -> OSError:
+        """The error of a directory moved out of the root while an operation used it."""
+        root = os.fsdecode(self.path)
+        return PermissionError(errno.EACCES, f"moved outside the agent's files root {root}")
 
     def resolve(self, path: bytes, *, follow: bool, make_parents: bool = False) -> Resolved:
         """Walk ``path`` (absolute) to its directory and last name; ``OSError`` if it cannot.
@@ -181,6 +230,8 @@ class FilesRoot:
     def _make_directory(self, fd: int, name: bytes, names: list[bytes], path: bytes) -> None:
         if not self.inside([*names, name]):
             raise self._outside(path)
+        if not self.holds(fd):
+            raise self.moved_out()
         with contextlib.suppress(FileExistsError):  # made meanwhile: the walk opens it next
             os.mkdir(name, 0o755, dir_fd=fd)
 
@@ -188,7 +239,9 @@ class FilesRoot:
         parts = tuple(names)
         if not self.inside(parts if name is None else (*parts, name)):
             raise self._outside(path)
-        return Resolved(fd, name, parts)
+        resolved = Resolved(fd, name, parts, self)
+        resolved.confirm()  # not moved out of the root while the walk went on
+        return resolved
 
     def _outside(self, path: bytes) -> OSError:
         root = os.fsdecode(self.path)
