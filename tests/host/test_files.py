@@ -387,9 +387,10 @@ def snapshot(root: Path, *, top: bool = False) -> dict[bytes, tuple[str, ...]]:
     return found
 
 
-def make_modes_tree(root: Path) -> None:
-    """A tree whose directories are read-only (0555, 0500), private (0700) and odd (0751),
-    with files of several modes, every mtime set apart."""
+def modes_tree(tmp_path: Path) -> Path:
+    """``local``: a tree whose directories are read-only (0555, 0500), private (0700) and
+    odd (0751), with files of several modes, every mtime set apart."""
+    root = tmp_path / "local"
     (root / "ro" / "inner").mkdir(parents=True)
     (root / "private" / "odd").mkdir(parents=True)
     (root / "ro" / "inner" / "deep").write_bytes(b"deep")
@@ -409,6 +410,7 @@ def make_modes_tree(root: Path) -> None:
         os.chmod(root / name, mode)
     os.chmod(root / "private", 0o700)
     os.chmod(root, 0o750)
+    return root
 
 
 def make_writable(root: Path) -> None:
@@ -419,9 +421,7 @@ def make_writable(root: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_trees_keep_modes_and_mtimes_exactly_both_ways(tmp_path: Path) -> None:
-    local = tmp_path / "local"
-    local.mkdir()
-    make_modes_tree(local)
+    local = modes_tree(tmp_path)
     expected = snapshot(local, top=True)
     try:
         async with running(tmp_path) as guest:
@@ -450,19 +450,13 @@ async def test_an_agent_not_root_fills_read_only_directories_before_closing_them
     tmp_path: Path,
 ) -> None:
     """Without root's override, a 0555 directory can be filled only before it gets its mode."""
-    local = tmp_path / "local"
-    local.mkdir()
-    make_modes_tree(local)
+    local = modes_tree(tmp_path)
     expected = snapshot(local, top=True)
-    try:
-        async with unprivileged(tmp_path) as guest:
-            await guest.channel.put_tree(local, str(guest.dir / "tree"))
-            assert snapshot(guest.dir / "tree", top=True) == expected
-            await guest.channel.get_tree(str(guest.dir / "tree"), tmp_path / "back")
-            assert snapshot(tmp_path / "back", top=True) == expected
-            make_writable(guest.dir)
-    finally:
-        make_writable(local)
+    async with unprivileged(tmp_path) as guest:
+        await guest.channel.put_tree(local, str(guest.dir / "tree"))
+        assert snapshot(guest.dir / "tree", top=True) == expected
+        await guest.channel.get_tree(str(guest.dir / "tree"), tmp_path / "back")
+        assert snapshot(tmp_path / "back", top=True) == expected
 
 
 @pytest.mark.asyncio
@@ -842,9 +836,7 @@ async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="owning files by another user needs root")
 @pytest.mark.asyncio
 async def test_put_tree_gives_every_entry_it_makes_the_owner(tmp_path: Path) -> None:
-    local = tmp_path / "local"
-    local.mkdir()
-    make_modes_tree(local)
+    local = modes_tree(tmp_path)
     (local / "setuid").write_bytes(b"x")
     os.chmod(local / "setuid", 0o4755)  # chown clears set-id bits: the mode comes after
     expected = snapshot(local, top=True)
