@@ -231,8 +231,10 @@ async def test_pty_is_the_controlling_terminal_and_resizes() -> None:
 @pytest.mark.asyncio
 async def test_signal_on_a_pty_goes_to_the_foreground_group() -> None:
     link = Link()
-    # ready is printed once the sleep exists: the INT cannot come before the wait.
-    command = "trap 'echo caught INT' INT; sleep 30 & echo ready; wait"
+    # The INT may come before the shell reaches its wait (after ready) or during it: either
+    # way the trap ends the shell, which would otherwise wait 30 s for the sleep (a background
+    # job of a script ignores INT).
+    command = "trap 'echo caught INT; exit' INT; sleep 30 & echo ready; wait"
     request = {"command": command, "pty": {"rows": 24, "cols": 80}}
     async with started(request, link) as (process, task):
         await eventually(lambda: b"ready" in link.output(), "ready")
