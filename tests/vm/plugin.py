@@ -1,22 +1,26 @@
 """pytest side of the VM tier: one QEMU boot runs every selected ``@pytest.mark.vm`` test.
 
 On the host, vm-marked items are never run natively (they would connect AF_VSOCK on this
-machine). The first one reached boots a guest that runs all of them in one pytest session and
-streams a JSON line per report out of its report port; each host item then replays the reports
-of its guest twin. Inside the guest (``VSOCK_ASYNC_IN_VM=1``, set by the guest's init) the
-tests simply run and this plugin only writes that report stream.
+machine). As the test loop starts, a thread boots a guest that runs all of them in one pytest
+session, alongside the host tests, and streams a JSON line per report out of its report port;
+each host item waits for that run, then replays the reports of its guest twin. Inside the
+guest (``VSOCK_ASYNC_IN_VM=1``, set by the guest's init) the tests simply run and this plugin
+only writes that report stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import tempfile
 import termios
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -145,6 +149,8 @@ class HostVmTier:
         self._run: GuestRun | None = None
         self._unavailable: str | None = None
         self._skipped_by_option = 0
+        self._booting: Future[GuestRun] | None = None
+        self._stop = threading.Event()
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -158,13 +164,37 @@ class HostVmTier:
         self._items = {item.nodeid: item for item in selected}
 
     @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """Start the boot in a thread: QEMU is a separate process, so under emulation the
+        guest's tests take a core while the host tests run here, not minutes after them."""
+        if not self._items or session.config.option.collectonly or session.testsfailed:
+            return
+        booting: Future[GuestRun] = Future()
+
+        def boot() -> None:
+            try:
+                booting.set_result(self._boot_guest())
+            except BaseException as exc:
+                booting.set_exception(exc)
+
+        self._booting = booting
+        threading.Thread(target=boot, name="vm-tier-boot", daemon=True).start()
+
+    def pytest_unconfigure(self) -> None:
+        """A run that ends first (``-x``, Ctrl-C) stops the guest: QEMU is our child."""
+        if self._booting is not None and not self._booting.done():
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                self._booting.exception(timeout=30)
+
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> bool | None:
         if item.nodeid not in self._items:
             return None
         if self._run is None:
-            self._run = self._boot_guest()
+            self._run = self._booting.result() if self._booting else self._boot_guest()
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in self._replay(item, self._run):
             item.ihook.pytest_runtest_logreport(report=report)
@@ -187,6 +217,7 @@ class HostVmTier:
             initrd,
             workdir,
             timeout=float(self._config.getoption("vm_timeout")),
+            stop=self._stop,
         )
         run = _parse_report(boot.report)
         if boot.failure and run.problem is None:
@@ -202,7 +233,8 @@ class HostVmTier:
         if {"pytest-ready", "pytest-done"} <= run.uptimes.keys():
             ready, done = run.uptimes["pytest-ready"], run.uptimes["pytest-done"]
             run.summary += f" (guest pytest ready at {ready:.1f} s, tests {done - ready:.1f} s)"
-        if run.problem is not None or keep:
+        # A boot stopped because the pytest run ended first has nothing to look at.
+        if keep or (run.problem is not None and not self._stop.is_set()):
             keep = True
             run.summary += f"; work dir kept: {workdir}"
         if run.problem is not None:

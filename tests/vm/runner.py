@@ -85,9 +85,10 @@ def boot(
     *,
     timeout: float,
     memory_mib: int = GUEST_MEMORY_MIB,
+    stop: threading.Event | None = None,
 ) -> BootResult:
-    """Run the guest to power-off; kill QEMU (our child, by PID) at the deadline or as soon
-    as its stderr says it is stuck."""
+    """Run the guest to power-off; kill QEMU (our child, by PID) at the deadline, as soon
+    as its stderr says it is stuck, or once ``stop`` is set."""
     accel = "kvm" if kvm_usable() else "tcg"
     command = qemu_command(kernel, initrd, workdir, accel, memory_mib)
     (workdir / "qemu.sh").write_text(shlex.join(command) + "\n")
@@ -118,6 +119,8 @@ def boot(
             failure = "QEMU reported an error and stopped the guest"
         elif time.monotonic() - started > timeout:
             failure = f"the guest did not power off within {timeout:.0f} s"
+        elif stop is not None and stop.is_set():
+            failure = "stopped before the guest powered off"
         if failure:
             proc.kill()
             break
