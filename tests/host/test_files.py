@@ -792,7 +792,10 @@ async def unprivileged(tmp_path: Path) -> AsyncIterator[Guest]:
         extra_groups=[],
     )
     try:
-        await eventually(socket_path.exists, "the agent listens")
+        # Its log says so after listen(); the socket file appears at bind(), before it.
+        await eventually(
+            lambda: b"agent listening" in (tmp_path / "agent.log").read_bytes(), "the agent listens"
+        )
         async with vsock_async.connect(f"unix:{socket_path}", timeout=LONG) as channel:
             assert channel.protocol == "v2"
             yield Guest(channel, agent, home, tmp_path / "agent.log")
