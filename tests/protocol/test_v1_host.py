@@ -26,6 +26,8 @@ from vsock_async.protocol.v1_host import (
     ResultReceived,
 )
 
+from .lending import lend
+
 IDLE = ConnectionState.IDLE
 AWAITING = ConnectionState.AWAITING_RESULT
 CLOSED = ConnectionState.CLOSED
@@ -36,17 +38,6 @@ def events(conn: HostConnectionV1[str]) -> list[HostEventV1[str]]:
     while (event := conn.next_event()) is not None:
         out.append(event)
     return out
-
-
-def lend(conn: HostConnectionV1[str], data: bytes) -> None:
-    """Feed ``data`` the way a BufferedProtocol does: into lent memory, then commit."""
-    pos = 0
-    while pos < len(data):
-        with conn.get_buffer(-1) as buf:
-            n = min(len(buf), len(data) - pos)
-            buf[:n] = data[pos : pos + n]
-        conn.buffer_updated(n)
-        pos += n
 
 
 def ended(conn: HostConnectionV1[str]) -> ConnectionEnded[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 import pytest
 
@@ -25,18 +24,7 @@ from vsock_async.protocol.v2 import (
 )
 from vsock_async.protocol.v2_frames import DATA_BUFFER
 
-
-def lend(decoder: FrameDecoder, data: bytes, after: Callable[[], object] = lambda: None) -> None:
-    """The BufferedProtocol path: write into the lent memory, commit, ``after()``, repeat."""
-    pos = 0
-    while pos < len(data):
-        with decoder.get_buffer(-1) as buf:
-            assert len(buf) > 0
-            n = min(len(buf), len(data) - pos)
-            buf[:n] = data[pos : pos + n]
-        decoder.buffer_updated(n)
-        after()
-        pos += n
+from .lending import lend
 
 
 def frames_of(decoder: FrameDecoder) -> list[Frame]:

@@ -49,6 +49,8 @@ from vsock_async.protocol.v2 import (
     encode_window,
 )
 
+from .lending import lend
+
 ALL_CAPS = frozenset({"exec", "pty", "signal", "resize", "user", "ping", "files"})
 NONCE = "0123456789abcdef"
 T = FrameType
@@ -1206,17 +1208,14 @@ def lent(session: HostSession | AgentSession, data: bytes) -> list[Any]:
     """``data`` through lent memory, as an I/O layer feeds it, events (copied) after each
     commit; an event's data is only valid until the session lends memory again."""
     out: list[Any] = []
-    pos = 0
-    while pos < len(data):
-        with session.get_buffer(-1) as buf:
-            n = min(len(buf), len(data) - pos)
-            buf[:n] = data[pos : pos + n]
-        session.buffer_updated(n)
-        pos += n
+
+    def take() -> None:
         for event in events(session):
             if isinstance(event, Output | StdinData):
                 event = dataclasses.replace(event, data=bytes(event.data))
             out.append(event)
+
+    lend(session, data, take)
     return out
 
 
