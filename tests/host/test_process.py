@@ -107,9 +107,10 @@ async def test_stderr_modes(channel: GuestChannel) -> None:
     script = "echo out; echo err >&2"
     piped = await channel.create_process(script, stderr=PIPE)
     assert await piped.communicate() == (b"out\n", b"err\n")
-    merged = await channel.create_process(script, stderr=STDOUT)
-    out, err = await merged.communicate()
-    assert sorted(out.splitlines()) == [b"err", b"out"] and err is None  # type: ignore[union-attr]
+    merged = await channel.create_process("echo a; echo b >&2; echo c; exit 7", stderr=STDOUT)
+    assert merged.stderr is None
+    assert await merged.communicate() == (b"a\nb\nc\n", None)  # one pipe: the order written
+    assert merged.returncode == 7
     dropped = await channel.create_process(script, stderr=vsock_async.DEVNULL)
     assert await dropped.communicate() == (b"out\n", None)
 

@@ -24,7 +24,7 @@ from tests.daemon_process import (
     stack,
     wait_for_guest,
 )
-from vsock_async import PIPE, STDOUT
+from vsock_async import DEVNULL, PIPE, STDOUT
 from vsock_async.errors import ClosedLocally, ConnectFailed, StdinClosed, UsageError
 from vsock_async.serve.control_client import AsyncControlClient, ControlError, RemoteProcess
 
@@ -98,6 +98,23 @@ async def test_a_process_with_stdin_stdout_stderr(daemon: Daemon) -> None:
             proc.stdin.write(b"late")
         await proc.aclose()
     await gone(proc.pid)
+
+
+@pytest.mark.asyncio
+async def test_stderr_merged_into_stdout_in_the_order_written(daemon: Daemon) -> None:
+    async with client_of(daemon) as client:
+        proc = await client.create_process(
+            "vm1", ["sh", "-c", "echo a; echo b >&2; echo c; exit 7"], stderr=STDOUT
+        )
+        assert proc.stderr is None
+        assert await proc.communicate() == (b"a\nb\nc\n", None)
+        assert proc.returncode == 7
+        piped = await client.create_process("vm1", "echo out; echo err >&2", stderr=PIPE)
+        assert await piped.communicate() == (b"out\n", b"err\n")
+        with pytest.raises(UsageError, match="stderr must be PIPE or STDOUT"):
+            await client.create_process("vm1", "true", stderr=DEVNULL)
+        with pytest.raises(UsageError, match="a tty merges stderr"):
+            await client.create_process("vm1", "true", stderr=PIPE, pty=(24, 80))
 
 
 @pytest.mark.asyncio

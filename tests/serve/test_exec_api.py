@@ -159,6 +159,17 @@ async def test_stdin_stdout_stderr_and_the_exit_code(daemon: Daemon) -> None:
 
 
 @pytest.mark.asyncio
+async def test_stderr_merged_into_stdout_keeps_the_order_written(daemon: Daemon) -> None:
+    script = "echo a; echo b >&2; echo c; exit 7"
+    async with websocket(daemon) as ws:
+        pid = await start(ws, {"command": ["sh", "-c", script], "stderr": "stdout"})
+        outcome = await collect(ws)
+    assert (outcome.stdout, outcome.stderr) == (b"a\nb\nc\n", b"")
+    assert outcome.last["exit_code"] == 7
+    await gone(pid)
+
+
+@pytest.mark.asyncio
 async def test_a_post_upgrade_works_as_a_get_does(daemon: Daemon) -> None:
     async with websocket(daemon, method="POST") as ws:
         await start(ws, {"command": "echo via post", "env": {"A": "1"}, "cwd": "/"})
@@ -251,6 +262,7 @@ async def test_a_program_that_cannot_start(daemon: Daemon) -> None:
         ("{not json", "not valid JSON"),
         ('{"command": "true", "shell": "bash"}', "unknown field(s) shell"),
         ('{"command": "true", "tty": {"rows": 0, "cols": 1}}', "terminal rows"),
+        ('{"command": "true", "stderr": "null"}', "stderr must be"),
     ],
 )
 async def test_a_bad_request_message_is_answered_and_closed(
@@ -472,6 +484,24 @@ async def test_the_http_stream_carries_output_as_it_comes(daemon: Daemon) -> Non
         assert json.loads(last)["exit_code"] == 4
         assert await response.content.read() == b""
     await gone(pid)
+
+
+@pytest.mark.asyncio
+async def test_the_http_stream_merges_stderr_into_stdout_when_asked(daemon: Daemon) -> None:
+    body = {"command": "echo a; echo b >&2; echo c; exit 7", "stderr": "stdout"}
+    async with (
+        _session(daemon) as session,
+        session.post("http://localhost/v1/guests/vm1/exec", json=body) as response,
+    ):
+        assert response.status == 200
+        frames = []
+        while chunk := await response.content.read(FRAME_HEADER.size):
+            channel, length = FRAME_HEADER.unpack(chunk)
+            frames.append((channel, await response.content.readexactly(length)))
+    output = b"".join(data for channel, data in frames if channel != 3)
+    assert {channel for channel, _ in frames} == {1, 3}
+    assert output == b"a\nb\nc\n"
+    assert json.loads(frames[-1][1])["exit_code"] == 7
 
 
 @pytest.mark.asyncio

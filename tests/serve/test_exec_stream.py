@@ -42,6 +42,7 @@ def test_a_full_request_round_trips_through_json() -> None:
         user="nobody",
         tty=(24, 80),
         stdin=True,
+        stderr="stdout",
         timeout=None,
     )
     text = json.dumps(request.to_json())
@@ -52,9 +53,11 @@ def test_a_full_request_round_trips_through_json() -> None:
         "user": "nobody",
         "tty": {"rows": 24, "cols": 80},
         "stdin": True,
+        "stderr": "stdout",
         "timeout": None,
     }
     assert parse_request(text) == request
+    assert request.merges_stderr
 
 
 def test_a_minimal_request_leaves_the_defaults_out() -> None:
@@ -63,6 +66,13 @@ def test_a_minimal_request_leaves_the_defaults_out() -> None:
     parsed = parse_request('{"command": "echo hi"}')
     assert parsed == request
     assert parsed.timeout is DEFAULT and parsed.stdin is False and parsed.tty is None
+    assert parsed.stderr is None and not parsed.merges_stderr
+
+
+def test_stderr_is_merged_when_asked_and_always_with_a_tty() -> None:
+    assert parse_request('{"command": "x", "stderr": "stdout"}').merges_stderr
+    assert not parse_request('{"command": "x", "stderr": "pipe"}').merges_stderr
+    assert parse_request('{"command": "x", "tty": {"rows": 2, "cols": 3}}').merges_stderr
 
 
 @pytest.mark.parametrize(
@@ -84,6 +94,9 @@ def test_a_minimal_request_leaves_the_defaults_out() -> None:
         ('{"command": "x", "tty": {"rows": 24}}', "tty must be"),
         ('{"command": "x", "tty": true}', "tty must be"),
         ('{"command": "x", "stdin": 1}', "stdin must be"),
+        ('{"command": "x", "stderr": "null"}', "stderr must be"),
+        ('{"command": "x", "stderr": true}', "stderr must be"),
+        ('{"command": "x", "stderr": "pipe", "tty": {"rows": 2, "cols": 3}}', "a tty merges"),
         ('{"command": "x", "timeout": -1}', "timeout must be"),
         ('{"command": "x", "timeout": "5"}', "timeout must be"),
     ],

@@ -43,6 +43,7 @@ from ..host.process import (
     check_terminal_size,
     communicate,
 )
+from ..host.process import STDOUT as TO_STDOUT  # this module's STDOUT is the channel
 from ..protocol.v1_host import copy_error
 from ..timeouts import DEFAULT, Timeout
 from .control_client import (
@@ -280,6 +281,7 @@ class AsyncControlClient:
         program: str | Sequence[str],
         *,
         stdin: int = DEVNULL,
+        stderr: int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | int | None = None,
@@ -291,18 +293,23 @@ class AsyncControlClient:
 
         The arguments are those of :meth:`vsock_async.Guest.create_process`:
         ``program`` is a shell command line (``str``) or argv executed directly;
-        ``stdin`` is ``PIPE`` or ``DEVNULL``; stdout and stderr are always piped
-        (with ``pty=(rows, cols)`` stderr is merged into stdout); ``timeout`` is
+        ``stdin`` is ``PIPE`` or ``DEVNULL``; stdout is always piped; ``stderr``
+        is ``PIPE`` (the default without a ``pty``) or ``STDOUT``: merged into
+        stdout in the order written, as a ``pty`` always does (then
+        :attr:`RemoteProcess.stderr` is None); ``timeout`` is
         the process's life limit (``DEFAULT``: the daemon's ``--default-timeout``,
         ``None``: none); ``limit`` is the unread output held per stream.
 
         Raises :class:`ControlError` with the daemon's code (``guest_not_found``,
         ``unsupported`` for a guest speaking only v1, ``spawn_failed`` with
-        ``errno`` in its body...), :class:`UsageError` for bad arguments (nothing
+        ``errno`` in its body...; ``bad_request`` naming ``stderr`` from a daemon
+        older than ``stderr=``), :class:`UsageError` for bad arguments (nothing
         is sent), :class:`ConnectFailed` if the daemon cannot be reached.
         """
         if stdin not in (PIPE, DEVNULL):
             raise UsageError(f"stdin must be PIPE or DEVNULL, not {stdin!r}")
+        if stderr not in (None, PIPE, TO_STDOUT):
+            raise UsageError(f"stderr must be PIPE or STDOUT, not {stderr!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise UsageError(f"limit must be a number of bytes > 0, not {limit!r}")
         command = program if isinstance(program, str) else tuple(program)
@@ -313,6 +320,7 @@ class AsyncControlClient:
             user=user,
             tty=pty,
             stdin=stdin == PIPE,
+            stderr=None if stderr is None else "pipe" if stderr == PIPE else "stdout",
             timeout=timeout,
         )
         ExecRequest.from_json(request.to_json())  # checked here: UsageError, nothing sent
@@ -468,10 +476,10 @@ class RemoteProcess(Signalling):
         """True if a background child held its output open at exit and was killed."""
         self._windows = {STDOUT: _Window(limit)}
         self.stdout = ProcessReader(limit, self._windows[STDOUT].grant)
-        """The process's stdout (and its stderr too, with a ``pty``)."""
+        """The process's stdout (and its stderr too, with ``stderr=STDOUT`` or a ``pty``)."""
         self.stderr: ProcessReader | None = None
-        """The process's stderr, or None with a ``pty`` (merged into stdout)."""
-        if not self._pty:
+        """The process's stderr, or None when it is merged into stdout."""
+        if not request.merges_stderr:
             self._windows[STDERR] = _Window(limit)
             self.stderr = ProcessReader(limit, self._windows[STDERR].grant)
         self._stdin = _WebSocketStdin(ws) if request.stdin else None

@@ -48,7 +48,7 @@ from ..host.commandline import compose_command
 from ..host.commandline import shown_command as _shown
 from ..host.files import FileInfo
 from ..host.guests import Guest
-from ..host.process import DEVNULL, PIPE, Process
+from ..host.process import DEVNULL, PIPE, STDOUT, Process
 from ..host.server import CommandServer
 from ..protocol import result_frame_parts
 from ..results import CommandResult
@@ -987,7 +987,7 @@ class ControlAPI:
             process = await guest.create_process(
                 command if isinstance(command, str) else list(command),
                 stdin=PIPE if request.stdin else DEVNULL,
-                stderr=None if request.tty is not None else PIPE,
+                stderr=STDOUT if request.merges_stderr else PIPE,
                 env=env,
                 cwd=request.cwd,
                 user=request.user,

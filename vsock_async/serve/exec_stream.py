@@ -23,7 +23,7 @@ import signal
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from ..errors import ProtocolError, UsageError
 from ..host.process import check_terminal_size
@@ -67,7 +67,10 @@ FRAME_HEADER: Final = struct.Struct(">BI")
 """A frame of the plain HTTP stream starts with its channel (u8) and payload length (u32 BE)."""
 
 _MAX_SIGNAL: Final = 64
-REQUEST_FIELDS: Final = frozenset({"command", "env", "cwd", "user", "tty", "stdin", "timeout"})
+REQUEST_FIELDS: Final = frozenset(
+    {"command", "env", "cwd", "user", "tty", "stdin", "stderr", "timeout"}
+)
+_STDERR_MODES: Final = ("pipe", "stdout")
 
 
 def _is_int(value: object) -> bool:
@@ -112,8 +115,16 @@ class ExecRequest:
     """``(rows, cols)``: a terminal in the guest; stderr arrives merged into stdout."""
     stdin: bool = False
     """Whether the client sends stdin (else the process gets ``/dev/null``)."""
+    stderr: Literal["pipe", "stdout"] | None = None
+    """``"stdout"``: merged into stdout, in the order written; ``"pipe"``: on its own channel.
+    None: ``"pipe"``, or merged with a ``tty`` (which allows nothing else)."""
     timeout: Timeout = DEFAULT
     """The process's life limit: seconds, None for none, DEFAULT for the daemon's."""
+
+    @property
+    def merges_stderr(self) -> bool:
+        """True when stderr arrives on stdout's channel (``"stdout"``, or a ``tty``)."""
+        return self.stderr == "stdout" or self.tty is not None
 
     def to_json(self) -> dict[str, Any]:
         """The request as a JSON object, fields left at their default left out."""
@@ -130,6 +141,8 @@ class ExecRequest:
             body["tty"] = {"rows": self.tty[0], "cols": self.tty[1]}
         if self.stdin:
             body["stdin"] = True
+        if self.stderr is not None:
+            body["stderr"] = self.stderr
         if self.timeout is not DEFAULT:
             body["timeout"] = self.timeout
         return body
@@ -169,6 +182,11 @@ class ExecRequest:
         stdin = body.get("stdin", False)
         if not isinstance(stdin, bool):
             raise UsageError(f"stdin must be true or false, not {stdin!r}")
+        stderr = body.get("stderr")
+        if stderr is not None and stderr not in _STDERR_MODES:
+            raise UsageError(f'stderr must be "pipe" or "stdout", not {stderr!r}')
+        if stderr == "pipe" and tty is not None:
+            raise UsageError('a tty merges stderr into stdout: leave stderr out, or "stdout"')
         return cls(
             program,
             env=env,
@@ -176,6 +194,7 @@ class ExecRequest:
             user=user,
             tty=None if tty is None else _terminal_size(tty, "tty"),
             stdin=stdin,
+            stderr=stderr,
             timeout=check_timeout(body["timeout"]) if "timeout" in body else DEFAULT,
         )
 
