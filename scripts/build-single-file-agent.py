@@ -44,6 +44,7 @@ MODULES = (
     "agent/process",
     "agent/paths",
     "agent/files",
+    "agent/signals",
     "agent/v2",
     "agent/agent",
 )

@@ -20,14 +20,34 @@ from vsock_async.host.negotiate import ProtocolChoice
 
 LONG = 20.0
 
+IGNORING_LAUNCHER = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys\n"
+    "os.setsid()\n"
+    "for name in ('SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTSTP', 'SIGTTIN', 'SIGTTOU'):\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n",
+)
+"""A prefix to an argv that runs it as hostile launchers leave a service: SIGINT and SIGQUIT
+ignored (a non-interactive shell's ``&``), SIGHUP (``nohup``) and the job-control signals
+ignored, SIGUSR1 and SIGUSR2 blocked; in a session of its own, with no controlling terminal."""
+
 
 @contextlib.asynccontextmanager
 async def agent_process(
-    *args: str, tmp_path: Path, cwd: Path | None = None, python: tuple[str, ...] = ()
+    *args: str,
+    tmp_path: Path,
+    cwd: Path | None = None,
+    python: tuple[str, ...] = (),
+    launcher: tuple[str, ...] = (),
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m vsock_async agent ARGS`` as a child process, terminated and reaped at the end."""
+    """``python -m vsock_async agent ARGS`` as a child process (through ``launcher``, an argv
+    prefix such as :data:`IGNORING_LAUNCHER`), terminated and reaped at the end."""
     log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
+        *launcher,
         sys.executable,
         *python,
         "-m",
@@ -97,6 +117,7 @@ async def served_agent(
     cwd: Path | None = None,
     python: tuple[str, ...] = (),
     protocol: ProtocolChoice = "auto",
+    launcher: tuple[str, ...] = (),
 ) -> AsyncIterator[Served]:
     """A server on Unix socket ``name`` and ``python -m vsock_async agent --connect`` to it
     with ``options``, once the server has accepted the agent's first connection (on v2 with
@@ -105,7 +126,13 @@ async def served_agent(
     async with (
         vsock_async.listen(f"unix:{path}", limits=limits, protocol=protocol) as server,
         agent_process(
-            "--connect", f"unix:{path}", *options, tmp_path=tmp_path, cwd=cwd, python=python
+            "--connect",
+            f"unix:{path}",
+            *options,
+            tmp_path=tmp_path,
+            cwd=cwd,
+            python=python,
+            launcher=launcher,
         ) as agent,
     ):
         yield Served(server, await server.accept(timeout=LONG), agent)

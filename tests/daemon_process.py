@@ -117,10 +117,12 @@ class Daemon:
 class Agent:
     """One ``python -m vsock_async agent --connect ADDRESS`` child."""
 
-    def __init__(self, address: str, directory: Path, *args: str) -> None:
+    def __init__(
+        self, address: str, directory: Path, *args: str, launcher: tuple[str, ...] = ()
+    ) -> None:
         self._log = open(directory / "agent.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            python_m("agent", "--connect", address, "--log-level", "debug", *args),
+            [*launcher, *python_m("agent", "--connect", address, "--log-level", "debug", *args)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
@@ -159,9 +161,9 @@ class Stack:
             daemon.wait_ready()
         return daemon
 
-    def agent(self, address: str, *args: str) -> Agent:
-        """Start an agent dialing ``address``."""
-        agent = Agent(address, self.directory, *args)
+    def agent(self, address: str, *args: str, launcher: tuple[str, ...] = ()) -> Agent:
+        """Start an agent dialing ``address`` (through ``launcher``, an argv prefix)."""
+        agent = Agent(address, self.directory, *args, launcher=launcher)
         self._stops.append(agent.stop)
         return agent
 
@@ -195,14 +197,14 @@ def wait_for_guest(client: ControlClient, key: str) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def serve_with_agent() -> Iterator[tuple[Daemon, Path]]:
-    """A real serve (no periodic probes) and one agent connected to it as guest vm1, in a
-    fresh short directory; both stopped at the end."""
+def serve_with_agent(agent_launcher: tuple[str, ...] = ()) -> Iterator[tuple[Daemon, Path]]:
+    """A real serve (no periodic probes) and one agent connected to it as guest vm1 (started
+    through ``agent_launcher``), in a fresh short directory; both stopped at the end."""
     with short_directory() as directory:
         processes = Stack(directory)
         try:
             daemon = processes.daemon("--probe-interval", "none")
-            processes.agent(daemon.guest_address)
+            processes.agent(daemon.guest_address, launcher=agent_launcher)
             wait_for_guest(daemon.client(), "vm1")
             yield daemon, directory
         finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import live_members
+from tests.agent_process import IGNORING_LAUNCHER, live_members
 from tests.daemon_process import (
     LONG,
     Daemon,
@@ -58,7 +58,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    with serve_with_agent() as (daemon, directory):
+    # An agent started with SIGINT, SIGQUIT and more ignored and signals blocked: Ctrl-C and
+    # forwarded signals must reach its commands all the same.
+    with serve_with_agent(agent_launcher=IGNORING_LAUNCHER) as (daemon, directory):
         yield Served(daemon, directory)
 
 
@@ -273,6 +275,20 @@ def test_it_follows_window_resizes_and_ctrl_c_goes_to_the_guest(
             break
     terminal.type(b"\x03")  # a byte in raw mode: the guest's terminal makes it SIGINT
     assert terminal.wait() == 128 + signal.SIGINT
+    ended(pid)
+    assert terminal.settings() == terminal.before
+
+
+def test_ctrl_backslash_in_raw_mode_quits_the_command(
+    served: Served, terminals: list[Terminal]
+) -> None:
+    """SIGQUIT, which the agent was started ignoring, is the command's to take."""
+    record, pid = served.pid_file("quit-pid")
+    script = record + "ulimit -c 0; echo ready; exec sleep 30"  # no core file
+    terminal = on_terminal(terminals, served.argv("-it", "--", "sh", "-c", script))
+    terminal.read_until(b"ready")
+    terminal.type(b"\x1c")  # ^\ in raw mode: the guest's terminal makes it SIGQUIT
+    assert terminal.wait() == 128 + signal.SIGQUIT
     ended(pid)
     assert terminal.settings() == terminal.before
 

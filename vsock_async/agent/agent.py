@@ -62,6 +62,7 @@ from .runner import (
     refuse,
     run_command,
 )
+from .signals import default_signals_for_commands
 from .v2 import V2Connection, V2Settings, agent_name, capabilities
 
 __all__ = [
@@ -168,7 +169,8 @@ class GuestAgent:
         A worker that fails unexpectedly is logged and restarted; one that fails
         :data:`WORKER_FAILURES` times within :data:`WORKER_FAILURE_WINDOW` seconds
         makes ``run()`` stop everything and raise an :class:`ExceptionGroup` holding
-        its last exception.
+        its last exception. Called in the main thread, it first makes sure the commands it
+        starts get every signal at its default (:mod:`.signals`).
         """
         if self._stop is not None:
             raise UsageError("this GuestAgent is already running")
@@ -178,6 +180,7 @@ class GuestAgent:
                 f"refusing to dial {self.address}: AF_VSOCK connects are forbidden in this"
                 f" process ({FORBID_VSOCK_CONNECT_ENV}=1); give a unix: or tcp:// address"
             )
+        default_signals_for_commands()
         listener = socket_file = None
         if self.listen:
             listener = bind_listener(self.address, backlog=self.connections)

@@ -1,0 +1,100 @@
+"""Commands start with every signal at its default and an empty mask, even from an agent that
+was started with signals ignored and blocked (:mod:`vsock_async.agent.signals`): real agent
+processes, real commands reading their own /proc status."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.agent_process import IGNORING_LAUNCHER, LONG, served_agent
+
+SIGNAL_LINES = "^Sig(Ign|Blk|Cgt):"
+
+
+def signal_masks(status: bytes) -> dict[str, set[int]]:
+    """``{"SigIgn": {signals}, "SigBlk": ..., ...}`` from lines of /proc/PID/status."""
+    masks = {}
+    for line in status.decode().splitlines():
+        name, _, hexmask = line.partition(":")
+        bits = int(hexmask, 16)
+        masks[name] = {n for n in range(1, 65) if bits >> (n - 1) & 1}
+    return masks
+
+
+def proc_masks(pid: int) -> dict[str, set[int]]:
+    """The signal masks of process ``pid``."""
+    lines = Path(f"/proc/{pid}/status").read_bytes().splitlines()
+    return signal_masks(b"\n".join(line for line in lines if re.match(SIGNAL_LINES, line.decode())))
+
+
+def test_the_launcher_ignores_and_blocks_what_the_tests_say() -> None:
+    """The tests below mean something only if a command inherits what the launcher sets."""
+    done = subprocess.run(
+        [*IGNORING_LAUNCHER, "grep", "-E", SIGNAL_LINES, "/proc/self/status"],
+        capture_output=True,
+        check=True,
+    )
+    masks = signal_masks(done.stdout)
+    assert {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTSTP} <= masks["SigIgn"]
+    assert {signal.SIGUSR1, signal.SIGUSR2} <= masks["SigBlk"]
+
+
+@pytest.mark.asyncio
+async def test_a_v1_command_starts_with_default_signals_and_an_empty_mask(tmp_path: Path) -> None:
+    async with served_agent(
+        tmp_path, "v1.sock", protocol="v1", launcher=IGNORING_LAUNCHER
+    ) as served:
+        result = await served.guest.run(f"grep -E '{SIGNAL_LINES}' /proc/self/status", timeout=LONG)
+        masks = signal_masks(result.stdout)
+        assert (masks["SigIgn"], masks["SigBlk"]) == (set(), set())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pty", [None, (24, 80)])
+async def test_a_v2_process_starts_with_default_signals_and_an_empty_mask(
+    tmp_path: Path, pty: tuple[int, int] | None
+) -> None:
+    async with served_agent(tmp_path, "v2.sock", launcher=IGNORING_LAUNCHER) as served:
+        argv = ["grep", "-E", SIGNAL_LINES, "/proc/self/status"]
+        process = await served.guest.create_process(argv, pty=pty)
+        stdout, _ = await process.communicate()
+        assert process.returncode == 0
+        assert stdout is not None
+        masks = signal_masks(stdout.replace(b"\r\n", b"\n"))
+        assert (masks["SigIgn"], masks["SigBlk"]) == (set(), set())
+
+
+@pytest.mark.asyncio
+async def test_signals_sent_to_a_process_end_it(tmp_path: Path) -> None:
+    async with served_agent(tmp_path, "kill.sock", launcher=IGNORING_LAUNCHER) as served:
+        for signum, pty in [
+            (signal.SIGINT, None),
+            (signal.SIGHUP, None),
+            (signal.SIGINT, (24, 80)),
+        ]:
+            process = await served.guest.create_process("sleep 30", pty=pty)
+            process.send_signal(signum)
+            assert await process.wait() == -signum
+            assert process.exit_signal == signum
+
+
+@pytest.mark.asyncio
+async def test_the_agent_itself_still_ignores_what_it_was_started_ignoring(
+    tmp_path: Path,
+) -> None:
+    async with served_agent(tmp_path, "self.sock", launcher=IGNORING_LAUNCHER) as served:
+        pid = served.agent.pid
+        caught = proc_masks(pid)["SigCgt"]
+        assert {signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2} <= caught
+        assert proc_masks(pid)["SigBlk"] == set()
+        for signum in (signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTSTP):
+            os.kill(pid, signum)
+        process = await served.guest.create_process(["echo", "alive"])
+        assert await process.communicate() == (b"alive\n", b"")
+        assert served.agent.returncode is None
