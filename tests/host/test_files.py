@@ -807,6 +807,63 @@ async def unprivileged(tmp_path: Path) -> AsyncIterator[Guest]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.asyncio
+async def test_set_attributes_sets_exactly_what_it_is_given(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        f, d = Path(guest.path("f")), Path(guest.path("d"))
+        f.write_bytes(b"x")
+        os.chmod(f, 0o600)
+        d.mkdir(mode=0o755)
+        before = os.stat(f).st_mtime_ns
+        await guest.channel.set_attributes(str(f), mode=0o4751)
+        st = os.stat(f)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o4751, before)  # mode alone
+        await guest.channel.set_attributes(str(d), mtime=1_234_567_890.5)
+        st = os.stat(d)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o755, 1_234_567_890_500_000_000)
+        await guest.channel.set_attributes(str(d), mode=0o500, mtime=0)
+        st = os.stat(d)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o500, 0)
+        os.symlink(f, guest.path("link"))
+        with pytest.raises(GuestFileError) as link:
+            await guest.channel.set_attributes(guest.path("link"), mode=0o777)
+        assert link.value.errno_name in ("ELOOP", "EINVAL")
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o4751  # not followed
+        with pytest.raises(GuestFileError) as missing:
+            await guest.channel.set_attributes(guest.path("nothing"), mode=0o644)
+        assert (missing.value.errno_name, missing.value.path) == ("ENOENT", guest.path("nothing"))
+        for bad in (
+            {},
+            {"mode": 0o10000},
+            {"mode": True},
+            {"mtime": float("nan")},
+            {"mtime": float("inf")},
+            {"mtime": -1.0},
+            {"mtime": "0"},
+        ):
+            with pytest.raises(UsageError):
+                await guest.channel.set_attributes(str(f), **bad)
+        with pytest.raises(UsageError):
+            await guest.channel.set_attributes("relative/f", mode=0o644)
+        with pytest.raises(UsageError):
+            await guest.channel.put_file(b"x", str(f), mtime=float("nan"))
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o4751 and f.read_bytes() == b"x"
+        # The connection is still good after every refusal.
+        await guest.channel.set_attributes(str(f), mode=0o644)
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owning files by another user needs root")
+@pytest.mark.asyncio
+async def test_mkdir_and_symlink_take_an_owner(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        await guest.channel.mkdir(guest.path("a", "b"), parents=True, uid=1234, gid=5678)
+        assert os.stat(guest.path("a", "b"))[4:6] == (1234, 5678)
+        assert os.stat(guest.path("a"))[4:6] == (0, 0)  # a parent made on the way: the agent's
+        await guest.channel.symlink("/nowhere", guest.path("l"), uid=4321)
+        assert os.lstat(guest.path("l"))[4:6] == (4321, 0)  # the link itself, as lchown
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="starts the agent as another user")
 @pytest.mark.asyncio
 async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
@@ -833,7 +890,11 @@ async def test_permission_errors_come_back_typed(tmp_path: Path) -> None:
             await guest.channel.put_file(b"x", str(guest.dir / "f"), uid=0)
         assert (owner.value.code, owner.value.errno_name) == ("permission", "EPERM")
         assert "not run as root" in str(owner.value)
+        with pytest.raises(GuestFileError) as dir_owner:
+            await guest.channel.mkdir(str(guest.dir / "d"), gid=0)
+        assert (dir_owner.value.code, dir_owner.value.errno_name) == ("permission", "EPERM")
         assert os.listdir(locked) == [] and not (guest.dir / "f").exists()
+        assert not (guest.dir / "d").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owning files by another user needs root")

@@ -347,17 +347,39 @@ class GuestChannel:
         await files.remove(self._files(), guest_path, recursive=recursive)
 
     async def mkdir(
-        self, guest_path: GuestPath, *, parents: bool = False, mode: int = 0o755
+        self,
+        guest_path: GuestPath,
+        *,
+        parents: bool = False,
+        mode: int = 0o755,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
-        """Make a directory with exactly ``mode``; ``parents=True`` as ``mkdir -p``."""
-        await files.mkdir(self._files(), guest_path, parents=parents, mode=mode)
+        """Make a directory with exactly ``mode``, owned by ``uid``/``gid`` if given (a root
+        agent only); ``parents=True`` as ``mkdir -p``."""
+        await files.mkdir(self._files(), guest_path, parents=parents, mode=mode, uid=uid, gid=gid)
 
     async def symlink(
-        self, target: LocalPath, guest_path: GuestPath, *, make_parents: bool = False
+        self,
+        target: LocalPath,
+        guest_path: GuestPath,
+        *,
+        make_parents: bool = False,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
         """Make ``guest_path`` a symbolic link to ``target`` (kept as it is), replacing a file
-        or link there."""
-        await files.symlink(self._files(), target, guest_path, make_parents=make_parents)
+        or link there; the link itself owned by ``uid``/``gid`` if given (a root agent only)."""
+        await files.symlink(
+            self._files(), target, guest_path, make_parents=make_parents, uid=uid, gid=gid
+        )
+
+    async def set_attributes(
+        self, guest_path: GuestPath, *, mode: int | None = None, mtime: float | None = None
+    ) -> None:
+        """Set exactly ``mode`` and/or ``mtime`` (seconds since the epoch) of a guest file or
+        directory; a link there is refused, never followed."""
+        await files.set_attributes(self._files(), guest_path, mode=mode, mtime=mtime)
 
     async def put_tree(
         self,

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import stat as stat_module
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
@@ -55,6 +56,7 @@ __all__ = [
     "put_tree",
     "read_file",
     "remove",
+    "set_attributes",
     "stat",
     "symlink",
 ]
@@ -243,6 +245,16 @@ def _number(value: object, what: str, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
         raise UsageError(f"{what} must be an int in 0..{high}, not {value!r}")
     return value
+
+
+def _mtime_ns(mtime: float | None) -> int | None:
+    """``mtime`` (seconds since the epoch, or None) in nanoseconds, as the wire carries it."""
+    if mtime is None:
+        return None
+    if isinstance(mtime, bool) or not isinstance(mtime, int | float) or not math.isfinite(mtime):
+        raise UsageError(f"mtime is seconds since the epoch (a finite number), not {mtime!r}")
+    seconds = math.floor(mtime)  # whole seconds apart: mtime * 1e9 would round them off
+    return _number(seconds * 10**9 + round((mtime - seconds) * 1e9), "mtime (ns)", 2**63 - 1)
 
 
 def _owner(uid: int | None, gid: int | None) -> dict[str, int]:
@@ -507,8 +519,7 @@ async def put_file(
     cancel or failure leaves it untouched.
     """
     path = _guest_path(guest_path)
-    mtime_ns = None if mtime is None else round(mtime * 1e9)
-    request = _put_request(path, mode, uid, gid, mtime_ns, make_parents)
+    request = _put_request(path, mode, uid, gid, _mtime_ns(mtime), make_parents)
     await _upload(connection, path, request, _chunks(source))
 
 
@@ -671,12 +682,35 @@ async def _make_directory(
 
 
 async def _finish_directory(connection: SessionConnection, path: bytes, st: os.stat_result) -> None:
-    """A filled directory of a tree gets the mode and mtime of ``st``."""
+    """A filled directory of a tree gets the mode and mtime of ``st``, to the nanosecond."""
+    await _setattr(connection, path, stat_module.S_IMODE(st.st_mode), st.st_mtime_ns)
+
+
+async def set_attributes(
+    connection: SessionConnection,
+    guest_path: GuestPath,
+    *,
+    mode: int | None = None,
+    mtime: float | None = None,
+) -> None:
+    """Set exactly ``mode`` (permission bits) and/or ``mtime`` (seconds since the epoch) of a
+    guest file or directory, ``mode`` first; a link at ``guest_path`` is refused, never
+    followed (:class:`GuestFileError` ``ELOOP`` or ``EINVAL``)."""
+    path = _guest_path(guest_path)
+    if mode is None and mtime is None:
+        raise UsageError("set_attributes() sets mode, mtime or both: give at least one")
+    checked = None if mode is None else _number(mode, "mode", _MODE_MAX)
+    await _setattr(connection, path, checked, _mtime_ns(mtime))
+
+
+async def _setattr(
+    connection: SessionConnection, path: bytes, mode: int | None, mtime_ns: int | None
+) -> None:
     request = {
         "op": "setattr",
         "path": _wire_string(path, "path"),
-        "mode": stat_module.S_IMODE(st.st_mode),
-        "mtime_ns": st.st_mtime_ns,
+        "mode": mode,
+        "mtime_ns": mtime_ns,
     }
     await _simple(connection, path, request)
 

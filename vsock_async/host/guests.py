@@ -245,16 +245,38 @@ class Guest:
         await self._v2_channel(_FILES).remove(guest_path, recursive=recursive)
 
     async def mkdir(
-        self, guest_path: GuestPath, *, parents: bool = False, mode: int = 0o755
+        self,
+        guest_path: GuestPath,
+        *,
+        parents: bool = False,
+        mode: int = 0o755,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
         """:meth:`GuestChannel.mkdir` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).mkdir(guest_path, parents=parents, mode=mode)
+        await self._v2_channel(_FILES).mkdir(
+            guest_path, parents=parents, mode=mode, uid=uid, gid=gid
+        )
 
     async def symlink(
-        self, target: LocalPath, guest_path: GuestPath, *, make_parents: bool = False
+        self,
+        target: LocalPath,
+        guest_path: GuestPath,
+        *,
+        make_parents: bool = False,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
         """:meth:`GuestChannel.symlink` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).symlink(target, guest_path, make_parents=make_parents)
+        await self._v2_channel(_FILES).symlink(
+            target, guest_path, make_parents=make_parents, uid=uid, gid=gid
+        )
+
+    async def set_attributes(
+        self, guest_path: GuestPath, *, mode: int | None = None, mtime: float | None = None
+    ) -> None:
+        """:meth:`GuestChannel.set_attributes` on a v2 connection with a free stream."""
+        await self._v2_channel(_FILES).set_attributes(guest_path, mode=mode, mtime=mtime)
 
     async def put_tree(
         self,
