@@ -51,7 +51,8 @@ def served() -> Iterator[Served]:
 
 
 def tree(root: Path) -> dict[bytes, tuple[str, bytes | int]]:
-    """Relative path -> (kind, content, link target or mode), links never followed."""
+    """Relative path -> (kind, content, link target or mode), links never followed; a
+    directory's kind carries its mtime."""
     found: dict[bytes, tuple[str, bytes | int]] = {}
     base = os.fsencode(root)
     for directory, dirs, names in os.walk(base):
@@ -61,7 +62,8 @@ def tree(root: Path) -> dict[bytes, tuple[str, bytes | int]]:
             if os.path.islink(full):
                 found[rel] = ("link", os.readlink(full))
             elif os.path.isdir(full):
-                found[rel] = ("dir", stat.S_IMODE(os.stat(full).st_mode) | 0o700)
+                st = os.stat(full)
+                found[rel] = (f"dir {st.st_mtime_ns}", stat.S_IMODE(st.st_mode))
             elif not os.path.isfile(full):
                 found[rel] = ("other", 0)
             else:
@@ -111,11 +113,25 @@ def test_trees_go_both_ways_links_as_links(served: Served) -> None:
     os.symlink("deeper/f", src / "sub" / "link")
     os.symlink("/etc", src / "outside")  # copied as a link, never followed
     os.mkfifo(src / "fifo")
+    (src / "private").mkdir(mode=0o700)
+    (src / "private" / "f").write_bytes(b"p")
+    # Directories keep exact modes, a read-only one (filled all the same) and their mtimes,
+    # set after their entries.
+    for directory, mode, when in (
+        (src / "sub" / "deeper", 0o555, 1_100_000_000),
+        (src / "sub", 0o751, 1_200_000_000),
+        (src / "private", 0o700, 1_300_000_000),
+        (src, 0o750, 1_400_000_000),
+    ):
+        os.chmod(directory, mode)
+        os.utime(directory, (when, when))
     into = served.cp(str(src), f"vm1:{work / 'guest-copy'}")  # made: takes the contents
     assert into.returncode == 0, into.stderr
     assert b"skipped" in into.stderr and b"fifo" in into.stderr
     expected = {k: v for k, v in tree(src).items() if not k.endswith(b"fifo")}
     assert tree(work / "guest-copy") == expected
+    top = os.stat(work / "guest-copy")
+    assert (stat.S_IMODE(top.st_mode), top.st_mtime) == (0o750, 1_400_000_000)
     out = served.cp(f"vm1:{work / 'guest-copy'}", str(work / "back"))
     assert out.returncode == 0, out.stderr
     assert tree(work / "back") == expected

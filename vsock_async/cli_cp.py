@@ -175,10 +175,7 @@ class _Upload:
         if stat.S_ISDIR(st.st_mode):
             fd = local.open_directory(source)
             try:
-                self.client.make_directory(
-                    self.key, target, parents=True, mode=stat.S_IMODE(st.st_mode) | 0o700
-                )
-                self._tree(fd, target)
+                self._directory(fd, target, st)
             finally:
                 os.close(fd)
         else:
@@ -188,18 +185,24 @@ class _Upload:
             finally:
                 os.close(fd)
 
+    def _directory(self, fd: int, target: bytes, st: os.stat_result) -> None:
+        """The local directory ``fd`` as ``target``: made with its owner's ``rwx`` added (a
+        read-only one could not be filled), filled, then given its own mode and mtime, deepest
+        first (an entry added changes a directory's mtime), as tar and rsync do."""
+        mode = stat.S_IMODE(st.st_mode)
+        self.client.make_directory(self.key, target, parents=True, mode=mode | 0o700)
+        self._tree(fd, target)
+        self.client.set_attributes(self.key, target, mode=mode, mtime=st.st_mtime)
+
     def _tree(self, fd: int, target: bytes) -> None:
         for name, st, link in local.entries(fd):
             child = _join(target, name)
             if link is not None:
                 self.client.make_symlink(self.key, link, child)
             elif stat.S_ISDIR(st.st_mode):
-                self.client.make_directory(
-                    self.key, child, parents=True, mode=stat.S_IMODE(st.st_mode) | 0o700
-                )
                 sub = local.subdirectory(fd, name, make=False)
                 try:
-                    self._tree(sub, child)
+                    self._directory(sub, child, st)
                 finally:
                     os.close(sub)
             elif stat.S_ISREG(st.st_mode):

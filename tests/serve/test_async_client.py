@@ -318,6 +318,9 @@ async def test_files_go_both_ways_streamed(daemon: Daemon, tmp_path: Path) -> No
         assert info["size"] == len(b"small bytes")
         await client.make_directory("vm1", str(base / "d1" / "d2"), parents=True)
         await client.make_symlink("vm1", "small", str(base / "link"))
+        await client.set_attributes("vm1", str(base / "d1"), mode=0o701, mtime=1e9)
+        st = (base / "d1").stat()
+        assert (st.st_mode & 0o7777, st.st_mtime) == (0o701, 1e9)
         names = sorted(e["name"] for e in await client.list_files("vm1", str(base)))
         assert names == ["d1", "deep", "link", "small"]
         with pytest.raises(ControlError) as missing:

@@ -96,10 +96,30 @@ def test_stat_list_mkdir_symlink_and_remove(files: Files) -> None:
     assert client.stat_file("vm1", str(top / "link"))["kind"] == "file"
     assert client.stat_file("vm1", str(top / "link"), follow_symlinks=False)["kind"] == "symlink"
     assert download(files.client, str(top / "link")) == b"x"
+    answer = client.set_attributes("vm1", str(top / "a"), mode=0o2711, mtime=1_500_000_000.25)
+    st = (top / "a").stat()
+    assert answer == {"path": str(top / "a")}
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o2711, 1_500_000_000_250_000_000)
+    client.set_attributes("vm1", raw, mode=0o604)
+    assert stat.S_IMODE(os.stat(raw).st_mode) == 0o604
+    err = error_of(lambda: client.set_attributes("vm1", str(top / "link"), mode=0o777))
+    assert (err.status, err.code, err.body["errno"]) in {
+        (422, "file_error", "ELOOP"),
+        (422, "file_error", "EINVAL"),
+    }
     err = error_of(lambda: client.remove_file("vm1", str(top)))
     assert (err.status, err.code, err.body["errno"]) == (422, "file_error", "ENOTEMPTY")
     client.remove_file("vm1", str(top), recursive=True)
     assert not top.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owning files by another user needs root")
+def test_mkdir_and_symlink_take_an_owner(files: Files) -> None:
+    top = files.dir / "owned"
+    files.client.make_directory("vm1", str(top), uid=1234, gid=5678)
+    files.client.make_symlink("vm1", "nowhere", str(top / "link"), gid=4321)
+    assert os.stat(top)[4:6] == (1234, 5678)
+    assert os.lstat(top / "link")[4:6] == (0, 4321)
 
 
 def test_guest_errors_are_typed_answers(files: Files) -> None:
@@ -134,6 +154,27 @@ def test_guest_errors_are_typed_answers(files: Files) -> None:
 def test_bad_file_queries_are_400(files: Files, query: str) -> None:
     err = error_of(lambda: files.client.request("PUT", f"{guest_path('vm1')}/files?{query}", b"x"))
     assert (err.status, err.code) == (400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "path=%2Ftmp",  # nothing to set
+        "path=relative&mode=644",
+        "path=%2Ftmp&mode=8",
+        "path=%2Ftmp&mode=17777",  # above 0o7777: refused by the library
+        "path=%2Ftmp&mtime=-1",
+        "path=%2Ftmp&mtime=nan",
+    ],
+)
+def test_bad_attribute_changes_are_400_and_change_nothing(files: Files, query: str) -> None:
+    before = os.stat("/tmp")
+    err = error_of(
+        lambda: files.client.request("POST", f"{guest_path('vm1')}/files/attributes?{query}")
+    )
+    assert (err.status, err.code) == (400, "bad_request")
+    after = os.stat("/tmp")
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
 
 def test_a_download_cut_short_is_never_taken_for_the_file(files: Files) -> None:
@@ -185,7 +226,7 @@ def test_metrics_count_file_operations_by_route_and_outcome_and_bytes() -> None:
     with serve_with_agent() as (daemon, directory):
         client = daemon.client()
         before = file_metrics(client)
-        assert len(before) == 7 * 4 + 2 and set(before.values()) == {0.0}
+        assert len(before) == 8 * 4 + 2 and set(before.values()) == {0.0}
         work = directory / "guest"
         work.mkdir()
         sizes = (1000, 0, 2 * MiB + 1)
@@ -201,6 +242,8 @@ def test_metrics_count_file_operations_by_route_and_outcome_and_bytes() -> None:
         client.make_directory("vm1", str(work / "d"))
         error_of(lambda: client.make_directory("vm1", str(work / "d")))
         client.make_symlink("vm1", "f0", str(work / "link"))
+        client.set_attributes("vm1", str(work / "d"), mode=0o700)
+        error_of(lambda: client.set_attributes("vm1", str(work / "link"), mode=0o700))
         client.remove_file("vm1", str(work / "link"))
         error_of(lambda: client.remove_file("vm1", str(work / "link")))
         counted = file_metrics(client)
@@ -214,6 +257,8 @@ def test_metrics_count_file_operations_by_route_and_outcome_and_bytes() -> None:
             ops("mkdir", "ok"): 1,
             ops("mkdir", "file_error"): 1,
             ops("symlink", "ok"): 1,
+            ops("attributes", "ok"): 1,
+            ops("attributes", "file_error"): 1,
             ops("delete", "ok"): 1,
             ops("delete", "file_error"): 1,
             'vsock_async_file_bytes_total{direction="upload"}': sum(sizes),

@@ -215,14 +215,37 @@ class AsyncControlClient:
         return await self.call(Call.remove_file(key, path, recursive=recursive))
 
     async def make_directory(
-        self, key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+        self,
+        key: str,
+        path: str | bytes,
+        *,
+        parents: bool = False,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> Any:
         """Make a guest directory (``parents``: as ``mkdir -p``)."""
-        return await self.call(Call.make_directory(key, path, parents=parents, mode=mode))
+        return await self.call(
+            Call.make_directory(key, path, parents=parents, mode=mode, uid=uid, gid=gid)
+        )
 
-    async def make_symlink(self, key: str, target: str | bytes, path: str | bytes) -> Any:
+    async def make_symlink(
+        self,
+        key: str,
+        target: str | bytes,
+        path: str | bytes,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Any:
         """Make the guest path ``path`` a symbolic link to ``target``."""
-        return await self.call(Call.make_symlink(key, target, path))
+        return await self.call(Call.make_symlink(key, target, path, uid=uid, gid=gid))
+
+    async def set_attributes(
+        self, key: str, path: str | bytes, *, mode: int | None = None, mtime: float | None = None
+    ) -> Any:
+        """Set exactly ``mode`` and/or ``mtime`` of a guest file or directory."""
+        return await self.call(Call.set_attributes(key, path, mode=mode, mtime=mtime))
 
     async def put_file(
         self,

@@ -418,6 +418,7 @@ class ControlAPI:
         app.router.add_get("/v1/guests/{key}/files/list", self._list_files)
         app.router.add_post("/v1/guests/{key}/files/mkdir", self._make_directory)
         app.router.add_post("/v1/guests/{key}/files/symlink", self._make_symlink)
+        app.router.add_post("/v1/guests/{key}/files/attributes", self._set_attributes)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -865,21 +866,38 @@ class ControlAPI:
     async def _make_directory(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         mode = _query_number(request, "mode", 8)
+        uid, gid = _query_number(request, "uid", 10), _query_number(request, "gid", 10)
         with self._file_call(guest, "the mkdir", "mkdir"):
             await guest.mkdir(
                 path,
                 parents=_query_flag(request, "parents") or False,
                 mode=0o755 if mode is None else mode,
+                uid=uid,
+                gid=gid,
             )
         return web.json_response({"path": os.fsdecode(path)})
 
     async def _make_symlink(self, request: web.Request) -> web.Response:
         guest, path = self._guest(request), _query_path(request)
         target = _query_path(request, "target", absolute=False)
+        uid, gid = _query_number(request, "uid", 10), _query_number(request, "gid", 10)
         with self._file_call(guest, "the symlink", "symlink"):
             await guest.symlink(
-                target, path, make_parents=_query_flag(request, "make_parents") or False
+                target,
+                path,
+                make_parents=_query_flag(request, "make_parents") or False,
+                uid=uid,
+                gid=gid,
             )
+        return web.json_response({"path": os.fsdecode(path)})
+
+    async def _set_attributes(self, request: web.Request) -> web.Response:
+        guest, path = self._guest(request), _query_path(request)
+        mode, mtime = _query_number(request, "mode", 8), _query_mtime(request)
+        if mode is None and mtime is None:
+            raise ApiError("bad_request", "give mode, mtime or both: there is nothing to set")
+        with self._file_call(guest, "the attribute change", "attributes"):
+            await guest.set_attributes(path, mode=mode, mtime=mtime)
         return web.json_response({"path": os.fsdecode(path)})
 
     # -- exec ----------------------------------------------------------------------------

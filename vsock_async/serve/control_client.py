@@ -238,18 +238,40 @@ class Call(Generic[T]):
 
     @staticmethod
     def make_directory(
-        key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+        key: str,
+        path: str | bytes,
+        *,
+        parents: bool = False,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> Call[Any]:
         """``POST /v1/guests/{key}/files/mkdir``."""
-        extra = {} if mode is None else {"mode": f"{mode:o}"}
+        extra = _settings(mode=mode, uid=uid, gid=gid)
         query = file_query(path, parents="true" if parents else "false", **extra)
         return Call("POST", f"{guest_path(key)}/files/mkdir?{query}", _json)
 
     @staticmethod
-    def make_symlink(key: str, target: str | bytes, path: str | bytes) -> Call[Any]:
+    def make_symlink(
+        key: str,
+        target: str | bytes,
+        path: str | bytes,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Call[Any]:
         """``POST /v1/guests/{key}/files/symlink``: ``path`` becomes a link to ``target``."""
-        query = file_query(path) + "&" + file_query(target, name="target")
+        query = file_query(path, **_settings(uid=uid, gid=gid))
+        query += "&" + file_query(target, name="target")
         return Call("POST", f"{guest_path(key)}/files/symlink?{query}", _json)
+
+    @staticmethod
+    def set_attributes(
+        key: str, path: str | bytes, *, mode: int | None = None, mtime: float | None = None
+    ) -> Call[Any]:
+        """``POST /v1/guests/{key}/files/attributes``: exactly ``mode`` and/or ``mtime``."""
+        query = file_query(path, **_settings(mode=mode, mtime=mtime))
+        return Call("POST", f"{guest_path(key)}/files/attributes?{query}", _json)
 
     @staticmethod
     def metrics() -> Call[str]:
@@ -272,11 +294,29 @@ def put_file_url(
 ) -> str:
     """The URL of ``PUT /v1/guests/{key}/files`` for these settings."""
     params = {"make_parents": "true" if make_parents else "false"}
+    params.update(_settings(mode=mode, mtime=mtime))
+    return f"{guest_path(key)}/files?{file_query(path, **params)}"
+
+
+def _settings(
+    *,
+    mode: int | None = None,
+    mtime: float | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> dict[str, str]:
+    """The query parameters of the file settings given: ``mode`` in octal, ``mtime`` in
+    seconds, ``uid``/``gid`` in decimal."""
+    params = {}
     if mode is not None:
         params["mode"] = f"{mode:o}"
     if mtime is not None:
         params["mtime"] = repr(mtime)
-    return f"{guest_path(key)}/files?{file_query(path, **params)}"
+    if uid is not None:
+        params["uid"] = str(uid)
+    if gid is not None:
+        params["gid"] = str(gid)
+    return params
 
 
 def get_file_url(key: str, path: str | bytes) -> str:
@@ -480,14 +520,37 @@ class ControlClient:
         return self.call(Call.remove_file(key, path, recursive=recursive))
 
     def make_directory(
-        self, key: str, path: str | bytes, *, parents: bool = False, mode: int | None = None
+        self,
+        key: str,
+        path: str | bytes,
+        *,
+        parents: bool = False,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> Any:
         """Make a guest directory (``parents``: as ``mkdir -p``)."""
-        return self.call(Call.make_directory(key, path, parents=parents, mode=mode))
+        return self.call(
+            Call.make_directory(key, path, parents=parents, mode=mode, uid=uid, gid=gid)
+        )
 
-    def make_symlink(self, key: str, target: str | bytes, path: str | bytes) -> Any:
+    def make_symlink(
+        self,
+        key: str,
+        target: str | bytes,
+        path: str | bytes,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Any:
         """Make the guest path ``path`` a symbolic link to ``target``."""
-        return self.call(Call.make_symlink(key, target, path))
+        return self.call(Call.make_symlink(key, target, path, uid=uid, gid=gid))
+
+    def set_attributes(
+        self, key: str, path: str | bytes, *, mode: int | None = None, mtime: float | None = None
+    ) -> Any:
+        """Set exactly ``mode`` and/or ``mtime`` of a guest file or directory."""
+        return self.call(Call.set_attributes(key, path, mode=mode, mtime=mtime))
 
     def put_file(
         self,

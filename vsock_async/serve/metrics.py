@@ -48,7 +48,7 @@ EXCHANGE_BUCKETS: Final = (
 )
 """Upper bounds (seconds) of the exchange latency histogram: a probe to a long build."""
 
-FILE_OPERATIONS: Final = ("put", "get", "stat", "list", "delete", "mkdir", "symlink")
+FILE_OPERATIONS: Final = ("put", "get", "stat", "list", "delete", "mkdir", "symlink", "attributes")
 """The file routes of the control API, as the metrics name them."""
 FILE_OUTCOMES: Final = ("ok", "file_error", "refused", "failed")
 """How a file operation ended: done; refused by the guest (a ``GuestFileError``: 404 or 422);
