@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
@@ -32,6 +31,7 @@ from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
 from . import files
 from .commandline import CommandLike, compose_command
+from .deadlines import Deadlines
 from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
 from .process import Process, ProcessOptions, ProgramLike, run_command, start_process
 from .session import SessionConnection
@@ -76,7 +76,9 @@ class GuestChannel:
         default_timeout: float | None = DEFAULT_TIMEOUT,
         key: Any = None,
         listener: str | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
+        """``deadlines``: a book shared with other channels (a server's); internal."""
         self._conn = connection
         # Exactly one of the two is set: the protocol the connection agreed on.
         self._v1 = connection if isinstance(connection, GuestConnection) else None
@@ -93,11 +95,10 @@ class GuestChannel:
         self.connected_at = time.time()
         self.last_probe: float | None = None
         """When a probe last succeeded on this channel (``time.time()``), or None."""
-        self._deadlines: dict[asyncio.Future[CommandResult], float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf  # when the timer fires; inf while there is none
+        self._deadlines = deadlines  # made on the first call with a deadline if not given
         self._valid_timeout: object = None  # the last timeout= that check_timeout() accepted
-        connection.add_close_callback(self._stop_timer)
+        # Made when the first close callback is added (a server adds one to every channel).
+        self._on_close: list[Callable[[GuestChannel], None]] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "busy" if self.busy else "idle"
@@ -172,7 +173,17 @@ class GuestChannel:
     def add_close_callback(self, callback: Callable[[GuestChannel], None]) -> None:
         """Call ``callback(channel)`` once, when the connection is gone (at once, via the loop,
         if it already is)."""
-        self._conn.add_close_callback(lambda _: callback(self))
+        callbacks = self._on_close
+        if callbacks is None:  # the first one, or the connection is gone and told them all
+            self._on_close = [callback]
+            self._conn.add_close_callback(self._connection_gone)
+        else:
+            callbacks.append(callback)
+
+    def _connection_gone(self, _: object) -> None:
+        callbacks, self._on_close = self._on_close or [], None
+        for callback in callbacks:
+            callback(self)
 
     def abort(self, reason: str) -> None:
         """Close at once, without waiting; pending and queued calls get ``ClosedLocally(reason)``.
@@ -441,8 +452,10 @@ class GuestChannel:
         # The deadline fails the future itself: cheaper than asyncio.timeout (no task cancel
         # and uncancel), and a cancel from outside stays a plain cancel. Not wait_for: on
         # 3.11 it swallows a cancel that lands as the result arrives.
+        deadlines = None
         if timeout is not None:
-            self._watch(future, timeout)
+            deadlines = self._deadlines or self._own_deadlines()
+            deadlines.watch(future, timeout, self)
         try:
             return await future
         except _DeadlinePassed as passed:
@@ -452,56 +465,26 @@ class GuestChannel:
             self._abandon(future, "the exchange was cancelled")
             raise
         finally:
-            if timeout is not None:
-                self._deadlines.pop(future, None)
+            if deadlines is not None:
+                deadlines.forget(future)
 
-    # -- deadlines -----------------------------------------------------------------------
-    #
-    # One loop timer per channel rather than one per call: it is armed for the earliest
-    # pending deadline and left armed when calls finish first. When it fires it fails every
-    # call whose deadline has passed and re-arms itself for the earliest one left, so each
-    # deadline still fires at its own time, never before; a stream of calls that answer
-    # within their timeout costs one timer per timeout period instead of one per call.
+    def _own_deadlines(self) -> Deadlines:
+        """A book of deadlines for this channel alone (one made outside a server)."""
+        self._deadlines = Deadlines()
+        return self._deadlines
 
-    def _watch(self, future: asyncio.Future[CommandResult], timeout: float) -> None:
-        loop = future.get_loop()
-        deadline = loop.time() + timeout
-        self._deadlines[future] = deadline
-        if deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer, loop)
-            self._timer_at = deadline
-
-    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        deadlines = self._deadlines
-        if not deadlines:
-            return
-        now = loop.time()
-        passed = sorted((d, i, f) for i, (f, d) in enumerate(deadlines.items()) if d <= now)
+    def deadline_passed(self, future: asyncio.Future[CommandResult]) -> None:
+        """The deadline of ``future``, a call on this channel, has passed (its
+        :class:`Deadlines` says so): fail it now, not when the caller wakes. A result arriving
+        in between must not be taken for this call's, nor this call's command be sent from
+        the queue."""
         conn = self._v1
         assert conn is not None
-        for _, _, future in passed:
-            if not future.done():  # a result that came first wins
-                # Settled now, not when the caller wakes: a result arriving in between must
-                # not be taken for this call's, nor this call's command be sent from the queue.
-                sent = conn.in_flight(future)
-                stdout, stderr = conn.partial_output() if sent else (b"", b"")
-                result = CommandResult(stdout, stderr, None, timed_out=True)
-                future.set_exception(_DeadlinePassed(result, sent))
-                self._abandon(future, "a command missed its deadline")
-        left = [d for d in deadlines.values() if d > now]
-        if left:
-            self._timer_at = min(left)
-            self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
-
-    def _stop_timer(self, _: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = math.inf
+        sent = conn.in_flight(future)
+        stdout, stderr = conn.partial_output() if sent else (b"", b"")
+        result = CommandResult(stdout, stderr, None, timed_out=True)
+        future.set_exception(_DeadlinePassed(result, sent))
+        self._abandon(future, "a command missed its deadline")
 
     def _abandon(self, future: asyncio.Future[CommandResult], why: str) -> None:
         """Give up on ``future``: close the channel if its command is on the wire (the stream

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -33,6 +34,7 @@ from ..errors import AcceptTimeout, ClosedLocally, ConnectTimeout, UnknownGuest,
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .channel import GuestChannel
+from .deadlines import Deadlines
 from .guests import Guest, GuestEvent, guest_key
 from .negotiate import DEFAULT_NEGOTIATE_TIMEOUT, ProtocolChoice, check_protocol, negotiate
 from .opening import Opening, running_loop
@@ -61,6 +63,7 @@ class _Listener:
         sock: socket.socket,
     ) -> None:
         self.address = address
+        self.name = str(address)  # made once: each of its channels keeps it
         self.label = label
         self.key = guest_key(label) if label is not None else str(address)
         """The guest key of its connections (on vsock://, the peer's CID instead)."""
@@ -157,6 +160,7 @@ class CommandServer:
         self._guest_waiters: dict[Hashable, list[asyncio.Future[Guest]]] = {}
         self._subscribers: list[GuestCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deadlines = Deadlines()  # one timer for the calls of all its channels
         self._closing = False  # aclose() has begun: nothing new is let in
         self._closed = False  # aclose() has finished
 
@@ -312,12 +316,10 @@ class CommandServer:
             cids = frozenset(allowed_cids)
         sock = bind_listener(parsed, backlog=backlog, unix=unix_options)
         listener = _Listener(parsed, label, cids, sock)
+        made = functools.partial(self._connection_made, listener)  # one for all its connections
         try:
             listener.server = await loop.create_server(
-                lambda: GuestConnection(
-                    self.limits, lambda conn: self._connection_made(listener, conn)
-                ),
-                sock=sock,
+                lambda: GuestConnection(self.limits, made), sock=sock
             )
         except BaseException:
             sock.close()
@@ -411,7 +413,8 @@ class CommandServer:
             conn,
             default_timeout=self.default_timeout,
             key=key,
-            listener=str(listener.address),
+            listener=listener.name,
+            deadlines=self._deadlines,
         )
         self._channels[channel.id] = channel
         self._pending[channel.id] = channel

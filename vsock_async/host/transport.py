@@ -44,8 +44,12 @@ class GuestConnection(asyncio.BufferedProtocol):
         self.get_buffer = self._conn.get_buffer  # type: ignore[method-assign]
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._lost = self._loop.create_future()
-        self._on_close: list[Callable[[GuestConnection], None]] = []
+        # An idle connection holds only what it must: with thousands of guests every object
+        # here is one more for each full collection of the cyclic GC to walk. So no future
+        # until someone waits for the end, and no list until someone asks to hear of it.
+        self._gone = False  # the transport is torn down (or there never was one)
+        self._lost: asyncio.Future[None] | None = None  # made by wait_closed()
+        self._on_close: list[Callable[[GuestConnection], None]] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -54,8 +58,9 @@ class GuestConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
-        if self._on_made is not None:
-            self._on_made(self)
+        on_made, self._on_made = self._on_made, None
+        if on_made is not None:
+            on_made(self)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
@@ -80,13 +85,12 @@ class GuestConnection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._lost.done():
-            self._lost.set_result(None)
+        self._mark_gone()
         reason = f": {exc}" if exc else ""
         self._conn.close(ConnectionLost(f"the connection was lost{reason}"))
         self._settle()
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
+        callbacks, self._on_close = self._on_close, None
+        for callback in callbacks or ():
             callback(self)
 
     # -- exchanges -----------------------------------------------------------------------
@@ -151,8 +155,10 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def add_close_callback(self, callback: Callable[[GuestConnection], None]) -> None:
         """Call ``callback(self)`` once the connection is gone."""
-        if self._lost.done():
+        if self._gone:
             self._loop.call_soon(callback, self)
+        elif self._on_close is None:
+            self._on_close = [callback]
         else:
             self._on_close.append(callback)
 
@@ -163,6 +169,10 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         """Wait until the transport has been torn down."""
+        if self._gone:
+            return
+        if self._lost is None:
+            self._lost = self._loop.create_future()
         await asyncio.shield(self._lost)
 
     @property
@@ -180,6 +190,11 @@ class GuestConnection(asyncio.BufferedProtocol):
             assert isinstance(event, ConnectionEnded)
             self._ended(event)
 
+    def _mark_gone(self) -> None:
+        self._gone = True
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
         self.bytes_sent += len(data)
@@ -187,14 +202,14 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def _ended(self, event: ConnectionEnded[ResultFuture]) -> None:
         error = event.error
-        if isinstance(error, PeerError) and not self._lost.done():
+        if isinstance(error, PeerError) and not self._gone:
             logger.info("closing guest connection %s: %s", self.peer, error)
         for future in event.unanswered:
             if not future.done():
                 future.set_exception(copy_error(error))
-        if self._lost.done():
+        if self._gone:
             return
         if self.transport is not None:
             self.transport.abort()
         else:
-            self._lost.set_result(None)
+            self._mark_gone()

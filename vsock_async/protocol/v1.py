@@ -166,10 +166,13 @@ class _FrameDecoder(Generic[_Event]):
         self._grown = False  # the scratch is SCRATCH_SIZE
         self._start = 0
         self._end = 0
-        self._fields: list[bytes | WholeBody] = []
+        # Tuples, not lists: an idle connection holds these, and the empty tuple is shared
+        # (with thousands of guests, each list would be one more object for every full
+        # collection of the cyclic GC to walk). They hold at most a few items.
+        self._fields: tuple[bytes | WholeBody, ...] = ()
         self._length = -1  # length of the body being read; -1 while waiting for a prefix
         self._body: LargeBody | None = None  # a large body being received
-        self._events: list[_Event] = []  # not a deque: an idle connection holds one
+        self._events: tuple[_Event, ...] = ()
         self._error: ProtocolError | None = None
         self._eof = False
 
@@ -216,8 +219,10 @@ class _FrameDecoder(Generic[_Event]):
 
     def next_event(self) -> _Event | None:
         """The next complete frame, or None when more bytes are needed."""
-        if self._events:
-            return self._events.pop(0)
+        events = self._events
+        if events:
+            self._events = events[1:]
+            return events[0]
         return None
 
     @property
@@ -274,14 +279,14 @@ class _FrameDecoder(Generic[_Event]):
 
     def _field_done(self, body: bytes | WholeBody) -> None:
         self._length = -1
-        self._fields.append(body)
+        self._fields += (body,)
         if len(self._fields) == len(self._names) and not self._trailer:
             self._frame_done(None)
 
     def _frame_done(self, trailer: int | None) -> None:
         fields = [f if isinstance(f, bytes) else f.finish() for f in self._fields]
-        self._fields = []
-        self._events.append(self._make_event(fields, trailer))
+        self._fields = ()
+        self._events += (self._make_event(fields, trailer),)
 
     def _make_event(self, fields: list[bytes], trailer: int | None) -> _Event:
         raise NotImplementedError
@@ -358,7 +363,7 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
         # Fast path: one whole small result at a frame boundary.
         if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
             if self._scratch.startswith(_NO_OUTPUT, start):  # every probe's answer
-                self._events.append(_EMPTY_RESULTS[self._scratch[start + 8]])
+                self._events += (_EMPTY_RESULTS[self._scratch[start + 8]],)
                 if start + 9 == end:
                     self._start = self._end = 0
                     if self._grown:  # an answer that fits the small scratch: back to it
@@ -384,7 +389,7 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                         result = CommandResult(
                             out, view[err_at + 4 : code_at].tobytes(), view[code_at]
                         )
-                    self._events.append(result)
+                    self._events += (result,)
                     start = code_at + 1
                     if start == end:
                         self._start = self._end = 0
@@ -406,7 +411,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
             return None
         if len(events) > 1 or self._fields or self._length >= 0 or self._end > self._start:
             raise self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
-        return events.pop()
+        self._events = ()
+        return events[0]
 
     def holds_more(self) -> bool:
         """True if bytes beyond the results already taken are held: another result, or part
@@ -471,7 +477,7 @@ class CommandDecoder(_FrameDecoder[Command | OversizedCommand]):
         self._start += n
         if self._skipping == 0:
             assert self._skipped is not None
-            self._events.append(self._skipped)
+            self._events += (self._skipped,)
             self._skipped = None
             return True
         if self._start == self._end:

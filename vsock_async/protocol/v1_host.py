@@ -121,11 +121,12 @@ class HostConnectionV1(Generic[Id]):
         self._probing = False  # the decoder holds a probe's zero limits
         self._state = _IDLE
         self._current: Id | None = None
-        # Made on first use, and a list for the events (at most two): an idle connection
-        # holds these, and an empty deque costs some 700 bytes.
+        # Made on first use, and a tuple for the events (at most two; the empty one is
+        # shared): an idle connection holds these, an empty deque costs some 700 bytes, and
+        # with thousands of guests every object here is one more for the cyclic GC to walk.
         self._queue: deque[tuple[Id, bytes, bool]] | None = None
         self._to_send = b""
-        self._events: list[HostEventV1[Id]] = []
+        self._events: tuple[HostEventV1[Id], ...] = ()
         self._error: VsockAsyncError | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -218,7 +219,10 @@ class HostConnectionV1(Generic[Id]):
         """The next event, or None when there is none until more bytes arrive or more calls
         are made."""
         events = self._events
-        return events.pop(0) if events else None
+        if events:
+            self._events = events[1:]
+            return events[0]
+        return None
 
     def partial_output(self) -> tuple[bytes, bytes]:
         """The stdout and stderr of the result being received, as far as they have arrived."""
@@ -244,7 +248,7 @@ class HostConnectionV1(Generic[Id]):
         if result is None:
             return
         # tuple.__new__ itself: a named tuple's own __new__ is one more Python call per exchange
-        self._events.append(tuple.__new__(ResultReceived, (self._current, result)))
+        self._events += (tuple.__new__(ResultReceived, (self._current, result)),)
         self._current = None
         self._state = _IDLE
         if self._queue:
@@ -312,7 +316,7 @@ class HostConnectionV1(Generic[Id]):
         self._to_send = b""
         self._state = _CLOSED
         self._error = error
-        self._events.append(ConnectionEnded(error, tuple(unanswered)))  # type: ignore[arg-type]
+        self._events += (ConnectionEnded(error, tuple(unanswered)),)  # type: ignore[arg-type]
 
     def _misuse(self) -> UsageError:
         return UsageError(f"bytes fed to a v1 connection that has ended ({self._error})")
