@@ -25,7 +25,9 @@ from tests.agent_process import (
     children_of,
     eventually,
     served_agent,
+    short_socket_path,
 )
+from tests.fc_muxer import DialingGuest, GuestScript
 from vsock_async import (
     PIPE,
     STDOUT,
@@ -382,6 +384,137 @@ async def test_the_guest_handle_on_a_connection_just_closed_says_so(served: Serv
     served.guest.abort("the test closes it")
     with pytest.raises(ConnectionClosed, match="no open connection"):
         await guest.create_process(["true"])
+
+
+@pytest_asyncio.fixture
+async def one_stream(tmp_path: Path) -> AsyncIterator[Served]:
+    """An agent that runs one stream at a time: a second call through the guest waits."""
+    async with served_agent(tmp_path, "one.sock", "--max-streams", "1") as served:
+        yield served
+
+
+async def queued(served: Served, count: int) -> None:
+    """Until ``count`` calls wait: in the guest's queue, or for its connection's stream."""
+    guest = served.server.guests[0]
+    await eventually(lambda: guest.waiting + served.guest.queued == count, f"{count} waiting")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("holder", ["process", "run"])
+async def test_runs_and_processes_wait_for_a_stream_in_one_fifo(
+    one_stream: Served, tmp_path: Path, holder: str
+) -> None:
+    """With the one stream taken (by a process or a run), runs and processes are served in
+    the order they came, whichever API: each appends its name to a log as it runs."""
+    guest = one_stream.server.guests[0]
+    log, gate = tmp_path / "order", tmp_path / "gate"
+    if holder == "process":
+        held = await guest.create_process(["cat"], stdin=PIPE)
+        assert held.stdin is not None
+        release = held.stdin.write_eof
+    else:
+        waiting = f"while [ ! -e {gate} ]; do sleep 0.01; done"
+        holding = asyncio.ensure_future(guest.run(waiting, timeout=HANG_GUARD))
+        await eventually(lambda: children_of(one_stream.agent.pid), "the run holds the stream")
+        release = gate.touch
+
+    async def run(name: str) -> None:
+        assert (await guest.run(f"echo {name} >> {log}", timeout=HANG_GUARD)).exit_code == 0
+
+    async def process(name: str) -> None:
+        proc = await guest.create_process(f"echo {name} >> {log}")
+        assert await proc.wait() == 0
+
+    names = ["run1", "process1", "run2", "process2", "process3", "run4", "run5", "process6"]
+    calls = []
+    for name in names:
+        calls.append(asyncio.ensure_future((run if name.startswith("run") else process)(name)))
+        await queued(one_stream, len(calls))
+    release()
+    async with asyncio.timeout(HANG_GUARD):
+        await asyncio.gather(*calls)
+        if holder == "run":
+            assert (await holding).exit_code == 0
+    assert log.read_text().split() == names
+    assert guest.waiting == 0
+    await nothing_left(one_stream)
+
+
+@pytest.mark.asyncio
+async def test_waiters_that_give_up_leave_the_queue_and_start_nothing(
+    one_stream: Served, tmp_path: Path
+) -> None:
+    guest, log = one_stream.server.guests[0], tmp_path / "started"
+    async with asyncio.timeout(HANG_GUARD):  # a stream kept by a failed spawn would hang here
+        with pytest.raises(SpawnFailed):
+            await guest.create_process(["/no/such/program"])
+        held = await guest.create_process(["cat"], stdin=PIPE)
+        assert held.stdin is not None
+        gave_up = [
+            asyncio.ensure_future(guest.create_process(f"echo cancelled >> {log}")),
+            asyncio.ensure_future(guest.run(f"echo cancelled >> {log}", timeout=None)),
+        ]
+        await queued(one_stream, 2)
+        assert guest.waiting == 2  # both in the guest's queue
+        with pytest.raises(UsageError, match="stdin must be"):  # at once, not in its turn
+            await guest.create_process(["true"], stdin=STDOUT)
+        with pytest.raises(CommandTimeout) as info:
+            await guest.run(f"echo late >> {log}", timeout=0.05)
+        assert not info.value.sent and info.value.result.timed_out
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await guest.create_process(f"echo late >> {log}")
+        assert guest.waiting == 2
+        for call in gave_up:
+            call.cancel()
+        for call in gave_up:
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert guest.waiting == 0 and one_stream.guest.queued == 0
+        last = asyncio.ensure_future(guest.run(f"echo last >> {log}", timeout=HANG_GUARD))
+        await queued(one_stream, 1)
+        held.stdin.write_eof()
+        assert (await last).exit_code == 0
+    assert log.read_text() == "last\n"  # nothing that gave up ever ran
+    await nothing_left(one_stream)
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_process_is_never_handed_a_v1_connection(tmp_path: Path) -> None:
+    """A guest with a v2 connection (one stream) and a v1 one: a process waits for the v2
+    stream while the v1 connection comes free, and fails once no v2 connection is left."""
+    path = short_socket_path(tmp_path, "mixed.sock")
+    v1 = DialingGuest(path, GuestScript("v1"))
+    async with (
+        vsock_async.listen(f"unix:{path}", label="m") as server,
+        agent_process("--connect", f"unix:{path}", "--max-streams", "1", tmp_path=tmp_path),
+    ):
+        guest = await server.wait_for_guest("m", timeout=HANG_GUARD)
+        await v1.dial()
+        try:
+            await eventually(lambda: guest.connection_count == 2, "both connections")
+            held = await guest.create_process(["cat"], stdin=PIPE)
+            on_v1 = asyncio.ensure_future(guest.run("wait 1", timeout=HANG_GUARD))
+            await v1.script.started.get()
+            waiting = asyncio.ensure_future(guest.create_process(["true"]))
+            await eventually(lambda: guest.waiting == 1, "the process waits")
+            v1.script.release(b"1")
+            assert (await on_v1).stdout == b"v1:wait 1"  # its connection comes free...
+            for _ in range(5):  # a hand-over would have woken it at once
+                await asyncio.sleep(0)
+            assert not waiting.done() and guest.waiting == 1  # ...and is not the process's
+            (v2,) = (c for c in guest.channels if c.protocol == "v2")
+            v2.abort("the test closes it")
+            with pytest.raises(ConnectionClosed, match="no open v2 connection"):
+                await waiting
+            with pytest.raises(ConnectionClosed):
+                await held.wait()
+            await eventually(lambda: guest.connection_count == 1, "the v2 connection is gone")
+            with pytest.raises(Unsupported, match="only protocol v1"):
+                await guest.create_process(["true"])
+            assert (await guest.run("still", timeout=HANG_GUARD)).stdout == b"v1:still"
+        finally:
+            await v1.aclose()
 
 
 @pytest.mark.asyncio

@@ -5,7 +5,10 @@ It may hold several connections (an agent started with ``--connections N``);
 :meth:`Guest.run` takes any free one, so N calls run at once, and further
 calls wait in FIFO order for the next connection to come free. A v2
 connection counts as free until it carries as many calls as the agent runs
-at once (its ``max_streams``); a v1 one carries one call at a time. A call
+at once (its ``max_streams``); a v1 one carries one call at a time.
+:meth:`Guest.create_process` waits in the same queue (for a v2 connection)
+and holds its stream until the process ends, so runs, probes and processes
+are served in the order they came, whichever API they came from. A call
 never moves to another connection once its command is sent: when a
 connection drops, the calls on it fail with :class:`ConnectionClosed` and are
 never replayed.
@@ -31,12 +34,16 @@ from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
 from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
-from .process import Process, ProcessOptions, ProgramLike
+from .process import Process, ProcessOptions, ProgramLike, exec_request
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
 
 _MAX_CID_DIGITS = 10  # a CID is a u32: at most 10 digits
 _FILES = "file operations"
+_PROCESSES = "processes (streaming output, stdin, signals, terminals)"
+
+_Waiter = tuple["asyncio.Future[GuestChannel]", bool]
+"""A call waiting for a connection, and whether it needs a v2 one (a process does)."""
 
 
 def _shown(line: bytes) -> str:
@@ -88,6 +95,7 @@ class Guest:
         "_idle",
         "_last_probe",
         "_leases",
+        "_v2_count",
         "_waiters",
         "key",
     )
@@ -102,7 +110,9 @@ class Guest:
         """Connections with room for a call through this handle, most recently released first."""
         self._leases: dict[int, int] = {}
         """Calls through this handle that each connection carries now (absent: none)."""
-        self._waiters: deque[asyncio.Future[GuestChannel]] = deque()
+        self._v2_count = 0
+        """How many of its connections speak v2."""
+        self._waiters: deque[_Waiter] = deque()
         self._last_probe: float | None = None
 
     def __repr__(self) -> str:
@@ -147,7 +157,7 @@ class Guest:
     @property
     def waiting(self) -> int:
         """Calls waiting for a connection to come free."""
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        return sum(1 for waiter, _ in self._waiters if not waiter.done())
 
     @property
     def last_probe(self) -> float | None:
@@ -204,13 +214,23 @@ class Guest:
         """Start ``program`` on one of the guest's v2 connections; see
         :meth:`GuestChannel.create_process` for the arguments.
 
-        It takes a connection with a free stream (the least loaded one if none
-        has), and holds that stream until the process ends. Raises
-        :class:`Unsupported` if the guest speaks only v1, :class:`ConnectionClosed`
-        if it has no open connection.
+        It takes a free stream, or waits for one in the queue :meth:`run` and
+        :meth:`probe` wait in, behind every call that came before it, and holds
+        that stream until the process ends. ``timeout`` is the process's life
+        limit, not the wait: wrap the call in ``asyncio.timeout()`` to give up
+        waiting (nothing is started). Raises :class:`Unsupported` if the guest
+        speaks only v1, :class:`ConnectionClosed` if it has no open connection
+        or loses its last one while the call waits.
         """
-        channel = self._v2_channel("processes (streaming output, stdin, signals, terminals)")
-        return await channel.create_process(program, **options)
+        exec_request(program, **options)  # a bad argument fails now, not after waiting its turn
+        channel = await self._lease(b"", None, None, True, v2=True)  # no deadline: no line shown
+        try:
+            process = await channel.create_process(program, **options)
+        except BaseException:
+            self._release(channel)
+            raise
+        process._exited.add_done_callback(lambda _: self._release(channel))
+        return process
 
     # -- files (v2): GuestChannel's file operations, each on one of the guest's connections --
 
@@ -298,20 +318,28 @@ class Guest:
     def _v2_channel(self, need: str) -> GuestChannel:
         """A v2 connection for new streams (``need`` says for what, should there be none): a
         free one, else the one with the fewest waiting."""
-        free = self._free_channel()
-        if free is not None and free.protocol == "v2":
+        free = self._free_channel(v2=True)
+        if free is not None:
             return free
         open_ = [c for c in self._channels.values() if not c.closed]
         if not open_:  # closed ones wait a loop turn to be removed: none is v1-only
             raise self._no_connection()
+        self._check_v2(need)
         v2 = [c for c in open_ if c.protocol == "v2"]
-        if not v2:
+        if not v2:  # the v2 ones have closed and wait a loop turn to be removed
+            raise self._no_connection()
+        return min(v2, key=lambda c: (c.busy, c.queued))
+
+    def _check_v2(self, need: str) -> None:
+        """:class:`Unsupported` if every connection speaks only v1; ConnectionClosed if none."""
+        if not self._channels:
+            raise self._no_connection()
+        if not self._v2_count:
             raise Unsupported(
-                f"guest {self.key!r} speaks only protocol v1 on its {len(open_)}"
+                f"guest {self.key!r} speaks only protocol v1 on its {len(self._channels)}"
                 f" connection(s), which run one buffered command at a time: {need} need v2."
                 " Upgrade the guest's agent, or use run()"
             )
-        return min(v2, key=lambda c: (c.busy, c.queued))
 
     async def aclose(self) -> None:
         """Close all its connections; their calls, and calls waiting here, get ConnectionClosed."""
@@ -327,17 +355,23 @@ class Guest:
     def add_channel(self, channel: GuestChannel) -> None:
         """Serve calls on ``channel`` from now on; hand it to the longest waiting calls."""
         self._channels[channel.id] = channel
+        if channel.protocol == "v2":
+            self._v2_count += 1
         self._release(channel, leased=False)
 
     def remove_channel(self, channel: GuestChannel) -> bool:
         """Forget a closed ``channel``; True if that was its last connection.
 
-        Calls waiting for a connection fail once none is left.
+        Calls waiting for a connection fail once none is left, processes waiting
+        for a v2 one once no v2 one is.
         """
-        self._channels.pop(channel.id, None)
+        if self._channels.pop(channel.id, None) is not None and channel.protocol == "v2":
+            self._v2_count -= 1
         self._idle.pop(channel.id, None)
         self._leases.pop(channel.id, None)
         if self._channels:
+            if not self._v2_count:
+                self._fail_waiters(v2_only=True)
             return False
         self._fail_waiters()
         return True
@@ -353,38 +387,39 @@ class Guest:
             return None, None
         return asyncio.get_running_loop().time() + timeout, timeout
 
-    def _free_channel(self) -> GuestChannel | None:
-        """The most recently released connection with nothing to do, if any.
+    def _free_channel(self, *, v2: bool = False) -> GuestChannel | None:
+        """The most recently released connection with nothing to do (a v2 one: ``v2``), if any.
 
         Only connections busy with calls made on the channel itself, not through
-        this handle, are looked at and passed over; closed ones are dropped.
+        this handle (and v1 ones for ``v2``), are looked at and passed over; closed
+        ones are dropped.
         """
         found = None
         gone = []
         for channel_id, channel in self._idle.items():
             if channel.closed:
                 gone.append(channel_id)
-            elif not channel.busy and not channel.queued:
+            elif not channel.busy and not channel.queued and _serves(channel, v2):
                 found = channel
                 break
         for channel_id in gone:
             del self._idle[channel_id]
         return found
 
-    def _unleased_channel(self) -> GuestChannel | None:
+    def _unleased_channel(self, *, v2: bool = False) -> GuestChannel | None:
         """An open connection busy with a call made on the channel itself, not through us.
 
         We learn nothing when such a call ends, so rather than wait for a
         hand-over that may never come, the call queues on that channel.
         """
         return min(
-            (c for c in self._idle.values() if not c.closed),
+            (c for c in self._idle.values() if not c.closed and _serves(c, v2)),
             key=lambda c: c.queued,
             default=None,
         )
 
-    def _no_connection(self) -> ConnectionClosed:
-        return ConnectionClosed(f"guest {self.key!r} has no open connection")
+    def _no_connection(self, v2: bool = False) -> ConnectionClosed:
+        return ConnectionClosed(f"guest {self.key!r} has no open {'v2 ' if v2 else ''}connection")
 
     def _take(self, channel: GuestChannel) -> GuestChannel:
         """Count one more call on ``channel``; it leaves the idle set once it has no room."""
@@ -395,14 +430,25 @@ class Guest:
         return channel
 
     async def _lease(
-        self, line: bytes, timeout: float | None, deadline: float | None, wait: bool
+        self,
+        line: bytes,
+        timeout: float | None,
+        deadline: float | None,
+        wait: bool,
+        *,
+        v2: bool = False,
     ) -> GuestChannel:
-        """A connection reserved for one call: a free one now, or the next one to come free."""
+        """A connection reserved for one call (a v2 one: ``v2``): a free one now, or the next
+        one to come free, after every call that waits already."""
         while True:
-            if not self._channels:
+            if v2:
+                self._check_v2(_PROCESSES)
+            elif not self._channels:
                 raise self._no_connection()
             if not self._waiters:
-                channel = self._free_channel() or (self._unleased_channel() if wait else None)
+                channel = self._free_channel(v2=v2) or (
+                    self._unleased_channel(v2=v2) if wait else None
+                )
                 if channel is not None:
                     return self._in_time(self._take(channel), line, timeout, deadline)
             if not wait:
@@ -411,7 +457,8 @@ class Guest:
                     f" ({len(self._channels)} open, {self.waiting} calls waiting)"
                 )
             waiter: asyncio.Future[GuestChannel] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            entry = (waiter, v2)
+            self._waiters.append(entry)
             try:
                 # Not wait_for: on 3.11 it swallows a cancel that lands as the hand-over does.
                 async with asyncio.timeout_at(deadline):
@@ -427,7 +474,7 @@ class Guest:
                 raise
             finally:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(entry)
             if not channel.closed:
                 return self._in_time(channel, line, timeout, deadline)
 
@@ -469,23 +516,41 @@ class Guest:
 
     def _release(self, channel: GuestChannel, *, leased: bool = True) -> None:
         """A call is done with ``channel`` (``leased``), or it is new: hand its room to the
-        waiting calls, longest waiting first, and keep it idle while room is left."""
+        waiting calls it can serve, longest waiting first, and keep it idle while room is left."""
         if leased:
             leases = self._leases.pop(channel.id, 1) - 1
             if leases:
                 self._leases[channel.id] = leases
         if channel.id not in self._channels or channel.closed:
             return
+        passed_over: list[_Waiter] = []  # processes, which a v1 connection cannot serve
         while self._waiters and self._leases.get(channel.id, 0) < channel.concurrency:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+            entry = self._waiters.popleft()
+            waiter, v2 = entry
+            if waiter.done():
+                continue
+            if _serves(channel, v2):
                 waiter.set_result(self._take(channel))
+            else:
+                passed_over.append(entry)
+        self._waiters.extendleft(reversed(passed_over))
         if self._leases.get(channel.id, 0) < channel.concurrency and channel.id not in self._idle:
             self._idle[channel.id] = channel
             self._idle.move_to_end(channel.id, last=False)
 
-    def _fail_waiters(self) -> None:
+    def _fail_waiters(self, *, v2_only: bool = False) -> None:
+        """Fail the calls waiting for a connection (those for a v2 one: ``v2_only``)."""
+        kept: deque[_Waiter] = deque()
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(self._no_connection())
+            entry = self._waiters.popleft()
+            waiter, v2 = entry
+            if v2_only and not v2:
+                kept.append(entry)
+            elif not waiter.done():
+                waiter.set_exception(self._no_connection(v2_only))
+        self._waiters = kept
+
+
+def _serves(channel: GuestChannel, v2: bool) -> bool:
+    """Whether ``channel`` can carry a call that needs v2 (``v2``) or any call."""
+    return not v2 or channel.protocol == "v2"

@@ -24,7 +24,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict, Unpack
 
 from ..errors import (
     CommandTimeout,
@@ -774,36 +774,14 @@ async def communicate(
 
 
 async def start_process(
-    connection: SessionConnection,
-    program: ProgramLike,
-    *,
-    stdin: int = DEVNULL,
-    stdout: int = PIPE,
-    stderr: int | None = None,
-    env: Mapping[str | bytes, str | bytes] | None = None,
-    cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
-    user: str | int | None = None,
-    pty: tuple[int, int] | None = None,
-    timeout: float | None = None,
-    limit: int = DEFAULT_LIMIT,
+    connection: SessionConnection, program: ProgramLike, **options: Unpack[ProcessOptions]
 ) -> Process:
     """Start ``program`` on a new stream; see :meth:`GuestChannel.create_process`."""
-    request = exec_request(
-        program,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        env=env,
-        cwd=cwd,
-        user=user,
-        pty=pty,
-        timeout=timeout,
-        limit=limit,
-    )
+    request = exec_request(program, **options)
     connection.require("exec", "start processes")
-    if pty is not None:
+    if "pty" in request:
         connection.require("pty", "open a terminal (pty=)")
-    if user is not None:
+    if "user" in request:
         connection.require("user", "run a process as another user (user=; the agent is not root)")
     size = _argv_bytes(request)
     most = connection.agent.limits.max_argv_bytes
@@ -814,11 +792,11 @@ async def start_process(
         )
     process = Process(
         connection,
-        stdin=stdin == PIPE,
-        stdout=stdout,
-        stderr=PIPE if stderr is None and pty is None else stderr,
-        pty=pty is not None,
-        limit=limit,
+        stdin=request["stdin"],
+        stdout=options.get("stdout", PIPE),
+        stderr=PIPE if request.get("stderr") == "pipe" else None,
+        pty="pty" in request,
+        limit=request["window"],
     )
     await connection.open(process, request)
     return process
@@ -915,17 +893,18 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 def exec_request(
     program: ProgramLike,
     *,
-    stdin: int,
-    stdout: int,
-    stderr: int | None,
-    env: Mapping[str | bytes, str | bytes] | None,
-    cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None,
-    user: str | int | None,
-    pty: tuple[int, int] | None,
-    timeout: float | None,
-    limit: int,
+    stdin: int = DEVNULL,
+    stdout: int = PIPE,
+    stderr: int | None = None,
+    env: Mapping[str | bytes, str | bytes] | None = None,
+    cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+    user: str | int | None = None,
+    pty: tuple[int, int] | None = None,
+    timeout: float | None = None,
+    limit: int = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
-    """The EXEC request for these arguments, checked; :class:`UsageError` for a bad one."""
+    """The EXEC request of ``create_process()``'s arguments (their defaults are these),
+    checked; :class:`UsageError` for a bad one."""
     request: dict[str, Any] = {}
     if isinstance(program, str | bytes):
         if not program:
