@@ -29,7 +29,7 @@ from ..protocol import PROBE_COMMAND, Limits
 from ..protocol.v2 import HelloAnswer
 from ..results import CommandResult
 from ..timeouts import DEFAULT, DEFAULT_TIMEOUT, Timeout, check_timeout
-from . import files
+from . import _callbacks, files
 from .commandline import CommandLike, compose_command
 from .deadlines import Deadlines
 from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
@@ -97,8 +97,8 @@ class GuestChannel:
         """When a probe last succeeded on this channel (``time.time()``), or None."""
         self._deadlines = deadlines  # made on the first call with a deadline if not given
         self._valid_timeout: object = None  # the last timeout= that check_timeout() accepted
-        # Made when the first close callback is added (a server adds one to every channel).
-        self._on_close: list[Callable[[GuestChannel], None]] | None = None
+        # Registered with the connection when the first is added (a server adds one to each).
+        self._on_close: _callbacks.Held[GuestChannel] = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "busy" if self.busy else "idle"
@@ -173,16 +173,13 @@ class GuestChannel:
     def add_close_callback(self, callback: Callable[[GuestChannel], None]) -> None:
         """Call ``callback(channel)`` once, when the connection is gone (at once, via the loop,
         if it already is)."""
-        callbacks = self._on_close
-        if callbacks is None:  # the first one, or the connection is gone and told them all
-            self._on_close = [callback]
+        if self._on_close is None:  # the first one, or the connection is gone and told them all
             self._conn.add_close_callback(self._connection_gone)
-        else:
-            callbacks.append(callback)
+        self._on_close = _callbacks.add(self._on_close, callback)
 
     def _connection_gone(self, _: object) -> None:
-        callbacks, self._on_close = self._on_close or [], None
-        for callback in callbacks:
+        held, self._on_close = self._on_close, None
+        for callback in _callbacks.each(held):
             callback(self)
 
     def abort(self, reason: str) -> None:

@@ -13,7 +13,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from .._sockets import (
     SocketFile,
@@ -30,7 +30,14 @@ from ..addresses import (
     VsockAddress,
     parse_address,
 )
-from ..errors import AcceptTimeout, ClosedLocally, ConnectTimeout, UnknownGuest, UsageError
+from ..errors import (
+    AcceptTimeout,
+    ClosedLocally,
+    ConnectTimeout,
+    UnknownGuest,
+    UsageError,
+    VsockAsyncError,
+)
 from ..protocol import Limits
 from ..timeouts import DEFAULT_TIMEOUT, check_timeout
 from .channel import GuestChannel
@@ -247,7 +254,16 @@ class CommandServer:
 
         return unsubscribe
 
-    def _notify(self, event: GuestEvent) -> None:
+    def _notify(
+        self,
+        kind: Literal["connected", "disconnected"],
+        guest: Guest,
+        channel: GuestChannel,
+        error: VsockAsyncError | None = None,
+    ) -> None:
+        if not self._subscribers:  # the event is not even made: one per connect and disconnect
+            return
+        event = GuestEvent(kind, guest, channel, error)
         for callback in list(self._subscribers):
             try:
                 outcome = callback(event)
@@ -429,7 +445,7 @@ class CommandServer:
         )
         guest = self._register(channel)
         self._wake_one_acceptor()
-        self._notify(GuestEvent("connected", guest, channel))
+        self._notify("connected", guest, channel)
 
     def _wake_one_acceptor(self, skip: asyncio.Future[None] | None = None) -> None:
         for waiter in self._accept_waiters:
@@ -448,7 +464,7 @@ class CommandServer:
         if guest.remove_channel(channel):
             del self._guests[channel.key]
             self._detached[channel.key] = guest
-        self._notify(GuestEvent("disconnected", guest, channel, error))
+        self._notify("disconnected", guest, channel, error)
 
     async def accept(self, timeout: float | None = None) -> GuestChannel:
         """The next guest connection not yet accepted; AcceptTimeout after ``timeout`` seconds."""

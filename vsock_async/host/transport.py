@@ -26,6 +26,7 @@ from ..protocol.v1_host import (
     copy_error,
 )
 from ..results import CommandResult
+from . import _callbacks
 
 logger = logging.getLogger("vsock_async")
 
@@ -49,7 +50,7 @@ class GuestConnection(asyncio.BufferedProtocol):
         # until someone waits for the end, and no list until someone asks to hear of it.
         self._gone = False  # the transport is torn down (or there never was one)
         self._lost: asyncio.Future[None] | None = None  # made by wait_closed()
-        self._on_close: list[Callable[[GuestConnection], None]] | None = None
+        self._on_close: _callbacks.Held[GuestConnection] = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -89,8 +90,8 @@ class GuestConnection(asyncio.BufferedProtocol):
         reason = f": {exc}" if exc else ""
         self._conn.close(ConnectionLost(f"the connection was lost{reason}"))
         self._settle()
-        callbacks, self._on_close = self._on_close, None
-        for callback in callbacks or ():
+        held, self._on_close = self._on_close, None
+        for callback in _callbacks.each(held):
             callback(self)
 
     # -- exchanges -----------------------------------------------------------------------
@@ -157,10 +158,8 @@ class GuestConnection(asyncio.BufferedProtocol):
         """Call ``callback(self)`` once the connection is gone."""
         if self._gone:
             self._loop.call_soon(callback, self)
-        elif self._on_close is None:
-            self._on_close = [callback]
         else:
-            self._on_close.append(callback)
+            self._on_close = _callbacks.add(self._on_close, callback)
 
     def abort(self, error: VsockAsyncError) -> None:
         """Close at once, failing the call in flight and every queued call with ``error``."""
