@@ -7,117 +7,72 @@
         await guest.probe(timeout=2)
         result = await guest.run("uname -a", timeout=30)
 
-The core imports only the standard library.
+The core imports only the standard library. The names below are imported from their home
+modules on first use (PEP 562), so ``python -m vsock_async agent``, which imports only the
+agent's modules, never loads the host side or the daemon.
 """
 
-from ._sockets import UnixSocketOptions as UnixSocketOptions
-from .addresses import (
-    DEFAULT_ADDRESS as DEFAULT_ADDRESS,
-)
-from .addresses import (
-    Address as Address,
-)
-from .addresses import (
-    HybridVsockAddress as HybridVsockAddress,
-)
-from .addresses import (
-    TcpAddress as TcpAddress,
-)
-from .addresses import (
-    UnixAddress as UnixAddress,
-)
-from .addresses import (
-    VsockAddress as VsockAddress,
-)
-from .addresses import (
-    parse_address as parse_address,
-)
-from .agent.agent import GuestAgent as GuestAgent
-from .errors import (
-    AcceptTimeout as AcceptTimeout,
-)
-from .errors import (
-    ClosedLocally as ClosedLocally,
-)
-from .errors import (
-    CommandFailed as CommandFailed,
-)
-from .errors import (
-    CommandTimeout as CommandTimeout,
-)
-from .errors import (
-    ConnectFailed as ConnectFailed,
-)
-from .errors import (
-    ConnectionClosed as ConnectionClosed,
-)
-from .errors import (
-    ConnectionLost as ConnectionLost,
-)
-from .errors import (
-    ConnectTimeout as ConnectTimeout,
-)
-from .errors import (
-    DeadlineExceeded as DeadlineExceeded,
-)
-from .errors import (
-    FrameTooLarge as FrameTooLarge,
-)
-from .errors import (
-    GuestBusy as GuestBusy,
-)
-from .errors import (
-    GuestFileError as GuestFileError,
-)
-from .errors import (
-    InvalidAddress as InvalidAddress,
-)
-from .errors import (
-    ListenFailed as ListenFailed,
-)
-from .errors import (
-    PeerError as PeerError,
-)
-from .errors import (
-    ProbeFailed as ProbeFailed,
-)
-from .errors import (
-    ProtocolError as ProtocolError,
-)
-from .errors import (
-    SpawnFailed as SpawnFailed,
-)
-from .errors import (
-    StdinClosed as StdinClosed,
-)
-from .errors import (
-    UnknownGuest as UnknownGuest,
-)
-from .errors import (
-    Unsupported as Unsupported,
-)
-from .errors import (
-    UsageError as UsageError,
-)
-from .errors import (
-    VsockAsyncError as VsockAsyncError,
-)
-from .host.channel import GuestChannel as GuestChannel
-from .host.commandline import compose_command as compose_command
-from .host.connect import connect as connect
-from .host.files import FileInfo as FileInfo
-from .host.guests import Guest as Guest
-from .host.guests import GuestEvent as GuestEvent
-from .host.process import DEVNULL as DEVNULL
-from .host.process import PIPE as PIPE
-from .host.process import STDOUT as STDOUT
-from .host.process import Process as Process
-from .host.process import ProcessReader as ProcessReader
-from .host.process import ProcessWriter as ProcessWriter
-from .host.server import CommandServer as CommandServer
-from .host.server import listen as listen
-from .protocol import Limits as Limits
-from .results import CommandResult as CommandResult
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from ._sockets import UnixSocketOptions
+    from .addresses import (
+        DEFAULT_ADDRESS,
+        Address,
+        HybridVsockAddress,
+        TcpAddress,
+        UnixAddress,
+        VsockAddress,
+        parse_address,
+    )
+    from .agent.agent import GuestAgent
+    from .errors import (
+        AcceptTimeout,
+        ClosedLocally,
+        CommandFailed,
+        CommandTimeout,
+        ConnectFailed,
+        ConnectionClosed,
+        ConnectionLost,
+        ConnectTimeout,
+        DeadlineExceeded,
+        FrameTooLarge,
+        GuestBusy,
+        GuestFileError,
+        InvalidAddress,
+        ListenFailed,
+        PeerError,
+        ProbeFailed,
+        ProtocolError,
+        SpawnFailed,
+        StdinClosed,
+        UnknownGuest,
+        Unsupported,
+        UsageError,
+        VsockAsyncError,
+    )
+    from .host.channel import GuestChannel
+    from .host.commandline import compose_command
+    from .host.connect import connect
+    from .host.files import FileInfo
+    from .host.guests import (
+        Guest,
+        GuestEvent,
+    )
+    from .host.process import (
+        DEVNULL,
+        PIPE,
+        STDOUT,
+        Process,
+        ProcessReader,
+        ProcessWriter,
+    )
+    from .host.server import (
+        CommandServer,
+        listen,
+    )
+    from .protocol import Limits
+    from .results import CommandResult
 
 __version__ = "0.1.0"
 
@@ -171,3 +126,71 @@ __all__ = [
     "listen",
     "parse_address",
 ]
+
+_HOMES: dict[str, str] = {
+    "UnixSocketOptions": "._sockets",
+    "DEFAULT_ADDRESS": ".addresses",
+    "Address": ".addresses",
+    "HybridVsockAddress": ".addresses",
+    "TcpAddress": ".addresses",
+    "UnixAddress": ".addresses",
+    "VsockAddress": ".addresses",
+    "parse_address": ".addresses",
+    "GuestAgent": ".agent.agent",
+    "AcceptTimeout": ".errors",
+    "ClosedLocally": ".errors",
+    "CommandFailed": ".errors",
+    "CommandTimeout": ".errors",
+    "ConnectFailed": ".errors",
+    "ConnectionClosed": ".errors",
+    "ConnectionLost": ".errors",
+    "ConnectTimeout": ".errors",
+    "DeadlineExceeded": ".errors",
+    "FrameTooLarge": ".errors",
+    "GuestBusy": ".errors",
+    "GuestFileError": ".errors",
+    "InvalidAddress": ".errors",
+    "ListenFailed": ".errors",
+    "PeerError": ".errors",
+    "ProbeFailed": ".errors",
+    "ProtocolError": ".errors",
+    "SpawnFailed": ".errors",
+    "StdinClosed": ".errors",
+    "UnknownGuest": ".errors",
+    "Unsupported": ".errors",
+    "UsageError": ".errors",
+    "VsockAsyncError": ".errors",
+    "GuestChannel": ".host.channel",
+    "compose_command": ".host.commandline",
+    "connect": ".host.connect",
+    "FileInfo": ".host.files",
+    "Guest": ".host.guests",
+    "GuestEvent": ".host.guests",
+    "DEVNULL": ".host.process",
+    "PIPE": ".host.process",
+    "STDOUT": ".host.process",
+    "Process": ".host.process",
+    "ProcessReader": ".host.process",
+    "ProcessWriter": ".host.process",
+    "CommandServer": ".host.server",
+    "listen": ".host.server",
+    "Limits": ".protocol",
+    "CommandResult": ".results",
+}
+"""Each name of ``__all__`` and the module it is defined in."""
+
+
+def __getattr__(name: str) -> object:
+    """Import ``name`` from its home module on first use, and keep it here."""
+    from importlib import import_module
+
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

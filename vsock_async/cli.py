@@ -52,25 +52,36 @@ EXIT_INTERRUPTED: Final = 130
 Runner = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``vsock-async`` and every subcommand (the deployment files' tests use it)."""
+def build_parser(subcommand: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``vsock-async`` and every subcommand, or of ``subcommand`` alone if it is one.
+
+    :func:`main` builds only the subcommand it runs: the others' parsers take their defaults
+    from the host side and the daemon, which the agent must not load (it starts on a
+    guest's boot path). The deployment files' tests use it too.
+    """
     parser = argparse.ArgumentParser(
         prog="vsock-async",
         description="asyncio vsock command server and guest agent (wire protocol v1)",
     )
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    _add_agent_parser(subparsers)
-    _add_serve_parser(subparsers)
-    _add_exec_parser(subparsers)
-    _add_guests_parser(subparsers)
-    _add_cp_parser(subparsers)
-    _add_demo_parser(subparsers)
+    adders: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], object]] = {
+        "agent": _add_agent_parser,
+        "serve": _add_serve_parser,
+        "exec": _add_exec_parser,
+        "guests": _add_guests_parser,
+        "cp": _add_cp_parser,
+        "demo": _add_demo_parser,
+    }
+    for add in [adders[subcommand]] if subcommand in adders else adders.values():
+        add(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv[0] if argv else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.subcommand == "exec":
         _exec_misparsed(args, unknown)

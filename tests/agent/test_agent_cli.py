@@ -120,3 +120,29 @@ async def test_single_file_takes_timeouts_and_sizes(tmp_path: Path) -> None:
         assert len((await guest.run("yes | head -c 5000", timeout=LONG)).stdout) == 1024
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), LONG) == 0
+
+
+RECORD_MODULES = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('modules:', *sorted(sys.modules), file=sys.stderr))\n"
+    "sys.argv = sys.argv[2:]  # what -m leaves: ['vsock_async', 'agent', ...]\n"
+    "runpy.run_module('vsock_async', run_name='__main__', alter_sys=True)\n"
+)
+"""Runs ``-m vsock_async ...`` as ``python -m`` does, and prints the modules loaded at exit."""
+
+
+@pytest.mark.asyncio
+async def test_the_agent_loads_neither_the_host_side_nor_the_daemon(tmp_path: Path) -> None:
+    """The agent starts on a guest's boot path, and needs only its own modules."""
+    async with served_agent(tmp_path, "lean.sock", python=("-c", RECORD_MODULES)) as served:
+        assert (await served.guest.run("echo v2", timeout=LONG)).stdout == b"v2\n"
+        await served.guest.put_file(b"data", str(tmp_path / "put"))
+        served.agent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.agent.wait(), LONG) == 0
+    [line] = [
+        line for line in (tmp_path / "agent.log").read_text().splitlines() if "modules:" in line
+    ]
+    modules = line.split()[1:]
+    assert "vsock_async.agent.v2" in modules and "vsock_async.agent.files" in modules
+    assert [m for m in modules if m.startswith(("vsock_async.host", "vsock_async.serve"))] == []
+    assert [m for m in modules if m.split(".")[0] == "aiohttp"] == []
