@@ -11,8 +11,8 @@ subcommand's parser taken from ``vsock_async/cli.py``: the same code, no copy
 to keep in step. It needs only the standard library. Its usage is
 ``vsock-async-agent [options]``: the ``agent`` parser on its own, no subcommand.
 
-Every module shares the file's one namespace, so the build refuses two
-top-level definitions of one name.
+Every module shares the file's one namespace, so the build refuses a name bound
+at the top level of two modules to different things (an import may repeat).
 """
 
 from __future__ import annotations
@@ -118,15 +118,26 @@ def _defined(node: ast.stmt) -> set[str]:
     return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
+def _imported(node: ast.stmt) -> dict[str, str]:
+    """The names a top-level import binds, each with what it binds (``module.name``)."""
+    if isinstance(node, ast.Import):
+        return {(a.asname or a.name.split(".")[0]): a.name for a in node.names}
+    if isinstance(node, ast.ImportFrom):
+        return {(a.asname or a.name): f"{node.module}.{a.name}" for a in node.names}
+    return {}
+
+
 def _check_names(parts: dict[str, str]) -> None:
-    """Refuse a name defined at the top level of two parts: one would replace the other."""
-    seen: dict[str, str] = {}
+    """Refuse a name bound at the top level of two parts to different things: one would
+    replace the other (``from types import FrameType`` would hide the protocol's)."""
+    seen: dict[str, tuple[str, str]] = {}  # name -> (part, what it is bound to)
     for part, source in parts.items():
         for node in ast.parse(source).body:
-            for name in _defined(node):
-                if name in seen and name != "__all__":
-                    raise SystemExit(f"{name} is defined in both {seen[name]} and {part}")
-                seen[name] = part
+            bound = _imported(node) or dict.fromkeys(_defined(node), f"{part} itself")
+            for name, what in bound.items():
+                earlier = seen.setdefault(name, (part, what))
+                if earlier[1] != what and name != "__all__":
+                    raise SystemExit(f"{name} is bound in both {earlier[0]} and {part}")
 
 
 def _apply(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import runpy
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 import vsock_async
 from tests.agent_process import (
+    BUILD_SCRIPT,
     LONG,
     build_single_file,
     served_agent,
@@ -103,6 +105,16 @@ def test_single_file_usage_takes_no_subcommand(tmp_path: Path) -> None:
     assert wrong.returncode == 2
     assert wrong.stderr.startswith("usage: vsock-async-agent [-h]")
     assert "unrecognized arguments: agent" in wrong.stderr
+
+
+def test_the_single_file_build_refuses_one_name_bound_to_two_things() -> None:
+    """Its modules share one namespace: an import must not hide another module's name."""
+    check = runpy.run_path(str(BUILD_SCRIPT))["_check_names"]
+    check({"a": "from types import FrameType\n", "b": "from types import FrameType\n"})
+    with pytest.raises(SystemExit, match="FrameType is bound in both a and b"):
+        check({"a": "class FrameType: ...\n", "b": "from types import FrameType\n"})
+    with pytest.raises(SystemExit, match="limit is bound in both a and b"):
+        check({"a": "limit = 1\n", "b": "def limit() -> None: ...\n"})
 
 
 @pytest.mark.asyncio

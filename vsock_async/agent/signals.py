@@ -8,7 +8,9 @@ agent gives each such signal a handler that does nothing (the agent itself still
 and unblocks it, once, at start. Nothing is done per spawn, so subprocess keeps using vfork.
 SIGPIPE and SIGXFSZ, which Python itself ignores, subprocess resets in each child
 (``restore_signals``). The signals of a fault (SIGSEGV, SIGBUS, ...) are left alone: a handler
-that returns would run the faulting instruction again, forever.
+that returns would run the faulting instruction again, forever. Signals 32 and 33, which
+glibc keeps for itself, are out of reach (its ``sigaction`` refuses them) and mean nothing
+to a command.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from types import FrameType
 
 __all__ = ["default_signals_for_commands"]
 
@@ -46,7 +47,7 @@ def default_signals_for_commands() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
-def _ignored(signum: int, frame: FrameType | None) -> None:
+def _ignored(signum: int, frame: object) -> None:
     """The agent's handler for a signal it was started ignoring or blocking: nothing happens."""
 
 
