@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,6 +307,30 @@ def test_sigterm_in_raw_mode_ends_exec_stops_the_command_and_restores_the_termin
     assert terminal.wait() == 128 + signal.SIGTERM
     ended(pid)
     assert terminal.settings() == terminal.before
+
+
+@pytest.mark.parametrize("protocol", ["v2", "v1"])
+def test_the_timeout_covers_the_wait_for_the_guest(stack: Stack, protocol: str) -> None:
+    """Every stream (v2) or connection (v1) of the guest busy: ``exec --timeout`` waits for
+    one within its deadline only, exits 124, and its command never runs."""
+    daemon = stack.daemon("--probe-interval", "none", "--protocol", protocol)
+    stack.agent(daemon.guest_address, "--max-streams", "1")
+    wait_for_guest(daemon.client(), "vm1")
+    release, marker = stack.directory / "release", stack.directory / "never-started"
+    holder = threading.Thread(
+        target=daemon.client().run, args=("vm1", f"while [ ! -e {release} ]; do sleep 0.01; done")
+    )
+    holder.start()
+    try:
+        eventually(lambda: daemon.client().guest("vm1")["running"], "the guest kept busy")
+        result = exec_cli(daemon.control_socket, "--timeout", "0.05", "--", "touch", str(marker))
+    finally:
+        release.touch()
+        holder.join(LONG)
+    assert result.returncode == 124, result.stderr
+    assert b"timed out" in result.stderr
+    assert not marker.exists()
+    assert exec_cli(daemon.control_socket, "--", "true").returncode == 0
 
 
 # -- a guest speaking only v1 ----------------------------------------------------------------

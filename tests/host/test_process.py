@@ -297,6 +297,36 @@ async def test_the_process_timeout_terminates_it(channel: GuestChannel) -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_timeout_covers_the_wait_for_a_free_stream(tmp_path: Path) -> None:
+    """One deadline for the whole call: a process that waits past its timeout, in the guest's
+    queue or for its connection's stream, is never sent; nor is one given no time at all."""
+    marker = tmp_path / "never-started"
+    async with served_agent(tmp_path, "s.sock", "--max-streams", "1") as served:
+        channel, guest = served.guest, served.server.guests[0]
+        holder = await guest.create_process(["cat"], stdin=PIPE)
+        with pytest.raises(CommandTimeout) as queued:
+            waiting = guest.create_process(["touch", str(marker)], timeout=0.05)
+            await asyncio.wait_for(waiting, HANG_GUARD)
+        assert not queued.value.sent and "waiting for a free connection" in str(queued.value)
+        with pytest.raises(CommandTimeout) as waited:
+            waiting = channel.create_process(["touch", str(marker)], timeout=0.05)
+            await asyncio.wait_for(waiting, HANG_GUARD)
+        assert not waited.value.sent and "waiting for a free stream" in str(waited.value)
+        with pytest.raises(CommandTimeout) as none:
+            await channel.create_process(["touch", str(marker)], timeout=0)
+        assert not none.value.sent and "given no time" in str(none.value)
+        assert (guest.waiting, channel.queued) == (0, 0)
+        assert holder.stdin is not None
+        holder.stdin.write_eof()
+        assert await holder.wait() == 0
+        late = await channel.create_process(["sleep", "100"], timeout=0.05)
+        await late.wait()  # the stream came free: the agent got the time that was left
+        assert late.timed_out
+        await nothing_left(served)
+    assert not marker.exists()
+
+
+@pytest.mark.asyncio
 async def test_a_background_child_holding_stdout_gives_output_incomplete(
     served: Served, channel: GuestChannel
 ) -> None:

@@ -243,6 +243,43 @@ async def test_no_time_at_all_never_starts_it(daemon: Daemon) -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_timeout_covers_the_wait_for_a_free_stream(stack: Stack) -> None:
+    """With every stream the agent allows busy, an exec waits for one within its timeout only:
+    then it ends as an exec given no time does, on both forms, and nothing ever runs."""
+    daemon = stack.daemon("--probe-interval", "none")
+    stack.agent(daemon.guest_address, "--max-streams", "1")
+    wait_for_guest(daemon.client(), "vm1")
+    wait, release = gate(daemon, "free-stream")
+    marker = daemon.directory / "never-started"
+    request = {"command": f"touch {marker}", "timeout": 0.05}
+    async with websocket(daemon) as holder:
+        held = await start(holder, {"command": wait})
+        async with websocket(daemon) as ws:
+            await ws.send_str(json.dumps(request))
+            outcome = await asyncio.wait_for(collect(ws), LONG)
+        assert outcome.controls == [outcome.last]
+        assert (outcome.last["status"], outcome.last["error"]["code"]) == (504, "command_timeout")
+        assert "waited for a free stream" in outcome.last["error"]["message"]
+        assert outcome.close_code == 1011
+        async with (
+            _session(daemon) as session,
+            session.post("http://localhost/v1/guests/vm1/exec", json=request) as response,
+        ):
+            assert response.status == 504
+            body = await asyncio.wait_for(response.json(), LONG)
+        assert body["error"]["code"] == "command_timeout"
+        assert body["timed_out"] is True and body["exit_code"] is None
+        assert daemon.client().guest("vm1")["running"] == 1  # the holder alone: none was leaked
+        release.touch()
+        assert (await collect(holder)).last["exit_code"] == 0
+    await gone(held)
+    async with websocket(daemon) as ws:  # the stream is free again, for an exec given time
+        await start(ws, {"command": "echo next", "timeout": LONG})
+        assert (await collect(ws)).stdout == b"next\n"
+    assert not marker.exists()
+
+
+@pytest.mark.asyncio
 async def test_a_program_that_cannot_start(daemon: Daemon) -> None:
     async with websocket(daemon) as ws:
         await ws.send_str(json.dumps({"command": ["/no/such/program"]}))

@@ -289,14 +289,17 @@ class GuestChannel:
         ``PIPE`` (the default), ``STDOUT`` (merged) or ``DEVNULL``. ``env``
         adds to the agent's environment, ``cwd`` and ``user`` (name or uid; a
         root agent only) are set for the process alone. ``pty=(rows, cols)``
-        gives it a terminal (stderr merged into stdout). ``timeout`` is the
-        process's own life limit: the agent sends ``SIGTERM`` to its group, then
-        ``SIGKILL`` (:attr:`Process.timed_out`). ``limit`` is the unread output
-        held per stream (the credit granted the agent).
+        gives it a terminal (stderr merged into stdout). ``timeout`` covers the
+        whole call: waiting for a free stream counts, and what is left when the
+        process starts is its life limit (the agent sends ``SIGTERM`` to its group,
+        then ``SIGKILL``: :attr:`Process.timed_out`). ``limit`` is the unread
+        output held per stream (the credit granted the agent).
 
-        Raises :class:`Unsupported` on a v1 connection or when the agent did not
-        announce what is asked (``pty``, ``user``), :class:`SpawnFailed` when the
-        guest cannot start it, :class:`UsageError` for bad arguments.
+        Raises :class:`CommandTimeout` when ``timeout`` runs out before the process
+        starts (``sent`` False: nothing ran), :class:`Unsupported` on a v1
+        connection or when the agent did not announce what is asked (``pty``,
+        ``user``), :class:`SpawnFailed` when the guest cannot start it,
+        :class:`UsageError` for bad arguments.
         """
         if self._v2 is None:
             raise Unsupported(

@@ -30,11 +30,11 @@ from typing import Any, Literal, Unpack
 from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, Unsupported, VsockAsyncError
 from ..protocol import PROBE_COMMAND
 from ..results import CommandResult
-from ..timeouts import DEFAULT, Timeout, check_timeout, remaining
+from ..timeouts import DEFAULT, Timeout, check_timeout, deadline_after, remaining
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
 from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
-from .process import Process, ProcessOptions, ProgramLike, exec_request
+from .process import Process, ProcessOptions, ProgramLike, exec_request, program_line
 
 __all__ = ["Guest", "GuestEvent", "guest_key"]
 
@@ -216,16 +216,23 @@ class Guest:
 
         It takes a free stream, or waits for one in the queue :meth:`run` and
         :meth:`probe` wait in, behind every call that came before it, and holds
-        that stream until the process ends. ``timeout`` is the process's life
-        limit, not the wait: wrap the call in ``asyncio.timeout()`` to give up
-        waiting (nothing is started). Raises :class:`Unsupported` if the guest
-        speaks only v1, :class:`ConnectionClosed` if it has no open connection
-        or loses its last one while the call waits.
+        that stream until the process ends. ``timeout`` covers the whole call, as
+        for :meth:`run`: the wait counts, and what is left when the process starts
+        is its life limit; :class:`CommandTimeout` (``sent`` False) if it runs out
+        first. Raises :class:`Unsupported` if the guest speaks only v1,
+        :class:`ConnectionClosed` if it has no open connection or loses its last
+        one while the call waits.
         """
         exec_request(program, **options)  # a bad argument fails now, not after waiting its turn
-        channel = await self._lease(b"", None, None, True, v2=True)  # no deadline: no line shown
+        line, timeout = program_line(program), options.get("timeout")
+        deadline = deadline_after(timeout)
+        channel = await self._lease(line, timeout, deadline, True, v2=True)
+        left: ProcessOptions = {**options, "timeout": remaining(deadline)}
         try:
-            process = await channel.create_process(program, **options)
+            process = await channel.create_process(program, **left)
+        except CommandTimeout as exc:  # behind a call made on the channel itself
+            self._release(channel)
+            raise self._timed_out(exc, line, timeout, channel) from None
         except BaseException:
             self._release(channel)
             raise

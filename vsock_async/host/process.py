@@ -20,6 +20,7 @@ import base64
 import contextlib
 import io
 import os
+import shlex
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -37,7 +38,8 @@ from ..errors import (
 from ..protocol.v1_host import copy_error
 from ..protocol.v2 import Channel
 from ..results import CommandResult
-from ..timeouts import check_timeout
+from ..timeouts import check_timeout, deadline_after
+from .commandline import shown_command
 
 if TYPE_CHECKING:
     from .session import SessionConnection
@@ -798,8 +800,32 @@ async def start_process(
         pty="pty" in request,
         limit=request["window"],
     )
-    await connection.open(process, request)
+    timeout = request.get("timeout")
+    deadline = deadline_after(timeout)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await connection.open(process, request, deadline)
+    except TimeoutError:
+        sent = process.stream != 0  # a cancel after sending already sent CLOSE
+        if sent:
+            where = f"timed out after {timeout:.3g} s; it was stopped before it started"
+        elif timeout:
+            where = f"timed out after {timeout:.3g} s waiting for a free stream; never sent"
+        else:
+            where = "was given no time and was never sent"
+        raise CommandTimeout(
+            f"process {shown_command(program_line(program))} {where}",
+            CommandResult(b"", b"", None, timed_out=True),
+            sent=sent,
+        ) from None
     return process
+
+
+def program_line(program: ProgramLike) -> bytes:
+    """``program`` as one line, for messages: a command line as it is, argv quoted."""
+    if isinstance(program, str | bytes):
+        return os.fsencode(program)
+    return os.fsencode(shlex.join(os.fsdecode(a) for a in program))
 
 
 async def run_command(

@@ -224,17 +224,27 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     # -- streams -------------------------------------------------------------------------
 
-    async def open(self, process: Process, request: dict[str, Any]) -> None:
+    async def open(
+        self, process: Process, request: dict[str, Any], deadline: float | None = None
+    ) -> None:
         """Start ``process`` with ``request`` on a new stream; return once it runs.
 
-        Waits for a free stream slot first. Raises :class:`SpawnFailed` when the
-        agent cannot start it, and the connection's error if it closes. A cancel
-        after the request went out sends CLOSE: nothing is left running.
+        Waits for a free stream slot first. With a ``deadline`` (the loop's time), the
+        request's ``timeout`` is what is left of it once a slot is free, and
+        :class:`TimeoutError` says nothing was left (the request was not sent). Raises
+        :class:`SpawnFailed` when the agent cannot start it, and the connection's error
+        if it closes. A cancel after the request went out sends CLOSE: nothing is left
+        running.
         """
         self._check_open()
         await self._take_slot()
         try:
             self._check_open()
+            if deadline is not None:
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                request["timeout"] = left
             stream = self._session.open_exec(request, request["window"])
         except BaseException:
             self._release_slot()

@@ -319,13 +319,16 @@ class AsyncControlClient:
         ``stdin`` is ``PIPE`` or ``DEVNULL``; stdout is always piped; ``stderr``
         is ``PIPE`` (the default without a ``pty``) or ``STDOUT``: merged into
         stdout in the order written, as a ``pty`` always does (then
-        :attr:`RemoteProcess.stderr` is None); ``timeout`` is
-        the process's life limit (``DEFAULT``: the daemon's ``--default-timeout``,
-        ``None``: none); ``limit`` is the unread output held per stream.
+        :attr:`RemoteProcess.stderr` is None); ``timeout`` covers the whole exec,
+        waiting for a free stream of the guest included, and what is left once it
+        starts is the process's life limit (``DEFAULT``: the daemon's
+        ``--default-timeout``, ``None``: none); ``limit`` is the unread output
+        held per stream.
 
         Raises :class:`ControlError` with the daemon's code (``guest_not_found``,
         ``unsupported`` for a guest speaking only v1, ``spawn_failed`` with
-        ``errno`` in its body...; ``bad_request`` naming ``stderr`` from a daemon
+        ``errno`` in its body, ``command_timeout`` when the timeout ran out before
+        the process started...; ``bad_request`` naming ``stderr`` from a daemon
         older than ``stderr=``), :class:`UsageError` for bad arguments (nothing
         is sent), :class:`ConnectFailed` if the daemon cannot be reached.
         """

@@ -993,11 +993,10 @@ class ControlAPI:
     async def _process(self, guest: Guest, request: ExecRequest) -> AsyncIterator[Process]:
         """Start the process of ``request`` in ``guest``, count it, and stop it (if it still
         runs) on the way out, whichever way that is."""
+        start = time.monotonic()
         command = request.command
         what = _shown((command if isinstance(command, str) else shlex.join(command)).encode())
         timeout = resolve_timeout(request.timeout, self.server.default_timeout)
-        if timeout == 0:
-            raise ApiError("command_timeout", f"command {what} was given no time and never started")
         env: dict[str | bytes, str | bytes] | None = None
         if request.env is not None:
             env = {name: value for name, value in request.env.items()}
@@ -1019,6 +1018,16 @@ class ControlAPI:
         except SpawnFailed as exc:
             message = exc.strerror or str(exc)  # without the "[Errno N]" of an OSError
             raise ApiError("spawn_failed", message, reason=exc.code, errno=exc.errno_name) from None
+        except CommandTimeout as exc:  # the timeout ran out before the process started
+            if exc.sent:
+                outcome = "it was stopped before it started"
+            elif timeout:
+                outcome = f"it waited for a free stream of guest {guest.key!r} and never started"
+            else:
+                outcome = "it was given no time and never started"
+            duration = time.monotonic() - start
+            what = f"command {what}"
+            raise _guest_failure(exc, guest, what, timeout, duration, outcome) from None
         except (PeerError, ConnectionClosed) as exc:
             raise _guest_failure(exc, guest, "the exec", None, 0.0) from None
         self._processes.add(process)
@@ -1088,10 +1097,15 @@ def _exit_kind(process: Process) -> str:
 
 
 def _guest_failure(
-    exc: Exception, guest: Guest, what: str, timeout: float | None, duration: float
+    exc: Exception,
+    guest: Guest,
+    what: str,
+    timeout: float | None,
+    duration: float,
+    outcome: str = "",
 ) -> ApiError:
-    """The API error for a run or probe of ``guest`` that gave no result, told for people:
-    no Python reprs, no connection ids."""
+    """The API error for a run, probe or exec of ``guest`` that gave no result, told for
+    people: no Python reprs, no connection ids; ``outcome`` ends a timeout's message."""
     key = guest.key
     if isinstance(exc, GuestBusy):
         return ApiError("guest_busy", str(exc))
@@ -1100,7 +1114,7 @@ def _guest_failure(
         after = "" if timeout is None else f" after {timeout:.3g} s"
         return ApiError(
             "command_timeout",
-            f"{what} timed out{after}",
+            f"{what} timed out{after}{'; ' if outcome else ''}{outcome}",
             exit_code=None,
             stdout=partial.stdout if partial is not None else b"",
             stderr=partial.stderr if partial is not None else b"",

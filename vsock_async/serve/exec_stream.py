@@ -119,7 +119,8 @@ class ExecRequest:
     """``"stdout"``: merged into stdout, in the order written; ``"pipe"``: on its own channel.
     None: ``"pipe"``, or merged with a ``tty`` (which allows nothing else)."""
     timeout: Timeout = DEFAULT
-    """The process's life limit: seconds, None for none, DEFAULT for the daemon's."""
+    """The whole exec's deadline, waiting for a free stream included (what is left is the
+    process's life limit): seconds, None for none, DEFAULT for the daemon's."""
 
     @property
     def merges_stderr(self) -> bool:
