@@ -409,10 +409,12 @@ def refused(client: ControlClient) -> bool:
 
 
 def draining_setup(
-    stack: Stack, grace: str, gate_name: str
+    stack: Stack, grace: str, gate_name: str, protocol: str = "auto"
 ) -> tuple[Daemon, ControlClient, Running, Path]:
     """serve with ``--grace``, an agent, and a run of a command held until the marker exists."""
-    daemon = stack.daemon("--grace", grace, "--probe-interval", "none")  # busy means: the command
+    daemon = stack.daemon(  # busy means: the command
+        "--grace", grace, "--probe-interval", "none", "--protocol", protocol
+    )
     stack.agent(daemon.guest_address)
     client = daemon.client()
     wait_for_guest(client, "vm1")
@@ -446,16 +448,22 @@ def test_sigterm_lets_a_running_command_finish(stack: Stack, signum: int) -> Non
     assert "waiting for 1 running command" in daemon.log()
 
 
-def test_the_grace_period_ends_the_wait(stack: Stack) -> None:
-    daemon, _, running, _ = draining_setup(stack, "0.2", "never")
+@pytest.mark.parametrize("protocol", ["v2", "v1"])
+def test_the_grace_period_ends_the_wait(stack: Stack, protocol: str) -> None:
+    """A run still going when the grace ends is the daemon's doing, not the guest's: 503
+    ``shutting_down`` saying so, on either protocol, and the log agrees."""
+    daemon, _, running, _ = draining_setup(stack, "0.2", "never", protocol)
     daemon.send(signal.SIGTERM)
     running.wait()
-    assert running.error is not None and running.error.code == "guest_failed"
-    assert "the daemon closed the connection of guest 'vm1' during command 'while" in str(
-        running.error
-    )
+    assert running.error is not None, running.outcome
+    assert (running.error.status, running.error.code) == (503, "shutting_down")
+    assert "the daemon ended command 'while" in running.error.message
+    assert "at the end of the shutdown drain (--grace 0.2 s)" in running.error.message
     assert daemon.proc.wait(LONG) == 0
-    assert "still running: closing their connections" in daemon.log()
+    log = daemon.log()
+    assert "1 command(s) and exec(s) still running at the end of the shutdown drain" in log
+    assert "in guest 'vm1' was still running at the end of the shutdown drain" in log
+    assert "guest_failed" not in log
 
 
 def test_a_second_signal_stops_at_once(stack: Stack) -> None:
@@ -465,5 +473,7 @@ def test_a_second_signal_stops_at_once(stack: Stack) -> None:
     daemon.send(signal.SIGTERM)
     assert daemon.proc.wait(LONG) == 0
     running.wait()
-    assert running.error is not None and running.error.code == "guest_failed"
+    assert running.error is not None and running.error.code == "shutting_down"
+    assert "the daemon ended command 'while" in running.error.message
+    assert "on a second signal" in running.error.message
     assert "again: stopping at once" in daemon.log()

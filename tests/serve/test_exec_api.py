@@ -704,11 +704,40 @@ async def test_the_drain_sends_sigterm_to_exec_processes(stack: Stack) -> None:
 async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
     stack: Stack,
 ) -> None:
-    daemon, pid, _ = await drain_during_exec(stack, "0.05", "trap '' TERM")
+    """Both forms of exec still running when the grace ends: each stream ends in 503
+    ``shutting_down`` saying the daemon ended it, and the log says so; no guest is blamed."""
+    daemon = stack.daemon("--probe-interval", "none", "--grace", "0.05")
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    command = ["sh", "-c", f"trap '' TERM; echo ready; {LOOP}"]
+    async with (
+        websocket(daemon) as ws,
+        _session(daemon) as session,
+        session.post("http://localhost/v1/guests/vm1/exec", json={"command": command}) as http,
+    ):
+        pid = await start(ws, {"command": command})
+        await read_until(ws, b"ready\n")
+        _, started = await read_frame(http)
+        assert await read_frame(http) == (1, b"ready\n")
+        daemon.send(signal.SIGTERM)
+        outcome = await collect(ws)
+        channel, last = await read_frame(http)
+        assert await http.content.read() == b""
+    assert daemon.proc.wait(LONG) == 0, daemon.log()
+    assert channel == 3
+    for error in (outcome.last, json.loads(last)):
+        assert (error["type"], error["status"]) == ("error", 503), error
+        assert error["error"]["code"] == "shutting_down"
+        assert "the daemon ended the exec of 'sh -c " in error["error"]["message"]
+        assert "at the end of the shutdown drain (--grace 0.05 s)" in error["error"]["message"]
+    assert outcome.close_code == 1011
     log = daemon.log()
-    assert "sent SIGTERM to 1 exec process(es)" in log
-    assert "sent SIGKILL to 1 exec process(es) still running" in log
+    assert "sent SIGTERM to 2 exec process(es)" in log
+    assert "sent SIGKILL to 2 exec process(es) still running" in log
+    assert log.count("was still running at the end of the shutdown drain") == 2
+    assert "guest_failed" not in log and "went away" not in log
     await gone(pid)
+    await gone(json.loads(started)["pid"])
 
 
 def test_an_exec_whose_request_never_came_does_not_hold_the_drain(stack: Stack) -> None:

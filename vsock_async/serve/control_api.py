@@ -389,6 +389,9 @@ class ControlAPI:
         self._idle.set()
         self.draining = False
         """True once shutdown began: runs, execs and probes are refused with 503."""
+        self.drain_ended: str | None = None
+        """Once the drain is over, how it ended (``at the end of the shutdown drain (...)``):
+        calls still running then are the daemon's to end, not failures of their guests."""
         self._processes: set[Process] = set()
         """The processes of streaming execs in progress."""
         self._runners: list[web.AppRunner] = []
@@ -481,6 +484,12 @@ class ControlAPI:
         """Return once no run or probe is in progress."""
         await self._idle.wait()
 
+    def end_drain(self, how: str) -> None:
+        """The drain ended (``how``: ``at the end of ...``) with calls still running: the
+        daemon closes their guest connections next, so they are answered 503
+        ``shutting_down``, and logged, as ended by the daemon rather than failed by a guest."""
+        self.drain_ended = how
+
     async def aclose(self) -> None:
         """Close every connection of the API (after :meth:`stop_accepting` and a drain)."""
         await self.stop_accepting()
@@ -526,7 +535,11 @@ class ControlAPI:
         except ApiError as exc:
             response = await exc.send(request)
         except asyncio.CancelledError:
-            if request.transport is None:  # handler_cancellation: the client hung up
+            if self.drain_ended is not None:  # the daemon closes every connection now
+                logger.info(
+                    "%s %s: ended by the daemon %s", request.method, request.path, self.drain_ended
+                )
+            elif request.transport is None:  # handler_cancellation: the client hung up
                 logger.info(
                     "%s %s: the client went away after %.3f s; the request was cancelled",
                     request.method,
@@ -649,7 +662,7 @@ class ControlAPI:
                 self.metrics.probes_failed.inc()
                 seconds = self.server.default_timeout if timeout is DEFAULT else timeout
                 duration = time.monotonic() - start
-                raise _guest_failure(exc, guest, "the probe", seconds, duration) from None
+                raise self._failure(exc, guest, "the probe", seconds, duration) from None
             finally:
                 self.metrics.exchange_seconds.observe(time.monotonic() - start)
         return web.json_response(
@@ -678,7 +691,7 @@ class ControlAPI:
                 seconds = self.server.default_timeout if timeout is DEFAULT else timeout
                 what = f"command {_shown(line)}"
                 duration = time.monotonic() - start
-                raise _guest_failure(exc, guest, what, seconds, duration) from None
+                raise self._failure(exc, guest, what, seconds, duration) from None
             finally:
                 self.metrics.exchange_seconds.observe(time.monotonic() - start)
             duration = time.monotonic() - start
@@ -756,6 +769,31 @@ class ControlAPI:
 
     # -- files ---------------------------------------------------------------------------
 
+    def _failure(
+        self,
+        exc: Exception,
+        guest: Guest,
+        what: str,
+        timeout: float | None,
+        duration: float,
+        outcome: str = "",
+    ) -> ApiError:
+        """:func:`_guest_failure`, except for a call cut short by the end of the drain: the
+        daemon closed its connection, so it is 503 ``shutting_down``, logged as the daemon's."""
+        if self.drain_ended is None or not isinstance(exc, ClosedLocally):
+            return _guest_failure(exc, guest, what, timeout, duration, outcome)
+        logger.warning(
+            "%s in guest %r was still running %s: the daemon ended it",
+            what,
+            guest.key,
+            self.drain_ended,
+        )
+        return ApiError(
+            "shutting_down",
+            f"the daemon ended {what} {self.drain_ended}: it was still running when the daemon"
+            " stopped (the guest did not fail)",
+        )
+
     @contextlib.contextmanager
     def _file_call(self, guest: Guest, what: str, op: str) -> Iterator[_FileCall]:
         """Count a file operation as an exchange and in the metrics (``op``: its route), and
@@ -780,7 +818,7 @@ class ControlAPI:
                 outcome = "refused"
                 raise ApiError("bad_request", str(exc)) from None
             except (PeerError, ConnectionClosed) as exc:
-                raise _guest_failure(exc, guest, what, None, 0.0) from None
+                raise self._failure(exc, guest, what, None, 0.0) from None
             finally:
                 self.metrics.file_operations.inc((op, outcome))
 
@@ -952,7 +990,8 @@ class ControlAPI:
                 try:
                     status = await stream_websocket(ws, process, exec_request, self.metrics, start)
                 except (PeerError, ConnectionClosed) as exc:
-                    raise _guest_failure(exc, guest, "the exec", None, 0.0) from None
+                    what = _exec_what(exec_request)
+                    raise self._failure(exc, guest, what, None, 0.0) from None
                 await ws.send_json(status.to_json())
         await ws.close()
 
@@ -979,7 +1018,7 @@ class ControlAPI:
                         response, process, self.metrics, start
                     )
                 except (PeerError, ConnectionClosed) as exc:
-                    status = _guest_failure(exc, guest, "the exec", None, 0.0)
+                    status = self._failure(exc, guest, _exec_what(exec_request), None, 0.0)
                 if isinstance(status, ApiError):
                     await response.write(_control(status.stream_message()))
                 else:
@@ -994,8 +1033,7 @@ class ControlAPI:
         """Start the process of ``request`` in ``guest``, count it, and stop it (if it still
         runs) on the way out, whichever way that is."""
         start = time.monotonic()
-        command = request.command
-        what = _shown((command if isinstance(command, str) else shlex.join(command)).encode())
+        command, what = request.command, _exec_what(request)
         timeout = resolve_timeout(request.timeout, self.server.default_timeout)
         env: dict[str | bytes, str | bytes] | None = None
         if request.env is not None:
@@ -1026,21 +1064,20 @@ class ControlAPI:
             else:
                 outcome = "it was given no time and never started"
             duration = time.monotonic() - start
-            what = f"command {what}"
-            raise _guest_failure(exc, guest, what, timeout, duration, outcome) from None
+            raise self._failure(exc, guest, what, timeout, duration, outcome) from None
         except (PeerError, ConnectionClosed) as exc:
-            raise _guest_failure(exc, guest, "the exec", None, 0.0) from None
+            raise self._failure(exc, guest, what, None, 0.0) from None
         self._processes.add(process)
         self.metrics.processes_started.inc()
         self.metrics.processes_running.set(len(self._processes))
-        logger.debug("exec %s in guest %r started as pid %s", what, guest.key, process.pid)
+        logger.debug("%s in guest %r started as pid %s", what, guest.key, process.pid)
 
         def ended(_: object) -> None:
             self._processes.discard(process)
             self.metrics.processes_running.set(len(self._processes))
             how = _exit_kind(process)
             self.metrics.processes_exited.inc(how)
-            logger.debug("exec %s in guest %r (pid %s): %s", what, guest.key, process.pid, how)
+            logger.debug("%s in guest %r (pid %s): %s", what, guest.key, process.pid, how)
 
         try:
             yield process
@@ -1063,6 +1100,13 @@ async def _first_request(ws: web.WebSocketResponse) -> ExecRequest:
     if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
         raise ClientGone
     raise ApiError("bad_request", "the first message must be the exec request, as JSON text")
+
+
+def _exec_what(request: ExecRequest) -> str:
+    """An exec as messages name it: ``the exec of 'COMMAND'``."""
+    command = request.command
+    line = (command if isinstance(command, str) else shlex.join(command)).encode()
+    return f"the exec of {_shown(line)}"
 
 
 def _client_went_away(request: web.Request, start: float) -> None:

@@ -290,12 +290,19 @@ class Daemon:
             idle.cancel()
             force.cancel()
         if control.running:
+            if self._force.is_set():
+                how = "on a second signal"
+            else:
+                grace = self.config.grace
+                how = f"at the end of the shutdown drain (--grace {grace:g} s)"
+            control.end_drain(how)
             killed = control.signal_processes(signal.SIGKILL)
             if killed:
                 logger.warning("sent SIGKILL to %d exec process(es) still running", killed)
             logger.warning(
-                "%d command(s) and exec(s) still running: closing their connections",
+                "%d command(s) and exec(s) still running %s: closing their connections",
                 control.running,
+                how,
             )
 
     async def _close(self) -> None:
