@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,35 @@ async def test_a_v2_process_starts_with_default_signals_and_an_empty_mask(
         assert stdout is not None
         masks = signal_masks(stdout.replace(b"\r\n", b"\n"))
         assert (masks["SigIgn"], masks["SigBlk"]) == (set(), set())
+
+
+TAKING_A_TERMINAL = (
+    sys.executable,
+    "-c",
+    "import fcntl, os, sys, termios\n"
+    "master, slave = os.openpty()\n"
+    "fcntl.ioctl(slave, termios.TIOCSCTTY, 0)\n"
+    "os.set_inheritable(master, True)  # the terminal lasts as long as the agent\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n",
+)
+"""After :data:`IGNORING_LAUNCHER` (a session leader now): a controlling terminal for it."""
+
+
+@pytest.mark.asyncio
+async def test_with_a_controlling_terminal_the_job_control_signals_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    """Caught, SIGTTOU would make an agent in the background retry its writes forever."""
+    launcher = IGNORING_LAUNCHER + TAKING_A_TERMINAL
+    async with served_agent(tmp_path, "tty.sock", launcher=launcher) as served:
+        process = await served.guest.create_process(
+            ["grep", "-E", SIGNAL_LINES, "/proc/self/status"]
+        )
+        stdout, _ = await process.communicate()
+        assert stdout is not None
+        masks = signal_masks(stdout)
+        job_control = {signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+        assert (masks["SigIgn"], masks["SigBlk"]) == (job_control, set())
 
 
 @pytest.mark.asyncio
