@@ -149,6 +149,12 @@ async def agent_task(agent: GuestAgent) -> AsyncIterator[GuestAgent]:
         await asyncio.wait_for(task, LONG)
 
 
+async def queued(served: Served, count: int) -> None:
+    """Until ``count`` calls wait: in the guest's queue, or for its connection's stream."""
+    guest = served.server.guests[0]
+    await eventually(lambda: guest.waiting + served.guest.queued == count, f"{count} waiting")
+
+
 def children_of(pid: int) -> set[int]:
     """Live and zombie children of ``pid``, from /proc."""
     found: set[int] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import re
@@ -19,15 +20,16 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import vsock_async
-from tests.agent_process import LONG, eventually, served_agent
+from tests.agent_process import LONG, Served, eventually, queued, served_agent
 from vsock_async import (
+    PIPE,
     ConnectionClosed,
     GuestChannel,
     GuestFileError,
@@ -261,6 +263,232 @@ async def test_a_guest_spreads_file_operations_over_its_v2_connections(tmp_path:
         assert (tmp_path / "copy-back" / "19").read_bytes() == bytes([19]) * 1000
         await guest.remove(str(target), recursive=True)
         assert not target.exists() and (tmp_path / "four").read_bytes() == b"\x04" * 1000
+
+
+# -- through the Guest: file operations wait in one queue with runs and processes ----------
+
+
+@contextlib.asynccontextmanager
+async def one_stream(tmp_path: Path) -> AsyncIterator[Served]:
+    """An agent that runs one stream at a time: a second call through the guest waits."""
+    async with served_agent(tmp_path, "one.sock", "--max-streams", "1") as served:
+        yield served
+
+
+async def gated(gate: asyncio.Event) -> AsyncIterator[bytes]:
+    """A put's source that keeps its stream until ``gate`` is set."""
+    yield b"held"
+    await gate.wait()
+
+
+def streams(served: Served) -> int:
+    """The streams open on the served connection: processes' and file operations'."""
+    assert isinstance(served.guest.connection, SessionConnection)
+    return served.guest.connection.streams + served.guest.connection.files
+
+
+OBSERVERS = ("stat", "read", "get")  # file operations that report what the log holds
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("holder", ["put_file", "process", "run"])
+async def test_file_operations_runs_and_processes_wait_in_one_fifo(
+    tmp_path: Path, holder: str
+) -> None:
+    """With the one stream taken (by a file operation, a process or a run), file operations,
+    runs and processes are served in the order they came: runs, processes and the put write
+    the log, the other file operations report what it held when they ran."""
+    names = ["run1", "stat2", "process3", "put4", "read5", "run6", "get7", "process8"]
+    log = tmp_path / "order"
+
+    def logged(name: str) -> bytes:
+        """What the log holds when ``name`` runs, if every call before it ran in its turn."""
+        before = names[: names.index(name)]
+        return b"".join(f"{n}\n".encode() for n in before if not n.startswith(OBSERVERS))
+
+    seen: dict[str, int | bytes] = {}
+
+    async def call(name: str) -> None:
+        if name.startswith("run"):
+            assert (await guest.run(f"echo {name} >> {log}", timeout=LONG)).exit_code == 0
+        elif name.startswith("process"):
+            process = await guest.create_process(f"echo {name} >> {log}")
+            assert await process.wait() == 0
+        elif name.startswith("put"):
+            await guest.put_file(logged(name) + f"{name}\n".encode(), str(log))
+        elif name.startswith("stat"):
+            seen[name] = (await guest.stat(str(log))).size
+        elif name.startswith("read"):
+            seen[name] = b"".join([chunk async for chunk in guest.read_file(str(log))])
+        else:
+            await guest.get_file(str(log), tmp_path / name)
+            seen[name] = (tmp_path / name).read_bytes()
+
+    async with one_stream(tmp_path) as served:
+        guest = served.server.guests[0]
+        holding: Awaitable[object]
+        if holder == "put_file":
+            gate = asyncio.Event()
+            holding = asyncio.ensure_future(guest.put_file(gated(gate), str(tmp_path / "held")))
+            release = gate.set
+        elif holder == "process":
+            process = await guest.create_process(["cat"], stdin=PIPE)
+            assert process.stdin is not None
+            holding, release = asyncio.ensure_future(process.wait()), process.stdin.write_eof
+        else:
+            gate_file = tmp_path / "gate"
+            waiting = f"while [ ! -e {gate_file} ]; do sleep 0.01; done"
+            holding = asyncio.ensure_future(guest.run(waiting, timeout=LONG))
+            release = gate_file.touch
+        await eventually(lambda: streams(served) == 1, f"the {holder} holds the stream")
+        calls = []
+        for name in names:
+            calls.append(asyncio.ensure_future(call(name)))
+            await queued(served, len(calls))
+        release()
+        async with asyncio.timeout(LONG):
+            await asyncio.gather(*calls)
+            await holding
+        assert seen == {
+            name: len(logged(name)) if name.startswith("stat") else logged(name)
+            for name in names
+            if name.startswith(OBSERVERS)
+        }
+        assert log.read_text().split() == [n for n in names if not n.startswith(OBSERVERS)]
+        assert guest.waiting == 0 and streams(served) == 0
+
+
+@pytest.mark.asyncio
+async def test_file_operations_that_give_up_waiting_leave_the_queue_and_start_nothing(
+    tmp_path: Path,
+) -> None:
+    target, local = tmp_path / "guest", tmp_path / "local"
+    target.mkdir()
+    (target / "source").write_bytes(b"data")
+    local.mkdir()
+    (local / "file").write_bytes(b"tree")
+
+    async def read(path: Path) -> bytes:
+        return b"".join([chunk async for chunk in guest.read_file(str(path))])
+
+    def ended() -> int:
+        """File operations the agent has carried out (it logs each once it has ended)."""
+        return (tmp_path / "agent.log").read_text().count("file operation ended")
+
+    async with one_stream(tmp_path) as served, asyncio.timeout(LONG):
+        guest = served.server.guests[0]
+        held = await guest.create_process(["cat"], stdin=PIPE)
+        assert held.stdin is not None
+        gave_up = [
+            asyncio.ensure_future(guest.put_file(b"x", str(target / "put"))),
+            asyncio.ensure_future(guest.mkdir(str(target / "dir"))),
+            asyncio.ensure_future(guest.get_file(str(target / "source"), tmp_path / "got")),
+            asyncio.ensure_future(read(target / "source")),
+            asyncio.ensure_future(guest.put_tree(local, str(target / "tree"))),
+        ]
+        await queued(served, len(gave_up))
+        assert guest.waiting == len(gave_up)  # all in the guest's queue
+        for bad in (  # each fails at once, not in its turn (a wait would never end)
+            guest.stat("relative"),
+            guest.listdir(b"dir"),
+            guest.remove("/with\0nul"),
+            guest.put_file(b"x", str(target / "f"), mode=0o10000),
+            guest.put_file(42, str(target / "f")),  # type: ignore[arg-type]
+            guest.get_file(str(target / "source"), tmp_path / "x", window=0),
+            guest.mkdir(str(target / "d"), uid=-1),
+            guest.symlink("", str(target / "link")),
+            guest.set_attributes(str(target / "source")),
+            guest.put_tree(local, "relative"),
+            guest.get_tree(str(target), tmp_path / "t", window=0),
+        ):
+            with pytest.raises(UsageError):
+                await bad
+        with pytest.raises(UsageError):
+            guest.read_file("relative")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await guest.stat(str(target))
+        assert guest.waiting == len(gave_up)
+        for call in gave_up:
+            call.cancel()
+        for call in gave_up:
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert guest.waiting == 0 and served.guest.queued == 0
+        last = asyncio.ensure_future(guest.put_file(b"last", str(target / "last")))
+        await queued(served, 1)
+        held.stdin.write_eof()
+        await last
+        assert await held.wait() == 0
+        await eventually(lambda: ended() > 0, "the agent logged the last put")
+    assert ended() == 1  # the agent saw no other file operation
+    assert sorted(os.listdir(target)) == ["last", "source"]  # nothing that gave up ever ran
+    assert not (tmp_path / "got").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("abandon", ["aclose", "del"])
+async def test_a_read_left_mid_way_gives_its_stream_to_the_next_call(
+    tmp_path: Path, abandon: str
+) -> None:
+    """A read holds its stream from its first chunk until it is closed, or dropped and
+    collected; then the calls waiting behind it run, in their turn."""
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(4 * MiB))
+    async with one_stream(tmp_path) as served:
+        guest = served.server.guests[0]
+        reading = guest.read_file(str(big), window=64 * 1024)
+        assert await anext(reading)
+        next_run = asyncio.ensure_future(guest.run("echo next", timeout=LONG))
+        next_stat = asyncio.ensure_future(guest.stat(str(big)))
+        await queued(served, 2)
+        assert guest.waiting == 2  # in the guest's queue, behind the read
+        if abandon == "aclose":
+            await reading.aclose()
+        else:
+            del reading
+            gc.collect()
+        async with asyncio.timeout(LONG):
+            ran, info = await asyncio.gather(next_run, next_stat)
+        assert ran.stdout == b"next\n" and info.size == 4 * MiB
+        await eventually(
+            lambda: "outcome=closed" in (tmp_path / "agent.log").read_text(), "the get stopped"
+        )
+        assert guest.waiting == 0 and streams(served) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_v1_guest_refuses_every_file_operation_at_once(tmp_path: Path) -> None:
+    """Its one connection busy, a v1 guest still refuses file operations at once, not in
+    their turn."""
+    gate = tmp_path / "gate"
+    async with served_agent(tmp_path, "v1.sock", protocol="v1") as served:
+        guest = served.server.guest(served.guest.key)
+        waiting = f"while [ ! -e {gate} ]; do sleep 0.01; done"
+        holding = asyncio.ensure_future(guest.run(waiting, timeout=LONG))
+        await eventually(lambda: guest.busy, "the run holds the connection")
+        path = str(tmp_path / "f")
+        async with asyncio.timeout(LONG):
+            for call in (
+                guest.put_file(b"x", path),
+                guest.get_file(path, tmp_path / "got"),
+                guest.stat(path),
+                guest.listdir(path),
+                guest.remove(path),
+                guest.mkdir(path),
+                guest.symlink("target", path),
+                guest.set_attributes(path, mode=0o600),
+                guest.put_tree(tmp_path, path),
+                guest.get_tree(path, tmp_path / "tree"),
+            ):
+                with pytest.raises(Unsupported, match=r"only protocol v1.*file operations"):
+                    await call
+            with pytest.raises(Unsupported, match=r"only protocol v1.*file operations"):
+                guest.read_file(path)
+            assert guest.waiting == 0
+            gate.touch()
+            assert (await holding).exit_code == 0
+    assert not (tmp_path / "f").exists()
 
 
 # -- metadata ------------------------------------------------------------------------------

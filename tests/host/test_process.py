@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from tests.agent_process import (
     alive,
     children_of,
     eventually,
+    queued,
     served_agent,
     short_socket_path,
 )
@@ -423,12 +424,6 @@ async def one_stream(tmp_path: Path) -> AsyncIterator[Served]:
         yield served
 
 
-async def queued(served: Served, count: int) -> None:
-    """Until ``count`` calls wait: in the guest's queue, or for its connection's stream."""
-    guest = served.server.guests[0]
-    await eventually(lambda: guest.waiting + served.guest.queued == count, f"{count} waiting")
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("holder", ["process", "run"])
 async def test_runs_and_processes_wait_for_a_stream_in_one_fifo(
@@ -510,11 +505,19 @@ async def test_waiters_that_give_up_leave_the_queue_and_start_nothing(
 
 
 @pytest.mark.asyncio
-async def test_a_waiting_process_is_never_handed_a_v1_connection(tmp_path: Path) -> None:
-    """A guest with a v2 connection (one stream) and a v1 one: a process waits for the v2
-    stream while the v1 connection comes free, and fails once no v2 connection is left."""
+@pytest.mark.parametrize("needs_v2", ["process", "file operation"])
+async def test_a_call_that_needs_v2_is_never_handed_a_v1_connection(
+    tmp_path: Path, needs_v2: str
+) -> None:
+    """A guest with a v2 connection (one stream) and a v1 one: a process (or a file
+    operation) waits for the v2 stream while the v1 connection comes free, and fails once
+    no v2 connection is left."""
     path = short_socket_path(tmp_path, "mixed.sock")
     v1 = DialingGuest(path, GuestScript("v1"))
+
+    def call() -> Awaitable[object]:
+        return guest.create_process(["true"]) if needs_v2 == "process" else guest.stat("/")
+
     async with (
         vsock_async.listen(f"unix:{path}", label="m") as server,
         agent_process("--connect", f"unix:{path}", "--max-streams", "1", tmp_path=tmp_path),
@@ -526,13 +529,13 @@ async def test_a_waiting_process_is_never_handed_a_v1_connection(tmp_path: Path)
             held = await guest.create_process(["cat"], stdin=PIPE)
             on_v1 = asyncio.ensure_future(guest.run("wait 1", timeout=HANG_GUARD))
             await v1.script.started.get()
-            waiting = asyncio.ensure_future(guest.create_process(["true"]))
-            await eventually(lambda: guest.waiting == 1, "the process waits")
+            waiting = asyncio.ensure_future(call())
+            await eventually(lambda: guest.waiting == 1, f"the {needs_v2} waits")
             v1.script.release(b"1")
             assert (await on_v1).stdout == b"v1:wait 1"  # its connection comes free...
             for _ in range(5):  # a hand-over would have woken it at once
                 await asyncio.sleep(0)
-            assert not waiting.done() and guest.waiting == 1  # ...and is not the process's
+            assert not waiting.done() and guest.waiting == 1  # ...and is not the waiting call's
             (v2,) = (c for c in guest.channels if c.protocol == "v2")
             v2.abort("the test closes it")
             with pytest.raises(ConnectionClosed, match="no open v2 connection"):
@@ -540,8 +543,8 @@ async def test_a_waiting_process_is_never_handed_a_v1_connection(tmp_path: Path)
             with pytest.raises(ConnectionClosed):
                 await held.wait()
             await eventually(lambda: guest.connection_count == 1, "the v2 connection is gone")
-            with pytest.raises(Unsupported, match="only protocol v1"):
-                await guest.create_process(["true"])
+            with pytest.raises(Unsupported, match=f"only protocol v1.*{needs_v2}"):
+                await call()
             assert (await guest.run("still", timeout=HANG_GUARD)).stdout == b"v1:still"
         finally:
             await v1.aclose()

@@ -31,7 +31,7 @@ import os
 import stat as stat_module
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict, Unpack
 
 from .._digest import BackgroundDigest
 from ..errors import GuestFileError, ProtocolError, UsageError, VsockAsyncError
@@ -458,15 +458,22 @@ async def mkdir(
     """Make a directory with exactly ``mode`` (and ``uid``/``gid`` if given: a root agent
     only); ``parents=True`` also makes missing parents and accepts an existing directory
     (left as it is), as ``mkdir -p``."""
+    request = mkdir_request(guest_path, parents=parents, mode=mode, uid=uid, gid=gid)
+    await _simple(connection, *request)
+
+
+def mkdir_request(
+    guest_path: GuestPath, *, parents: bool, mode: int, uid: int | None, gid: int | None
+) -> tuple[bytes, dict[str, Any]]:
+    """The path and request of :func:`mkdir`'s arguments, checked (:class:`UsageError`)."""
     path = _guest_path(guest_path)
-    request = {
+    return path, {
         "op": "mkdir",
         "path": _wire_string(path, "path"),
         "parents": bool(parents),
         "mode": _number(mode, "mode", _MODE_MAX),
         **_owner(uid, gid),
     }
-    await _simple(connection, path, request)
 
 
 async def symlink(
@@ -480,18 +487,30 @@ async def symlink(
 ) -> None:
     """Make ``guest_path`` a symbolic link to ``target`` (kept as it is), replacing a file or
     link already there; owned by ``uid``/``gid`` if given (a root agent only)."""
+    request = symlink_request(target, guest_path, make_parents=make_parents, uid=uid, gid=gid)
+    await _simple(connection, *request)
+
+
+def symlink_request(
+    target: LocalPath,
+    guest_path: GuestPath,
+    *,
+    make_parents: bool,
+    uid: int | None,
+    gid: int | None,
+) -> tuple[bytes, dict[str, Any]]:
+    """The path and request of :func:`symlink`'s arguments, checked (:class:`UsageError`)."""
     path = _guest_path(guest_path)
     link = os.fsencode(target)
     if not link or b"\0" in link:
         raise UsageError(f"a link target is not empty and holds no NUL byte: {target!r}")
-    request = {
+    return path, {
         "op": "symlink",
         "path": _wire_string(path, "path"),
         "target": _wire_string(link, "target"),
         "make_parents": bool(make_parents),
         **_owner(uid, gid),
     }
-    await _simple(connection, path, request)
 
 
 # -- into the guest ---------------------------------------------------------------------------
@@ -501,12 +520,7 @@ async def put_file(
     connection: SessionConnection,
     source: Source,
     guest_path: GuestPath,
-    *,
-    mode: int = 0o644,
-    uid: int | None = None,
-    gid: int | None = None,
-    mtime: float | None = None,
-    make_parents: bool = True,
+    **options: Unpack[PutOptions],
 ) -> None:
     """Write ``source`` to ``guest_path`` in the guest, whole or not at all.
 
@@ -518,9 +532,24 @@ async def put_file(
     directories. An existing file or link at ``guest_path`` is replaced; a
     cancel or failure leaves it untouched.
     """
+    await _upload(connection, *put_file_request(source, guest_path, **options))
+
+
+def put_file_request(
+    source: Source,
+    guest_path: GuestPath,
+    *,
+    mode: int = 0o644,
+    uid: int | None = None,
+    gid: int | None = None,
+    mtime: float | None = None,
+    make_parents: bool = True,
+) -> tuple[bytes, dict[str, Any], AsyncGenerator[bytes | bytearray | memoryview, None]]:
+    """The path, request and chunks of :func:`put_file`'s arguments (their defaults are
+    these), checked (:class:`UsageError`); nothing is read before the chunks are."""
     path = _guest_path(guest_path)
     request = _put_request(path, mode, uid, gid, _mtime_ns(mtime), make_parents)
-    await _upload(connection, path, request, _chunks(source))
+    return path, request, _chunks(source)
 
 
 def _chunks(source: Source) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
@@ -619,8 +648,7 @@ async def put_tree(
     that is not refuses the first request, before anything is made:
     :class:`GuestFileError` ``permission``, ``EPERM``.
     """
-    root = _guest_path(guest_dir)
-    _owner(uid, gid)  # checked before anything is sent
+    root = put_tree_request(guest_dir, uid, gid)
     owner = (uid, gid)
     connection.require("files", "work with files")
     fd = await asyncio.to_thread(local.open_directory, local_dir)
@@ -639,6 +667,14 @@ async def put_tree(
             await _finish_directory(connection, root, st)
     finally:
         os.close(fd)
+
+
+def put_tree_request(guest_dir: GuestPath, uid: int | None, gid: int | None) -> bytes:
+    """The guest directory of :func:`put_tree`'s arguments, the owner checked too
+    (:class:`UsageError`), before anything is sent."""
+    root = _guest_path(guest_dir)
+    _owner(uid, gid)
+    return root
 
 
 async def _put_directory(
@@ -696,11 +732,18 @@ async def set_attributes(
     """Set exactly ``mode`` (permission bits) and/or ``mtime`` (seconds since the epoch) of a
     guest file or directory, ``mode`` first; a link at ``guest_path`` is refused, never
     followed (:class:`GuestFileError` ``ELOOP`` or ``EINVAL``)."""
+    await _setattr(connection, *set_attributes_request(guest_path, mode=mode, mtime=mtime))
+
+
+def set_attributes_request(
+    guest_path: GuestPath, *, mode: int | None, mtime: float | None
+) -> tuple[bytes, int | None, int | None]:
+    """The path, mode and mtime in ns of :func:`set_attributes`'s arguments, checked
+    (:class:`UsageError`)."""
     path = _guest_path(guest_path)
     if mode is None and mtime is None:
         raise UsageError("set_attributes() sets mode, mtime or both: give at least one")
-    checked = None if mode is None else _number(mode, "mode", _MODE_MAX)
-    await _setattr(connection, path, checked, _mtime_ns(mtime))
+    return path, None if mode is None else _number(mode, "mode", _MODE_MAX), _mtime_ns(mtime)
 
 
 async def _setattr(
@@ -727,8 +770,13 @@ def read_file(
     guest's size and SHA-256 matched what arrived. Leaving the loop early (or
     ``aclose()``) stops the transfer in the guest.
     """
-    path = _guest_path(guest_path)
-    return _get(connection, path, _window(window))
+    return _get(connection, *get_request(guest_path, window))
+
+
+def get_request(guest_path: GuestPath, window: int) -> tuple[bytes, int]:
+    """The path and window of a get's arguments (:func:`read_file`, :func:`get_tree`),
+    checked (:class:`UsageError`)."""
+    return _guest_path(guest_path), _window(window)
 
 
 @contextlib.asynccontextmanager
@@ -776,16 +824,24 @@ async def get_file(
     match, then the directory fsynced: durable once this returns. A failure,
     cancel or lost connection removes the temporary file.
     """
-    path = _guest_path(guest_path)
-    window = _window(window)
-    directory, name = os.path.split(os.fsencode(local_path))
-    if not name:
-        raise UsageError(f"local_path {local_path!r} names a directory, not a file")
+    path, window, directory, name = get_file_request(guest_path, local_path, window)
     fd = await asyncio.to_thread(local.open_directory, directory or b".")
     try:
         await _download(connection, path, fd, name, window)
     finally:
         os.close(fd)
+
+
+def get_file_request(
+    guest_path: GuestPath, local_path: LocalPath, window: int
+) -> tuple[bytes, int, bytes, bytes]:
+    """The path, window, local directory and local name of :func:`get_file`'s arguments,
+    checked (:class:`UsageError`)."""
+    path, window = get_request(guest_path, window)
+    directory, name = os.path.split(os.fsencode(local_path))
+    if not name:
+        raise UsageError(f"local_path {local_path!r} names a directory, not a file")
+    return path, window, directory, name
 
 
 async def _download(
@@ -837,8 +893,7 @@ async def get_tree(
     guest listed in place of a directory) never leads a write out of
     ``local_dir``. Other kinds of file are skipped with a log line.
     """
-    root = _guest_path(guest_dir)
-    window = _window(window)
+    root, window = get_request(guest_dir, window)
     info = await stat(connection, root)
     if info.kind != "dir":
         raise GuestFileError("file_error", "not a directory", os.fsdecode(root), "ENOTDIR")

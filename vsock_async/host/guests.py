@@ -6,12 +6,15 @@ It may hold several connections (an agent started with ``--connections N``);
 calls wait in FIFO order for the next connection to come free. A v2
 connection counts as free until it carries as many calls as the agent runs
 at once (its ``max_streams``); a v1 one carries one call at a time.
-:meth:`Guest.create_process` waits in the same queue (for a v2 connection)
-and holds its stream until the process ends, so runs, probes and processes
-are served in the order they came, whichever API they came from. A call
-never moves to another connection once its command is sent: when a
-connection drops, the calls on it fail with :class:`ConnectionClosed` and are
-never replayed.
+:meth:`Guest.create_process` and the file operations (:meth:`Guest.put_file`,
+:meth:`Guest.stat`...) wait in the same queue (for a v2 connection) and hold
+their stream until the process or the operation ends (a whole tree's for
+:meth:`Guest.put_tree` and :meth:`Guest.get_tree`; for :meth:`Guest.read_file`,
+from its first chunk until its iteration ends or it is closed), so runs,
+probes, processes and file operations are served in the order they came,
+whichever API they came from. A call never moves to another connection once
+its command is sent: when a connection drops, the calls on it fail with
+:class:`ConnectionClosed` and are never replayed.
 
 Connecting, disconnecting and each call cost the same however many
 connections a guest holds: the open connections and the free ones are kept
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Hashable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Unpack
 
@@ -31,6 +34,7 @@ from ..errors import CommandTimeout, ConnectionClosed, GuestBusy, Unsupported, V
 from ..protocol import PROBE_COMMAND
 from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, deadline_after, remaining
+from . import files
 from .channel import GuestChannel
 from .commandline import CommandLike, compose_command
 from .files import DEFAULT_WINDOW, FileInfo, GuestPath, LocalPath, PutOptions, Source
@@ -43,7 +47,8 @@ _FILES = "file operations"
 _PROCESSES = "processes (streaming output, stdin, signals, terminals)"
 
 _Waiter = tuple["asyncio.Future[GuestChannel]", bool]
-"""A call waiting for a connection, and whether it needs a v2 one (a process does)."""
+"""A call waiting for a connection, and whether it needs a v2 one (a process or a file
+operation does)."""
 
 
 def _shown(line: bytes) -> str:
@@ -214,19 +219,19 @@ class Guest:
         """Start ``program`` on one of the guest's v2 connections; see
         :meth:`GuestChannel.create_process` for the arguments.
 
-        It takes a free stream, or waits for one in the queue :meth:`run` and
-        :meth:`probe` wait in, behind every call that came before it, and holds
-        that stream until the process ends. ``timeout`` covers the whole call, as
-        for :meth:`run`: the wait counts, and what is left when the process starts
-        is its life limit; :class:`CommandTimeout` (``sent`` False) if it runs out
-        first. Raises :class:`Unsupported` if the guest speaks only v1,
-        :class:`ConnectionClosed` if it has no open connection or loses its last
-        one while the call waits.
+        It takes a free stream, or waits for one in the queue :meth:`run`,
+        :meth:`probe` and the file operations wait in, behind every call that
+        came before it, and holds that stream until the process ends.
+        ``timeout`` covers the whole call, as for :meth:`run`: the wait counts,
+        and what is left when the process starts is its life limit;
+        :class:`CommandTimeout` (``sent`` False) if it runs out first. Raises
+        :class:`Unsupported` if the guest speaks only v1, :class:`ConnectionClosed`
+        if it has no open connection or loses its last one while the call waits.
         """
         exec_request(program, **options)  # a bad argument fails now, not after waiting its turn
         line, timeout = program_line(program), options.get("timeout")
         deadline = deadline_after(timeout)
-        channel = await self._lease(line, timeout, deadline, True, v2=True)
+        channel = await self._lease(line, timeout, deadline, True, v2_for=_PROCESSES)
         left: ProcessOptions = {**options, "timeout": remaining(deadline)}
         try:
             process = await channel.create_process(program, **left)
@@ -239,37 +244,78 @@ class Guest:
         process._exited.add_done_callback(lambda _: self._release(channel))
         return process
 
-    # -- files (v2): GuestChannel's file operations, each on one of the guest's connections --
+    # -- files (v2): GuestChannel's file operations, each on a stream it waits its turn for --
 
     async def put_file(
         self, source: Source, guest_path: GuestPath, **options: Unpack[PutOptions]
     ) -> None:
-        """:meth:`GuestChannel.put_file` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).put_file(source, guest_path, **options)
+        """:meth:`GuestChannel.put_file` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files.put_file_request(source, guest_path, **options)  # a bad argument fails now
+        async with self._file_stream() as channel:
+            await channel.put_file(source, guest_path, **options)
 
     async def get_file(
         self, guest_path: GuestPath, local_path: LocalPath, *, window: int = DEFAULT_WINDOW
     ) -> None:
-        """:meth:`GuestChannel.get_file` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).get_file(guest_path, local_path, window=window)
+        """:meth:`GuestChannel.get_file` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files.get_file_request(guest_path, local_path, window)
+        async with self._file_stream() as channel:
+            await channel.get_file(guest_path, local_path, window=window)
 
     def read_file(
         self, guest_path: GuestPath, *, window: int = DEFAULT_WINDOW
     ) -> AsyncGenerator[bytes, None]:
-        """:meth:`GuestChannel.read_file` on a v2 connection with a free stream."""
-        return self._v2_channel(_FILES).read_file(guest_path, window=window)
+        """:meth:`GuestChannel.read_file` on a v2 stream, taken in its turn (as :meth:`stat`)
+        when the iteration starts, and held until it ends.
+
+        Iterate to the end, or close it: ``async with
+        contextlib.aclosing(guest.read_file(...)) as chunks``. One kept and left
+        mid-way holds its stream, and the calls waiting behind it, until it is
+        garbage-collected (asyncio closes it then). A bad argument fails at once,
+        :class:`Unsupported` too.
+        """
+        files.get_request(guest_path, window)
+        self._check_v2(_FILES)
+        return self._read(guest_path, window)
+
+    async def _read(self, guest_path: GuestPath, window: int) -> AsyncGenerator[bytes, None]:
+        """The chunks of :meth:`read_file`, its stream leased at the first and given back
+        when this generator ends or is closed (by asyncio too, if it is collected)."""
+        async with (
+            self._file_stream() as channel,
+            contextlib.aclosing(channel.read_file(guest_path, window=window)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
 
     async def stat(self, guest_path: GuestPath, *, follow_symlinks: bool = True) -> FileInfo:
-        """:meth:`GuestChannel.stat` on a v2 connection with a free stream."""
-        return await self._v2_channel(_FILES).stat(guest_path, follow_symlinks=follow_symlinks)
+        """:meth:`GuestChannel.stat` on a v2 stream taken in its turn.
+
+        Like every file operation of the handle, it takes a free stream or waits
+        for one in the queue :meth:`run`, :meth:`probe` and
+        :meth:`create_process` wait in, behind every call that came before it,
+        and holds it until it ends (:meth:`put_tree` and :meth:`get_tree` hold
+        one for the whole tree). There is no timeout: wrap the call in
+        ``asyncio.timeout()`` to give up (a call given up while it waits sends
+        nothing). A bad argument fails at once; :class:`Unsupported` if the
+        guest speaks only v1, :class:`ConnectionClosed` if it has no open
+        connection or loses its last v2 one while the call waits.
+        """
+        files._guest_path(guest_path)
+        async with self._file_stream() as channel:
+            return await channel.stat(guest_path, follow_symlinks=follow_symlinks)
 
     async def listdir(self, guest_path: GuestPath) -> list[FileInfo]:
-        """:meth:`GuestChannel.listdir` on a v2 connection with a free stream."""
-        return await self._v2_channel(_FILES).listdir(guest_path)
+        """:meth:`GuestChannel.listdir` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files._guest_path(guest_path)
+        async with self._file_stream() as channel:
+            return await channel.listdir(guest_path)
 
     async def remove(self, guest_path: GuestPath, *, recursive: bool = False) -> None:
-        """:meth:`GuestChannel.remove` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).remove(guest_path, recursive=recursive)
+        """:meth:`GuestChannel.remove` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files._guest_path(guest_path)
+        async with self._file_stream() as channel:
+            await channel.remove(guest_path, recursive=recursive)
 
     async def mkdir(
         self,
@@ -280,10 +326,10 @@ class Guest:
         uid: int | None = None,
         gid: int | None = None,
     ) -> None:
-        """:meth:`GuestChannel.mkdir` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).mkdir(
-            guest_path, parents=parents, mode=mode, uid=uid, gid=gid
-        )
+        """:meth:`GuestChannel.mkdir` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files.mkdir_request(guest_path, parents=parents, mode=mode, uid=uid, gid=gid)
+        async with self._file_stream() as channel:
+            await channel.mkdir(guest_path, parents=parents, mode=mode, uid=uid, gid=gid)
 
     async def symlink(
         self,
@@ -294,16 +340,19 @@ class Guest:
         uid: int | None = None,
         gid: int | None = None,
     ) -> None:
-        """:meth:`GuestChannel.symlink` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).symlink(
-            target, guest_path, make_parents=make_parents, uid=uid, gid=gid
-        )
+        """:meth:`GuestChannel.symlink` on a v2 stream taken in its turn, as :meth:`stat`."""
+        files.symlink_request(target, guest_path, make_parents=make_parents, uid=uid, gid=gid)
+        async with self._file_stream() as channel:
+            await channel.symlink(target, guest_path, make_parents=make_parents, uid=uid, gid=gid)
 
     async def set_attributes(
         self, guest_path: GuestPath, *, mode: int | None = None, mtime: float | None = None
     ) -> None:
-        """:meth:`GuestChannel.set_attributes` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).set_attributes(guest_path, mode=mode, mtime=mtime)
+        """:meth:`GuestChannel.set_attributes` on a v2 stream taken in its turn, as
+        :meth:`stat`."""
+        files.set_attributes_request(guest_path, mode=mode, mtime=mtime)
+        async with self._file_stream() as channel:
+            await channel.set_attributes(guest_path, mode=mode, mtime=mtime)
 
     async def put_tree(
         self,
@@ -313,29 +362,30 @@ class Guest:
         uid: int | None = None,
         gid: int | None = None,
     ) -> None:
-        """:meth:`GuestChannel.put_tree` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).put_tree(local_dir, guest_dir, uid=uid, gid=gid)
+        """:meth:`GuestChannel.put_tree` on one v2 stream taken in its turn (as :meth:`stat`)
+        and held for the whole tree: it runs its operations one after another."""
+        files.put_tree_request(guest_dir, uid, gid)
+        async with self._file_stream() as channel:
+            await channel.put_tree(local_dir, guest_dir, uid=uid, gid=gid)
 
     async def get_tree(
         self, guest_dir: GuestPath, local_dir: LocalPath, *, window: int = DEFAULT_WINDOW
     ) -> None:
-        """:meth:`GuestChannel.get_tree` on a v2 connection with a free stream."""
-        await self._v2_channel(_FILES).get_tree(guest_dir, local_dir, window=window)
+        """:meth:`GuestChannel.get_tree` on one v2 stream taken in its turn (as :meth:`stat`)
+        and held for the whole tree: it runs its operations one after another."""
+        files.get_request(guest_dir, window)
+        async with self._file_stream() as channel:
+            await channel.get_tree(guest_dir, local_dir, window=window)
 
-    def _v2_channel(self, need: str) -> GuestChannel:
-        """A v2 connection for new streams (``need`` says for what, should there be none): a
-        free one, else the one with the fewest waiting."""
-        free = self._free_channel(v2=True)
-        if free is not None:
-            return free
-        open_ = [c for c in self._channels.values() if not c.closed]
-        if not open_:  # closed ones wait a loop turn to be removed: none is v1-only
-            raise self._no_connection()
-        self._check_v2(need)
-        v2 = [c for c in open_ if c.protocol == "v2"]
-        if not v2:  # the v2 ones have closed and wait a loop turn to be removed
-            raise self._no_connection()
-        return min(v2, key=lambda c: (c.busy, c.queued))
+    @contextlib.asynccontextmanager
+    async def _file_stream(self) -> AsyncIterator[GuestChannel]:
+        """A v2 connection leased for one file operation, in its turn in the guest's queue;
+        given back when the operation ends, fails or is cancelled."""
+        channel = await self._lease(b"", None, None, True, v2_for=_FILES)  # no deadline
+        try:
+            yield channel
+        finally:
+            self._release(channel)
 
     def _check_v2(self, need: str) -> None:
         """:class:`Unsupported` if every connection speaks only v1; ConnectionClosed if none."""
@@ -443,13 +493,15 @@ class Guest:
         deadline: float | None,
         wait: bool,
         *,
-        v2: bool = False,
+        v2_for: str | None = None,
     ) -> GuestChannel:
-        """A connection reserved for one call (a v2 one: ``v2``): a free one now, or the next
-        one to come free, after every call that waits already."""
+        """A connection reserved for one call (a v2 one for ``v2_for``, which says what needs
+        it): a free one now, or the next one to come free, after every call that waits
+        already."""
+        v2 = v2_for is not None
         while True:
-            if v2:
-                self._check_v2(_PROCESSES)
+            if v2_for is not None:
+                self._check_v2(v2_for)
             elif not self._channels:
                 raise self._no_connection()
             if not self._waiters:
@@ -530,7 +582,7 @@ class Guest:
                 self._leases[channel.id] = leases
         if channel.id not in self._channels or channel.closed:
             return
-        passed_over: list[_Waiter] = []  # processes, which a v1 connection cannot serve
+        passed_over: list[_Waiter] = []  # processes and file operations: not for a v1 one
         while self._waiters and self._leases.get(channel.id, 0) < channel.concurrency:
             entry = self._waiters.popleft()
             waiter, v2 = entry
