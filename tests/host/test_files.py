@@ -123,6 +123,22 @@ async def test_round_trips_are_byte_exact_for_every_size_and_source(tmp_path: Pa
 
 
 @pytest.mark.asyncio
+async def test_a_file_operation_in_progress_counts_as_running(tmp_path: Path) -> None:
+    async with running(tmp_path) as guest:
+        Path(guest.path("f")).write_bytes(b"x" * MiB)
+        assert guest.channel.running == 0
+        reading = guest.channel.read_file(guest.path("f"), window=64 * 1024)
+        async with contextlib.aclosing(reading):
+            await anext(reading)
+            assert guest.channel.running == 1
+            process = await guest.channel.create_process("sleep 30")
+            assert guest.channel.running == 2
+            process.kill()
+            await process.wait()
+        await eventually(lambda: guest.channel.running == 0, "both streams closed")
+
+
+@pytest.mark.asyncio
 async def test_a_large_sparse_file_goes_both_ways(tmp_path: Path) -> None:
     source = tmp_path / "sparse"
     with open(source, "wb") as f:

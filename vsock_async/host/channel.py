@@ -137,8 +137,11 @@ class GuestChannel:
 
     @property
     def running(self) -> int:
-        """Calls and processes in progress: 0 or 1 on v1, the open streams on v2."""
-        return int(self._conn.busy) if self._v2 is None else self._v2.streams
+        """Calls, processes and file operations in progress: 0 or 1 on v1, the open streams
+        on v2."""
+        if self._v2 is None:
+            return int(self._conn.busy)
+        return self._v2.streams + self._v2.files
 
     @property
     def queued(self) -> int:
