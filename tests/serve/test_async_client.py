@@ -228,6 +228,9 @@ async def test_errors_come_with_the_daemons_codes(daemon: Daemon) -> None:
         with pytest.raises(ControlError) as caught:
             await client.create_process("vm9", "true")
         assert caught.value.code == "guest_not_found"
+        with pytest.raises(ControlError) as caught:  # over 2 x --max-command + 64 KiB
+            await client.create_process("vm1", "true", env={"PAD": "x" * (3 << 20)})
+        assert (caught.value.status, caught.value.code) == (413, "body_too_large")
         with pytest.raises(UsageError, match="command must be"):
             await client.create_process("vm1", [])
         with pytest.raises(UsageError, match="stdin must be PIPE or DEVNULL"):

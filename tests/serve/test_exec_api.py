@@ -348,17 +348,64 @@ async def test_a_client_that_closes_stops_its_process(daemon: Daemon) -> None:
     eventually(lambda: "the client went away" in daemon.log(), "the daemon logging it")
 
 
+async def too_big(ws: aiohttp.ClientWebSocketResponse, message: str | bytes) -> Outcome:
+    """Send ``message``, over the daemon's limit, whole (the daemon reads it all, dropping it);
+    what came back until the close, whose reason is the last control."""
+    await (ws.send_str(message) if isinstance(message, str) else ws.send_bytes(message))
+    outcome = Outcome()
+    while (received := await ws.receive()).type is not aiohttp.WSMsgType.CLOSE:
+        assert received.type is aiohttp.WSMsgType.TEXT, received
+        outcome.controls.append(json.loads(received.data))
+    outcome.controls.append({"reason": received.extra})
+    outcome.close_code = received.data
+    return outcome
+
+
+def assert_too_big(outcome: Outcome, size: int) -> None:
+    error, close = outcome.controls[-2:]
+    assert (error["status"], error["error"]["code"]) == (413, "body_too_large")
+    assert f"a message of {size} bytes or more, over the limit of {MAX_MESSAGE}" in str(error)
+    assert outcome.close_code == 1009
+    assert close["reason"] == f"message too big: the limit is {MAX_MESSAGE} bytes"
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("size", [MAX_MESSAGE + 1, 40 * MAX_MESSAGE])
 async def test_an_oversized_message_closes_with_1009_and_stops_the_process(
-    daemon: Daemon,
+    daemon: Daemon, size: int
 ) -> None:
     async with websocket(daemon) as ws:
         pid = await start(ws, {"command": ["cat"], "stdin": True})
-        await ws.send_bytes(b"\x00" + b"x" * MAX_MESSAGE)
-        outcome = await collect(ws)
-    assert outcome.close_code == 1009
-    assert outcome.stdout == b""
+        outcome = await too_big(ws, b"\x00" + b"x" * (size - 1))
+    assert outcome.controls[:-2] == []  # no stdout: cat never got the message
+    assert_too_big(outcome, size)
     await gone(pid)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [MAX_MESSAGE + 1, 40 * MAX_MESSAGE])
+async def test_an_oversized_request_closes_with_1009_and_others_carry_on(
+    daemon: Daemon, size: int
+) -> None:
+    """The first message too big: the client sends it whole, reads the error and the 1009
+    close; an exec running meanwhile goes on and ends as usual, and nothing was started."""
+    marker = daemon.directory / "oversized-request"
+    request = json.dumps({"command": f"touch {marker}", "env": {"PAD": ""}})
+    padded = request.replace('"PAD": ""', f'"PAD": "{"x" * (size - len(request))}"')
+    assert len(padded) == size
+    async with websocket(daemon) as other:
+        await start(other, {"command": ["cat"], "stdin": True})
+        async with websocket(daemon) as ws:
+            outcome = await too_big(ws, padded)
+        assert_too_big(outcome, size)
+        await other.send_bytes(b"\x00still here")
+        await other.send_str('{"type": "eof"}')
+        after = await collect(other)
+    assert (after.stdout, after.last["exit_code"], after.close_code) == (b"still here", 0, 1000)
+    assert not marker.exists()
+    assert daemon.client().health()["status"] == "ok"
+    log = daemon.log()
+    assert f"over the limit of {MAX_MESSAGE} bytes; closing with 1009" in log
 
 
 def _process_counts(daemon: Daemon) -> tuple[int, int, int]:
@@ -632,6 +679,10 @@ async def test_a_v1_guest_answers_unsupported_and_run_still_works(stack: Stack) 
     async with websocket(daemon) as ws:
         outcome = await collect(ws)
     assert outcome.last["error"] == error
+    assert outcome.close_code == 1008
+    async with websocket(daemon) as ws:  # a request too big is read to its end all the same
+        outcome = await too_big(ws, "x" * 40 * MAX_MESSAGE)
+    assert outcome.controls[0]["error"] == error
     assert outcome.close_code == 1008
     assert client.run("vm1", "echo still").stdout == b"still\n"
 

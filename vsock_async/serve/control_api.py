@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .._sockets import stop_polling_accepts
 from ..errors import (
@@ -53,7 +53,14 @@ from ..host.server import CommandServer
 from ..protocol import result_frame_parts
 from ..results import CommandResult
 from ..timeouts import DEFAULT, Timeout, check_timeout, parse_timeout, resolve_timeout
-from .control_exec import ClientGone, control_frame, stream_http, stream_websocket
+from .control_exec import (
+    ClientGone,
+    MessageTooBig,
+    control_frame,
+    limit_messages,
+    stream_http,
+    stream_websocket,
+)
 from .defaults import RAW_RESULT_TYPE
 from .exec_stream import (
     REQUEST_FIELDS,
@@ -575,6 +582,31 @@ class ControlAPI:
         except UnknownGuest as exc:
             raise ApiError("guest_not_found", str(exc)) from None
 
+    def _failure(
+        self,
+        exc: Exception,
+        guest: Guest,
+        what: str,
+        timeout: float | None,
+        duration: float,
+        outcome: str = "",
+    ) -> ApiError:
+        """:func:`_guest_failure`, except for a call cut short by the end of the drain: the
+        daemon closed its connection, so it is 503 ``shutting_down``, logged as the daemon's."""
+        if self.drain_ended is None or not isinstance(exc, ClosedLocally):
+            return _guest_failure(exc, guest, what, timeout, duration, outcome)
+        logger.warning(
+            "%s in guest %r was still running %s: the daemon ended it",
+            what,
+            guest.key,
+            self.drain_ended,
+        )
+        return ApiError(
+            "shutting_down",
+            f"the daemon ended {what} {self.drain_ended}: it was still running when the daemon"
+            " stopped (the guest did not fail)",
+        )
+
     async def _json_body(self, request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
         limit = request.client_max_size
         if request.content_length is not None and request.content_length > limit:
@@ -769,31 +801,6 @@ class ControlAPI:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _failure(
-        self,
-        exc: Exception,
-        guest: Guest,
-        what: str,
-        timeout: float | None,
-        duration: float,
-        outcome: str = "",
-    ) -> ApiError:
-        """:func:`_guest_failure`, except for a call cut short by the end of the drain: the
-        daemon closed its connection, so it is 503 ``shutting_down``, logged as the daemon's."""
-        if self.drain_ended is None or not isinstance(exc, ClosedLocally):
-            return _guest_failure(exc, guest, what, timeout, duration, outcome)
-        logger.warning(
-            "%s in guest %r was still running %s: the daemon ended it",
-            what,
-            guest.key,
-            self.drain_ended,
-        )
-        return ApiError(
-            "shutting_down",
-            f"the daemon ended {what} {self.drain_ended}: it was still running when the daemon"
-            " stopped (the guest did not fail)",
-        )
-
     @contextlib.contextmanager
     def _file_call(self, guest: Guest, what: str, op: str) -> Iterator[_FileCall]:
         """Count a file operation as an exchange and in the metrics (``op``: its route), and
@@ -968,11 +975,18 @@ class ControlAPI:
     async def _exec_websocket(self, request: web.Request) -> web.WebSocketResponse:
         """Upgrade at once, so that every error, the guest's included, reaches the client as
         an ``error`` message it can read (a refused handshake hides the body from clients)."""
-        ws = web.WebSocketResponse(max_msg_size=self._max_message, compress=False)
+        # aiohttp's own limit above ours: a message over ours is dropped before it gets there.
+        ws = web.WebSocketResponse(max_msg_size=self._max_message + 1, compress=False)
         await ws.prepare(request)
+        limit_messages(ws, request, self._max_message)
         start = time.monotonic()
         try:
             await self._relay(ws, request, start)
+        except MessageTooBig as exc:
+            logger.info("%s %s: %s; closing with 1009", request.method, request.path, exc)
+            error = ApiError("body_too_large", f"{exc} (twice --max-command plus 64 KiB)")
+            reason = f"message too big: the limit is {exc.limit} bytes"
+            await _close_with_error(ws, error, WSCloseCode.MESSAGE_TOO_BIG, reason)
         except ApiError as exc:
             await _close_with_error(ws, exc)
         except UsageError as exc:  # a message the client may not send
@@ -1092,6 +1106,8 @@ class ControlAPI:
 async def _first_request(ws: web.WebSocketResponse) -> ExecRequest:
     """The exec request, the first message on ``ws``; ApiError if it is not one."""
     message = await ws.receive()
+    if message.type is WSMsgType.ERROR and isinstance(message.data, MessageTooBig):
+        raise message.data
     if message.type is WSMsgType.TEXT:
         try:
             return parse_request(message.data)
@@ -1118,13 +1134,18 @@ def _client_went_away(request: web.Request, start: float) -> None:
     )
 
 
-async def _close_with_error(ws: web.WebSocketResponse, error: ApiError) -> None:
-    """Send ``error`` as the last message and close: 1008 for the client's fault, else 1011."""
+async def _close_with_error(
+    ws: web.WebSocketResponse, error: ApiError, code: int | None = None, reason: str = ""
+) -> None:
+    """Send ``error`` as the last message and close with ``code`` and ``reason``: by default
+    1008 for the client's fault, else 1011, and the error's code."""
     if ws.closed:
         return
     with contextlib.suppress(ConnectionResetError):
         await ws.send_json(error.stream_message())
-    await ws.close(code=1008 if error.status < 500 else 1011, message=error.code.encode())
+    if code is None:
+        code = 1008 if error.status < 500 else 1011
+    await ws.close(code=code, message=(reason or error.code).encode())
 
 
 def _control(message: Mapping[str, Any]) -> bytes:

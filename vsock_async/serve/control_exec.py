@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Final
+from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from ..errors import StdinClosed, UsageError
 from ..host.process import Process, ProcessReader, ProcessWriter
@@ -36,7 +36,15 @@ from .exec_stream import (
 )
 from .metrics import ServeMetrics
 
-__all__ = ["ClientGone", "exit_status", "stream_http", "stream_websocket"]
+__all__ = [
+    "ClientGone",
+    "MessageGuard",
+    "MessageTooBig",
+    "exit_status",
+    "limit_messages",
+    "stream_http",
+    "stream_websocket",
+]
 
 _CHUNK: Final = 64 * 1024
 """Output is read from the process and sent to the client this much at a time, at most."""
@@ -45,6 +53,145 @@ _CHANNEL_NAMES: Final = {STDIN: "stdin", STDOUT: "stdout", STDERR: "stderr"}
 
 class ClientGone(Exception):
     """The client closed the WebSocket or the connection before the process ended."""
+
+
+class MessageTooBig(Exception):
+    """A client's WebSocket message over the daemon's limit: dropped unread."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a message of {size} bytes or more, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+# -- the size of the client's messages ---------------------------------------------------------
+#
+# aiohttp refuses a message over its max_msg_size by closing the connection at once, while the
+# client may still be sending it: the client's write then fails (a broken pipe, a reset) and
+# it never reads the 1009 close that was sent. So the frames are looked at before aiohttp
+# parses them: an oversized message is dropped as it arrives, never held, aiohttp never sees
+# it, and the handler closes with 1009 and a reason, reading on until the client's close.
+
+
+class MessageGuard:
+    """A client's WebSocket frames as they arrive (RFC 6455, 5.2), with each data message over
+    ``limit`` bytes dropped; pure, no I/O, no copies but of a header split between reads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._header = bytearray()
+        """The header of the next frame, while it is incomplete."""
+        self._left = 0
+        """Payload bytes of the current frame still to come."""
+        self._passing = True
+        """Whether the current frame goes on."""
+        self._size = 0
+        """Bytes of the current data message so far, its fragments summed."""
+        self._dropping = False
+        """The current data message is over the limit: its frames are dropped."""
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int | None]:
+        """The pieces of ``data`` to pass on, in order; and the size, as far as known, of a
+        message found over the limit in it (None if none was)."""
+        pieces: list[bytes] = []
+        too_big: int | None = None
+        n = len(data)
+        pos = 0
+        run: int | None = 0 if self._left and self._passing else None  # the piece passing on
+        header_at = 0
+        while pos < n:
+            if self._left:
+                taken = min(self._left, n - pos)
+                pos += taken
+                self._left -= taken
+                continue
+            carried, header_at = len(self._header), pos
+            while pos < n and len(self._header) < _header_size(self._header):
+                taken = min(_header_size(self._header) - len(self._header), n - pos)
+                self._header += data[pos : pos + taken]
+                pos += taken
+            if len(self._header) < _header_size(self._header):
+                break  # the rest of the header comes with the next read
+            header = bytes(self._header)
+            self._header.clear()
+            self._left = _payload_length(header)
+            self._passing, found = self._admit(header[0] & 0x0F, self._left)
+            too_big = too_big if found is None else found
+            if self._passing and run is None:
+                if carried:
+                    pieces.append(header[:carried])
+                run = header_at
+            elif not self._passing and run is not None:
+                pieces.append(data[run:header_at])
+                run = None
+        if run is not None:
+            end = header_at if self._header else n
+            if end > run:
+                pieces.append(data if (run, end) == (0, n) else data[run:end])
+        return pieces, too_big
+
+    def _admit(self, opcode: int, length: int) -> tuple[bool, int | None]:
+        """Whether a frame goes on, and the size of its message if that just went over."""
+        if opcode > 2:  # control frames, and opcodes aiohttp refuses itself
+            return True, None
+        if opcode:  # text or binary: a new message
+            self._size, self._dropping = 0, False
+        if self._dropping:
+            return False, None
+        self._size += length
+        if self._size <= self.limit:
+            return True, None
+        self._dropping = True
+        return False, self._size
+
+
+def _header_size(header: bytearray) -> int:
+    """The size of a frame header of which ``header`` holds the start (2 until that is known)."""
+    if len(header) < 2:
+        return 2
+    length, masked = header[1] & 0x7F, header[1] & 0x80
+    return 2 + {126: 2, 127: 8}.get(length, 0) + (4 if masked else 0)
+
+
+def _payload_length(header: bytes) -> int:
+    length = header[1] & 0x7F
+    if length < 126:
+        return length
+    return int.from_bytes(header[2:4] if length == 126 else header[2:10], "big")
+
+
+class _GuardedReader:
+    """aiohttp's WebSocket parser behind a :class:`MessageGuard`; an oversized message reaches
+    the handler as an ERROR message holding :class:`MessageTooBig`."""
+
+    def __init__(self, reader: Any, ws: web.WebSocketResponse, limit: int) -> None:
+        self._reader = reader
+        self._ws = ws
+        self._guard = MessageGuard(limit)
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        pieces, too_big = self._guard.feed(data)
+        for piece in pieces:
+            eof, tail = self._reader.feed_data(piece)
+            if eof:  # aiohttp's parser failed: it has told the handler and ends the connection
+                return eof, tail
+        if too_big is not None:
+            error = MessageTooBig(too_big, self._guard.limit)
+            queue = self._ws._reader  # what ws.receive() reads
+            assert queue is not None
+            queue.feed_data(WSMessage(WSMsgType.ERROR, error, None), 0)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+def limit_messages(ws: web.WebSocketResponse, request: web.Request, limit: int) -> None:
+    """Drop the client's messages over ``limit`` bytes as they arrive on the prepared ``ws``
+    (whose ``max_msg_size`` must be above ``limit``): the handler receives an ERROR message
+    holding :class:`MessageTooBig` instead, and the connection reads on."""
+    protocol = request.protocol  # aiohttp has no public hook for this: its parser is wrapped
+    protocol._payload_parser = _GuardedReader(protocol._payload_parser, ws, limit)
 
 
 def exit_status(process: Process, started_at: float) -> ExitStatus:
@@ -122,6 +269,8 @@ async def _receive_inputs(
         if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
             raise ClientGone
         if message.type is WSMsgType.ERROR:
+            if isinstance(message.data, MessageTooBig):
+                raise message.data
             raise ClientGone from message.data
         if message.type is WSMsgType.BINARY:
             channel, data = split_data_message(message.data)
