@@ -5,10 +5,12 @@ reads cut them; an oversized message is reported once."""
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from vsock_async.serve.control_exec import MessageGuard
+from vsock_async.serve.control_exec import MessageGuard, limit_messages
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 
@@ -71,3 +73,12 @@ def test_a_fragmented_message_is_dropped_from_the_fragment_that_goes_over(step: 
     after = frame(TEXT, b"next")
     passed, found = feed(MessageGuard(100), first + rest + after, step)
     assert (passed, found) == (first + ping + after, [120])
+
+
+def test_an_aiohttp_without_the_parser_to_wrap_keeps_its_own_limit() -> None:
+    """The guard reaches into aiohttp's private parser and message queue; where they are
+    missing (another aiohttp), nothing is wrapped and the exec route carries on."""
+    request: Any = SimpleNamespace(protocol=SimpleNamespace())
+    ws: Any = SimpleNamespace(_reader=None)
+    assert limit_messages(ws, request, 100) is False
+    assert vars(request.protocol) == {}

@@ -186,12 +186,25 @@ class _GuardedReader:
         self._reader.feed_eof()
 
 
-def limit_messages(ws: web.WebSocketResponse, request: web.Request, limit: int) -> None:
+def limit_messages(ws: web.WebSocketResponse, request: web.Request, limit: int) -> bool:
     """Drop the client's messages over ``limit`` bytes as they arrive on the prepared ``ws``
     (whose ``max_msg_size`` must be above ``limit``): the handler receives an ERROR message
-    holding :class:`MessageTooBig` instead, and the connection reads on."""
-    protocol = request.protocol  # aiohttp has no public hook for this: its parser is wrapped
-    protocol._payload_parser = _GuardedReader(protocol._payload_parser, ws, limit)
+    holding :class:`MessageTooBig` instead, and the connection reads on.
+
+    aiohttp has no public hook for this: its parser and message queue are reached through
+    private attributes (checked with aiohttp 3.14). False if this aiohttp lacks them, the
+    guard then not installed: aiohttp's own limit (``max_msg_size``) still refuses an
+    oversized message, closing at once with 1009.
+    """
+    protocol = request.protocol
+    parser = getattr(protocol, "_payload_parser", None)
+    queue = getattr(ws, "_reader", None)
+    if not (
+        callable(getattr(parser, "feed_data", None)) and callable(getattr(queue, "feed_data", None))
+    ):
+        return False
+    protocol._payload_parser = _GuardedReader(parser, ws, limit)
+    return True
 
 
 def exit_status(process: Process, started_at: float) -> ExitStatus:
