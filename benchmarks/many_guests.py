@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 
 import vsock_async
@@ -41,6 +42,9 @@ MODES = ("ours", "ours-gc-freeze", "streams", "threads")
 SIZES = (1, 10, 100, 1000, 10000)
 COMMAND = b"echo"  # the instant guest answers "ok\n", exit 0
 TOTAL_EXCHANGES = 20000  # per round, shared among the guests (at least 5 each)
+# The thread-per-guest server's socket timeout: with 10,000 threads on two shared cores a
+# thread can wait longer than DEADLINE for its turn to read an answer that has arrived.
+THREADS_DEADLINE = 120.0
 
 
 class _Clock:
@@ -166,9 +170,16 @@ def serve_threads(path: str, guests: int, exchanges: int) -> None:
     latencies: list[float] = []
 
     def handle(conn: socket.socket) -> None:
+        try:
+            serve(conn)
+        except BaseException:  # the main thread would wait for this guest forever
+            traceback.print_exc()
+            os._exit(1)  # _one_round() reports the server's death
+
+    def serve(conn: socket.socket) -> None:
         nonlocal probed
         with conn:
-            conn.settimeout(DEADLINE)
+            conn.settimeout(THREADS_DEADLINE)
             conn.sendall(PROBE_FRAME)
             assert recv_result(conn) == (b"", b"", 0)
             with lock:
