@@ -229,8 +229,7 @@ class GuestChannel:
                 raise
             finally:
                 if book is not None:
-                    book.at.pop(future, None)
-                    book.watchers.pop(future, None)
+                    book.forget(future)
         if check and result.exit_code != 0:
             raise CommandFailed(line, result)
         return result
@@ -272,8 +271,7 @@ class GuestChannel:
             raise
         finally:
             if book is not None:
-                book.at.pop(future, None)
-                book.watchers.pop(future, None)
+                book.forget(future)
         if result.exit_code != 0:  # its output is empty: the probe's limits are zero
             message = f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
             self._conn.abort(ClosedLocally(f"channel closed: {message}"))

@@ -33,14 +33,12 @@ class Watcher(Protocol):
 class Deadlines:
     """Pending calls' deadlines (``loop.time()`` values) and one timer for the earliest."""
 
-    __slots__ = ("_timer", "_timer_at", "at", "watchers")
+    __slots__ = ("_at", "_timer", "_timer_at", "_watchers")
 
     def __init__(self) -> None:
-        # A watcher drops a settled call by popping it from both, the timer staying armed:
-        # two pops in its own code, not a method call, as this is every call's path.
-        self.at: dict[ResultFuture, float] = {}
+        self._at: dict[ResultFuture, float] = {}
         """Each pending call's deadline (``loop.time()``)."""
-        self.watchers: dict[ResultFuture, Watcher] = {}
+        self._watchers: dict[ResultFuture, Watcher] = {}
         """Who made each pending call."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # when the timer fires; inf while there is none
@@ -49,18 +47,23 @@ class Deadlines:
         """Tell ``watcher`` if ``future`` is still pending ``timeout`` seconds from now."""
         loop = future.get_loop()
         deadline = loop.time() + timeout
-        self.at[future] = deadline
-        self.watchers[future] = watcher
+        self._at[future] = deadline
+        self._watchers[future] = watcher
         if deadline < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = loop.call_at(deadline, self._fire, loop)
             self._timer_at = deadline
 
+    def forget(self, future: ResultFuture) -> None:
+        """``future`` is settled: drop its deadline (the timer stays armed, see above)."""
+        self._at.pop(future, None)
+        self._watchers.pop(future, None)
+
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._timer_at = math.inf
-        at = self.at
+        at = self._at
         if not at:
             return
         now = loop.time()
@@ -68,7 +71,7 @@ class Deadlines:
         passed = sorted((d, i, f) for i, (f, d) in enumerate(at.items()) if d <= now)
         for _, _, future in passed:
             if not future.done():  # a result that came first wins
-                self.watchers[future].deadline_passed(future)
+                self._watchers[future].deadline_passed(future)
         left = [d for d in at.values() if d > now]
         if left:
             self._timer_at = min(left)
