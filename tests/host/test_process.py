@@ -536,6 +536,10 @@ async def test_a_call_that_needs_v2_is_never_handed_a_v1_connection(
             for _ in range(5):  # a hand-over would have woken it at once
                 await asyncio.sleep(0)
             assert not waiting.done() and guest.waiting == 1  # ...and is not the waiting call's
+            # A call any connection can carry takes the v1 one meanwhile: it waits behind no
+            # call that could have used it.
+            passing = await guest.run("now", timeout=HANG_GUARD)
+            assert passing.stdout == b"v1:now" and not waiting.done()
             (v2,) = (c for c in guest.channels if c.protocol == "v2")
             v2.abort("the test closes it")
             with pytest.raises(ConnectionClosed, match="no open v2 connection"):

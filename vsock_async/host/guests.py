@@ -508,8 +508,14 @@ class Guest:
                 channel = self._free_channel(v2=v2) or (
                     self._unleased_channel(v2=v2) if wait else None
                 )
-                if channel is not None:
-                    return self._in_time(self._take(channel), line, timeout, deadline)
+            elif not v2:  # a free connection the waiting calls passed over (a v1 one)
+                channel = self._free_channel()
+                if channel is not None and self._wanted(channel):
+                    channel = None
+            else:
+                channel = None
+            if channel is not None:
+                return self._in_time(self._take(channel), line, timeout, deadline)
             if not wait:
                 raise GuestBusy(
                     f"every connection of guest {self.key!r} is busy"
@@ -536,6 +542,10 @@ class Guest:
                     self._waiters.remove(entry)
             if not channel.closed:
                 return self._in_time(channel, line, timeout, deadline)
+
+    def _wanted(self, channel: GuestChannel) -> bool:
+        """Whether a waiting call could use ``channel``: then it is that call's, not a new one's."""
+        return any(_serves(channel, v2) for waiter, v2 in self._waiters if not waiter.done())
 
     def _in_time(
         self, channel: GuestChannel, line: bytes, timeout: float | None, deadline: float | None
