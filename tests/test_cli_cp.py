@@ -139,6 +139,15 @@ def test_trees_go_both_ways_links_as_links(served: Served) -> None:
     again = served.cp(f"vm1:{work / 'guest-copy'}", str(work / "existing"))
     assert again.returncode == 0, again.stderr
     assert tree(work / "existing" / "guest-copy") == expected
+    # SOURCE/. into an existing guest directory: the entries merged in; the directory keeps
+    # its own mode (as with docker cp: `cp . guest:/tmp` leaves /tmp's 1777 be).
+    shared = work / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    merged = served.cp(f"{src}/.", f"vm1:{shared}")
+    assert merged.returncode == 0, merged.stderr
+    assert tree(shared) == expected
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
 
 
 @pytest.mark.parametrize(

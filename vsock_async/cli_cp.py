@@ -170,12 +170,18 @@ class _Upload:
             self._put(target, self._chunks(self.stdin.fileno(), target), None, None)
             return
         st = os.stat(source)
-        if into_dir:
+        # SOURCE/. (or ., .., /) into a directory: its entries, merged into that directory,
+        # which keeps its own mode (docker cp's rule).
+        contents_only = into_dir and _base(source) in (b".", b"..", b"/")
+        if into_dir and not contents_only:
             target = _join(target, _base(source))
         if stat.S_ISDIR(st.st_mode):
             fd = local.open_directory(source)
             try:
-                self._directory(fd, target, st)
+                if contents_only:
+                    self._tree(fd, target)
+                else:
+                    self._directory(fd, target, st)
             finally:
                 os.close(fd)
         else:
