@@ -19,6 +19,10 @@ from vsock_async.agent import GuestAgent
 from vsock_async.host.negotiate import ProtocolChoice
 
 LONG = 20.0
+STARTS_WITHIN = 1.0
+"""A process time limit long enough for the process to start first even on a loaded machine:
+create_process()'s and exec's timeout covers the start too, so a test of a process that runs
+into its limit gives it this much, not milliseconds."""
 
 IGNORING_LAUNCHER = (
     sys.executable,

@@ -19,6 +19,7 @@ import pytest_asyncio
 
 import vsock_async
 from tests.agent_process import (
+    STARTS_WITHIN,
     Served,
     agent_process,
     alive,
@@ -292,7 +293,7 @@ async def test_run_results_carry_signals_and_truncation(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_the_process_timeout_terminates_it(channel: GuestChannel) -> None:
-    proc = await channel.create_process(["sleep", "100"], timeout=0.1)
+    proc = await channel.create_process(["sleep", "100"], timeout=STARTS_WITHIN)
     await proc.wait()
     assert proc.timed_out and proc.exit_signal == signal.SIGTERM
 
@@ -320,7 +321,7 @@ async def test_the_timeout_covers_the_wait_for_a_free_stream(tmp_path: Path) -> 
         assert holder.stdin is not None
         holder.stdin.write_eof()
         assert await holder.wait() == 0
-        late = await channel.create_process(["sleep", "100"], timeout=0.05)
+        late = await channel.create_process(["sleep", "100"], timeout=STARTS_WITHIN)
         await late.wait()  # the stream came free: the agent got the time that was left
         assert late.timed_out
         await nothing_left(served)

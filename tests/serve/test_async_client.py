@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import live_members
+from tests.agent_process import STARTS_WITHIN, live_members
 from tests.daemon_process import (
     LONG,
     Daemon,
@@ -207,7 +207,7 @@ async def test_a_terminal_and_its_size(daemon: Daemon) -> None:
 @pytest.mark.asyncio
 async def test_the_timeout_and_stdin_after_the_exit(daemon: Daemon) -> None:
     async with client_of(daemon) as client:
-        proc = await client.create_process("vm1", ["sleep", "30"], timeout=0.05)
+        proc = await client.create_process("vm1", ["sleep", "30"], timeout=STARTS_WITHIN)
         assert await proc.wait() == -signal.SIGTERM
         assert proc.timed_out is True
         proc = await client.create_process("vm1", "exit 0", stdin=PIPE)

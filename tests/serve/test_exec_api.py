@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.agent_process import live_members
+from tests.agent_process import STARTS_WITHIN, live_members
 from tests.daemon_process import (
     LONG,
     Daemon,
@@ -224,7 +224,7 @@ async def test_a_signal_reaches_the_process(daemon: Daemon, given: object, numbe
 @pytest.mark.asyncio
 async def test_the_timeout_stops_the_process(daemon: Daemon) -> None:
     async with websocket(daemon) as ws:
-        pid = await start(ws, {"command": ["sleep", "30"], "timeout": 0.05})
+        pid = await start(ws, {"command": ["sleep", "30"], "timeout": STARTS_WITHIN})
         outcome = await collect(ws)
     assert outcome.last["timed_out"] is True
     assert outcome.last["exit_signal"] == signal.SIGTERM
@@ -705,7 +705,7 @@ async def test_metrics_count_processes_and_bytes(stack: Stack) -> None:
             await start(ws, request)
             await collect(ws)
     async with websocket(daemon) as ws:
-        await start(ws, {"command": ["sleep", "30"], "timeout": 0.01})
+        await start(ws, {"command": ["sleep", "30"], "timeout": STARTS_WITHIN})
         await collect(ws)
     lines = client.metrics().splitlines()
     for expected in [
