@@ -592,7 +592,7 @@ class Guest:
                 self._leases[channel.id] = leases
         if channel.id not in self._channels or channel.closed:
             return
-        passed_over: list[_Waiter] = []  # processes and file operations: not for a v1 one
+        passed_over: list[_Waiter] | None = None  # calls that need v2, on a v1 connection
         while self._waiters and self._leases.get(channel.id, 0) < channel.concurrency:
             entry = self._waiters.popleft()
             waiter, v2 = entry
@@ -600,9 +600,12 @@ class Guest:
                 continue
             if _serves(channel, v2):
                 waiter.set_result(self._take(channel))
+            elif passed_over is None:
+                passed_over = [entry]
             else:
                 passed_over.append(entry)
-        self._waiters.extendleft(reversed(passed_over))
+        if passed_over:
+            self._waiters.extendleft(reversed(passed_over))
         if self._leases.get(channel.id, 0) < channel.concurrency and channel.id not in self._idle:
             self._idle[channel.id] = channel
             self._idle.move_to_end(channel.id, last=False)

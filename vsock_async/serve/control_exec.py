@@ -150,7 +150,8 @@ def _header_size(header: bytearray) -> int:
     if len(header) < 2:
         return 2
     length, masked = header[1] & 0x7F, header[1] & 0x80
-    return 2 + {126: 2, 127: 8}.get(length, 0) + (4 if masked else 0)
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if masked else 0)
 
 
 def _payload_length(header: bytes) -> int:
