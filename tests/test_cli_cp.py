@@ -148,6 +148,14 @@ def test_trees_go_both_ways_links_as_links(served: Served) -> None:
     assert merged.returncode == 0, merged.stderr
     assert tree(shared) == expected
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    # ...and the same rule out of the guest: GUEST:DIR/. merges into a local directory.
+    local_shared = work / "local-shared"
+    local_shared.mkdir()
+    os.chmod(local_shared, 0o1777)
+    out = served.cp(f"vm1:{work / 'guest-copy'}/.", str(local_shared))
+    assert out.returncode == 0, out.stderr
+    assert tree(local_shared) == expected
+    assert stat.S_IMODE(local_shared.stat().st_mode) == 0o1777
 
 
 @pytest.mark.parametrize(

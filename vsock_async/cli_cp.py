@@ -145,6 +145,10 @@ def _base(path: bytes) -> bytes:
     return os.path.basename(path.rstrip(b"/")) or b"/"
 
 
+_ITSELF = (b".", b"..", b"/")
+"""Base names of a SOURCE that is a directory's contents rather than a name to copy it as."""
+
+
 def _guest_kind(client: ControlClient, key: str, path: bytes) -> str | None:
     """What ``path`` is in the guest (links followed), or None if nothing is there."""
     try:
@@ -172,7 +176,7 @@ class _Upload:
         st = os.stat(source)
         # SOURCE/. (or ., .., /) into a directory: its entries, merged into that directory,
         # which keeps its own mode (docker cp's rule).
-        contents_only = into_dir and _base(source) in (b".", b"..", b"/")
+        contents_only = into_dir and _base(source) in _ITSELF
         if into_dir and not contents_only:
             target = _join(target, _base(source))
         if stat.S_ISDIR(st.st_mode):
@@ -254,7 +258,15 @@ class _Download:
                 raise UsageError("cp GUEST:PATH - needs PATH to name a file")
             self._get(source, self._to_stdout)
             return
-        if os.path.isdir(target):
+        into_dir = os.path.isdir(target)
+        if into_dir and info["kind"] == "dir" and _base(source) in _ITSELF:
+            fd = local.open_directory(target)  # SOURCE/. : merged into target, as for uploads
+            try:
+                self._tree(source, fd)
+            finally:
+                os.close(fd)
+            return
+        if into_dir:
             target = _join(target, _base(source))
         directory, name = os.path.split(target)
         fd = local.open_directory(directory or b".")
