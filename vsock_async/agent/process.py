@@ -84,7 +84,7 @@ class Process:
         """
         self._loop = asyncio.get_running_loop()
         self._link = link
-        self._grace = output_grace
+        self._grace_left = output_grace  # of the output grace; runs while every output is read
         self._max_read = max_read
         self._timeout = spec.timeout
         self._kill_grace = spec.kill_grace
@@ -95,16 +95,21 @@ class Process:
         self._stdin_end = False
         self._stdin_writing = False
         self._outputs: list[_Output] = []
-        self._changed = asyncio.Event()
         self._deadline: asyncio.TimerHandle | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace_since = 0.0  # when the grace clock last started
         self._stopping = False
         self._discard = False
+        self._running = False  # run() has set up the readers
+        self._exited = False  # the exit was noticed (the process is not reaped yet)
+        self._done = False  # the exit was reported, or run() was cancelled: report nothing more
+        self._reported: asyncio.Future[None] = self._loop.create_future()
         self.timed_out = False
         self.proc = _start_process(spec, shell, self)
         self.pid = self.proc.pid
         self.session = self.proc.pid  # setsid: the process leads its session and its group
-        self._exit = ExitWatcher(self._loop, self.pid)
+        self._exit = ExitWatcher(self._loop, self.pid, self._on_exit)
 
     # -- the host's requests -------------------------------------------------------------
 
@@ -160,19 +165,24 @@ class Process:
     # -- supervision ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Supervise until the exit has been reported."""
+        """Supervise until the exit has been reported.
+
+        The exit is reported from the callback that completes it (the exit noticed, the
+        last channel at its end, or the grace run out), not from here: the END frames and
+        the EXIT of a process that exits with its output closed leave in one write.
+        """
         try:
             for output in self._outputs:
                 if output.fd < 0:  # no pipe for this channel: it is closed from the start
                     self._end(output)
+            self._running = True
             self._update_readers()
-            if self._timeout is not None:
+            if self._timeout is not None and not self._exited:
                 self._deadline = self._loop.call_later(self._timeout, self._time_out)
-            await asyncio.shield(self._exit.exited)
-            if self._deadline is not None:  # a limit on its life, which has ended
-                self._deadline.cancel()
-            complete = await self._drain_output()
+            self._settle()
+            await asyncio.shield(self._reported)
         except BaseException:
+            self._done = True
             signal_session(self.session, signal.SIGKILL)
             self._release_io()
             try:
@@ -181,42 +191,65 @@ class Process:
                 self._release()
                 self.proc.wait()  # at once: it has exited, or SIGKILL is on its way
             raise
-        if not complete or self._stopping:
-            signal_session(self.session, signal.SIGKILL)
-        for output in self._outputs:
-            if not output.closed:
-                self._end(output)
-        self._release()
-        returncode = self.proc.wait()
-        self._link.exited(
-            returncode if returncode >= 0 else None,
-            -returncode if returncode < 0 else None,
-            self.timed_out,
-            not complete,
-        )
 
-    async def _drain_output(self) -> bool:
-        """Wait for EOF on every output; False if the grace ran out first (None: no limit).
+    def _on_exit(self) -> None:
+        self._exited = True
+        if self._deadline is not None:  # a limit on its life, which has ended
+            self._deadline.cancel()
+        self._settle()
+
+    def _settle(self) -> None:
+        """Once it has exited: report the exit when every output has reached EOF, or when
+        the output grace runs out (None: no limit).
 
         The grace clock runs only while every open channel is being read: time spent
         waiting for the host's credit never cuts output from a process that has exited.
         """
-        left = self._grace
-        while any(not output.closed for output in self._outputs):
-            self._changed.clear()
-            if left is None or not all(o.reading for o in self._outputs if not o.closed):
-                await self._changed.wait()
-                continue
-            if left <= 0:
-                return False
-            started = self._loop.time()
-            try:
-                async with asyncio.timeout(left):
-                    await self._changed.wait()
-            except TimeoutError:
-                return False
-            left -= self._loop.time() - started
-        return True
+        if not self._running or self._done:
+            return
+        open_outputs = [output for output in self._outputs if not output.closed]
+        if not self._exited:
+            if not open_outputs:  # its output ended as it exited, most likely: see if it has
+                self._exit.check()  # (calls back here if so)
+            return
+        if not open_outputs:
+            self._report(complete=True)
+        elif self._grace_left is not None:
+            reading = all(output.reading for output in open_outputs)
+            if reading and self._grace_timer is None:
+                self._grace_since = self._loop.time()
+                self._grace_timer = self._loop.call_later(
+                    max(self._grace_left, 0.0), self._report, False
+                )
+            elif not reading and self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+                self._grace_left -= self._loop.time() - self._grace_since
+
+    def _report(self, complete: bool) -> None:
+        """End the open channels (killing what holds them), reap the process, send EXIT."""
+        if self._done:  # a grace timer that fired just as the last channel ended
+            return
+        self._done = True
+        try:
+            if not complete or self._stopping:
+                signal_session(self.session, signal.SIGKILL)
+            for output in self._outputs:
+                if not output.closed:
+                    self._end(output)
+            self._drop_stdin()  # what still waits for it returns its credit before the EXIT
+            self._release()
+            returncode = self.proc.wait()
+            self._link.exited(
+                returncode if returncode >= 0 else None,
+                -returncode if returncode < 0 else None,
+                self.timed_out,
+                not complete,
+            )
+        except Exception as exc:  # run() raises it, after killing and reaping
+            self._reported.set_exception(exc)
+        else:
+            self._reported.set_result(None)
 
     def _time_out(self) -> None:
         self.timed_out = True
@@ -247,7 +280,7 @@ class Process:
                 else:
                     self._loop.remove_reader(output.fd)
         if toggled:
-            self._changed.set()
+            self._settle()
 
     def _on_readable(self, output: _Output) -> None:
         size = self._max_read
@@ -280,7 +313,7 @@ class Process:
         output.closed = True
         self._close_output_fd(output)
         self._link.send_output(output.channel, b"", True)
-        self._changed.set()
+        self._settle()
 
     def _close_output_fd(self, output: _Output) -> None:
         if output.fd >= 0 and output.fd != self._master:
@@ -349,7 +382,7 @@ class Process:
 
     def _release_io(self) -> None:
         """Everything :meth:`_release` does except watching for the exit."""
-        for timer in (self._deadline, self._kill_timer):
+        for timer in (self._deadline, self._kill_timer, self._grace_timer):
             if timer is not None:
                 timer.cancel()
         for output in self._outputs:
@@ -370,12 +403,14 @@ class Process:
 def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
     """Fork and exec the process in a new session, wiring its stdio into ``process``."""
     user = spec.user
-    env = dict(os.environb)
-    if user is not None and user.name is not None:
-        env[b"USER"] = env[b"LOGNAME"] = os.fsencode(user.name)
-        if user.home is not None:
-            env[b"HOME"] = os.fsencode(user.home)
-    env.update(spec.env)
+    env: dict[bytes, bytes] | None = None  # None: the agent's own, as it is (no copy to make)
+    if spec.env or user is not None:
+        env = dict(os.environb)
+        if user is not None and user.name is not None:
+            env[b"USER"] = env[b"LOGNAME"] = os.fsencode(user.name)
+            if user.home is not None:
+                env[b"HOME"] = os.fsencode(user.home)
+        env.update(spec.env)
     child_fds: list[int] = []  # the child's ends, closed here once it has them
     preexec: Callable[[], None] | None = None
     pass_fds: tuple[int, ...] = ()

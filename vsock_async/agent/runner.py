@@ -19,6 +19,7 @@ import errno
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..protocol import Limits
@@ -115,12 +116,20 @@ class ExitWatcher:
     """Notices that a child exited without reaping it, so its pid (and group id) stay taken.
 
     A pidfd watched by the event loop (Linux 5.3+), else ``waitid(WNOWAIT)`` polled every
-    50 ms. :attr:`exited` resolves once; :meth:`close` stops watching.
+    50 ms. :attr:`exited` resolves once; ``on_exit`` is called as the exit is noticed, in the
+    same callback (a future's callbacks run one loop iteration later); :meth:`close` stops
+    watching.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pid: int,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._pid = pid
+        self._on_exit_callback = on_exit
         self.exited: asyncio.Future[None] = loop.create_future()
         self._pidfd = -1
         self._watching = False
@@ -139,6 +148,16 @@ class ExitWatcher:
         self._unwatch()
         if not self.exited.done():
             self.exited.set_result(None)
+            if self._on_exit_callback is not None:
+                self._on_exit_callback()
+
+    def check(self) -> None:
+        """Notice the exit now if the child has exited already, without waiting for the event
+        loop to report it: a process's exit follows the end of its output closely."""
+        if not self.exited.done():
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            if os.waitid(os.P_PID, self._pid, flags) is not None:
+                self._on_exit()
 
     async def _poll(self) -> None:
         # Without a pidfd there is nothing to wait on that does not reap; this never blocks.

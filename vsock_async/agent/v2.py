@@ -50,6 +50,8 @@ from .terminal import pty_available
 __all__ = ["V2Connection", "V2Settings", "agent_name", "capabilities"]
 
 _logger = logging.getLogger("vsock_async.agent")
+_CHANNELS = tuple(Channel)
+"""Each channel by its number: indexing costs far less than ``Channel(n)``, an enum lookup."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class V2Connection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._dead = False
+        self._flush_due = False  # a flush is scheduled for the end of this loop iteration
         self.why = "closed by the agent"
 
     def attach(self, transport: asyncio.BaseTransport) -> None:
@@ -335,6 +338,8 @@ class V2Connection(asyncio.BufferedProtocol):
             return
         finally:
             self._processes.pop(stream, None)
+        if not _logger.isEnabledFor(logging.INFO):  # build the fields only for a line written
+            return
         _logger.info(
             "process exited",
             extra={
@@ -352,12 +357,21 @@ class V2Connection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         """Write the queued frames: small pieces joined, large payloads as they are."""
+        self._flush_due = False
         transport = self._transport
         chunks = self._session.data_to_send()
         if not chunks or transport is None or transport.is_closing():
             return
         for piece in write_pieces(chunks):
             transport.write(piece)
+
+    def _flush_soon(self) -> None:
+        """Flush once the callbacks of this loop iteration have run, so that the small frames
+        they queue leave in one write: as a process exits, END on both channels and EXIT (the
+        pipes' EOF and the exit are noticed in one turn of the loop)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
 
     def _credit_changed(self) -> None:
         for process in list(self._processes.values()):
@@ -380,31 +394,34 @@ class _Link:
         conn = self._conn
         if conn._paused or conn._dead:
             return 0
-        return conn._session.credit(self._stream, Channel(channel))
+        return conn._session.credit(self._stream, _CHANNELS[channel])
 
     def send_output(self, channel: int, data: bytes, end: bool) -> None:
         conn = self._conn
         if not conn._dead:
-            conn._session.send_output(self._stream, Channel(channel), data, end)
-            conn._flush()
+            conn._session.send_output(self._stream, _CHANNELS[channel], data, end)
+            if data:  # output at once: the transport pauses us when the host reads slowly
+                conn._flush()
+            else:
+                conn._flush_soon()
 
     def stdin_consumed(self, n: int) -> None:
         conn = self._conn
         if not conn._dead:
             conn._session.stdin_consumed(self._stream, n)
-            conn._flush()
+            conn._flush_soon()
 
     def file_done(self, result: Mapping[str, Any]) -> None:
         conn = self._conn
         if not conn._dead:
             conn._session.file_done(self._stream, result)
-            conn._flush()
+            conn._flush_soon()
 
     def file_failed(self, code: str, message: str, errno: str | None) -> None:
         conn = self._conn
         if not conn._dead:
             conn._session.file_failed(self._stream, code, message, errno)
-            conn._flush()
+            conn._flush_soon()
 
     def exited(
         self, exit_code: int | None, signal: int | None, timed_out: bool, output_incomplete: bool
@@ -418,4 +435,4 @@ class _Link:
                 timed_out=timed_out,
                 output_incomplete=output_incomplete,
             )
-            conn._flush()
+            conn._flush_soon()
