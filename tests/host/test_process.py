@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable
@@ -204,6 +205,16 @@ async def test_a_program_that_cannot_start_is_spawn_failed(channel: GuestChannel
     with pytest.raises(SpawnFailed):
         await channel.create_process(["true"], cwd="/nonexistent/dir")
     assert (await channel.run("echo still here")).stdout == b"still here\n"
+
+
+@pytest.mark.asyncio
+async def test_run_whose_shell_cannot_start_is_spawn_failed(tmp_path: Path) -> None:
+    # run() waits for the exit alone, not for STARTED: the agent's refusal still reaches it.
+    async with served_agent(tmp_path, "s.sock", "--shell", "/nonexistent/sh") as served:
+        with pytest.raises(SpawnFailed) as info:
+            await served.guest.run("true")
+        assert info.value.errno == errno.ENOENT and info.value.code == "spawn_failed"
+        assert served.guest.protocol == "v2" and not served.guest.closed
 
 
 @pytest.mark.asyncio

@@ -696,14 +696,17 @@ class Process(Signalling):
         self.returncode = exit_code if exit_code is not None else -(signum or 0)
         self.timed_out = timed_out
         self.output_incomplete = incomplete
-        ended = StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
-        self._end(ended)
+        if self.stdin is not None:
+            self.stdin._ended(
+                StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
+            )
         self._exited.set_result(self.returncode)
 
     def _on_error(self, error: SpawnFailed) -> None:
         """The agent refused the EXEC: nothing started, the stream is over."""
         self._end(error)
         self._started.set_exception(error)
+        _retrieve(self._started)  # run() waits only for the exit
         self._exited.set_exception(copy_error(error))
         _retrieve(self._exited)
         self._fail_readers(error)
@@ -867,7 +870,7 @@ async def run_command(
     }
     try:
         async with asyncio.timeout(timeout):
-            await connection.open(process, request)
+            await connection.send_exec(process, request)  # the exit tells all; STARTED adds nothing
             if process.stdin is not None:
                 process.stdin.write(line)
                 process.stdin.write_eof()

@@ -236,6 +236,22 @@ class SessionConnection(asyncio.BufferedProtocol):
         if it closes. A cancel after the request went out sends CLOSE: nothing is left
         running.
         """
+        await self.send_exec(process, request, deadline)
+        try:
+            await asyncio.shield(process._started)
+        except asyncio.CancelledError:
+            process._give_up()
+            raise
+
+    async def send_exec(
+        self, process: Process, request: dict[str, Any], deadline: float | None = None
+    ) -> None:
+        """Send the EXEC of ``process`` on a new stream, once a stream slot is free; the
+        agent's STARTED (or its refusal) arrives later, as ``process`` learns.
+
+        What :meth:`open` does without waiting for STARTED (``deadline`` as there), for a
+        caller that waits for the exit anyway (``run()``): one wakeup fewer per command.
+        """
         self._check_open()
         await self._take_slot()
         try:
@@ -252,11 +268,6 @@ class SessionConnection(asyncio.BufferedProtocol):
         process.stream = stream
         self._streams[stream] = process
         self._flush()
-        try:
-            await asyncio.shield(process._started)
-        except asyncio.CancelledError:
-            process._give_up()
-            raise
 
     async def open_file(self, transfer: FileStream, request: dict[str, Any], window: int) -> None:
         """Start the file operation ``request`` for ``transfer`` on a new stream.
