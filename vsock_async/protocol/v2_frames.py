@@ -132,9 +132,12 @@ WINDOW_SIZE: Final = _WINDOW.size
 """The length of a WINDOW payload: u8 channel, u32 increment."""
 
 
+_TYPE_NAMES: Final = {int(known): known.name for known in FrameType}
+
+
 def type_name(type: int) -> str:
     """``STDOUT`` for a known type, ``type 0x7f`` for another: for messages."""
-    return FrameType(type).name if type in KNOWN_TYPES else f"type {type:#04x}"
+    return _TYPE_NAMES.get(type) or f"type {type:#04x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +232,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
+"""One decoder for every payload: ``json.loads`` with an option builds a new one per call."""
+
+
 def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
     """A JSON object from strict UTF-8; :class:`ProtocolError` naming ``what`` otherwise."""
     try:
-        obj = json.loads(bytes(payload).decode(), parse_constant=_no_constants)
+        obj = _JSON_DECODER.decode(bytes(payload).decode())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):

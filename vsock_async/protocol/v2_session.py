@@ -88,7 +88,10 @@ _TERMINAL_MAX = 0xFFFF  # struct winsize holds unsigned shorts
 _SIGNAL_MAX = 255
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _OUTPUT = (Channel.STDOUT, Channel.STDERR)
-_DATA_TYPE = {FrameType.STDOUT: Channel.STDOUT, FrameType.STDERR: Channel.STDERR}
+_DATA_TYPE: dict[int, Channel] = {  # keyed by the type byte: no FrameType(n) per frame
+    FrameType.STDOUT: Channel.STDOUT,
+    FrameType.STDERR: Channel.STDERR,
+}
 _CHANNEL_TYPE = {
     Channel.STDIN: FrameType.STDIN,
     Channel.STDOUT: FrameType.STDOUT,
@@ -877,7 +880,7 @@ class HostSession(_Session):
             del self._streams[stream]
             self._events.append(exited)
             return
-        channel = _DATA_TYPE[FrameType(type)]
+        channel = _DATA_TYPE[type]
         self._take_credit(state, channel, frame)
         if frame.payload or frame.end:
             self._events.append(Output(stream, channel, frame.payload, frame.end))
