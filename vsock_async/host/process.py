@@ -632,8 +632,8 @@ class Process(Signalling):
 
     def _give_up(self) -> None:
         """Send CLOSE (once) and drop output; the stream still ends with its EXIT."""
-        if self._closing or self._exited.done():
-            return
+        if self._closing or (self._exited.done() and not self._exited.cancelled()):
+            return  # (run() awaits the exit unshielded: a cancel of run() cancels it)
         self._closing = True
         for reader in (self._out, self._err):
             if reader is not None:
@@ -700,15 +700,17 @@ class Process(Signalling):
             self.stdin._ended(
                 StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
             )
-        self._exited.set_result(self.returncode)
+        if not self._exited.done():  # cancelled: run() gave up on it as it ended
+            self._exited.set_result(self.returncode)
 
     def _on_error(self, error: SpawnFailed) -> None:
         """The agent refused the EXEC: nothing started, the stream is over."""
         self._end(error)
         self._started.set_exception(error)
         _retrieve(self._started)  # run() waits only for the exit
-        self._exited.set_exception(copy_error(error))
-        _retrieve(self._exited)
+        if not self._exited.done():  # cancelled: run() gave up on it
+            self._exited.set_exception(copy_error(error))
+            _retrieve(self._exited)
         self._fail_readers(error)
 
     def _on_connection_lost(self, error: VsockAsyncError) -> None:
@@ -874,7 +876,9 @@ async def run_command(
             if process.stdin is not None:
                 process.stdin.write(line)
                 process.stdin.write_eof()
-            await process.wait()
+            # Only run() knows this process, so it awaits the exit itself rather than through
+            # wait()'s shield (one loop turn fewer); a cancel cancels it, and _give_up sees that.
+            await process._exited
     except TimeoutError:
         sent = process.stream != 0
         process._give_up()

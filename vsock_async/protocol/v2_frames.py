@@ -220,10 +220,14 @@ def encode_frame(
     return header + body
 
 
+_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""One encoder for every payload: ``json.dumps`` with options builds a new one per call."""
+
+
 def json_payload(obj: Mapping[str, Any]) -> bytes:
     """A JSON object as compact UTF-8; :class:`UsageError` for what JSON cannot carry."""
     try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        return _JSON_ENCODER.encode(obj).encode()
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise UsageError(f"cannot encode {obj!r} as a v2 JSON payload: {exc}") from None
 
