@@ -192,6 +192,37 @@ async def test_cancelling_kills_every_group_of_the_session_and_reaps() -> None:
     assert link.exit is None
 
 
+class HangUpAtExit(Link):
+    """A host that goes away (or signals, or closes the stream) as the EXIT goes out: the
+    connection learns of it only after the process was reaped."""
+
+    def exited(self, *report: Any) -> None:
+        super().exited(*report)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.close()
+        self.process.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_reaped_process_is_never_signalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once reaped, its pid and group id are free for the kernel to give another process:
+    a SIGNAL, CLOSE or lost connection that comes after sends nothing."""
+    signalled: list[tuple[int, int]] = []
+    killpg = os.killpg
+
+    def recorded(group: int, signum: int) -> None:
+        signalled.append((group, signum))
+        killpg(group, signum)
+
+    monkeypatch.setattr(os, "killpg", recorded)
+    link = HangUpAtExit()
+    async with started({"command": "exit 3"}, link) as (_, task):
+        await asyncio.wait_for(task, LONG)
+    assert link.exit == (3, None, False, False)
+    assert signalled == []
+
+
 @pytest.mark.asyncio
 async def test_stdin_for_a_process_that_stopped_reading_returns_all_credit() -> None:
     link = Link()

@@ -104,6 +104,7 @@ class Process:
         self._running = False  # run() has set up the readers
         self._exited = False  # the exit was noticed (the process is not reaped yet)
         self._done = False  # the exit was reported, or run() was cancelled: report nothing more
+        self._reaped = False  # waited for: its pid and group id may be another process's now
         self._reported: asyncio.Future[None] = self._loop.create_future()
         self.timed_out = False
         self.proc = _start_process(spec, shell, self)
@@ -127,6 +128,8 @@ class Process:
 
     def send_signal(self, signum: int) -> None:
         """Deliver ``signum`` to the process group (on a terminal: the foreground group)."""
+        if self._reaped:
+            return
         group = self.session
         if self._master >= 0:
             with contextlib.suppress(OSError):  # no foreground group any more: the session's
@@ -155,7 +158,8 @@ class Process:
         self._discard = True
         self._stopping = True  # and again at the end, for whatever is left of the session
         self._close_stdin()
-        signal_session(self.session, signal.SIGKILL)
+        if not self._reaped:
+            signal_session(self.session, signal.SIGKILL)
         self._update_readers()
 
     def credit_changed(self) -> None:
@@ -183,7 +187,8 @@ class Process:
             await asyncio.shield(self._reported)
         except BaseException:
             self._done = True
-            signal_session(self.session, signal.SIGKILL)
+            if not self._reaped:  # the exit report itself failed after the reap
+                signal_session(self.session, signal.SIGKILL)
             self._release_io()
             try:
                 await asyncio.shield(self._exit.exited)
@@ -240,6 +245,7 @@ class Process:
             self._drop_stdin()  # what still waits for it returns its credit before the EXIT
             self._release()
             returncode = self.proc.wait()
+            self._reaped = True
             self._link.exited(
                 returncode if returncode >= 0 else None,
                 -returncode if returncode < 0 else None,
@@ -257,7 +263,7 @@ class Process:
 
     def _stop(self) -> None:
         """TERM the session now, KILL it after the grace (once, whoever asks)."""
-        if self._stopping:
+        if self._stopping or self._reaped:
             return
         self._stopping = True
         signal_session(self.session, signal.SIGTERM)
