@@ -148,6 +148,12 @@ def test_trees_go_both_ways_links_as_links(served: Served) -> None:
     assert merged.returncode == 0, merged.stderr
     assert tree(shared) == expected
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    # SOURCE/. to a guest directory not there yet (a trailing / or not): made, as SOURCE's copy.
+    for new in ("new-slash/", "new-plain"):
+        made = served.cp(f"{src}/.", f"vm1:{work / new}")
+        assert made.returncode == 0, made.stderr
+        assert tree(work / new) == expected
+        assert stat.S_IMODE((work / new).stat().st_mode) == 0o750
     # ...and the same rule out of the guest: GUEST:DIR/. merges into a local directory.
     local_shared = work / "local-shared"
     local_shared.mkdir()

@@ -167,17 +167,21 @@ class _Upload:
         self.stdin = stdin
 
     def run(self, source: bytes, target: bytes) -> None:
-        into_dir = target.endswith(b"/") or _guest_kind(self.client, self.key, target) == "dir"
+        exists_as_dir = _guest_kind(self.client, self.key, target) == "dir"
+        into_dir = target.endswith(b"/") or exists_as_dir
         if source == b"-":
             if into_dir:
                 raise UsageError("cp - GUEST:PATH needs PATH to name a file, not a directory")
             self._put(target, self._chunks(self.stdin.fileno(), target), None, None)
             return
         st = os.stat(source)
-        # SOURCE/. (or ., .., /) into a directory: its entries, merged into that directory,
-        # which keeps its own mode (docker cp's rule).
-        contents_only = into_dir and _base(source) in _ITSELF
-        if into_dir and not contents_only:
+        # SOURCE/. (or ., .., /): its entries, merged into the directory if there is one,
+        # which keeps its own mode (docker cp's rule); else that directory, made as SOURCE's copy.
+        itself = _base(source) in _ITSELF
+        contents_only = itself and exists_as_dir
+        if itself:
+            target = target.rstrip(b"/") or b"/"
+        elif into_dir:
             target = _join(target, _base(source))
         if stat.S_ISDIR(st.st_mode):
             fd = local.open_directory(source)

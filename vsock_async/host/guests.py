@@ -497,7 +497,8 @@ class Guest:
     ) -> GuestChannel:
         """A connection reserved for one call (a v2 one for ``v2_for``, which says what needs
         it): a free one now, or the next one to come free, after every call that waits
-        already."""
+        already; only a free connection that no waiting call can use (a v1 one, while those
+        waiting need v2) goes to a later call at once."""
         v2 = v2_for is not None
         while True:
             if v2_for is not None:
