@@ -4,6 +4,7 @@ v1 shell-loop guests, the real agent, silent guests and hostile answers."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from vsock_async import (
     Unsupported,
     UsageError,
 )
+from vsock_async.host.transport import GuestConnection
 from vsock_async.protocol import encode_result
 from vsock_async.protocol.v2 import HELLO_PREFIX, AgentLimits, hello_answer, parse_hello_command
 
@@ -133,6 +135,23 @@ async def test_connect_to_the_real_agent_gets_v2(tmp_path: Path) -> None:
             assert channel.protocol == "v2"
             proc = await channel.create_process(["echo", "dialed"])
             assert await proc.communicate() == (b"dialed\n", b"")
+
+
+@pytest.mark.asyncio
+async def test_a_v2_guest_keeps_no_v1_connection_object(tmp_path: Path) -> None:
+    """Once a connection is a v2 session, its v1 object (core, decoder, scratch) is freed;
+    were anyone still holding it, it would still hear of the connection's end."""
+    path = short_socket_path(tmp_path, "v2.sock")
+    async with (
+        vsock_async.listen(f"unix:{path}", label="g") as server,
+        agent_process("--connect", f"unix:{path}", "--connections", "3", tmp_path=tmp_path),
+    ):
+        guest = await server.wait_for_guest("g", timeout=LONG)
+        await eventually(lambda: guest.connection_count == 3, "three connections")
+        assert {channel.protocol for channel in guest.channels} == {"v2"}
+        gc.collect()
+        assert [o for o in gc.get_objects() if isinstance(o, GuestConnection)] == []
+        assert (await guest.run("echo still here", timeout=LONG)).stdout == b"still here\n"
 
 
 @pytest.mark.asyncio

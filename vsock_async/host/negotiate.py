@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import weakref
 from typing import Final, Literal
 
 from ..errors import ConnectionLost, ConnectTimeout, FrameTooLarge, ProtocolError, UsageError
@@ -219,8 +220,11 @@ class _Negotiator(asyncio.BufferedProtocol):
             transport.set_protocol(session)
             session.connection_made(transport)
             # Whoever still holds the v1 object (a server whose aclose() lands before it
-            # admits the session) waits on it: it sees the connection's end too.
-            session.add_close_callback(lambda _: conn.connection_lost(None))
+            # admits the session) waits on it: it sees the connection's end too. Held
+            # weakly: once nobody holds it, the v1 object (its core, decoder and scratch)
+            # is not kept for the life of the session.
+            held = weakref.ref(conn)
+            session.add_close_callback(lambda _: _tell_lost(held))
             logger.debug(
                 "guest %s speaks protocol v%s (%s)", conn.peer, answer.version, answer.agent
             )
@@ -266,3 +270,11 @@ class _Negotiator(asyncio.BufferedProtocol):
             self.result.set_exception(error)
             self.result.exception()  # a server, or a cancelled connect(), never awaits it
         self._conn.abort(error)
+
+
+def _tell_lost(held: weakref.ref[GuestConnection]) -> None:
+    """The v1 object of a connection that became a v2 session, if anyone still holds it,
+    learns that the connection is gone."""
+    conn = held()
+    if conn is not None:
+        conn.connection_lost(None)

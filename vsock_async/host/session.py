@@ -45,6 +45,7 @@ from ..protocol.v2 import (
     StreamError,
     write_pieces,
 )
+from . import _callbacks
 
 if TYPE_CHECKING:
     from .files import FileStream
@@ -87,8 +88,11 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._error: VsockAsyncError | None = None
-        self._lost: asyncio.Future[None] = self._loop.create_future()
-        self._on_close: list[Callable[[SessionConnection], None]] = []
+        # As for a v1 connection: no future until someone waits for the end, no list until
+        # a second callback (each one more object for the cyclic GC, per idle guest).
+        self._gone = False  # the transport is torn down (or there never was one)
+        self._lost: asyncio.Future[None] | None = None  # made by wait_closed()
+        self._on_close: _callbacks.Held[SessionConnection] = None
         self._write_paused = False
         self._answered_at_pause = 0  # the session's answers when our writes were paused
         self._read_paused = False
@@ -137,10 +141,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             reason = f": {exc}" if exc else ""
             self._fail_all(ConnectionLost(f"the connection was lost{reason}"))
         self._wake_writers()
-        if not self._lost.done():
-            self._lost.set_result(None)
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
+        self._mark_gone()
+        held, self._on_close = self._on_close, None
+        for callback in _callbacks.each(held):
             callback(self)
 
     def pause_writing(self) -> None:
@@ -193,14 +196,23 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def add_close_callback(self, callback: Callable[[SessionConnection], None]) -> None:
         """Call ``callback(self)`` once the connection is gone."""
-        if self._lost.done():
+        if self._gone:
             self._loop.call_soon(callback, self)
         else:
-            self._on_close.append(callback)
+            self._on_close = _callbacks.add(self._on_close, callback)
 
     async def wait_closed(self) -> None:
         """Wait until the transport has been torn down."""
+        if self._gone:
+            return
+        if self._lost is None:
+            self._lost = self._loop.create_future()
         await asyncio.shield(self._lost)
+
+    def _mark_gone(self) -> None:
+        self._gone = True
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     def abort(self, error: VsockAsyncError) -> None:
         """Close at once: every process, slot waiter and ping of it fails with ``error``."""
@@ -210,8 +222,8 @@ class SessionConnection(asyncio.BufferedProtocol):
             self._fail_all(error)
         if self.transport is not None:
             self.transport.abort()
-        elif not self._lost.done():
-            self._lost.set_result(None)
+        else:
+            self._mark_gone()
 
     def require(self, capability: str, what: str) -> None:
         """Raise :class:`Unsupported` unless the agent announced ``capability``."""
