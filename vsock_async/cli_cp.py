@@ -167,13 +167,13 @@ class _Upload:
         self.stdin = stdin
 
     def run(self, source: bytes, target: bytes) -> None:
-        exists_as_dir = _guest_kind(self.client, self.key, target) == "dir"
-        into_dir = target.endswith(b"/") or exists_as_dir
         if source == b"-":
-            if into_dir:
+            if target.endswith(b"/") or _guest_kind(self.client, self.key, target) == "dir":
                 raise UsageError("cp - GUEST:PATH needs PATH to name a file, not a directory")
             self._put(target, self._chunks(self.stdin.fileno(), target), None, None)
             return
+        exists_as_dir = _guest_kind(self.client, self.key, target) == "dir"
+        into_dir = target.endswith(b"/") or exists_as_dir
         st = os.stat(source)
         # SOURCE/. (or ., .., /): its entries, merged into the directory if there is one,
         # which keeps its own mode (docker cp's rule); else that directory, made as SOURCE's copy.
