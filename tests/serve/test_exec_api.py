@@ -77,6 +77,7 @@ class Outcome:
     stderr: bytes = b""
     controls: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
+    close_reason: str | None = None
 
     @property
     def last(self) -> dict[str, Any]:
@@ -84,9 +85,9 @@ class Outcome:
 
 
 async def collect(ws: aiohttp.ClientWebSocketResponse, outcome: Outcome | None = None) -> Outcome:
-    """Read ``ws`` to its end."""
+    """Read ``ws`` to its end, its close included."""
     outcome = outcome or Outcome()
-    async for message in ws:
+    while (message := await ws.receive()).type is not aiohttp.WSMsgType.CLOSE:
         if message.type is aiohttp.WSMsgType.BINARY:
             channel, data = message.data[0], message.data[1:]
             if channel == 1:
@@ -97,7 +98,7 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, outcome: Outcome | None =
         else:
             assert message.type is aiohttp.WSMsgType.TEXT
             outcome.controls.append(json.loads(message.data))
-    outcome.close_code = ws.close_code
+    outcome.close_code, outcome.close_reason = message.data, message.extra
     return outcome
 
 
@@ -756,7 +757,8 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
     stack: Stack,
 ) -> None:
     """Both forms of exec still running when the grace ends: each stream ends in 503
-    ``shutting_down`` saying the daemon ended it, and the log says so; no guest is blamed."""
+    ``shutting_down`` saying the daemon ended it, the WebSocket closing with 1001 (going away,
+    not 1011: no error of the daemon's), and the log says so; no guest is blamed."""
     daemon = stack.daemon("--probe-interval", "none", "--grace", "0.05")
     stack.agent(daemon.guest_address)
     wait_for_guest(daemon.client(), "vm1")
@@ -781,7 +783,7 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
         assert error["error"]["code"] == "shutting_down"
         assert "the daemon ended the exec of 'sh -c " in error["error"]["message"]
         assert "at the end of the shutdown drain (--grace 0.05 s)" in error["error"]["message"]
-    assert outcome.close_code == 1011
+    assert (outcome.close_code, outcome.close_reason) == (1001, "shutting_down")
     log = daemon.log()
     assert "sent SIGTERM to 2 exec process(es)" in log
     assert "sent SIGKILL to 2 exec process(es) still running" in log
@@ -789,6 +791,34 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
     assert "guest_failed" not in log and "went away" not in log
     await gone(pid)
     await gone(json.loads(started)["pid"])
+
+
+@pytest.mark.asyncio
+async def test_during_the_drain_execs_are_told_the_daemon_is_going_away(stack: Stack) -> None:
+    """A request sent on a WebSocket opened before the drain, and a process the drain ends on
+    a second signal: each stream ends in ``shutting_down`` and closes with 1001."""
+    daemon = stack.daemon("--probe-interval", "none", "--grace", str(LONG))
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    async with websocket(daemon) as running, websocket(daemon) as late:
+        pid = await start(running, {"command": ["sh", "-c", f"trap '' TERM; echo ready; {LOOP}"]})
+        await read_until(running, b"ready\n")
+        daemon.send(signal.SIGTERM)
+        eventually(lambda: "waiting for 1 running command" in daemon.log(), "the drain begun")
+        await late.send_str(json.dumps({"command": "true"}))
+        refused = await collect(late)
+        daemon.send(signal.SIGTERM)
+        ended = await collect(running)
+    assert daemon.proc.wait(LONG) == 0, daemon.log()
+    assert refused.last["error"] == {
+        "code": "shutting_down",
+        "message": "the daemon is shutting down",
+    }
+    assert "on a second signal" in ended.last["error"]["message"]
+    for outcome in (refused, ended):
+        assert (outcome.last["status"], outcome.last["error"]["code"]) == (503, "shutting_down")
+        assert (outcome.close_code, outcome.close_reason) == (1001, "shutting_down")
+    await gone(pid)
 
 
 def test_an_exec_whose_request_never_came_does_not_hold_the_drain(stack: Stack) -> None:

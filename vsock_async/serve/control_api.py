@@ -1139,14 +1139,21 @@ async def _close_with_error(
     ws: web.WebSocketResponse, error: ApiError, code: int | None = None, reason: str = ""
 ) -> None:
     """Send ``error`` as the last message and close with ``code`` and ``reason``: by default
-    1008 for the client's fault, else 1011, and the error's code."""
+    1008 for the client's fault, 1001 (going away) for a daemon shutting down, which a client
+    may retry elsewhere, else 1011; and the error's code."""
     if ws.closed:
         return
     with contextlib.suppress(ConnectionResetError):
         await ws.send_json(error.stream_message())
     if code is None:
-        code = 1008 if error.status < 500 else 1011
+        code = _close_code(error)
     await ws.close(code=code, message=(reason or error.code).encode())
+
+
+def _close_code(error: ApiError) -> int:
+    if error.code == "shutting_down":
+        return WSCloseCode.GOING_AWAY
+    return WSCloseCode.POLICY_VIOLATION if error.status < 500 else WSCloseCode.INTERNAL_ERROR
 
 
 def _control(message: Mapping[str, Any]) -> bytes:
