@@ -716,6 +716,7 @@ async def test_metrics_count_processes_and_bytes(stack: Stack) -> None:
         'vsock_async_processes_exited_total{how="signal"} 1',
         'vsock_async_processes_exited_total{how="timed_out"} 1',
         'vsock_async_processes_exited_total{how="lost"} 0',
+        'vsock_async_processes_exited_total{how="shutdown"} 0',
         'vsock_async_exec_bytes_total{stream="stdin"} 5',
         'vsock_async_exec_bytes_total{stream="stdout"} 5',
         'vsock_async_exec_bytes_total{stream="stderr"} 2',
@@ -758,7 +759,9 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
 ) -> None:
     """Both forms of exec still running when the grace ends: each stream ends in 503
     ``shutting_down`` saying the daemon ended it, the WebSocket closing with 1001 (going away,
-    not 1011: no error of the daemon's), and the log says so; no guest is blamed."""
+    not 1011: no error of the daemon's), and the log says so; no guest is blamed, and each
+    process is counted ``how="shutdown"``, not ``lost``. (The daemon exits once it counted
+    them, its control API closed: its log, written with the value counted, tells it.)"""
     daemon = stack.daemon("--probe-interval", "none", "--grace", "0.05")
     stack.agent(daemon.guest_address)
     wait_for_guest(daemon.client(), "vm1")
@@ -789,8 +792,12 @@ async def test_the_drain_kills_exec_processes_left_at_the_end_of_the_grace(
     assert "sent SIGKILL to 2 exec process(es) still running" in log
     assert log.count("was still running at the end of the shutdown drain") == 2
     assert "guest_failed" not in log and "went away" not in log
+    http_pid = json.loads(started)["pid"]
+    for ended in (pid, http_pid):
+        assert f"in guest 'vm1' (pid {ended}): shutdown\n" in log
+    assert "): lost\n" not in log
     await gone(pid)
-    await gone(json.loads(started)["pid"])
+    await gone(http_pid)
 
 
 @pytest.mark.asyncio
@@ -818,6 +825,7 @@ async def test_during_the_drain_execs_are_told_the_daemon_is_going_away(stack: S
     for outcome in (refused, ended):
         assert (outcome.last["status"], outcome.last["error"]["code"]) == (503, "shutting_down")
         assert (outcome.close_code, outcome.close_reason) == (1001, "shutting_down")
+    assert f"in guest 'vm1' (pid {pid}): shutdown\n" in daemon.log()
     await gone(pid)
 
 

@@ -1090,7 +1090,7 @@ class ControlAPI:
         def ended(_: object) -> None:
             self._processes.discard(process)
             self.metrics.processes_running.set(len(self._processes))
-            how = _exit_kind(process)
+            how = _exit_kind(process, drain_ended=self.drain_ended is not None)
             self.metrics.processes_exited.inc(how)
             logger.debug("%s in guest %r (pid %s): %s", what, guest.key, process.pid, how)
 
@@ -1160,10 +1160,11 @@ def _control(message: Mapping[str, Any]) -> bytes:
     return control_frame(json.dumps(message).encode())
 
 
-def _exit_kind(process: Process) -> str:
-    """How a process ended, as the metrics count it."""
+def _exit_kind(process: Process, *, drain_ended: bool) -> str:
+    """How a process ended, as the metrics count it. With no exit once the drain has ended,
+    the daemon ended it (killed it and closed its guest connection): no loss of the guest's."""
     if process.returncode is None:
-        return "lost"
+        return "shutdown" if drain_ended else "lost"
     if process.timed_out:
         return "timed_out"
     return "code" if process.exit_signal is None else "signal"

@@ -233,9 +233,10 @@ class ServeMetrics:
         self.processes_exited = LabelledCounter(
             "vsock_async_processes_exited_total",
             "Processes of streaming exec that ended: by their exit code, by a signal, stopped"
-            " at their timeout, or lost with their guest connection.",
+            " at their timeout, lost with their guest connection, or still running when the"
+            " shutdown drain ended.",
             "how",
-            ("code", "signal", "timed_out", "lost"),
+            ("code", "signal", "timed_out", "lost", "shutdown"),
         )
         self.exec_bytes = LabelledCounter(
             "vsock_async_exec_bytes_total",
