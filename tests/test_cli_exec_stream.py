@@ -203,6 +203,27 @@ def test_t_without_i_gives_a_terminal(served: Served) -> None:
     assert result.stdout.endswith(b"24 80\r\n")  # no terminal here: the default size
 
 
+def test_stderr_stdout_merges_stderr_into_stdout_in_the_order_written(served: Served) -> None:
+    script = "echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"
+    result = served.exec("--stderr", "stdout", "--", "sh", "-c", script)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3,
+        b"out1\nerr1\nout2\nerr2\n",
+        b"",
+    )
+    result = served.exec("--stderr", "pipe", "--", "sh", "-c", script)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3,
+        b"out1\nout2\n",
+        b"err1\nerr2\n",
+    )
+    result = served.exec("-t", "--stderr", "stdout", "--", "sh", "-c", "echo out; echo err >&2")
+    assert (result.returncode, result.stdout) == (0, b"out\r\nerr\r\n")  # as -t alone
+    result = served.exec("-t", "--stderr", "pipe", "--", "true")
+    assert result.returncode == 2
+    assert b"-t gives the command a terminal, its stdout and stderr both" in result.stderr
+
+
 def test_env_cwd_and_user(served: Served) -> None:
     script = 'echo "$A $B"; pwd; id -u'
     result = served.exec(
@@ -342,10 +363,12 @@ def test_a_v1_guest_runs_plain_exec_and_refuses_i_and_t(stack: Stack) -> None:
     wait_for_guest(daemon.client(), "vm1")
     result = exec_cli(daemon.control_socket, "--env", "A=1", "--", "sh", "-c", "echo $A; exit 4")
     assert (result.returncode, result.stdout) == (4, b"1\n")
-    for option in ("-i", "-t"):
-        result = exec_cli(daemon.control_socket, option, "--", "true")
+    for options in (["-i"], ["-t"], ["--stderr", "stdout"]):
+        result = exec_cli(daemon.control_socket, *options, "--", "true")
         assert result.returncode == 125
         assert b"speaks only protocol v1" in result.stderr
+    result = exec_cli(daemon.control_socket, "--stderr", "pipe", "--", "sh", "-c", "echo e >&2")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"e\n")
 
 
 def test_elapsed_time_shows_on_a_terminal_only_with_a_v1_guest(stack: Stack) -> None:

@@ -470,7 +470,7 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
             f" connection failed; {EXIT_CANNOT_RUN}/{EXIT_NOT_FOUND}: the guest could not"
             " start the program). Ctrl-C and SIGTERM are forwarded to the command (a second"
             " Ctrl-C stops waiting for it). A guest speaking only protocol v1 runs it too,"
-            " its output written once it ended; -i, -t and --user need v2."
+            " its output written once it ended; -i, -t, --user and --stderr stdout need v2."
         ),
         usage="vsock-async exec [options] [-i] [-t] (-c 'COMMAND LINE' | -- ARGV...)",
     )
@@ -488,6 +488,13 @@ def _add_exec_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         action="store_true",
         help="give the command a terminal in the guest, of our terminal's size; with -i our"
         " terminal goes raw, every key to the guest (no deadline by default)",
+    )
+    p.add_argument(
+        "--stderr",
+        choices=("pipe", "stdout"),
+        help="stdout: merge the command's stderr into its stdout, in the order written (as"
+        " 2>&1, without a terminal); pipe: keep it apart, on our stderr (the default; -t"
+        " merges them)",
     )
     p.add_argument(
         "--env",
@@ -550,6 +557,11 @@ def _run_exec(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if (args.command_line is None) == (not args.argv):
         parser.error("give either -c 'COMMAND LINE' or -- ARGV... (exactly one of them)")
+    if args.tty and args.stderr == "pipe":
+        parser.error(
+            "-t gives the command a terminal, its stdout and stderr both: --stderr pipe"
+            " cannot keep them apart (leave --stderr out)"
+        )
     command: str | list[str] = args.command_line if args.command_line is not None else args.argv
     return exec_command(
         command,
@@ -559,6 +571,7 @@ def _run_exec(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         interactive=args.interactive,
         tty=args.tty,
+        stderr=args.stderr,
         env=dict(args.env) if args.env else None,
         cwd=args.cwd,
         user=args.user,

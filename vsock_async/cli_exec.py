@@ -4,7 +4,7 @@ terminal; the exit codes are :mod:`vsock_async.cli`'s.
 ``exec`` streams over the daemon's exec WebSocket (:mod:`vsock_async.cli_stream`, which
 needs aiohttp); against a guest speaking only protocol v1, or without aiohttp, a plain
 ``exec`` falls back to ``run`` (the whole output once the command ended), while ``-i``,
-``-t`` and ``--user`` cannot be done and say so.
+``-t``, ``--user`` and ``--stderr stdout`` cannot be done and say so.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Literal, TextIO
 
 from .cli import (
     EXIT_CANNOT_RUN,
@@ -109,6 +109,7 @@ def exec_command(
     timeout: Timeout,
     interactive: bool = False,
     tty: bool = False,
+    stderr: Literal["pipe", "stdout"] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     user: str | int | None = None,
@@ -120,10 +121,12 @@ def exec_command(
     :data:`EXIT_TIMEOUT` when the deadline fired, :data:`EXIT_NOT_FOUND` or
     :data:`EXIT_CANNOT_RUN` when the guest could not start the program, and
     :data:`EXIT_FAILED` when the daemon or the guest connection failed. With
-    ``interactive`` or ``tty`` the deadline defaults to none.
+    ``interactive`` or ``tty`` the deadline defaults to none. ``stderr`` is the exec
+    request's: ``"stdout"`` merges it into stdout in the guest.
     """
-    needs_stream = interactive or tty or user is not None
-    if needs_stream and timeout is DEFAULT:
+    untimed = interactive or tty or user is not None
+    needs_stream = untimed or stderr == "stdout"
+    if untimed and timeout is DEFAULT:
         timeout = None
     try:
         client = control_client(control, token_file)
@@ -136,11 +139,12 @@ def exec_command(
         if needs_stream:
             return _failed(
                 UsageError(
-                    f"-i, -t and --user need aiohttp ({exc}): pip install 'vsock_async[serve]'"
+                    f"-i, -t, --user and --stderr stdout need aiohttp ({exc}):"
+                    " pip install 'vsock_async[serve]'"
                 )
             )
         return _run_command(client, key, command, timeout=timeout, env=env, cwd=cwd)
-    options = ExecOptions(command, interactive, tty, env, cwd, user, timeout)
+    options = ExecOptions(command, interactive, tty, stderr, env, cwd, user, timeout)
     try:
         return asyncio.run(stream_exec(str(client.address), client.token, key, options))
     except TimedOut:

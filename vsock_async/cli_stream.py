@@ -20,10 +20,10 @@ import threading
 import tty
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from .errors import VsockAsyncError
-from .host.process import DEVNULL, PIPE, ProcessReader
+from .host.process import DEVNULL, PIPE, STDOUT, ProcessReader
 from .serve.async_client import AsyncControlClient, RemoteProcess
 from .timeouts import Timeout
 
@@ -32,6 +32,8 @@ __all__ = ["ExecOptions", "TimedOut", "stream_exec", "terminal_size"]
 _CHUNK: Final = 64 * 1024
 _DEFAULT_SIZE: Final = (24, 80)
 _FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_STDERR: Final[dict[str | None, int]] = {"pipe": PIPE, "stdout": STDOUT}
+"""``--stderr``'s values as :meth:`AsyncControlClient.create_process` takes them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,9 @@ class ExecOptions:
     """``-i``: forward stdin, its end included."""
     tty: bool
     """``-t``: a terminal in the guest."""
+    stderr: Literal["pipe", "stdout"] | None
+    """``--stderr``: ``"stdout"`` merged into stdout in the guest, ``"pipe"`` apart; None:
+    apart, or merged by the terminal."""
     env: Mapping[str, str] | None
     cwd: str | None
     user: str | int | None
@@ -87,6 +92,7 @@ async def stream_exec(address: str, token: str | None, key: str, options: ExecOp
             key,
             options.command,
             stdin=PIPE if options.interactive else DEVNULL,
+            stderr=_STDERR.get(options.stderr),
             env=options.env,
             cwd=options.cwd,
             user=options.user,
