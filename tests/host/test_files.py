@@ -374,6 +374,82 @@ async def test_file_operations_runs_and_processes_wait_in_one_fifo(
         assert guest.waiting == 0 and streams(served) == 0
 
 
+def files_open(guest: vsock_async.Guest) -> list[int]:
+    """The file streams open on each connection of ``guest``, fewest first."""
+    connections = [channel.connection for channel in guest.channels]
+    assert all(isinstance(c, SessionConnection) for c in connections)
+    return sorted(c.files for c in connections if isinstance(c, SessionConnection))
+
+
+@pytest.mark.asyncio
+async def test_file_operations_take_a_free_file_slot_on_any_connection_in_their_turn(
+    tmp_path: Path,
+) -> None:
+    """A connection carries at most the agent's max_files file operations (16) however many
+    streams it has free: the next ones go to the guest's other connection, and once every
+    file slot is taken they wait, in the order they came, for one to come free on either
+    connection. Runs and processes, which take no file slot, pass them meanwhile: at once
+    while a stream is free, and when one comes free on a connection with no file slot free."""
+    target = tmp_path / "guest"
+    target.mkdir()
+    opened: list[int] = []  # the puts whose stream is open, in the order they got it
+    gates: list[asyncio.Event] = []
+
+    async def held(index: int, gate: asyncio.Event) -> AsyncIterator[bytes]:
+        opened.append(index)  # a put reads its source once its stream is open
+        yield b"held"
+        await gate.wait()
+
+    def put() -> asyncio.Future[None]:
+        index, gate = len(gates), asyncio.Event()
+        gates.append(gate)
+        return asyncio.ensure_future(guest.put_file(held(index, gate), str(target / str(index))))
+
+    async def end(index: int) -> int:
+        """Let put ``index`` end; the put that got its file slot."""
+        count = len(opened)
+        gates[index].set()
+        await puts[index]
+        await eventually(lambda: len(opened) > count, "a waiting put got the file slot")
+        return opened[-1]
+
+    slots = AgentLimits().max_files  # and one stream more per connection
+    options = ("--connections", "2", "--max-streams", str(slots + 1))
+    async with served_agent(tmp_path, "slots.sock", *options) as served:
+        guest = served.server.guest(served.guest.key)
+        await eventually(lambda: len(guest.channels) == 2, "both connections are up")
+        puts = [put() for _ in range(2 * slots)]
+        await eventually(lambda: len(opened) == 2 * slots, "every put got a file slot")
+        assert files_open(guest) == [slots, slots] and guest.waiting == 0
+        waiting = []
+        for _ in range(3):
+            waiting.append(put())
+            await eventually(lambda: guest.waiting == len(waiting), "the put waits its turn")
+        assert (await guest.run("echo passed", timeout=LONG)).stdout == b"passed\n"
+        cats = [await guest.create_process(["cat"], stdin=PIPE) for _ in range(2)]
+        last_run = asyncio.ensure_future(guest.run("echo passed again", timeout=LONG))
+        await eventually(lambda: guest.waiting == 4, "the run waits for a stream")
+        stdin = cats[0].stdin
+        assert stdin is not None
+        stdin.write_eof()  # its stream comes free on a connection with no file slot free
+        assert (await last_run).stdout == b"passed again\n"
+        assert guest.waiting == 3 and len(opened) == 2 * slots
+        for turn, index in enumerate((0, 2 * slots - 1, 1)):  # the first and last went apart
+            assert await end(index) == 2 * slots + turn, "the put that waited longest runs"
+            assert files_open(guest) == [slots, slots] and guest.waiting == 2 - turn
+        stdin = cats[1].stdin
+        assert stdin is not None
+        stdin.write_eof()
+        assert [await cat.wait() for cat in cats] == [0, 0]
+        for gate in gates:
+            gate.set()
+        async with asyncio.timeout(LONG):
+            await asyncio.gather(*puts, *waiting)
+        assert files_open(guest) == [0, 0]
+    assert sorted(os.listdir(target), key=int) == [str(i) for i in range(2 * slots + 3)]
+    assert all((target / name).read_bytes() == b"held" for name in os.listdir(target))
+
+
 @pytest.mark.asyncio
 async def test_file_operations_that_give_up_waiting_leave_the_queue_and_start_nothing(
     tmp_path: Path,

@@ -12,13 +12,24 @@ their stream until the process or the operation ends (a whole tree's for
 :meth:`Guest.put_tree` and :meth:`Guest.get_tree`; for :meth:`Guest.read_file`,
 from its first chunk until its iteration ends or it is closed), so runs,
 probes, processes and file operations are served in the order they came,
-whichever API they came from. A call never moves to another connection once
-its command is sent: when a connection drops, the calls on it fail with
+whichever API they came from. A file operation also takes one of the
+connection's file slots (the agent runs at most ``max_files`` of them at once
+per connection), so it goes only to a connection with one free.
+
+The order has one exception, the same for every kind of call: a connection
+that comes free goes to the call that has waited longest among those that can
+use it, so a later call passes an earlier one only when the earlier one
+cannot use that connection (a process or file operation a v1 connection; a
+file operation a connection whose file slots are all taken). A call passed
+over keeps its place: it gets the next connection it can use before any call
+that came after it. A call never moves to another connection once its
+command is sent: when a connection drops, the calls on it fail with
 :class:`ConnectionClosed` and are never replayed.
 
 Connecting, disconnecting and each call cost the same however many
 connections a guest holds: the open connections and the free ones are kept
-in insertion-ordered maps, and no path looks at all of them.
+in insertion-ordered maps, each kind of call waits in a FIFO of its own
+(with a ticket that says who came first), and no path looks at all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Unpack
 
@@ -46,9 +57,13 @@ _MAX_CID_DIGITS = 10  # a CID is a u32: at most 10 digits
 _FILES = "file operations"
 _PROCESSES = "processes (streaming output, stdin, signals, terminals)"
 
-_Waiter = tuple["asyncio.Future[GuestChannel]", bool]
-"""A call waiting for a connection, and whether it needs a v2 one (a process or a file
-operation does)."""
+_RUN, _PROCESS, _FILE = 0, 1, 2
+"""What a call needs: any connection (run, probe); a v2 stream (a process); a v2 stream and
+one of the connection's ``max_files`` file slots (a file operation)."""
+_KINDS = (_RUN, _PROCESS, _FILE)
+
+_Waiter = tuple[int, "asyncio.Future[GuestChannel]"]
+"""A call waiting for a connection: its ticket (lower came first), and its future."""
 
 
 def _shown(line: bytes) -> str:
@@ -97,9 +112,12 @@ class Guest:
         "__weakref__",
         "_channels",
         "_default_timeout",
+        "_file_idle",
+        "_file_leases",
         "_idle",
         "_last_probe",
         "_leases",
+        "_tickets",
         "_v2_count",
         "_waiters",
         "key",
@@ -115,9 +133,17 @@ class Guest:
         """Connections with room for a call through this handle, most recently released first."""
         self._leases: dict[int, int] = {}
         """Calls through this handle that each connection carries now (absent: none)."""
+        self._file_idle: dict[int, None] = {}
+        """The ids of the idle v2 connections with a file slot free too (ids, not channels:
+        a dict of ints is nothing for the cyclic GC to walk)."""
+        self._file_leases: dict[int, int] = {}
+        """File operations through this handle that each connection carries now."""
         self._v2_count = 0
         """How many of its connections speak v2."""
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: dict[int, deque[_Waiter]] = {}
+        """The calls waiting for a connection, a FIFO per kind (absent while none waits)."""
+        self._tickets = 0
+        """The ticket the next waiting call gets."""
         self._last_probe: float | None = None
 
     def __repr__(self) -> str:
@@ -162,7 +188,7 @@ class Guest:
     @property
     def waiting(self) -> int:
         """Calls waiting for a connection to come free."""
-        return sum(1 for waiter, _ in self._waiters if not waiter.done())
+        return sum(not w.done() for queue in self._waiters.values() for _, w in queue)
 
     @property
     def last_probe(self) -> float | None:
@@ -231,17 +257,17 @@ class Guest:
         exec_request(program, **options)  # a bad argument fails now, not after waiting its turn
         line, timeout = program_line(program), options.get("timeout")
         deadline = deadline_after(timeout)
-        channel = await self._lease(line, timeout, deadline, True, v2_for=_PROCESSES)
+        channel = await self._lease(line, timeout, deadline, True, _PROCESS)
         left: ProcessOptions = {**options, "timeout": remaining(deadline)}
         try:
             process = await channel.create_process(program, **left)
         except CommandTimeout as exc:  # behind a call made on the channel itself
-            self._release(channel)
+            self._release(channel, _PROCESS)
             raise self._timed_out(exc, line, timeout, channel) from None
         except BaseException:
-            self._release(channel)
+            self._release(channel, _PROCESS)
             raise
-        process._exited.add_done_callback(lambda _: self._release(channel))
+        process._exited.add_done_callback(lambda _: self._release(channel, _PROCESS))
         return process
 
     # -- files (v2): GuestChannel's file operations, each on a stream it waits its turn for --
@@ -379,13 +405,13 @@ class Guest:
 
     @contextlib.asynccontextmanager
     async def _file_stream(self) -> AsyncIterator[GuestChannel]:
-        """A v2 connection leased for one file operation, in its turn in the guest's queue;
-        given back when the operation ends, fails or is cancelled."""
-        channel = await self._lease(b"", None, None, True, v2_for=_FILES)  # no deadline
+        """A v2 connection with a free file slot, leased for one file operation in its turn
+        in the guest's queue; given back when the operation ends, fails or is cancelled."""
+        channel = await self._lease(b"", None, None, True, _FILE)  # no deadline
         try:
             yield channel
         finally:
-            self._release(channel)
+            self._release(channel, _FILE)
 
     def _check_v2(self, need: str) -> None:
         """:class:`Unsupported` if every connection speaks only v1; ConnectionClosed if none."""
@@ -425,7 +451,9 @@ class Guest:
         if self._channels.pop(channel.id, None) is not None and channel.protocol == "v2":
             self._v2_count -= 1
         self._idle.pop(channel.id, None)
+        self._file_idle.pop(channel.id, None)
         self._leases.pop(channel.id, None)
+        self._file_leases.pop(channel.id, None)
         if self._channels:
             if not self._v2_count:
                 self._fail_waiters(v2_only=True)
@@ -444,46 +472,70 @@ class Guest:
             return None, None
         return asyncio.get_running_loop().time() + timeout, timeout
 
-    def _free_channel(self, *, v2: bool = False) -> GuestChannel | None:
-        """The most recently released connection with nothing to do (a v2 one: ``v2``), if any.
+    def _free_channel(self, kind: int = _RUN) -> GuestChannel | None:
+        """The most recently released connection with nothing to do that can carry a call of
+        ``kind`` (for a file operation, any one with a file slot free), if there is one.
 
         Only connections busy with calls made on the channel itself, not through
-        this handle (and v1 ones for ``v2``), are looked at and passed over; closed
+        this handle (and v1 ones for a process), are looked at and passed over; closed
         ones are dropped.
         """
         found = None
         gone = []
-        for channel_id, channel in self._idle.items():
+        for channel in self._idle_for(kind):
             if channel.closed:
-                gone.append(channel_id)
-            elif not channel.busy and not channel.queued and _serves(channel, v2):
+                gone.append(channel.id)
+            elif not channel.busy and not channel.queued and self._serves(channel, kind):
                 found = channel
                 break
         for channel_id in gone:
-            del self._idle[channel_id]
+            self._idle.pop(channel_id, None)
+            self._file_idle.pop(channel_id, None)
         return found
 
-    def _unleased_channel(self, *, v2: bool = False) -> GuestChannel | None:
+    def _unleased_channel(self, kind: int = _RUN) -> GuestChannel | None:
         """An open connection busy with a call made on the channel itself, not through us.
 
         We learn nothing when such a call ends, so rather than wait for a
         hand-over that may never come, the call queues on that channel.
         """
         return min(
-            (c for c in self._idle.values() if not c.closed and _serves(c, v2)),
+            (c for c in self._idle_for(kind) if not c.closed and self._serves(c, kind)),
             key=lambda c: c.queued,
             default=None,
         )
 
+    def _idle_for(self, kind: int) -> Iterable[GuestChannel]:
+        """The idle connections to look at for a call of ``kind``: for a file operation only
+        those with a file slot free, so none is passed over for want of one."""
+        if kind == _FILE:
+            return (self._channels[channel_id] for channel_id in self._file_idle)
+        return self._idle.values()
+
+    def _serves(self, channel: GuestChannel, kind: int) -> bool:
+        """Whether ``channel``, with room for one more call, can carry a call of ``kind``."""
+        if kind == _RUN:
+            return True
+        if channel.protocol != "v2":
+            return False
+        return kind == _PROCESS or self._file_leases.get(channel.id, 0) < _file_slots(channel)
+
     def _no_connection(self, v2: bool = False) -> ConnectionClosed:
         return ConnectionClosed(f"guest {self.key!r} has no open {'v2 ' if v2 else ''}connection")
 
-    def _take(self, channel: GuestChannel) -> GuestChannel:
-        """Count one more call on ``channel``; it leaves the idle set once it has no room."""
+    def _take(self, channel: GuestChannel, kind: int) -> GuestChannel:
+        """Count one more call of ``kind`` on ``channel``; it leaves the idle sets it has no
+        more room for."""
         leases = self._leases.get(channel.id, 0) + 1
         self._leases[channel.id] = leases
         if leases >= channel.concurrency:
             self._idle.pop(channel.id, None)
+            self._file_idle.pop(channel.id, None)
+        if kind == _FILE:
+            files = self._file_leases.get(channel.id, 0) + 1
+            self._file_leases[channel.id] = files
+            if files >= _file_slots(channel):
+                self._file_idle.pop(channel.id, None)
         return channel
 
     async def _lease(
@@ -492,39 +544,38 @@ class Guest:
         timeout: float | None,
         deadline: float | None,
         wait: bool,
-        *,
-        v2_for: str | None = None,
+        kind: int = _RUN,
     ) -> GuestChannel:
-        """A connection reserved for one call (a v2 one for ``v2_for``, which says what needs
-        it): a free one now, or the next one to come free, after every call that waits
-        already; only a free connection that no waiting call can use (a v1 one, while those
-        waiting need v2) goes to a later call at once."""
-        v2 = v2_for is not None
+        """A connection reserved for one call of ``kind``: a free one now, or the next one to
+        come free, after every call that waits already; only a free connection that no
+        waiting call can use (a v1 one while those waiting need v2, one with its file slots
+        taken while those waiting are file operations) goes to a later call at once."""
         while True:
-            if v2_for is not None:
-                self._check_v2(v2_for)
-            elif not self._channels:
-                raise self._no_connection()
-            if not self._waiters:
-                channel = self._free_channel(v2=v2) or (
-                    self._unleased_channel(v2=v2) if wait else None
-                )
-            elif not v2:  # a free connection the waiting calls passed over (a v1 one)
-                channel = self._free_channel()
-                if channel is not None and self._wanted(channel):
-                    channel = None
+            if kind == _RUN:
+                if not self._channels:
+                    raise self._no_connection()
             else:
-                channel = None
+                self._check_v2(_FILES if kind == _FILE else _PROCESSES)
+            channel = self._free_channel(kind)
             if channel is not None:
-                return self._in_time(self._take(channel), line, timeout, deadline)
+                if self._waiters and self._oldest(channel) is not None:
+                    channel = None  # a waiting call can use it: it is that call's
+            elif wait and not self._waiters:
+                channel = self._unleased_channel(kind)
+            if channel is not None:
+                return self._in_time(self._take(channel, kind), kind, line, timeout, deadline)
             if not wait:
                 raise GuestBusy(
                     f"every connection of guest {self.key!r} is busy"
                     f" ({len(self._channels)} open, {self.waiting} calls waiting)"
                 )
             waiter: asyncio.Future[GuestChannel] = asyncio.get_running_loop().create_future()
-            entry = (waiter, v2)
-            self._waiters.append(entry)
+            entry = (self._tickets, waiter)
+            self._tickets += 1
+            queue = self._waiters.get(kind)
+            if queue is None:
+                queue = self._waiters[kind] = deque()
+            queue.append(entry)
             try:
                 # Not wait_for: on 3.11 it swallows a cancel that lands as the hand-over does.
                 async with asyncio.timeout_at(deadline):
@@ -536,24 +587,56 @@ class Guest:
                     raise self._wait_timeout(line, timeout) from None
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._release(waiter.result())
+                    self._release(waiter.result(), kind)
                 raise
             finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(entry)
+                if waiter.cancelled():  # one handed over or failed has left its queue already
+                    self._forget(kind, entry)
             if not channel.closed:
-                return self._in_time(channel, line, timeout, deadline)
+                return self._in_time(channel, kind, line, timeout, deadline)
 
-    def _wanted(self, channel: GuestChannel) -> bool:
-        """Whether a waiting call could use ``channel``: then it is that call's, not a new one's."""
-        return any(_serves(channel, v2) for waiter, v2 in self._waiters if not waiter.done())
+    def _oldest(self, channel: GuestChannel) -> int | None:
+        """The kind of the call that has waited longest of those ``channel`` (with room for
+        one more call) can carry, or None if none of them waits."""
+        found, ticket = None, 0
+        for kind in _KINDS:
+            if kind in self._waiters and self._serves(channel, kind):
+                head = self._head(kind)
+                if head is not None and (found is None or head[0] < ticket):
+                    found, ticket = kind, head[0]
+        return found
+
+    def _head(self, kind: int) -> _Waiter | None:
+        """The longest waiting call of ``kind``; those that gave up are dropped on the way,
+        and the queue once it is empty."""
+        queue = self._waiters[kind]
+        while queue:
+            if not queue[0][1].done():
+                return queue[0]
+            queue.popleft()
+        del self._waiters[kind]
+        return None
+
+    def _forget(self, kind: int, entry: _Waiter) -> None:
+        """Take ``entry``, a call that gave up waiting, out of its queue (if still there)."""
+        queue = self._waiters.get(kind)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(entry)
+            if not queue:
+                del self._waiters[kind]
 
     def _in_time(
-        self, channel: GuestChannel, line: bytes, timeout: float | None, deadline: float | None
+        self,
+        channel: GuestChannel,
+        kind: int,
+        line: bytes,
+        timeout: float | None,
+        deadline: float | None,
     ) -> GuestChannel:
         """``channel``, unless the deadline has passed: a command sent now would only be cut off."""
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-            self._release(channel)
+            self._release(channel, kind)
             raise self._wait_timeout(line, timeout)
         return channel
 
@@ -584,46 +667,45 @@ class Guest:
             sent=exc.sent,
         )
 
-    def _release(self, channel: GuestChannel, *, leased: bool = True) -> None:
-        """A call is done with ``channel`` (``leased``), or it is new: hand its room to the
-        waiting calls it can serve, longest waiting first, and keep it idle while room is left."""
+    def _release(self, channel: GuestChannel, kind: int = _RUN, *, leased: bool = True) -> None:
+        """A call of ``kind`` is done with ``channel`` (``leased``), or it is new: hand its
+        room to the waiting calls it can carry, longest waiting first, and keep it idle while
+        room is left."""
         if leased:
             leases = self._leases.pop(channel.id, 1) - 1
             if leases:
                 self._leases[channel.id] = leases
+            if kind == _FILE:
+                files = self._file_leases.pop(channel.id, 1) - 1
+                if files:
+                    self._file_leases[channel.id] = files
         if channel.id not in self._channels or channel.closed:
             return
-        passed_over: list[_Waiter] | None = None  # calls that need v2, on a v1 connection
         while self._waiters and self._leases.get(channel.id, 0) < channel.concurrency:
-            entry = self._waiters.popleft()
-            waiter, v2 = entry
-            if waiter.done():
-                continue
-            if _serves(channel, v2):
-                waiter.set_result(self._take(channel))
-            elif passed_over is None:
-                passed_over = [entry]
-            else:
-                passed_over.append(entry)
-        if passed_over:
-            self._waiters.extendleft(reversed(passed_over))
-        if self._leases.get(channel.id, 0) < channel.concurrency and channel.id not in self._idle:
-            self._idle[channel.id] = channel
-            self._idle.move_to_end(channel.id, last=False)
+            waiting = self._oldest(channel)
+            if waiting is None:
+                break
+            queue = self._waiters[waiting]
+            _, waiter = queue.popleft()
+            if not queue:
+                del self._waiters[waiting]
+            waiter.set_result(self._take(channel, waiting))
+        if self._leases.get(channel.id, 0) < channel.concurrency:
+            if channel.id not in self._idle:
+                self._idle[channel.id] = channel
+                self._idle.move_to_end(channel.id, last=False)
+            if channel.id not in self._file_idle and self._serves(channel, _FILE):
+                self._file_idle[channel.id] = None
 
     def _fail_waiters(self, *, v2_only: bool = False) -> None:
         """Fail the calls waiting for a connection (those for a v2 one: ``v2_only``)."""
-        kept: deque[_Waiter] = deque()
-        while self._waiters:
-            entry = self._waiters.popleft()
-            waiter, v2 = entry
-            if v2_only and not v2:
-                kept.append(entry)
-            elif not waiter.done():
-                waiter.set_exception(self._no_connection(v2_only))
-        self._waiters = kept
+        for kind in (_PROCESS, _FILE) if v2_only else _KINDS:
+            for _, waiter in self._waiters.pop(kind, ()):
+                if not waiter.done():
+                    waiter.set_exception(self._no_connection(v2_only))
 
 
-def _serves(channel: GuestChannel, v2: bool) -> bool:
-    """Whether ``channel`` can carry a call that needs v2 (``v2``) or any call."""
-    return not v2 or channel.protocol == "v2"
+def _file_slots(channel: GuestChannel) -> int:
+    """File operations ``channel`` carries at once: the agent's ``max_files`` (none on v1)."""
+    agent = channel.agent
+    return 0 if agent is None else agent.limits.max_files
