@@ -394,6 +394,46 @@ async def test_a_host_that_stops_reading_stops_the_pipes_not_the_agent(tmp_path:
         assert exited is not None and exited.signal == signal.SIGTERM
 
 
+@BOTH_FORMS
+@pytest.mark.asyncio
+async def test_brief_streams_carry_only_output_and_the_exit(tmp_path: Path, single: bool) -> None:
+    # The host session treats a STARTED or an END on a brief stream as a violation: any
+    # such frame would leave host.error set and the stream unended.
+    async with running_agent(tmp_path, "--output-grace", "0.2", single=single) as agent:
+        host = await agent.v2()
+        assert host.session is not None and "brief" in host.session.agent.capabilities
+        out = await host.run({"command": "echo out; echo err >&2; exit 3", "brief": True})
+        assert (out.pid, bytes(out.stdout), bytes(out.stderr)) == (None, b"out\n", b"err\n")
+        assert out.exited is not None and (out.exited.exit_code, out.exited.signal) == (3, None)
+        silent = await host.run({"argv": ["true"], "brief": True})
+        assert silent.exited is not None and silent.exited.exit_code == 0
+        big = await host.outcome(
+            host.exec({"command": "head -c 300000 /dev/zero", "brief": True}, window=1000)
+        )
+        assert big.stdout == bytes(300000)
+        fed = host.exec({"argv": ["cat"], "stdin": True, "brief": True})
+        host.session.send_stdin(fed, b"typed", end=True)
+        host.flush()
+        assert (await host.outcome(fed)).stdout == b"typed"
+        missing = await host.run({"argv": ["/no/such/program"], "brief": True})
+        assert missing.error is not None and missing.error.errno == "ENOENT"
+        timed = await host.run({"command": "sleep 30", "timeout": 0.1, "brief": True})
+        assert timed.exited is not None
+        assert (timed.exited.signal, timed.exited.timed_out) == (signal.SIGTERM, True)
+        held = await host.run({"command": "sleep 30 & echo $!", "brief": True})
+        assert held.exited is not None and held.exited.output_incomplete
+        await eventually(lambda: not alive(int(held.stdout)), "the background sleep killed")
+        closed = host.exec({"command": "yes", "brief": True})
+        host.session.send_close(closed)
+        host.flush()
+        gone = await host.outcome(closed, grant=False)
+        assert gone.exited is not None and gone.exited.signal == signal.SIGTERM
+        # A full stream on the same connection still gets STARTED and END.
+        full = await host.run({"argv": ["echo", "full"]})
+        assert full.pid is not None and full.stdout == b"full\n"
+        assert host.error is None
+
+
 @pytest.mark.asyncio
 async def test_background_child_holding_stdout_gives_output_incomplete(tmp_path: Path) -> None:
     async with running_agent(tmp_path, "--output-grace", "0.2") as agent:

@@ -44,6 +44,16 @@ from vsock_async import (
     Unsupported,
     UsageError,
 )
+from vsock_async.protocol import Command, CommandDecoder, encode_result
+from vsock_async.protocol.v2 import (
+    HEADER,
+    AgentLimits,
+    AgentSession,
+    Channel,
+    ExecRequested,
+    hello_answer,
+    parse_hello_command,
+)
 
 HANG_GUARD = 20.0  # seconds: only a hang ever gets near it
 
@@ -601,3 +611,64 @@ async def test_credit_held_back_is_returned_before_a_reader_waits(channel: Guest
 async def test_run_takes_output_far_beyond_its_window(channel: GuestChannel) -> None:
     result = await channel.run("head -c 20000000 /dev/zero | tr '\\0' z", timeout=HANG_GUARD)
     assert result.stdout == b"z" * 20_000_000 and not result.stdout_truncated
+
+
+@pytest.mark.asyncio
+async def test_run_asks_an_agent_that_can_for_a_brief_stream(channel: GuestChannel) -> None:
+    # One EXIT frame back for a silent command: no STARTED, no END (docs/protocol.md §3).
+    exit_frame = HEADER.size + len(
+        b'{"exit_code":0,"signal":null,"timed_out":false,"output_incomplete":false}'
+    )
+    assert channel.agent is not None and "brief" in channel.agent.capabilities
+    before = channel.bytes_received
+    assert (await channel.run("true", timeout=HANG_GUARD)).exit_code == 0
+    assert channel.bytes_received - before == exit_frame
+    before = channel.bytes_received
+    result = await channel.run("echo hi; echo err >&2; exit 3", timeout=HANG_GUARD)
+    assert (result.stdout, result.stderr, result.exit_code) == (b"hi\n", b"err\n", 3)
+    exit3 = exit_frame  # the same length with another digit
+    assert channel.bytes_received - before == 2 * HEADER.size + 3 + 4 + exit3
+    long = "echo " + "x" * 70_000  # too long for the EXEC: the shell reads it from stdin
+    assert (await channel.run(long, timeout=HANG_GUARD)).stdout == b"x" * 70_000 + b"\n"
+
+
+async def older_agent(path: str, requests: list[dict[str, object]]) -> None:
+    """A v2 agent that does not know brief streams, written on the protocol core: it
+    announces only ``exec`` and answers every EXEC with STARTED, ``old`` and both ENDs."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    decoder = CommandDecoder()
+    while (command := decoder.next_event()) is None:
+        decoder.receive_data(await reader.read(1 << 16))
+    assert isinstance(command, Command)
+    hello = parse_hello_command(command.command)
+    assert hello is not None
+    answer = hello_answer(hello, AgentLimits(), ["exec"], "old/1")
+    assert answer is not None
+    writer.write(encode_result(answer, b"", 0))
+    session = AgentSession(hello)
+    while data := await reader.read(1 << 16):
+        session.receive_data(data)
+        while (event := session.next_event()) is not None:
+            assert isinstance(event, ExecRequested)
+            requests.append(dict(event.request))
+            session.started(event.stream, 4242)
+            session.send_output(event.stream, Channel.STDOUT, b"old\n", end=True)
+            session.send_output(event.stream, Channel.STDERR, b"", end=True)
+            session.exited(event.stream, exit_code=0)
+        writer.writelines(session.data_to_send())
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_run_on_an_agent_without_brief_streams_asks_for_full_ones(tmp_path: Path) -> None:
+    path = short_socket_path(tmp_path, "old.sock")
+    requests: list[dict[str, object]] = []
+    async with await vsock_async.listen(f"unix:{path}", protocol="v2") as server:
+        guest = asyncio.create_task(older_agent(path, requests))
+        channel = await server.accept(timeout=HANG_GUARD)
+        assert channel.agent is not None and "brief" not in channel.agent.capabilities
+        result = await channel.run("echo old", timeout=HANG_GUARD)
+        assert (result.stdout, result.stderr, result.exit_code) == (b"old\n", b"", 0)
+        assert len(requests) == 1 and "brief" not in requests[0]
+        await channel.aclose()
+        await asyncio.wait_for(guest, HANG_GUARD)

@@ -43,7 +43,7 @@ from vsock_async.protocol.v2 import (
 
 PAGE = Path(__file__).parents[2] / "docs" / "protocol.md"
 NONCE = "0123456789abcdef"
-CAPABILITIES = ["exec", "pty", "signal", "resize", "ping", "files"]
+CAPABILITIES = ["exec", "pty", "signal", "resize", "ping", "files", "brief"]
 MARKER = re.compile(r"<!-- v2-example: ([a-z0-9-]+) -->\n```hex\n(.*?)```", re.S)
 
 
@@ -180,6 +180,21 @@ def examples() -> dict[str, bytes]:
     agent.file_failed(stream, "file_error", "No such file or directory", "ENOENT")
     to_host("stat-error")
     assert host.next_event() == StreamError(11, "file_error", "No such file or directory", "ENOENT")
+
+    # echo hi again, as a brief stream: the output, then EXIT, in one write.
+    stream = host.open_exec({"argv": ["echo", "hi"], "brief": True})
+    to_agent("exec-brief")
+    agent.next_event()
+    agent.started(stream, 4244)
+    agent.send_output(stream, Channel.STDOUT, b"hi\n", end=True)
+    agent.send_output(stream, Channel.STDERR, b"", end=True)
+    agent.exited(stream, exit_code=0)
+    to_host("brief-answer")
+    assert [host.next_event() for _ in range(3)] == [
+        Output(13, Channel.STDOUT, b"hi\n", False),
+        Exited(13, 0, None, False, False),
+        None,
+    ]
     return out
 
 

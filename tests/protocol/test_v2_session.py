@@ -51,7 +51,7 @@ from vsock_async.protocol.v2 import (
 
 from .lending import lend
 
-ALL_CAPS = frozenset({"exec", "pty", "signal", "resize", "user", "ping", "files"})
+ALL_CAPS = frozenset({"exec", "pty", "signal", "resize", "user", "ping", "files", "brief"})
 NONCE = "0123456789abcdef"
 T = FrameType
 
@@ -161,6 +161,7 @@ def test_max_streams_is_refused_locally_until_one_ends() -> None:
         ({"argv": ["x"]}, "exec"),
         ({"argv": ["x"], "pty": {"rows": 1, "cols": 1}}, "pty"),
         ({"argv": ["x"], "user": "app"}, "user"),
+        ({"argv": ["x"], "brief": True}, "brief"),
     ],
 )
 def test_open_exec_needs_the_capabilities(request_: dict[str, Any], missing: str) -> None:
@@ -957,6 +958,197 @@ def test_eof_mid_frame_is_visible() -> None:
     h.receive_data(b"")
     with pytest.raises(UsageError):
         h.receive_data(b"x")
+
+
+# -- brief process streams -------------------------------------------------------------
+
+
+def brief_agent(window: int = 100, stdin: bool = False) -> AgentSession:
+    """An agent session whose stream 1 is a brief EXEC, started (pid 7): nothing was sent."""
+    a = agent()
+    a.receive_data(
+        jframe(1, T.EXEC, {"argv": ["x"], "stdin": stdin, "window": window, "brief": True})
+    )
+    (event,) = events(a)
+    assert isinstance(event, ExecRequested) and event.request["brief"] is True
+    a.started(1, 7)
+    assert a.data_to_send() == [], "no STARTED on a brief stream"
+    return a
+
+
+def test_a_brief_stream_sends_only_its_output_and_the_exit() -> None:
+    a = brief_agent()
+    assert a.send_output(1, Channel.STDOUT, b"hi\n", end=True) == 3
+    assert a.send_output(1, Channel.STDERR, b"", end=True) == 0
+    a.exited(1, exit_code=3)
+    exit3 = b'{"exit_code":3,"signal":null,"timed_out":false,"output_incomplete":false}'
+    assert b"".join(bytes(c) for c in a.data_to_send()) == (
+        encode_frame(1, T.STDOUT, 0, b"hi\n") + encode_frame(1, T.EXIT, 0, exit3)
+    )
+    assert a.streams == frozenset()
+
+
+def test_a_brief_stream_still_keeps_to_credit_and_end_rules_inside_the_agent() -> None:
+    a = brief_agent(window=2)
+    assert a.send_output(1, Channel.STDOUT, b"abc", end=True) == 2  # 'c' waits for credit
+    with pytest.raises(UsageError, match="END"):
+        a.exited(1, exit_code=0)  # the agent still owes the rest of stdout, and stderr's end
+    a.receive_data(encode_window(1, Channel.STDOUT, 5))
+    assert events(a) == [OutputCredit(1, Channel.STDOUT, 5)]
+    assert a.send_output(1, Channel.STDOUT, b"c", end=True) == 1
+    with pytest.raises(UsageError, match="already ended"):
+        a.send_output(1, Channel.STDOUT, b"d")
+    a.send_output(1, Channel.STDERR, b"", end=True)
+    a.exited(1, exit_code=0)
+    assert [(f.type, f.flags, bytes(f.payload)) for f in sent(a)] == [
+        (T.STDOUT, 0, b"ab"),
+        (T.STDOUT, 0, b"c"),
+        (T.EXIT, 0, b'{"exit_code":0,"signal":null,"timed_out":false,"output_incomplete":false}'),
+    ]
+
+
+def test_a_brief_stream_after_close_sends_the_exit_alone() -> None:
+    a = brief_agent(window=1)
+    a.receive_data(encode_frame(1, T.CLOSE))
+    assert events(a) == [CloseRequested(1)]
+    assert a.send_output(1, Channel.STDOUT, b"dropped", end=True) == 7
+    a.send_output(1, Channel.STDERR, b"", end=True)
+    a.exited(1, signal=15)
+    assert [f.type for f in sent(a)] == [T.EXIT]
+
+
+def test_a_brief_exec_that_cannot_start_is_refused_as_any_other() -> None:
+    a = agent()
+    a.receive_data(jframe(1, T.EXEC, {"argv": ["nope"], "brief": True}))
+    events(a)
+    a.exec_failed(1, "spawn_failed", "no such file", "ENOENT")
+    (frame,) = sent(a)
+    assert error_of(frame) == {
+        "code": "spawn_failed",
+        "message": "no such file",
+        "errno": "ENOENT",
+        "type": 1,
+    }
+
+
+@pytest.mark.parametrize("brief", [1, "yes", None, []])
+def test_a_brief_that_is_not_a_bool_is_a_bad_request(brief: Any) -> None:
+    a = agent()
+    a.receive_data(jframe(1, T.EXEC, {"argv": ["x"], "brief": brief}))
+    assert events(a) == []
+    (frame,) = sent(a)
+    assert error_of(frame)["code"] == "bad_request" and "brief" in error_of(frame)["message"]
+    assert a.streams == frozenset()
+
+
+@pytest.mark.parametrize("brief", [1, "yes", None])
+def test_the_host_refuses_a_brief_that_is_not_a_bool(brief: Any) -> None:
+    h = host()
+    with pytest.raises(UsageError, match="brief"):
+        h.open_exec({"argv": ["x"], "brief": brief})
+    assert h.data_to_send() == [] and h.streams == frozenset()
+
+
+def brief_host(window: int = 100) -> HostSession:
+    h = host()
+    assert h.open_exec({"argv": ["x"], "brief": True}, window) == 1
+    (frame,) = sent(h)
+    assert json.loads(bytes(frame.payload))["brief"] is True
+    return h
+
+
+def test_the_host_takes_output_then_an_exit_that_ends_everything() -> None:
+    h = brief_host(window=4)
+    h.receive_data(
+        encode_frame(1, T.STDOUT, 0, b"hi\n")
+        + encode_frame(1, T.STDERR, 0, b"oops")
+        + jframe(1, T.EXIT, EXIT0)
+    )
+    assert events(h) == [
+        Output(1, Channel.STDOUT, b"hi\n", False),
+        Output(1, Channel.STDERR, b"oops", False),
+        Exited(1, 0, None, False, False),
+    ]
+    assert h.streams == frozenset()
+    h.receive_data(encode_frame(1, T.STDOUT, 0, b"late"))  # crossed the EXIT: ignored
+    assert events(h) == []
+
+
+def test_the_host_takes_a_bare_exit() -> None:
+    h = brief_host()
+    h.receive_data(jframe(1, T.EXIT, {**EXIT0, "exit_code": None, "signal": 9}))
+    assert events(h) == [Exited(1, None, 9, False, False)]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        jframe(1, T.STARTED, {"pid": 7}),
+        encode_frame(1, T.STDOUT, FLAG_END),
+        encode_frame(1, T.STDERR, FLAG_END, b"x"),
+    ],
+    ids=["started", "stdout-end", "stderr-end-with-data"],
+)
+def test_started_or_end_on_a_brief_stream_is_a_violation(frame: bytes) -> None:
+    h = brief_host()
+    with pytest.raises(ProtocolError, match="brief"):
+        h.receive_data(frame)
+
+
+def test_output_beyond_credit_on_a_brief_stream_is_a_violation() -> None:
+    h = brief_host(window=2)
+    with pytest.raises(ProtocolError, match="credit"):
+        h.receive_data(encode_frame(1, T.STDOUT, 0, b"abc"))
+
+
+def test_an_exec_error_ends_a_brief_stream_only_before_anything_else_came() -> None:
+    h = brief_host()
+    h.receive_data(jframe(1, T.ERROR, {"code": "spawn_failed", "message": "no", "type": 1}))
+    assert events(h) == [StreamError(1, "spawn_failed", "no", None)]
+    assert h.streams == frozenset()
+
+    h.open_exec({"argv": ["x"], "brief": True})
+    h.receive_data(encode_frame(3, T.STDOUT, 0, b"running"))
+    h.receive_data(jframe(3, T.ERROR, {"code": "internal", "message": "odd", "type": 1}))
+    assert events(h) == [
+        Output(3, Channel.STDOUT, b"running", False),
+        RequestFailed(3, 1, "internal", "odd", None),
+    ]
+    assert h.streams == frozenset({3})
+
+
+def test_a_brief_and_a_full_stream_side_by_side_in_every_chunking() -> None:
+    h, a = host(), agent()
+    full = h.open_exec({"argv": ["a"]}, window=3)
+    brief = h.open_exec({"argv": ["b"], "brief": True, "stdin": True}, window=3)
+    h.send_stdin(brief, b"in", end=True)
+    for chunk in h.data_to_send():
+        a.receive_data(bytes(chunk))
+    got = events(a)
+    assert [type(e) for e in got[:2]] == [ExecRequested, ExecRequested]
+    assert got[2:] == [StdinData(brief, b"in", True)], "a brief stream's stdin still ends"
+    for stream, pid in ((full, 10), (brief, 11)):
+        a.started(stream, pid)
+        a.send_output(stream, Channel.STDOUT, b"out", end=True)
+        a.send_output(stream, Channel.STDERR, b"e", end=True)
+        a.exited(stream, exit_code=0)
+    wire = b"".join(bytes(c) for c in a.data_to_send())
+    for size in (1, 2, 7, len(wire)):
+        h2 = host()
+        h2.open_exec({"argv": ["a"]}, window=3)
+        h2.open_exec({"argv": ["b"], "brief": True, "stdin": True}, window=3)
+        for i in range(0, len(wire), size):
+            h2.receive_data(wire[i : i + size])
+        assert events(h2) == [
+            Started(full, 10),
+            Output(full, Channel.STDOUT, b"out", True),
+            Output(full, Channel.STDERR, b"e", True),
+            Exited(full, 0, None, False, False),
+            Output(brief, Channel.STDOUT, b"out", False),
+            Output(brief, Channel.STDERR, b"e", False),
+            Exited(brief, 0, None, False, False),
+        ]
+        assert h2.streams == frozenset()
 
 
 # -- file streams ----------------------------------------------------------------------

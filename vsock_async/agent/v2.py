@@ -68,7 +68,7 @@ class V2Settings:
 
 def capabilities() -> list[str]:
     """What this agent can do here: ``pty``/``resize`` if a terminal opens, ``user`` as root."""
-    found = ["exec", "signal", "ping", "files"]
+    found = ["exec", "signal", "ping", "files", "brief"]
     if pty_available():
         found += ["pty", "resize"]
     if os.geteuid() == 0:

@@ -303,7 +303,6 @@ class _Capture:
         self._ungranted = 0
         self._kept = io.BytesIO()
         self.truncated = False
-        self.eof = False
 
     def _feed(self, data: bytes | memoryview, end: bool) -> None:
         if data:
@@ -317,8 +316,6 @@ class _Capture:
             if not end and self._ungranted >= self._batch:
                 self._grant(self._ungranted)
                 self._ungranted = 0
-        if end:
-            self.eof = True
 
     def _fail(self, error: VsockAsyncError) -> None:
         pass
@@ -870,6 +867,8 @@ async def run_command(
         "stderr": "pipe",
         "window": _RUN_WINDOW,
     }
+    if "brief" in connection.agent.capabilities:
+        request["brief"] = True  # no STARTED, no END: one frame back for a silent command
     try:
         async with asyncio.timeout(timeout):
             await connection.send_exec(process, request)  # the exit tells all; STARTED adds nothing

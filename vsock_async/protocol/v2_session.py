@@ -128,7 +128,10 @@ class Output:
 
 @dataclass(frozen=True, slots=True)
 class Exited:
-    """Host: the last event of a started stream. Exactly one of exit_code and signal is set."""
+    """Host: the last event of a started stream. Exactly one of exit_code and signal is set.
+
+    On a brief stream it also ends STDOUT and STDERR: no :class:`Output` with ``end`` comes.
+    """
 
     stream: int
     exit_code: int | None
@@ -356,6 +359,8 @@ class _Stream:
     """The operation of a file stream; None for a process stream."""
     committed: bool = False
     """A put's COMMIT went (host) or came (agent)."""
+    brief: bool = False
+    """A process stream opened with ``"brief": true``: no STARTED, no END; EXIT ends all."""
 
 
 def _file_stream(op: str, window: int, file_window: int) -> _Stream:
@@ -505,10 +510,14 @@ class _Session:
             data = bytes(data)
         accepted = min(len(data), state.credit[channel])
         if accepted or (end and not data):
-            whole = accepted == len(data)
-            self._queue_data(stream, channel, memoryview(data)[:accepted], end and whole)
+            ended = end and accepted == len(data)
+            # A brief stream's output has no END: its EXIT says so. Its stdin ends as any.
+            quiet = state.brief and channel != Channel.STDIN
+            if accepted or not quiet:
+                view = memoryview(data)[:accepted]
+                self._queue_data(stream, channel, view, ended and not quiet)
             state.credit[channel] -= accepted
-            state.ended[channel] = end and whole
+            state.ended[channel] = ended
         return accepted
 
     def _queue_data(self, stream: int, channel: Channel, view: memoryview, end: bool) -> None:
@@ -665,6 +674,8 @@ class HostSession(_Session):
 
         ``request`` is the EXEC object (docs/protocol.md); ``window`` is the
         initial STDOUT and STDERR credit and replaces any ``window`` in it.
+        With ``"brief": true`` (capability ``brief``) the agent sends no STARTED
+        and no END: no :class:`Started` event, and :class:`Exited` ends the output.
         :class:`UsageError`, with nothing sent, when the agent's ``max_streams``
         are open, a capability the request needs is missing, or the request
         does not fit in one frame the agent accepts.
@@ -678,6 +689,11 @@ class HostSession(_Session):
         stdin = request.get("stdin", False)
         if not isinstance(stdin, bool):
             raise UsageError(f"EXEC stdin must be true or false, not {stdin!r}")
+        brief = request.get("brief", False)
+        if not isinstance(brief, bool):
+            raise UsageError(f"EXEC brief must be true or false, not {brief!r}")
+        if brief:
+            self._require("brief", "run a process without STARTED and END frames (brief)")
         _check_window(window)
         stream = self._next_stream()
         limits = self.agent.limits
@@ -692,7 +708,9 @@ class HostSession(_Session):
         self._send.append(encode_frame(stream, FrameType.EXEC, 0, payload))
         self._last_id = stream
         credit = [limits.stdin_window if stdin else 0, window, window]
-        self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit)
+        state = _Stream(stdin, request.get("pty") is not None, credit)
+        state.brief = brief
+        self._streams[stream] = state
         return stream
 
     def open_file(self, request: Mapping[str, Any], window: int = DEFAULT_WINDOW) -> int:
@@ -859,6 +877,8 @@ class HostSession(_Session):
         if type == FrameType.RESULT:
             raise _violation(frame, "RESULT ends a file stream, and this one runs a process")
         if type == FrameType.STARTED:
+            if state.brief:
+                raise _violation(frame, "a brief stream has no STARTED")
             if state.started:
                 raise _violation(frame, "the stream had already started")
             try:
@@ -869,9 +889,13 @@ class HostSession(_Session):
             self._events.append(Started(stream, pid))
             return
         if not state.started:
-            raise _violation(frame, "the stream has not started (STARTED comes first)")
+            if not state.brief:
+                raise _violation(frame, "the stream has not started (STARTED comes first)")
+            state.started = True  # it runs: an ERROR now refuses a request, not the EXEC
         if type == FrameType.EXIT:
-            if not state.ended[Channel.STDOUT] or not state.ended[Channel.STDERR]:
+            if not state.brief and not (
+                state.ended[Channel.STDOUT] and state.ended[Channel.STDERR]
+            ):
                 raise _violation(frame, "EXIT before END on both STDOUT and STDERR")
             try:
                 exited = _exit_fields(stream, _payload(frame))
@@ -880,6 +904,8 @@ class HostSession(_Session):
             del self._streams[stream]
             self._events.append(exited)
             return
+        if frame.end and state.brief:
+            raise _violation(frame, "a brief stream has no END: its EXIT ends the output")
         channel = _DATA_TYPE[type]
         self._take_credit(state, channel, frame)
         if frame.payload or frame.end:
@@ -981,14 +1007,15 @@ class AgentSession(_Session):
     # -- answers ---------------------------------------------------------------------------
 
     def started(self, stream: int, pid: int) -> None:
-        """Queue STARTED: the process of ``stream`` runs as ``pid``."""
+        """Queue STARTED: the process of ``stream`` runs as ``pid`` (a brief stream sends none)."""
         state = self._process(stream)
         if state.started:
             raise UsageError(f"stream {stream} has already started")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= U32_MAX:
             raise UsageError(f"a pid is an int in 1..{U32_MAX}, not {pid!r}")
         state.started = True
-        self._queue_json(stream, FrameType.STARTED, {"pid": pid})
+        if not state.brief:
+            self._queue_json(stream, FrameType.STARTED, {"pid": pid})
 
     def exec_failed(self, stream: int, code: str, message: str, errno: str | None = None) -> None:
         """Queue ERROR for the EXEC of ``stream``, which started nothing; the stream ends."""
@@ -1122,6 +1149,7 @@ class AgentSession(_Session):
         request = _payload(frame)
         try:
             stdin = _bool(request, "stdin")
+            brief = _bool(request, "brief")
             window = _int(request, "window", 0, MAX_CREDIT, DEFAULT_WINDOW)
         except _BadField as exc:
             self._queue_error(stream, FrameType.EXEC, "bad_request", str(exc))
@@ -1136,7 +1164,9 @@ class AgentSession(_Session):
             )
             return
         credit = [self.limits.stdin_window if stdin else 0, window, window]
-        self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit)
+        state = _Stream(stdin, request.get("pty") is not None, credit)
+        state.brief = brief
+        self._streams[stream] = state
         self._events.append(ExecRequested(stream, request))
 
     def _on_file(self, frame: Frame) -> None:
