@@ -383,7 +383,7 @@ def test_host_session_on_hostile_bytes(scale: Scale) -> None:
         feed: Feeder,
         todo: list[tuple[str, int, int]],
     ) -> None:
-        caps = frozenset({"exec", "signal", "ping", "files"})
+        caps = frozenset({"exec", "signal", "ping", "files", "brief"})
         host = HostSession(HelloAnswer(2, agent, caps, "fuzz"), max_frame)
         file_streams = set()
         for i, (stdin, window) in enumerate(opened[: agent.max_streams]):
@@ -391,7 +391,8 @@ def test_host_session_on_hostile_bytes(scale: Scale) -> None:
                 op = "put" if stdin else "get"
                 file_streams.add(host.open_file({"op": op, "path": "/x"}, window))
             else:
-                host.open_exec({"argv": ["x"], "stdin": stdin}, window)
+                brief = i % 4 == 2
+                host.open_exec({"argv": ["x"], "stdin": stdin, "brief": brief}, window)
         ended: set[int] = set()
         actions = iter(todo)
 
@@ -527,7 +528,7 @@ class Duel:
     """A host session and an agent session wired together; one of them gets hostile bytes too."""
 
     def __init__(self, limits: AgentLimits, host_max_frame: int, victim: str, feed: Feeder) -> None:
-        caps = frozenset({"exec", "signal", "resize", "pty", "ping", "files"})
+        caps = frozenset({"exec", "signal", "resize", "pty", "ping", "files", "brief"})
         self.host = HostSession(HelloAnswer(2, limits, caps, "duel"), host_max_frame)
         self.agent = AgentSession(HelloRequest((2,), "0123456789abcdef", host_max_frame), limits)
         self.limits = limits
@@ -566,6 +567,8 @@ class Duel:
                 request: dict[str, Any] = {"argv": ["x"], "stdin": flag}
                 if index % 2:
                     request["pty"] = {"rows": 24, "cols": 80}
+                if index % 3 == 2:
+                    request["brief"] = True
                 self.ids.append(host.open_exec(request, n))
             elif what == "start":
                 agent.started(self.stream(index, agent), 100 + index)
