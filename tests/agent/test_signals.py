@@ -134,3 +134,30 @@ async def test_the_agent_itself_still_ignores_what_it_was_started_ignoring(
         process = await served.guest.create_process(["echo", "alive"])
         assert await process.communicate() == (b"alive\n", b"")
         assert served.agent.returncode is None
+
+
+REFUSING = """
+import errno, signal
+from vsock_async.agent.signals import default_signals_for_commands
+for signum in (signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(signum, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGWINCH, signal.SIGURG})
+real = signal.signal
+def refusing(signum, handler):
+    if signum in (signal.SIGUSR1, signal.SIGURG):  # as a runtime that keeps them refuses
+        raise OSError(errno.EINVAL, "Invalid argument")
+    return real(signum, handler)
+signal.signal = refusing
+default_signals_for_commands()
+usr1, usr2 = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGUSR2)
+print(usr1 is signal.SIG_IGN, callable(usr2))
+print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())))
+"""
+
+
+def test_a_signal_the_runtime_will_not_let_go_is_left_as_found() -> None:
+    # Under valgrind, sigaction refuses a signal it keeps; the agent once died of that at start.
+    done = subprocess.run([sys.executable, "-c", REFUSING], capture_output=True, check=True)
+    caught, blocked = done.stdout.decode().splitlines()
+    assert caught == "True True"  # USR1 still ignored (refused), USR2 caught
+    assert blocked == str([signal.SIGURG.value])  # WINCH unblocked, URG left blocked

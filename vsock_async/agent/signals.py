@@ -10,7 +10,8 @@ SIGPIPE and SIGXFSZ, which Python itself ignores, subprocess resets in each chil
 (``restore_signals``). The signals of a fault (SIGSEGV, SIGBUS, ...) are left alone: a handler
 that returns would run the faulting instruction again, forever. Signals 32 and 33, which
 glibc keeps for itself, are out of reach (its ``sigaction`` refuses them) and mean nothing
-to a command.
+to a command; so is any other signal whose handler the runtime refuses to set (valgrind keeps
+one for itself): the agent leaves it as it found it, blocked if it was, rather than fail.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def default_signals_for_commands() -> None:
     for signum in signal.valid_signals() - left:
         handler = signal.getsignal(signum)
         if handler is signal.SIG_IGN or (signum in blocked and handler is signal.SIG_DFL):
-            signal.signal(signum, _ignored)
+            try:
+                signal.signal(signum, _ignored)
+            except OSError:  # EINVAL: not ours to catch; unblocked, it could kill the agent
+                blocked.discard(signum)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
