@@ -40,6 +40,20 @@ def feed_via_buffer(decoder: ResultDecoder | CommandDecoder, data: bytes, step: 
         pos += n
 
 
+def take_results(decoder: ResultDecoder, data: bytes, step: int) -> list[CommandResult | None]:
+    """Feed ``data`` as the host does, through lent memory and ``result_updated()``: what each
+    read gave back."""
+    got: list[CommandResult | None] = []
+    pos = 0
+    while pos < len(data):
+        with decoder.get_buffer(-1) as buf:
+            n = min(len(buf), step, len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+        got.append(decoder.result_updated(n))
+        pos += n
+    return got
+
+
 def drain(decoder: ResultDecoder | CommandDecoder) -> list[object]:
     events: list[object] = []
     while (event := decoder.next_event()) is not None:
@@ -311,10 +325,11 @@ def test_results_carry_the_agents_truncation_notes(fast: bool) -> None:
         decoder = ResultDecoder()
         data = encode_result(*answer)
         if fast:
-            decoder.receive_data(data)
+            results: list[object] = list(take_results(decoder, data, len(data)))
         else:
             feed_chunks(decoder, data, list(range(len(data))))
-        (result,) = drain(decoder)
+            results = drain(decoder)
+        (result,) = results
         assert isinstance(result, CommandResult)
         assert (result.stdout_truncated, result.stderr_truncated) == (out_cut, err_cut), answer
         assert result.exit_signal is None  # v1 cannot tell a signal from an exit code
@@ -349,12 +364,12 @@ def test_idle_scratch_is_small_grows_for_a_frame_that_needs_it_then_shrinks() ->
     with decoder.get_buffer() as idle:
         assert len(idle) == 1024
     big = (b"x" * 3000, b"e" * 100, 0)
-    feed_via_buffer(decoder, encode_result(*big), 100_000)  # each read fills what is lent
-    assert drain(decoder) == [CommandResult(*big)]
+    got = take_results(decoder, encode_result(*big), 100_000)  # each read fills what is lent
+    assert got[-1] == CommandResult(*big)
     with decoder.get_buffer() as grown:
         assert len(grown) > 1024
-    feed_via_buffer(decoder, encode_result(b"ok\n", b"", 0), 100_000)
-    assert drain(decoder) == [CommandResult(b"ok\n", b"", 0)]
+    got = take_results(decoder, encode_result(b"ok\n", b"", 0), 100_000)
+    assert got == [CommandResult(b"ok\n", b"", 0)]
     with decoder.get_buffer() as again:
         assert len(again) == 1024
 
@@ -365,3 +380,57 @@ def test_commands_pipelined_past_the_small_scratch() -> None:
     decoder = CommandDecoder()
     feed_via_buffer(decoder, b"".join(encode_command(c) for c in commands), 100_000)
     assert drain(decoder) == [Command(c) for c in commands]
+
+
+# -- the host's one call per read: result_updated() ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (b"", b"", 0),  # a probe's answer: shared, parsed from its nine bytes
+        (b"", b"", 7),
+        (b"ok\n", b"", 0),
+        (b"", b"oops\n", 2),  # stderr ending a line: looked at for the agent's notes
+        (b"out", b"err", 1),
+        (b"x" * 5000, b"e" * 10, 3),  # a body above INLINE_MAX: the parser's own path
+    ],
+)
+def test_result_updated_gives_the_result_in_the_read_that_completes_it(
+    answer: tuple[bytes, bytes, int],
+) -> None:
+    frame = encode_result(*answer)
+    want = CommandResult(*answer)
+    for step in (len(frame), 1, 4, 9, 10):  # a large body may take more reads than asked
+        got = take_results(ResultDecoder(), frame, step)
+        assert got == [None] * (len(got) - 1) + [want], step
+    for cut in range(1, len(frame)):  # whole but for one split, anywhere
+        decoder = ResultDecoder()
+        got = take_results(decoder, frame[:cut], cut) + take_results(decoder, frame[cut:], cut)
+        assert got == [None] * (len(got) - 1) + [want], cut
+
+
+@pytest.mark.parametrize(
+    "first", [(b"", b"", 0), (b"ok\n", b"", 0), (b"", b"e\n", 0), (b"x" * 5000, b"", 0)]
+)
+@pytest.mark.parametrize("extra", [b"\0", encode_result(b"", b"", 0), encode_result(b"a", b"", 1)])
+def test_result_updated_refuses_bytes_beyond_the_result(
+    first: tuple[bytes, bytes, int], extra: bytes
+) -> None:
+    """A host asks for one result at a time: a byte after it, in the same read, is an error."""
+    decoder = ResultDecoder()
+    frame = encode_result(*first)
+    with pytest.raises(ProtocolError, match="beyond the result"):
+        take_results(decoder, frame + extra, len(frame) + len(extra))
+    with pytest.raises(UsageError, match="earlier error"):
+        decoder.get_buffer()
+
+
+def test_result_updated_with_zero_output_limits_takes_only_an_empty_answer() -> None:
+    """A probe's answer may hold no output: its first length prefix above 0 fails it."""
+    decoder = ResultDecoder()
+    decoder.set_output_limits(0, 0)
+    assert take_results(decoder, encode_result(b"", b"", 0), 9) == [CommandResult(b"", b"", 0)]
+    with pytest.raises(FrameTooLarge) as info:
+        take_results(decoder, encode_result(b"x", b"", 0), 10)
+    assert (info.value.what, info.value.length, info.value.limit) == ("stdout", 1, 0)

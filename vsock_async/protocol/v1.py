@@ -339,7 +339,8 @@ class _FrameDecoder(Generic[_Event]):
 
 
 class ResultDecoder(_FrameDecoder[CommandResult]):
-    """Decodes result frames (guest to host) into :class:`CommandResult` events."""
+    """Decodes result frames (guest to host) into :class:`CommandResult` events; a host, which
+    asks for one result at a time, takes each from :meth:`result_updated` instead."""
 
     _names = ("stdout", "stderr")
     _trailer = True
@@ -357,22 +358,21 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
         self._max_out = min(max_stdout, INLINE_MAX)
         self._max_err = min(max_stderr, INLINE_MAX)
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def result_updated(self, nbytes: int) -> CommandResult | None:
+        """Commit ``nbytes`` as :meth:`buffer_updated` does and take the result they complete,
+        or None; raises :class:`ProtocolError` if bytes beyond it are held too (a host asked
+        for one result, and anything after it is not an answer). One call per read for the
+        host; a small result arriving whole at a frame boundary is parsed here at once."""
         start = self._start
         end = self._end + nbytes
-        # Fast path: one whole small result at a frame boundary.
         if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
             if self._scratch.startswith(_NO_OUTPUT, start):  # every probe's answer
-                self._events += (_EMPTY_RESULTS[self._scratch[start + 8]],)
                 if start + 9 == end:
                     self._start = self._end = 0
                     if self._grown:  # an answer that fits the small scratch: back to it
                         self._resize(SCRATCH_MIN)
-                else:
-                    self._start = start + 9
-                    self._end = end
-                    self._parse()
-                return
+                    return _EMPTY_RESULTS[self._scratch[start + 8]]
+                raise self._beyond()
             view = self._view
             (n_out,) = _unpack_u32(view, start)
             err_at = start + 4 + n_out
@@ -380,6 +380,8 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                 (n_err,) = _unpack_u32(view, err_at)
                 code_at = err_at + 4 + n_err
                 if n_err <= self._max_err and code_at < end:
+                    if code_at + 1 != end:
+                        raise self._beyond()
                     out = view[start + 4 : err_at].tobytes() if n_out else b""
                     if not n_err:
                         result = CommandResult(out, b"", view[code_at])
@@ -389,30 +391,21 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                         result = CommandResult(
                             out, view[err_at + 4 : code_at].tobytes(), view[code_at]
                         )
-                    self._events += (result,)
-                    start = code_at + 1
-                    if start == end:
-                        self._start = self._end = 0
-                        if self._grown and end <= SCRATCH_MIN:  # it fit the small scratch
-                            self._resize(SCRATCH_MIN)
-                        return
-                    self._start = start
-                    self._end = end
-                    self._parse()
-                    return
-        super().buffer_updated(nbytes)
-
-    def sole_result(self) -> CommandResult | None:
-        """The result that has arrived whole, taken as :meth:`next_event` would, or None; raises
-        :class:`ProtocolError` if bytes beyond it are held too (:meth:`holds_more`). One call
-        for the host's every answer."""
+                    self._start = self._end = 0
+                    if self._grown and end <= SCRATCH_MIN:  # it fit the small scratch
+                        self._resize(SCRATCH_MIN)
+                    return result
+        self.buffer_updated(nbytes)
         events = self._events
         if not events:
             return None
         if len(events) > 1 or self._fields or self._length >= 0 or self._end > self._start:
-            raise self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
+            raise self._beyond()
         self._events = ()
         return events[0]
+
+    def _beyond(self) -> ProtocolError:
+        return self._fail(ProtocolError("the guest sent bytes beyond the result of its command"))
 
     def holds_more(self) -> bool:
         """True if bytes beyond the results already taken are held: another result, or part

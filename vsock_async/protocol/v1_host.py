@@ -240,8 +240,7 @@ class HostConnectionV1(Generic[Id]):
             return
         decoder = self._decoder
         try:
-            decoder.buffer_updated(nbytes)
-            result = decoder.sole_result()
+            result = decoder.result_updated(nbytes)
         except ProtocolError as exc:
             self._fail(exc)
             return
