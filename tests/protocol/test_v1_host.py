@@ -138,6 +138,93 @@ def test_data_to_send_keeps_every_frame_until_taken() -> None:
     assert conn.data_to_send() == encode_command(b"one") + encode_command(b"two")
 
 
+def test_the_result_of_a_call_given_up_in_flight_is_dropped() -> None:
+    gave_up: set[str] = set()
+    conn: HostConnectionV1[str] = HostConnectionV1(abandoned=gave_up.__contains__)
+    conn.send_command("a", b"x")
+    conn.send_command("b", b"y")
+    gave_up.add("a")  # its caller left while the guest was running it
+    conn.receive_data(encode_result(b"late", b"", 0))
+    assert events(conn) == [] and conn.in_flight("b")  # the stream is in step: b goes on
+    conn.receive_data(encode_result(b"", b"", 0))
+    assert events(conn) == [ResultReceived("b", CommandResult(b"", b"", 0))]
+
+
+def test_command_frame_hands_the_frame_to_its_caller() -> None:
+    """For an I/O layer that writes at once: the frame to write now, or b"" when queued (its
+    frame then goes to output_ready, here data_to_send, when its turn comes)."""
+    conn: HostConnectionV1[str] = HostConnectionV1()
+    assert conn.command_frame("a", b"one") == encode_command(b"one")
+    assert conn.in_flight("a") and conn.data_to_send() == b""
+    assert conn.command_frame("b", b"two", probe=True) == b"" and conn.queued == 1
+    conn.receive_data(encode_result(b"1", b"", 0))
+    assert events(conn) == [ResultReceived("a", CommandResult(b"1", b"", 0))]
+    assert conn.data_to_send() == encode_command(b"two") and conn.in_flight("b")
+    conn.receive_data(encode_result(b"x", b"", 0))  # b was a probe: no output allowed
+    assert isinstance(ended(conn).error, FrameTooLarge)
+    with pytest.raises(FrameTooLarge):
+        conn.command_frame("c", b"three")
+    assert conn.bytes_sent == len(encode_command(b"one") + encode_command(b"two"))
+    assert conn.bytes_received == 2 * len(encode_result(b"1", b"", 0))  # every byte read
+
+
+class Immediate(HostConnectionV1[str]):
+    """A subclass whose hooks act at once, as the asyncio layer's do: here, a log."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.log: list[tuple[str, object]] = []
+
+    def result_received(self, id: str, result: CommandResult) -> None:
+        self.log.append(("result", (id, result)))
+
+    def output_ready(self, data: bytes) -> None:
+        self.log.append(("write", data))
+
+    def connection_ended(self, event: ConnectionEnded[str]) -> None:
+        assert self.state is CLOSED and self.error is event.error
+        self.log.append(("ended", event))
+
+
+def test_hooks_get_each_output_in_the_call_that_produced_it() -> None:
+    conn = Immediate()
+    conn.send_command("a", b"one")
+    conn.send_command("b", b"two")
+    assert conn.log == [("write", encode_command(b"one"))]
+    frame = encode_result(b"out", b"err", 3)
+    for i in range(len(frame)):  # byte by byte: the last byte completes it, and only it
+        conn.log.clear()
+        lend(conn, frame[i : i + 1])
+        if i < len(frame) - 1:
+            assert conn.log == []
+    # the next command goes out before the result is reported: a hook that sends a command
+    # of its own then queues it behind those already waiting
+    assert conn.log == [
+        ("write", encode_command(b"two")),
+        ("result", ("a", CommandResult(b"out", b"err", 3))),
+    ]
+    conn.log.clear()
+    lend(conn, encode_result(b"", b"", 0) + b"\0")  # bytes beyond the result: the end
+    (what, event) = conn.log[0]
+    assert what == "ended" and len(conn.log) == 1
+    assert isinstance(event, ConnectionEnded) and event.unanswered == ("b",)
+    assert conn.next_event() is None and conn.data_to_send() == b""
+    conn.close(ClosedLocally("again"))
+    assert len(conn.log) == 1  # once
+
+
+def test_hooks_see_eof_and_close_at_once() -> None:
+    conn = Immediate()
+    conn.send_command("a", b"x")
+    conn.receive_eof()
+    assert [w for w, _ in conn.log] == ["write", "ended"]
+    other = Immediate(abandoned=lambda id: id == "a")
+    other.send_command("a", b"x")
+    other.receive_data(encode_result(b"", b"", 0))  # "a" was given up: no result
+    other.close(ClosedLocally("bye"))
+    assert [w for w, _ in other.log] == ["write", "ended"]
+
+
 # -- limits --------------------------------------------------------------------------------
 
 

@@ -18,6 +18,13 @@ writes what :meth:`~HostConnectionV1.data_to_send` returns and acts on
 :meth:`~HostConnectionV1.next_event`. Each call carries an id chosen by the
 caller and given back in its :class:`ResultReceived`, or in the
 :class:`ConnectionEnded` that ends it unanswered.
+
+Those three outputs go through hooks (:meth:`~HostConnectionV1.result_received`,
+:meth:`~HostConnectionV1.output_ready`, :meth:`~HostConnectionV1.connection_ended`)
+that queue them for ``data_to_send()`` and ``next_event()``. An I/O layer may
+subclass and override them to act at once, in the call that produced them: the
+asyncio layer does, so that a read is one call from the loop into this class and
+a result resolves its future there.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import enum
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from ..errors import ConnectionLost, ProtocolError, UsageError, VsockAsyncError
 from ..results import CommandResult
@@ -102,9 +109,10 @@ class HostConnectionV1(Generic[Id]):
     """The v1 rules for one host-side connection: a FIFO of calls, one exchange in flight.
 
     ``abandoned(id)``, when given, is asked about a queued call when its turn
-    comes; a call it says was given up is dropped unsent. (The asyncio layer
-    passes ``Future.done``: a caller cancelled in the same loop iteration as
-    the answer before its own must not see its command run.)
+    comes, and about a call whose result has arrived; a call it says was given
+    up is dropped unsent, and its result unreported. (The asyncio layer passes
+    ``Future.done``: a caller cancelled in the same loop iteration as the answer
+    before its own must not see its command run.)
     """
 
     def __init__(
@@ -128,6 +136,11 @@ class HostConnectionV1(Generic[Id]):
         self._to_send = b""
         self._events: tuple[HostEventV1[Id], ...] = ()
         self._error: VsockAsyncError | None = None
+        self.bytes_sent = 0
+        """Bytes of command frames handed out so far (to :meth:`output_ready` or returned by
+        :meth:`command_frame`)."""
+        self.bytes_received = 0
+        """Bytes taken in so far."""
 
     # -- state ---------------------------------------------------------------------------
 
@@ -166,6 +179,14 @@ class HostConnectionV1(Generic[Id]):
         (nothing is sent or queued) and, once the connection has ended, the
         error that ended it.
         """
+        frame = self.command_frame(id, command, probe)
+        if frame:
+            self.output_ready(frame)
+
+    def command_frame(self, id: Id, command: bytes, probe: bool = False) -> bytes:
+        """:meth:`send_command` for a caller that writes the bytes itself: the frame to write
+        now if the line is free (the call is then in flight), else ``b""`` (the call is
+        queued; its frame goes to :meth:`output_ready` when its turn comes)."""
         state = self._state
         if state is _CLOSED:
             assert self._error is not None
@@ -177,13 +198,14 @@ class HostConnectionV1(Generic[Id]):
             if self._queue is None:
                 self._queue = deque()
             self._queue.append((id, frame, probe))
-            return
-        # _start(), inline: this is every exchange's path
+            return b""
+        # _start(), inline and without the hook: this is every exchange's path
         if probe is not self._probing:
             self._set_probing(probe)
         self._current = id
         self._state = _AWAITING
-        self._to_send += frame
+        self.bytes_sent += len(frame)
+        return frame
 
     def check_command(self, command: bytes) -> None:
         """Raise :class:`UsageError` if ``command`` is longer than ``limits.max_command``."""
@@ -207,6 +229,23 @@ class HostConnectionV1(Generic[Id]):
         """
         if self._state is not _CLOSED:
             self._fail(error)
+
+    # -- hooks: what the connection produces (a subclass may act on it at once) ----------
+
+    def result_received(self, id: Id, result: CommandResult) -> None:
+        """Call ``id``'s result has arrived whole: queued as a :class:`ResultReceived`."""
+        # tuple.__new__ itself: a named tuple's own __new__ is one more Python call
+        self._events += (tuple.__new__(ResultReceived, (id, result)),)
+
+    def output_ready(self, data: bytes) -> None:
+        """Bytes to write to the guest, after any handed out before: kept for
+        :meth:`data_to_send`."""
+        self._to_send += data  # b"" + data is data itself: no copy
+
+    def connection_ended(self, event: ConnectionEnded[Id]) -> None:
+        """The connection is over: queued for :meth:`next_event`, where it is the last event.
+        Called once, with the state already :attr:`ConnectionState.CLOSED`."""
+        self._events += (event,)
 
     # -- output --------------------------------------------------------------------------
 
@@ -232,6 +271,7 @@ class HostConnectionV1(Generic[Id]):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Take ``nbytes`` written at the start of the memory :meth:`get_buffer` lent."""
+        self.bytes_received += nbytes
         if self._state is not _AWAITING:
             if self._state is _CLOSED:
                 raise self._misuse()
@@ -246,12 +286,14 @@ class HostConnectionV1(Generic[Id]):
             return
         if result is None:
             return
-        # tuple.__new__ itself: a named tuple's own __new__ is one more Python call per exchange
-        self._events += (tuple.__new__(ResultReceived, (self._current, result)),)
+        id: Any = self._current  # an Id: a call is in flight
         self._current = None
         self._state = _IDLE
-        if self._queue:
+        if self._queue:  # the next command goes out first: the hook may send one of its own
             self._start_next()
+        abandoned = self._abandoned
+        if abandoned is None or not abandoned(id):
+            self.result_received(id, result)
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the guest; ``b""`` means the end of the stream."""
@@ -287,7 +329,8 @@ class HostConnectionV1(Generic[Id]):
             self._set_probing(probe)
         self._current = id
         self._state = _AWAITING
-        self._to_send += frame  # b"" + frame is frame itself: no copy
+        self.bytes_sent += len(frame)
+        self.output_ready(frame)
 
     def _set_probing(self, probe: bool) -> None:
         """Zero output limits for a probe's answer, the full ones for any other."""
@@ -315,7 +358,7 @@ class HostConnectionV1(Generic[Id]):
         self._to_send = b""
         self._state = _CLOSED
         self._error = error
-        self._events += (ConnectionEnded(error, tuple(unanswered)),)  # type: ignore[arg-type]
+        self.connection_ended(ConnectionEnded(error, tuple(unanswered)))  # type: ignore[arg-type]
 
     def _misuse(self) -> UsageError:
         return UsageError(f"bytes fed to a v1 connection that has ended ({self._error})")
