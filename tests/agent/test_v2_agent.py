@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,6 +433,19 @@ async def test_brief_streams_carry_only_output_and_the_exit(tmp_path: Path, sing
         full = await host.run({"argv": ["echo", "full"]})
         assert full.pid is not None and full.stdout == b"full\n"
         assert host.error is None
+
+
+PIPE_SIZES = "import fcntl; print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))"  # F_GETPIPE_SZ
+
+
+@pytest.mark.asyncio
+async def test_output_pipes_hold_up_to_the_window_at_most_1_mib(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        sizes = [(4096, 65536), (262144, 262144), (1 << 20, 1 << 20), (8 << 20, 1 << 20)]
+        for window, size in sizes:
+            out = await host.run({"argv": [sys.executable, "-c", PIPE_SIZES]}, window=window)
+            assert out.stdout.split() == [str(size).encode()] * 2, window
 
 
 @pytest.mark.asyncio

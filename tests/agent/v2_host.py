@@ -142,8 +142,8 @@ class HostEnd:
             else:
                 assert isinstance(event, RequestFailed | StdinCredit), event
 
-    async def run(self, request: dict[str, Any], **kw: Any) -> Outcome:
-        return await self.outcome(self.exec(request), **kw)
+    async def run(self, request: dict[str, Any], window: int = 1 << 20, **kw: Any) -> Outcome:
+        return await self.outcome(self.exec(request, window), **kw)
 
     async def aclose(self) -> None:
         self.writer.close()

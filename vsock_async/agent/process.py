@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -406,6 +407,26 @@ class Process:
             self._script = -1
 
 
+_PIPE_DEFAULT: Final = 64 * 1024  # what Linux gives a new pipe
+_PIPE_MAX: Final = 1024 * 1024  # /proc/sys/fs/pipe-max-size's default
+
+
+def _size_pipe(fd: int, window: int) -> None:
+    """Let an output pipe hold up to the stream's window, at most 1 MiB.
+
+    A process that writes faster than the agent sends (the agent's Python costs far more per
+    read than the writer's ``write``) leaves a full pipe behind each read: with Linux's 64 KiB
+    pipe every frame carried at most 64 KiB (32 KiB on average), and each frame costs the
+    agent and the host a read, a write and their Python. What a pipe holds is output the host
+    has room for anyway (the window), and the kernel takes its pages only as they are
+    written. Never below the default; where the kernel refuses (a non-root agent over its
+    ``pipe-user-pages-soft`` quota) the pipe stays as it is.
+    """
+    if window > _PIPE_DEFAULT:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(window, _PIPE_MAX))
+
+
 def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.Popen[bytes]:
     """Fork and exec the process in a new session, wiring its stdio into ``process``."""
     user = spec.user
@@ -461,6 +482,7 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
             for output in process._outputs:
                 if output.fd >= 0:
                     os.set_blocking(output.fd, False)
+                    _size_pipe(output.fd, spec.window)
         try:
             return subprocess.Popen(
                 argv,

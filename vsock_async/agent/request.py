@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..errors import UsageError
+from ..protocol.v2_frames import MAX_CREDIT
+from ..protocol.v2_session import DEFAULT_WINDOW
 from ..timeouts import check_timeout
 
 __all__ = ["DEFAULT_KILL_GRACE", "ExecSpec", "Refused", "User", "byte_string", "parse_exec"]
@@ -67,6 +69,8 @@ class ExecSpec:
     """(rows, cols) of a terminal that is stdin, stdout and stderr, or None."""
     timeout: float | None
     kill_grace: float
+    window: int = DEFAULT_WINDOW
+    """The stream's initial STDOUT and STDERR credit (the protocol core checked it)."""
 
 
 def parse_exec(
@@ -117,7 +121,14 @@ def parse_exec(
         pty=pty,
         timeout=_seconds(request.get("timeout"), "timeout", allow_none=True),
         kill_grace=_seconds(request.get("kill_grace", DEFAULT_KILL_GRACE), "kill_grace"),
+        window=_window(request.get("window", DEFAULT_WINDOW)),
     )
+
+
+def _window(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CREDIT:
+        raise Refused("bad_request", f"window must be an integer in 0..{MAX_CREDIT}, not {value!r}")
+    return value
 
 
 def byte_string(value: Any, what: str) -> bytes:
