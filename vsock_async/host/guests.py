@@ -556,11 +556,10 @@ class Guest:
                     raise self._no_connection()
             else:
                 self._check_v2(_FILES if kind == _FILE else _PROCESSES)
+            # An idle connection is one no waiting call can use: _release hands room to the
+            # waiting calls before it lets a connection idle.
             channel = self._free_channel(kind)
-            if channel is not None:
-                if self._waiters and self._oldest(channel) is not None:
-                    channel = None  # a waiting call can use it: it is that call's
-            elif wait and not self._waiters:
+            if channel is None and wait and not self._waiters:
                 channel = self._unleased_channel(kind)
             if channel is not None:
                 return self._in_time(self._take(channel, kind), kind, line, timeout, deadline)
