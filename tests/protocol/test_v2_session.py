@@ -1117,6 +1117,16 @@ def test_an_exec_error_ends_a_brief_stream_only_before_anything_else_came() -> N
     assert h.streams == frozenset({3})
 
 
+def test_an_error_without_a_type_never_ends_a_brief_stream() -> None:
+    h = brief_host()
+    h.receive_data(encode_window(1, Channel.STDIN, 0))  # any frame but output: still unstarted
+    h.receive_data(jframe(1, T.ERROR, {"code": "bad_request", "message": "a SIGNAL?"}))
+    assert events(h) == [RequestFailed(1, None, "bad_request", "a SIGNAL?", None)]
+    assert h.streams == frozenset({1})
+    h.receive_data(jframe(1, T.EXIT, EXIT0))
+    assert events(h) == [Exited(1, 0, None, False, False)]
+
+
 def test_a_brief_and_a_full_stream_side_by_side_in_every_chunking() -> None:
     h, a = host(), agent()
     full = h.open_exec({"argv": ["a"]}, window=3)

@@ -932,8 +932,11 @@ class HostSession(_Session):
         self, stream: int, code: str, message: str, errno: str | None, type: int | None
     ) -> None:
         state = self._streams.get(stream)
+        # A brief stream may run silently for long: only an ERROR that says it answers the
+        # EXEC ends it, not one without a type (which may answer a SIGNAL or a STDIN).
+        refusal = (FrameType.EXEC,) if state is not None and state.brief else (None, FrameType.EXEC)
         if state is not None and (
-            (state.op is None and not state.started and type in (None, FrameType.EXEC))
+            (state.op is None and not state.started and type in refusal)
             or (state.op is not None and type in (None, FrameType.FILE))
         ):
             del self._streams[stream]
