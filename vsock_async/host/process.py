@@ -695,7 +695,10 @@ class Process(Signalling):
         self.output_incomplete = incomplete
         if self.stdin is not None:
             self.stdin._ended(
-                StdinClosed(f"process {self.pid} in the guest has exited; its stdin is closed")
+                StdinClosed(
+                    f"{'the process' if self.pid is None else f'process {self.pid}'} in the guest"
+                    " has exited; its stdin is closed"
+                )
             )
         if not self._exited.done():  # cancelled: run() gave up on it as it ended
             self._exited.set_result(self.returncode)
