@@ -354,6 +354,35 @@ def test_the_timeout_covers_the_wait_for_the_guest(stack: Stack, protocol: str) 
     assert exec_cli(daemon.control_socket, "--", "true").returncode == 0
 
 
+def test_only_a_session_goes_without_the_daemons_default_deadline(stack: Stack) -> None:
+    """``--user`` and ``--stderr stdout`` take the streamed path, not an interactive session:
+    the daemon's default deadline still applies to them; ``-i`` has none by default."""
+    daemon = stack.daemon("--probe-interval", "none", "--default-timeout", "0.2")
+    stack.agent(daemon.guest_address)
+    wait_for_guest(daemon.client(), "vm1")
+    for flags in (["--user", "nobody"], ["--stderr", "stdout"], []):
+        result = exec_cli(daemon.control_socket, *flags, "--", "sleep", "5")
+        assert result.returncode == 124, (flags, result.stderr)
+        assert b"timed out" in result.stderr
+    session = subprocess.run(
+        python_m(
+            "exec",
+            "--control",
+            f"unix:{daemon.control_socket}",
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.5; echo done",
+        ),
+        input=b"",
+        capture_output=True,
+        timeout=LONG,
+        check=False,
+    )
+    assert (session.returncode, session.stdout) == (0, b"done\n"), session.stderr
+
+
 # -- a guest speaking only v1 ----------------------------------------------------------------
 
 

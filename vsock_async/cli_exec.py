@@ -124,8 +124,8 @@ def exec_command(
     ``interactive`` or ``tty`` the deadline defaults to none. ``stderr`` is the exec
     request's: ``"stdout"`` merges it into stdout in the guest.
     """
-    untimed = interactive or tty or user is not None
-    needs_stream = untimed or stderr == "stdout"
+    untimed = interactive or tty  # a session lasts as long as its user
+    needs_stream = untimed or user is not None or stderr == "stdout"
     if untimed and timeout is DEFAULT:
         timeout = None
     try:
