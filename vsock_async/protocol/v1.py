@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from ..errors import FrameTooLarge, ProtocolError, UsageError
-from ..results import CommandResult
+from ..results import CommandResult, new_result
 from ._body import (
     INLINE_MAX,
     SCRATCH_MIN,
@@ -138,7 +138,7 @@ def _result(stdout: bytes, stderr: bytes, exit_code: int) -> CommandResult:
             return CommandResult(
                 stdout, stderr, exit_code, stdout_truncated=out_cut, stderr_truncated=err_cut
             )
-    return CommandResult(stdout, stderr, exit_code)
+    return new_result(stdout, stderr, exit_code)
 
 
 def _len(field: bytes | WholeBody) -> int:
@@ -384,11 +384,11 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
                         raise self._beyond()
                     out = view[start + 4 : err_at].tobytes() if n_out else b""
                     if not n_err:
-                        result = CommandResult(out, b"", view[code_at])
+                        result = new_result(out, b"", view[code_at])
                     elif view[code_at - 1] == 0x0A:  # stderr may end in the agent's notes
                         result = _result(out, view[err_at + 4 : code_at].tobytes(), view[code_at])
                     else:
-                        result = CommandResult(
+                        result = new_result(
                             out, view[err_at + 4 : code_at].tobytes(), view[code_at]
                         )
                     self._start = self._end = 0
