@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
@@ -40,6 +41,10 @@ from .transport import GuestConnection
 __all__ = ["GuestChannel"]
 
 _ids = itertools.count(1)
+
+
+def _deadline_of(pending: tuple[float, object]) -> float:
+    return pending[0]
 
 
 class _DeadlinePassed(Exception):
@@ -97,7 +102,16 @@ class GuestChannel:
         """When a probe last succeeded on this channel (``time.time()``), or None."""
         self._deadlines = deadlines  # made on the first call with a deadline if not given
         self._valid_timeout: object = None  # the last timeout= that check_timeout() accepted
-        # Registered with the connection when the first is added (a server adds one to each).
+        # The deadlines (loop.time()) of its v1 calls pending, which its book asks about when
+        # its timer fires (deadlines.py): the oldest call's here, any others in a dict made
+        # when a second call waits (v1 runs one at a time), so a call costs no entry.
+        self._due: asyncio.Future[CommandResult] | None = None
+        self._due_at = 0.0
+        self._more_due: dict[asyncio.Future[CommandResult], float] | None = None
+        self._booked = False  # in its book's watchers (until it says it has none left)
+        self._close_watched = False  # _connection_gone() is registered with the connection
+        # Told by _connection_gone(), registered with the connection when the first is added
+        # (a server adds one to each) or the channel first enters a book.
         self._on_close: _callbacks.Held[GuestChannel] = None
 
     def __repr__(self) -> str:
@@ -176,11 +190,22 @@ class GuestChannel:
     def add_close_callback(self, callback: Callable[[GuestChannel], None]) -> None:
         """Call ``callback(channel)`` once, when the connection is gone (at once, via the loop,
         if it already is)."""
-        if self._on_close is None:  # the first one, or the connection is gone and told them all
-            self._conn.add_close_callback(self._connection_gone)
+        self._watch_close()
         self._on_close = _callbacks.add(self._on_close, callback)
 
+    def _watch_close(self) -> None:
+        """Have the connection call _connection_gone() when it is gone (at once, via the loop,
+        if it is); once until then."""
+        if not self._close_watched:
+            self._close_watched = True
+            self._conn.add_close_callback(self._connection_gone)
+
     def _connection_gone(self, _: object) -> None:
+        self._close_watched = False
+        if self._booked:  # freed now, not when the book's timer next fires
+            self._booked = False
+            assert self._deadlines is not None
+            self._deadlines.discard(self)
         held, self._on_close = self._on_close, None
         for callback in _callbacks.each(held):
             callback(self)
@@ -221,15 +246,17 @@ class GuestChannel:
             self._conn.limits.check_command(line)
             result = await run_command(self._v2, line, self._resolve(timeout), self.id)
         else:  # v1: the exchange awaited here, not in a coroutine of its own (see _send)
-            future, book = self._send(line, timeout, probe=False)
+            future = self._send(line, timeout, probe=False)
             try:
                 result = await future
             except BaseException as exc:
                 self._failed(future, line, timeout, exc)
                 raise
             finally:
-                if book is not None:
-                    book.forget(future)
+                if self._due is future and not self._more_due:
+                    self._due = None  # _settled(), inline for the usual case
+                else:
+                    self._settled(future)
         if check and result.exit_code != 0:
             raise CommandFailed(line, result)
         return result
@@ -260,7 +287,7 @@ class GuestChannel:
                     raise ProbeFailed(message, result)
             self.last_probe = time.time()
             return
-        future, book = self._send(PROBE_COMMAND, timeout, probe=True)
+        future = self._send(PROBE_COMMAND, timeout, probe=True)
         try:
             result = await future
         except FrameTooLarge as exc:
@@ -270,8 +297,10 @@ class GuestChannel:
             self._failed(future, PROBE_COMMAND, timeout, exc)
             raise
         finally:
-            if book is not None:
-                book.forget(future)
+            if self._due is future and not self._more_due:
+                self._due = None  # _settled(), inline for the usual case
+            else:
+                self._settled(future)
         if result.exit_code != 0:  # its output is empty: the probe's limits are zero
             message = f"probe ':' on channel {self.id} answered exit code {result.exit_code}"
             self._conn.abort(ClosedLocally(f"channel closed: {message}"))
@@ -465,27 +494,72 @@ class GuestChannel:
     # thousands of calls in flight, a second coroutine per call is one more object alive for
     # the whole round trip for the cyclic GC to walk.
 
-    def _send(
-        self, line: bytes, timeout: Timeout, probe: bool
-    ) -> tuple[asyncio.Future[CommandResult], Deadlines | None]:
-        """Send ``line`` (or queue it) and watch its deadline; the future, and the book of
-        deadlines it is in (None without a deadline). The deadline fails the future itself:
-        cheaper than asyncio.timeout (no task cancel and uncancel), and a cancel from outside
-        stays a plain cancel. Not wait_for: on 3.11 it swallows a cancel that lands as the
-        result arrives."""
+    def _send(self, line: bytes, timeout: Timeout, probe: bool) -> asyncio.Future[CommandResult]:
+        """Send ``line`` (or queue it) and note its deadline, if any, for the channel's book;
+        the future. The deadline fails the future itself: cheaper than asyncio.timeout (no
+        task cancel and uncancel), and a cancel from outside stays a plain cancel. Not
+        wait_for: on 3.11 it swallows a cancel that lands as the result arrives."""
         conn = self._v1
         assert conn is not None
-        seconds = self._resolve(timeout)
-        if seconds is not None and seconds <= 0:  # no time to send it: never put it on the wire
+        # _resolve(), inline: every call's path
+        if timeout is DEFAULT:
+            seconds = self._default_timeout
+        elif timeout is self._valid_timeout or timeout is None:
+            seconds = timeout  # accepted before
+        else:
+            seconds = self._resolve(timeout)
+        if seconds is None:
+            return conn.exchange(line, probe)
+        if seconds <= 0:  # no time to send it: never put it on the wire
             conn.check_command(line)
             result = CommandResult(b"", b"", None, timed_out=True)
             raise CommandTimeout(self._timeout_message(line, seconds, False), result, sent=False)
         future = conn.exchange(line, probe)
-        if seconds is None:
-            return future, None
         book = self._deadlines or self._own_deadlines()
-        book.watch(future, seconds, self)
-        return future, book
+        deadline = (book.now or book.use_clock_of(future.get_loop()))() + seconds
+        if self._due is None:
+            self._due = future
+            self._due_at = deadline
+        else:
+            if self._more_due is None:
+                self._more_due = {}
+            self._more_due[future] = deadline
+        if deadline < book.next or not self._booked:
+            book.add(self, deadline, future.get_loop())
+            if not self._booked:
+                self._booked = True
+                self._watch_close()  # the book forgets a closed channel at once
+        return future
+
+    def _settled(self, future: asyncio.Future[CommandResult]) -> None:
+        """``future``'s call is over: forget its deadline. The oldest call left takes its
+        place, so that the attributes always hold the oldest."""
+        more = self._more_due
+        if self._due is future:
+            self._due = None
+            if more:
+                self._due = next(iter(more))
+                self._due_at = more.pop(self._due)
+        elif more is not None:
+            more.pop(future, None)
+
+    def deadlines_passed(self, now: float) -> float:
+        """Its book's timer fired at ``now``: fail the pending calls whose deadline has passed
+        (earliest first, then in the order they were made, as v1 runs them); the earliest
+        deadline left, ``math.inf`` if none (the book then forgets the channel)."""
+        pending = [] if self._due is None else [(self._due_at, self._due)]
+        if self._more_due:
+            pending += [(at, future) for future, at in self._more_due.items()]
+        pending.sort(key=_deadline_of)  # stable: among equal deadlines, the order of calls
+        left = math.inf
+        for at, future in pending:
+            if at > now:
+                left = min(left, at)
+            elif not future.done():  # a result that came first wins
+                self._deadline_passed(future)
+        if left == math.inf:
+            self._booked = False
+        return left
 
     def _failed(
         self,
@@ -507,11 +581,10 @@ class GuestChannel:
         self._deadlines = Deadlines()
         return self._deadlines
 
-    def deadline_passed(self, future: asyncio.Future[CommandResult]) -> None:
-        """The deadline of ``future``, a call on this channel, has passed (its
-        :class:`Deadlines` says so): fail it now, not when the caller wakes. A result arriving
-        in between must not be taken for this call's, nor this call's command be sent from
-        the queue."""
+    def _deadline_passed(self, future: asyncio.Future[CommandResult]) -> None:
+        """The deadline of ``future``, a call on this channel, has passed: fail it now, not
+        when the caller wakes. A result arriving in between must not be taken for this
+        call's, nor this call's command be sent from the queue."""
         conn = self._v1
         assert conn is not None
         sent = conn.in_flight(future)
