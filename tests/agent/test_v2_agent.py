@@ -449,6 +449,41 @@ async def test_output_pipes_hold_up_to_the_window_at_most_1_mib(tmp_path: Path) 
 
 
 @pytest.mark.asyncio
+async def test_large_output_arrives_whole_beside_other_streams(tmp_path: Path) -> None:
+    # Large output is spliced from its pipes straight onto the socket; frames of other
+    # streams, credit and both channels must still come out whole and in order. The host
+    # session takes any broken frame for a violation (host.error).
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(6_000_000))
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        big = host.exec({"command": f"cat {data} & cat {data} >&2; wait"}, window=200_000)
+        small = [host.exec({"command": f"seq {i * 100}"}) for i in range(1, 9)]
+        outcomes = await asyncio.gather(host.outcome(big), *(host.outcome(s) for s in small))
+        assert outcomes[0].stdout == data.read_bytes() == outcomes[0].stderr
+        for i, outcome in enumerate(outcomes[1:], 1):
+            expected = "".join(f"{n}\n" for n in range(1, i * 100 + 1)).encode()
+            assert outcome.stdout == expected
+        assert host.error is None
+
+
+@pytest.mark.asyncio
+async def test_output_spliced_into_a_full_socket_arrives_whole(tmp_path: Path) -> None:
+    # A host that stops reading with credit to spare: the socket fills mid-frame, the agent
+    # hands the rest of that frame to its transport, and everything arrives in order.
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(8_000_000))
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        host.reading.clear()
+        stream = host.exec({"command": f"cat {data}"}, window=16 << 20)
+        await asyncio.sleep(0.3)
+        host.reading.set()
+        out = await host.outcome(stream)
+        assert out.stdout == data.read_bytes() and host.error is None
+
+
+@pytest.mark.asyncio
 async def test_background_child_holding_stdout_gives_output_incomplete(tmp_path: Path) -> None:
     async with running_agent(tmp_path, "--output-grace", "0.2") as agent:
         host = await agent.v2()

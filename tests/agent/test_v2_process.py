@@ -32,6 +32,8 @@ class Link:
         self.stdin_returned = 0
         self.exit: tuple[Any, ...] | None = None
         self.process: Process | None = None
+        self.splices = True
+        self.spliced = 0
 
     def credit(self, channel: int) -> int:
         return self.credit_left[channel]
@@ -41,6 +43,16 @@ class Link:
         assert self.exit is None
         self.credit_left[channel] -= len(data)
         self.sent.append((channel, data, end))
+
+    def splice_output(self, channel: int, fd: int, n: int) -> bool:
+        """Takes the bytes as a connection's splice would (here: read, to record them)."""
+        if not self.splices:
+            return False
+        data = os.read(fd, n)
+        assert len(data) == n, "the process asked for bytes the pipe did not hold"
+        self.spliced += 1
+        self.send_output(channel, data, False)
+        return True
 
     def stdin_consumed(self, n: int) -> None:
         self.stdin_returned += n
@@ -319,3 +331,34 @@ async def test_waiting_out_the_output_grace_does_not_spin() -> None:
     spent = time.process_time() - before
     assert link.exit == (0, None, False, True)
     assert spent < 0.25, f"{spent:.2f} s of CPU while waiting 0.5 s"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("splices", [True, False], ids=["spliced", "refused"])
+async def test_large_output_is_spliced_once_reads_come_back_large(splices: bool) -> None:
+    size = 3_000_000
+    link = Link(credit=100_000)
+    link.splices = splices
+    command = f"head -c {size} /dev/urandom | tee /dev/stderr"  # the same bytes on both
+    async with started({"command": command}, link) as (_, task):
+        while not task.done():
+            for channel in (STDOUT, STDERR):
+                if link.credit_left[channel] < 50_000:
+                    link.grant(channel, 100_000)
+            await asyncio.sleep(0.001)
+    out, err = link.output(), link.output(STDERR)
+    assert len(out) == size and err == out
+    assert link.exit == (0, None, False, False)
+    assert link.ended(STDOUT) and link.ended(STDERR)
+    assert (link.spliced > 0) == splices
+
+
+@pytest.mark.asyncio
+async def test_small_output_is_never_spliced() -> None:
+    link = Link()
+    async with started({"command": "for i in 1 2 3; do echo line $i; sleep 0.01; done"}, link) as (
+        _,
+        task,
+    ):
+        await asyncio.wait_for(task, LONG)
+    assert link.output() == b"line 1\nline 2\nline 3\n" and link.spliced == 0

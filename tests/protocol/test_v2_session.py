@@ -960,6 +960,54 @@ def test_eof_mid_frame_is_visible() -> None:
         h.receive_data(b"x")
 
 
+# -- output written outside the session (spliced) --------------------------------------
+
+
+def test_output_header_takes_credit_and_frames_a_payload_written_after_it() -> None:
+    a = started_agent(window=100)
+    header = a.output_header(1, Channel.STDOUT, 60)
+    assert a.data_to_send() == [] and a.credit(1, Channel.STDOUT) == 40
+    assert header == encode_frame(1, T.STDOUT, 0, bytes(60))[: HEADER.size]
+    h = started_host(window=100)
+    h.receive_data(header + b"x" * 60)
+    assert events(h) == [Output(1, Channel.STDOUT, b"x" * 60, False)]
+    with pytest.raises(UsageError, match="credit"):
+        a.output_header(1, Channel.STDOUT, 41)
+    a.send_output(1, Channel.STDOUT, b"rest", end=True)
+    assert a.credit(1, Channel.STDOUT) == 0 and a.credit(1, Channel.STDERR) == 100
+
+
+@pytest.mark.parametrize(
+    ("setup", "n", "match"),
+    [
+        (lambda a: None, 0, "credit"),
+        (lambda a: None, 101, "credit"),
+        (lambda a: a.send_output(1, Channel.STDOUT, b"q"), 5, "queued"),
+        (lambda a: a.send_output(1, Channel.STDOUT, b"", end=True), 5, "no output"),
+        (lambda a: a.receive_data(encode_frame(1, T.CLOSE)), 5, "no output"),
+    ],
+    ids=["empty", "beyond-credit", "frames-queued", "ended", "closing"],
+)
+def test_output_header_refuses_what_would_break_the_stream(
+    setup: Callable[[AgentSession], object], n: int, match: str
+) -> None:
+    a = started_agent(window=100)
+    setup(a)
+    credit = a.credit(1, Channel.STDOUT)
+    with pytest.raises(UsageError, match=match):
+        a.output_header(1, Channel.STDOUT, n)
+    assert a.credit(1, Channel.STDOUT) == credit
+
+
+def test_output_header_keeps_to_the_hosts_max_frame_and_to_output_channels() -> None:
+    a = started_agent(window=1000, host_max_frame=16)
+    with pytest.raises(UsageError, match="max_frame"):
+        a.output_header(1, Channel.STDOUT, 17)
+    with pytest.raises(UsageError, match="STDOUT or STDERR"):
+        a.output_header(1, Channel.STDIN, 1)
+    assert len(a.output_header(1, Channel.STDERR, 16)) == HEADER.size
+
+
 # -- brief process streams -------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ import fcntl
 import os
 import signal
 import subprocess
+import sys
+import termios
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,10 @@ class StreamLink(Protocol):
     def send_output(self, channel: int, data: bytes, end: bool) -> None:
         """Send output (at most :meth:`credit` bytes); ``end``: the channel is closed after it."""
 
+    def splice_output(self, channel: int, fd: int, n: int) -> bool:
+        """Send the next ``n`` bytes of pipe ``fd`` (all there already, at most :meth:`credit`)
+        without reading them into Python; False when it cannot now (the caller reads them)."""
+
     def stdin_consumed(self, n: int) -> None:
         """``n`` bytes of stdin were written to the process (or discarded): return the credit."""
 
@@ -54,13 +60,15 @@ class StreamLink(Protocol):
 class _Output:
     """One output channel: the fd it is read from, and whether it is being read or is done."""
 
-    __slots__ = ("channel", "closed", "fd", "reading")
+    __slots__ = ("channel", "closed", "fd", "pipe", "reading", "streaming")
 
-    def __init__(self, channel: int, fd: int) -> None:
+    def __init__(self, channel: int, fd: int, pipe: bool = False) -> None:
         self.channel = channel
         self.fd = fd
+        self.pipe = pipe  # a pipe (not a terminal): its bytes can be spliced
         self.reading = False
         self.closed = False
+        self.streaming = False  # a read came back large: splice from now on
 
 
 class Process:
@@ -296,6 +304,12 @@ class Process:
         if size <= 0:
             self._update_readers()
             return
+        if output.streaming and not self._discard:
+            n = min(size, _pipe_bytes(output.fd))
+            if n >= _SPLICE_MIN and self._link.splice_output(output.channel, output.fd, n):
+                if self._link.credit(output.channel) <= 0:
+                    self._update_readers()
+                return
         try:
             data = os.read(output.fd, size)
         except BlockingIOError:
@@ -308,6 +322,7 @@ class Process:
             self._end(output)
             return
         if not self._discard:
+            output.streaming = output.pipe and len(data) >= _SPLICE_MIN
             self._link.send_output(output.channel, data, False)
             if self._link.credit(output.channel) <= 0:
                 self._update_readers()
@@ -408,6 +423,18 @@ class Process:
 
 
 _PIPE_DEFAULT: Final = 64 * 1024  # what Linux gives a new pipe
+# Output arriving in reads at least this large is spliced into the socket from then on: the
+# bytes then never enter Python (two copies and an allocation fewer per frame). Smaller
+# output is read as it comes, without the extra FIONREAD per read.
+_SPLICE_MIN: Final = 16 * 1024
+
+
+def _pipe_bytes(fd: int) -> int:
+    """Bytes waiting in pipe ``fd`` (FIONREAD)."""
+    count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(count, sys.byteorder, signed=True)
+
+
 _PIPE_MAX: Final = 1024 * 1024  # /proc/sys/fs/pipe-max-size's default
 
 
@@ -471,11 +498,11 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
                 os.set_blocking(process._stdin, False)
             out_read, stdout = os.pipe()
             child_fds.append(stdout)
-            process._outputs = [_Output(STDOUT, out_read)]
+            process._outputs = [_Output(STDOUT, out_read, pipe=True)]
             if spec.stderr == "pipe":
                 err_read, stderr = os.pipe()
                 child_fds.append(stderr)
-                process._outputs.append(_Output(STDERR, err_read))
+                process._outputs.append(_Output(STDERR, err_read, pipe=True))
             else:
                 stderr = subprocess.STDOUT if spec.stderr == "stdout" else subprocess.DEVNULL
                 process._outputs.append(_Output(STDERR, -1))

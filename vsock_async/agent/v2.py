@@ -14,6 +14,7 @@ put's temporary file removed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -119,12 +120,15 @@ class V2Connection(asyncio.BufferedProtocol):
         self._paused = False
         self._dead = False
         self._flush_due = False  # a flush is scheduled for the end of this loop iteration
+        self._socket_fd = -1  # written directly only by a splice, when the transport is idle
         self.why = "closed by the agent"
 
     def attach(self, transport: asyncio.BaseTransport) -> None:
         """Take over ``transport`` (already switched to this protocol) and start reading."""
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._socket_fd = sock.fileno() if sock is not None else -1
         self._transport.resume_reading()
 
     # -- asyncio.BufferedProtocol --------------------------------------------------------
@@ -395,6 +399,40 @@ class _Link:
         if conn._paused or conn._dead:
             return 0
         return conn._session.credit(self._stream, _CHANNELS[channel])
+
+    def splice_output(self, channel: int, fd: int, n: int) -> bool:
+        """The frame's header, then ``n`` bytes moved from pipe ``fd`` to the socket by the
+        kernel (``splice``), straight onto the socket while the transport holds nothing to
+        send (so nothing can come between or before them); whatever the socket does not take
+        at once is read and handed to the transport. False: the transport holds data, or
+        the socket cannot be spliced to."""
+        conn = self._conn
+        transport = conn._transport
+        if conn._dead or conn._paused or transport is None or conn._socket_fd < 0:
+            return False
+        conn._flush()  # frames queued before this one go first
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return False
+        header = conn._session.output_header(self._stream, _CHANNELS[channel], n)
+        sock, sent, moved = conn._socket_fd, 0, 0
+        with contextlib.suppress(OSError):  # full, or broken: the transport finds out which
+            sent = os.write(sock, header)
+        if sent < len(header):
+            transport.write(header[sent:])
+        else:
+            try:
+                moved = os.splice(fd, sock, n, flags=os.SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # EINVAL: a socket type splice cannot write to; read from now on
+                conn._socket_fd = -1
+        if moved < n:
+            rest = os.read(fd, n - moved)  # there: FIONREAD counted them, and only we read
+            if len(rest) != n - moved:
+                conn._abort(f"a pipe held {len(rest)} bytes, not the {n - moved} counted")
+                return True
+            transport.write(rest)
+        return True
 
     def send_output(self, channel: int, data: bytes, end: bool) -> None:
         conn = self._conn

@@ -28,6 +28,7 @@ from .limits import U32_MAX
 from .v2_frames import (
     DEFAULT_MAX_FRAME,
     FLAG_END,
+    HEADER,
     KNOWN_TYPES,
     MAX_CONTROL,
     MAX_CREDIT,
@@ -1065,6 +1066,31 @@ class AgentSession(_Session):
                 self._send_data(stream, state, channel, b"", True)
             return len(data) if not isinstance(data, memoryview) else data.nbytes
         return self._send_data(stream, state, channel, data, end)
+
+    def output_header(self, stream: int, channel: Channel, n: int) -> bytes:
+        """Take ``n`` bytes of ``channel``'s credit for a payload written outside the session
+        (spliced from a pipe into the socket, never copied into Python); the frame's header.
+
+        Nothing is queued: the caller writes the header and then exactly ``n`` payload
+        bytes, with nothing between them, so :meth:`data_to_send` must be empty first. The
+        frame carries no END (a channel ends with :meth:`send_output`).
+        """
+        state = self._process(stream)
+        if channel not in _OUTPUT:
+            raise UsageError(f"output goes on STDOUT or STDERR, not {channel!r}")
+        if not state.started or state.ended[channel] or state.closing:
+            raise UsageError(f"{channel.name} of stream {stream} takes no output now")
+        if self._send:
+            raise UsageError("queued frames go first: write data_to_send() before this frame")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise UsageError(f"a payload size is an int, not {n!r}")
+        if not 0 < n <= min(state.credit[channel], self._peer_max_frame):
+            raise UsageError(
+                f"{n} bytes do not fit the {state.credit[channel]} bytes of credit left or the"
+                f" host's max_frame ({self._peer_max_frame})"
+            )
+        state.credit[channel] -= n
+        return HEADER.pack(n, stream, _CHANNEL_TYPE[channel], 0)
 
     def exited(
         self,
