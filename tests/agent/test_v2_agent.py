@@ -435,17 +435,38 @@ async def test_brief_streams_carry_only_output_and_the_exit(tmp_path: Path, sing
         assert host.error is None
 
 
-PIPE_SIZES = "import fcntl; print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))"  # F_GETPIPE_SZ
+GROWS = (  # 64 KiB out, then, once told, the sizes of its stdout and stderr pipes
+    "import fcntl, os, sys\n"
+    "os.write(1, bytes(65536))\n"
+    "sys.stdin.readline()\n"
+    "print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032), file=sys.stderr)\n"  # F_GETPIPE_SZ
+)
 
 
 @pytest.mark.asyncio
-async def test_output_pipes_hold_up_to_the_window_at_most_1_mib(tmp_path: Path) -> None:
+async def test_a_pipe_that_streams_grows_to_the_window_at_most_1_mib(tmp_path: Path) -> None:
+    # Only once a read of it comes back large, only as a root agent (an unprivileged one
+    # would spend its user's pipe quota); stderr, which carries little, keeps 64 KiB.
     async with running_agent(tmp_path) as agent:
         host = await agent.v2()
+        assert host.session is not None
         sizes = [(4096, 65536), (262144, 262144), (1 << 20, 1 << 20), (8 << 20, 1 << 20)]
         for window, size in sizes:
-            out = await host.run({"argv": [sys.executable, "-c", PIPE_SIZES]}, window=window)
-            assert out.stdout.split() == [str(size).encode()] * 2, window
+            stream = host.exec(
+                {"argv": [sys.executable, "-c", GROWS], "stdin": True}, window=window
+            )
+            got = 0
+            while got < 65536:  # once the host has it, the agent has read it (and resized)
+                event = await host.next(stream)
+                if isinstance(event, Output) and event.data:
+                    got += len(event.data)
+                    host.session.grant(stream, event.channel, len(event.data))
+                    host.flush()
+            host.session.send_stdin(stream, b"go\n", end=True)
+            host.flush()
+            out = await host.outcome(stream)
+            grown = size if os.geteuid() == 0 else 65536
+            assert out.stderr.split() == [str(grown).encode(), b"65536"], window
 
 
 @pytest.mark.asyncio
@@ -481,6 +502,44 @@ async def test_output_spliced_into_a_full_socket_arrives_whole(tmp_path: Path) -
         host.reading.set()
         out = await host.outcome(stream)
         assert out.stdout == data.read_bytes() and host.error is None
+
+
+PACKETS = (  # ordinary 64 KiB writes between runs of packet-mode (O_DIRECT) 4 KiB writes
+    "import fcntl, os\n"
+    "flags = fcntl.fcntl(1, fcntl.F_GETFL)\n"
+    "for _ in range(150):\n"
+    "    fcntl.fcntl(1, fcntl.F_SETFL, flags)\n"
+    "    os.write(1, b'a' * 65536)\n"
+    "    fcntl.fcntl(1, fcntl.F_SETFL, flags | os.O_DIRECT)\n"
+    "    for _ in range(8):\n"
+    "        os.write(1, b'b' * 4096)\n"
+)
+
+
+@pytest.mark.asyncio
+async def test_a_packet_mode_pipe_spliced_into_a_full_socket_arrives_whole(
+    tmp_path: Path,
+) -> None:
+    # A packet-mode pipe gives one write's bytes per read: what a splice into a full socket
+    # leaves of a frame takes several reads. (It once closed the connection instead.)
+    async with running_agent(tmp_path) as agent:
+        host = await agent.v2()
+        stream = host.exec({"argv": [sys.executable, "-c", PACKETS]}, window=16 << 20)
+
+        async def in_fits_and_starts() -> None:
+            while True:
+                host.reading.clear()
+                await asyncio.sleep(0.02)
+                host.reading.set()
+                await asyncio.sleep(0.001)
+
+        reader = asyncio.create_task(in_fits_and_starts())
+        try:
+            out = await host.outcome(stream)
+        finally:
+            reader.cancel()
+        assert out.stdout == (b"a" * 65536 + b"b" * 32768) * 150
+        assert out.exited is not None and out.exited.exit_code == 0 and host.error is None
 
 
 @pytest.mark.asyncio

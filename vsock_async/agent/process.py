@@ -68,7 +68,7 @@ class _Output:
         self.pipe = pipe  # a pipe (not a terminal): its bytes can be spliced
         self.reading = False
         self.closed = False
-        self.streaming = False  # a read came back large: splice from now on
+        self.streaming = False  # a read came back large: splice from now on (and sized)
 
 
 class Process:
@@ -95,6 +95,7 @@ class Process:
         self._link = link
         self._grace_left = output_grace  # of the output grace; runs while every output is read
         self._max_read = max_read
+        self._window = spec.window
         self._timeout = spec.timeout
         self._kill_grace = spec.kill_grace
         self._master = -1
@@ -322,7 +323,9 @@ class Process:
             self._end(output)
             return
         if not self._discard:
-            output.streaming = output.pipe and len(data) >= _SPLICE_MIN
+            if output.pipe and not output.streaming and len(data) >= _SPLICE_MIN:
+                output.streaming = True
+                _size_pipe(output.fd, self._window)
             self._link.send_output(output.channel, data, False)
             if self._link.credit(output.channel) <= 0:
                 self._update_readers()
@@ -436,20 +439,22 @@ def _pipe_bytes(fd: int) -> int:
 
 
 _PIPE_MAX: Final = 1024 * 1024  # /proc/sys/fs/pipe-max-size's default
+_RESIZE_PIPES: Final = os.geteuid() == 0
 
 
 def _size_pipe(fd: int, window: int) -> None:
-    """Let an output pipe hold up to the stream's window, at most 1 MiB.
+    """Let an output pipe that streams hold up to the stream's window, at most 1 MiB.
 
-    A process that writes faster than the agent sends (the agent's Python costs far more per
-    read than the writer's ``write``) leaves a full pipe behind each read: with Linux's 64 KiB
-    pipe every frame carried at most 64 KiB (32 KiB on average), and each frame costs the
-    agent and the host a read, a write and their Python. What a pipe holds is output the host
-    has room for anyway (the window), and the kernel takes its pages only as they are
-    written. Never below the default; where the kernel refuses (a non-root agent over its
-    ``pipe-user-pages-soft`` quota) the pipe stays as it is.
+    Called once a read of it came back large: a process that writes faster than the agent
+    sends leaves a full pipe behind each read, and with Linux's 64 KiB pipe every frame
+    carried at most 64 KiB (32 KiB on average), each costing the agent and the host a read,
+    a write and their Python. What the pipe holds is output the host has room for anyway
+    (the window); its memory is taken only as it is written. Only a root agent does it: the
+    kernel charges a pipe's capacity, not its use, to its user's ``pipe-user-pages-soft``
+    quota, and an unprivileged user over it gets 8 KiB pipes from then on, for its commands'
+    pipelines too (root is not limited). Never below the default; refused, it stays as it is.
     """
-    if window > _PIPE_DEFAULT:
+    if window > _PIPE_DEFAULT and _RESIZE_PIPES:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(window, _PIPE_MAX))
 
@@ -509,7 +514,6 @@ def _start_process(spec: ExecSpec, shell: str, process: Process) -> subprocess.P
             for output in process._outputs:
                 if output.fd >= 0:
                     os.set_blocking(output.fd, False)
-                    _size_pipe(output.fd, spec.window)
         try:
             return subprocess.Popen(
                 argv,

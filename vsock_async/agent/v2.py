@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -384,6 +385,22 @@ class V2Connection(asyncio.BufferedProtocol):
             operation.credit_changed()
 
 
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """``n`` bytes of pipe ``fd``, over as many reads as it takes (a packet-mode pipe, one
+    its writer set ``O_DIRECT`` on, gives one write's bytes per read); None if it runs dry."""
+    chunks = []
+    while n:
+        try:
+            chunk = os.read(fd, n)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class _Link:
     """One stream's view of its connection (a :class:`~.process.StreamLink` or a
     :class:`~.files.FileLink`)."""
@@ -422,14 +439,15 @@ class _Link:
         else:
             try:
                 moved = os.splice(fd, sock, n, flags=os.SPLICE_F_NONBLOCK)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:  # EINVAL: a socket type splice cannot write to; read from now on
-                conn._socket_fd = -1
+            except OSError as exc:  # full (EAGAIN) or short of memory: the rest is read below
+                if exc.errno == errno.EINVAL:  # a socket splice cannot write to: read from now on
+                    conn._socket_fd = -1
         if moved < n:
-            rest = os.read(fd, n - moved)  # there: FIONREAD counted them, and only we read
-            if len(rest) != n - moved:
-                conn._abort(f"a pipe held {len(rest)} bytes, not the {n - moved} counted")
+            rest = _read_exactly(fd, n - moved)
+            if rest is None:
+                # Only a process of the agent's own user that reads its own output pipe can
+                # take bytes FIONREAD counted; the frame announced cannot be completed.
+                conn._abort("a process's output pipe ran dry in the middle of a frame")
                 return True
             transport.write(rest)
         return True
