@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from benchmarks.instructions import CONTENDERS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,6 +123,20 @@ def test_benchmark_runs_and_prints_its_table(name: str, title: str, rows: list[s
         assert line is not None, f"row {row!r} missing from:\n{out}"
         # a ratio with its spread, or a figure with its limit or its spread
         assert "x " in line or "<=" in line or re.search(r"\d-\d", line), line
+
+
+@pytest.mark.parametrize("name", sorted(CONTENDERS))
+def test_each_counted_loop_runs_without_valgrind(name: str) -> None:
+    """What benchmarks.instructions runs under callgrind, run plainly: it must work for the
+    counts to mean anything (valgrind itself is too slow for the suite)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--run", name, "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_unknown_benchmark_is_refused() -> None:
