@@ -526,6 +526,30 @@ async def test_run_after_a_probe_gets_the_full_limits_back(setup: Setup) -> None
     await guest.close()
 
 
+@pytest.mark.asyncio
+async def test_an_empty_answer_after_a_few_kib_keeps_its_exit_code(setup: Setup) -> None:
+    """A few KiB of output grow the decoder's scratch; the next empty answer shrinks it back
+    and must still carry its own exit code (it once came back 0: run() and probe() passed)."""
+
+    async def probe_fails(command: bytes) -> Answer:
+        return (b"", b"", 1) if command == b":" else await echo_handler(command)
+
+    channel, guest = await setup.guest(probe_fails)
+    for size in (1500, 3000):
+        assert len((await channel.run(f"big {size}")).stdout) == size
+        assert (await channel.run("exit 7")).exit_code == 7
+        await channel.run(f"big {size}")
+        with pytest.raises(CommandFailed):
+            await channel.run("exit 3", check=True)
+        await channel.run(f"big {size}")
+        with pytest.raises(ProbeFailed, match="exit code 1"):
+            await channel.probe()
+        assert channel.closed  # a failed probe closes its channel
+        await guest.close()
+        channel, guest = await setup.guest(probe_fails)
+    await guest.close()
+
+
 def test_lone_surrogates_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match="cannot be sent as UTF-8"):
         vsock_async.compose_command("echo \ud800")

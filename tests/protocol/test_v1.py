@@ -426,6 +426,22 @@ def test_result_updated_refuses_bytes_beyond_the_result(
         decoder.get_buffer()
 
 
+@pytest.mark.parametrize("size", [1500, 3000, 4000, 5000, 70_000])
+def test_one_decoder_answers_in_turn_whatever_the_answer_before(size: int) -> None:
+    """The scratch grows for a result of a few KiB and shrinks back at the next empty answer:
+    that answer's exit code is taken before (it was once read from the new, zeroed buffer)."""
+    decoder = ResultDecoder()
+    answers = [(b"o" * size, b"", 0), (b"", b"", 7), (b"x" * size, b"e" * size, 1), (b"", b"", 3)]
+    answers += [(b"", b"", 0), (b"ok\n", b"", 5)]
+    for answer in answers:
+        frame = encode_result(*answer)
+        for step in (len(frame), 4096):
+            if step == 4096 and len(frame) <= 4096:
+                continue
+            got = take_results(decoder, frame, step)
+            assert got[-1] == CommandResult(*answer), (answer[2], step)
+
+
 def test_result_updated_with_zero_output_limits_takes_only_an_empty_answer() -> None:
     """A probe's answer may hold no output: its first length prefix above 0 fails it."""
     decoder = ResultDecoder()

@@ -368,10 +368,11 @@ class ResultDecoder(_FrameDecoder[CommandResult]):
         if nbytes > 0 and self._length < 0 and not self._fields and end - start >= 9:
             if self._scratch.startswith(_NO_OUTPUT, start):  # every probe's answer
                 if start + 9 == end:
+                    result = _EMPTY_RESULTS[self._scratch[start + 8]]  # before any resize
                     self._start = self._end = 0
                     if self._grown:  # an answer that fits the small scratch: back to it
                         self._resize(SCRATCH_MIN)
-                    return _EMPTY_RESULTS[self._scratch[start + 8]]
+                    return result
                 raise self._beyond()
             view = self._view
             (n_out,) = _unpack_u32(view, start)
