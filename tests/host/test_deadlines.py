@@ -140,7 +140,7 @@ async def test_the_book_asks_each_watcher_never_early_and_forgets_those_with_non
             self.deadlines = sorted(deadlines)
             self.asked: list[float] = []
 
-        def deadlines_passed(self, now: float) -> float:
+        def _deadlines_passed(self, now: float) -> float:
             self.asked.append(now)
             self.deadlines = [d for d in self.deadlines if d > now]
             if all(not w.deadlines for w in watchers) and not done.done():

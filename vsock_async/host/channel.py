@@ -542,8 +542,10 @@ class GuestChannel:
                 self._due_at = more.pop(self._due)
         elif more is not None:
             more.pop(future, None)
+        if more is not None and not more:
+            self._more_due = None  # an empty dict is one more object for the GC to walk
 
-    def deadlines_passed(self, now: float) -> float:
+    def _deadlines_passed(self, now: float) -> float:
         """Its book's timer fired at ``now``: fail the pending calls whose deadline has passed
         (earliest first, then in the order they were made, as v1 runs them); the earliest
         deadline left, ``math.inf`` if none (the book then forgets the channel)."""

@@ -4,7 +4,7 @@ Each channel keeps its own calls' deadlines (:class:`~vsock_async.host.channel.G
 the oldest in two attributes, any others in a dict), and the book only the channels that may
 have one pending and a timer for the earliest. The timer is left armed when calls finish
 first. When it fires it asks each channel to fail its calls whose deadline has passed
-(:meth:`Watcher.deadlines_passed`), drops the channels with none left, and re-arms itself for
+(:meth:`Watcher._deadlines_passed`), drops the channels with none left, and re-arms itself for
 the earliest one left, so each deadline still fires at its own time, never before. A channel
 whose connection is gone leaves the book at once (:meth:`Deadlines.discard`): the book must
 not keep it alive until the timer fires.
@@ -31,7 +31,7 @@ __all__ = ["Deadlines", "Watcher", "loop_clock"]
 class Watcher(Protocol):
     """A channel whose calls have deadlines."""
 
-    def deadlines_passed(self, now: float) -> float:
+    def _deadlines_passed(self, now: float) -> float:
         """Fail every pending call whose deadline is at or before ``now`` (``loop.time()``);
         return the earliest deadline left, ``math.inf`` when none is (the book then drops
         this watcher until it is added again)."""
@@ -85,7 +85,7 @@ class Deadlines:
         now = loop.time()
         earliest = math.inf
         for watcher in list(self._watchers):
-            left = watcher.deadlines_passed(now)
+            left = watcher._deadlines_passed(now)
             if left == math.inf:
                 del self._watchers[watcher]
             elif left < earliest:
