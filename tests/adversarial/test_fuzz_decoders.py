@@ -256,6 +256,37 @@ def test_valid_results_survive_any_chunking(scale: Scale, feed: Feeder) -> None:
     check()
 
 
+def test_one_decoder_answers_every_result_in_turn_through_result_updated(scale: Scale) -> None:
+    """The host's path: one result at a time, each in reads of any size, each read committed
+    with ``result_updated()`` on the same decoder, whose scratch grows and shrinks between
+    results. (An empty answer after a few KiB of output once lost its exit code.)"""
+
+    # Sizes around the decoder's own (its scratch's, INLINE_MAX), empty ones most of all.
+    sizes = st.sampled_from([0, 0, 0, 1, 8, 1023, 1024, 1025, 2000, 4095, 4096, 4097, 9000])
+    sized = st.one_of(sizes.map(lambda n: b"x" * n), st.binary(max_size=40))
+
+    @settings(_fuzz, max_examples=scale.fuzz_examples)
+    @given(st.lists(st.tuples(sized, sized, st.integers(0, 255)), min_size=1, max_size=8), cuts)
+    def check(results: list[tuple[bytes, bytes, int]], cuts: list[int]) -> None:
+        decoder = ResultDecoder(Limits(max_stdout=9000, max_stderr=9000))
+        for i, answer in enumerate(results):
+            frame = encode_result(*answer)
+            points = sorted({c % (len(frame) + 1) for c in cuts[i:]} | {0, len(frame)})
+            got: list[CommandResult | None] = []
+            for start, stop in itertools.pairwise(points):
+                pos = start
+                while pos < stop:
+                    with decoder.get_buffer(-1) as buf:
+                        n = min(len(buf), stop - pos)
+                        buf[:n] = frame[pos : pos + n]
+                    got.append(decoder.result_updated(n))
+                    pos += n
+            assert got[-1] == CommandResult(*answer) and not any(got[:-1]), i
+            assert not decoder.in_frame
+
+    check()
+
+
 @pytest.mark.parametrize("feed", [push, lend])
 def test_many_oversized_commands_in_one_read_are_all_skipped(feed: Feeder) -> None:
     """Found a RecursionError: each skipped command re-entered the parser once per frame."""
