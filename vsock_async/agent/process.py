@@ -426,6 +426,8 @@ class Process:
 
 
 _PIPE_DEFAULT: Final = 64 * 1024  # what Linux gives a new pipe
+_PIPE_MAX: Final = 1024 * 1024  # /proc/sys/fs/pipe-max-size's default
+_RESIZE_PIPES: Final = os.geteuid() == 0  # see _size_pipe
 # Output arriving in reads at least this large is spliced into the socket from then on: the
 # bytes then never enter Python (two copies and an allocation fewer per frame). Smaller
 # output is read as it comes, without the extra FIONREAD per read.
@@ -436,10 +438,6 @@ def _pipe_bytes(fd: int) -> int:
     """Bytes waiting in pipe ``fd`` (FIONREAD)."""
     count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int.from_bytes(count, sys.byteorder, signed=True)
-
-
-_PIPE_MAX: Final = 1024 * 1024  # /proc/sys/fs/pipe-max-size's default
-_RESIZE_PIPES: Final = os.geteuid() == 0
 
 
 def _size_pipe(fd: int, window: int) -> None:

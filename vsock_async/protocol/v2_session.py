@@ -709,9 +709,7 @@ class HostSession(_Session):
         self._send.append(encode_frame(stream, FrameType.EXEC, 0, payload))
         self._last_id = stream
         credit = [limits.stdin_window if stdin else 0, window, window]
-        state = _Stream(stdin, request.get("pty") is not None, credit)
-        state.brief = brief
-        self._streams[stream] = state
+        self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit, brief=brief)
         return stream
 
     def open_file(self, request: Mapping[str, Any], window: int = DEFAULT_WINDOW) -> int:
@@ -1193,9 +1191,7 @@ class AgentSession(_Session):
             )
             return
         credit = [self.limits.stdin_window if stdin else 0, window, window]
-        state = _Stream(stdin, request.get("pty") is not None, credit)
-        state.brief = brief
-        self._streams[stream] = state
+        self._streams[stream] = _Stream(stdin, request.get("pty") is not None, credit, brief=brief)
         self._events.append(ExecRequested(stream, request))
 
     def _on_file(self, frame: Frame) -> None:
