@@ -26,16 +26,24 @@ async def _slow_or_silent(command: bytes) -> Answer:
     return command, b"", 0
 
 
+async def _connected(
+    server: vsock_async.CommandServer, path: str, n: int
+) -> tuple[list[ScriptedGuest], list[GuestChannel]]:
+    """``n`` guests answering as :func:`_slow_or_silent`, connected, and their channels."""
+    guests = [ScriptedGuest(_slow_or_silent) for _ in range(n)]
+    channels = []
+    for guest in guests:
+        await guest.connect(path)
+        channels.append(await server.accept(timeout=5))
+    return guests, channels
+
+
 @pytest.mark.asyncio
 async def test_each_channels_deadline_fires_for_its_own_calls_only(tmp_path: Path) -> None:
     """The shared timer is armed for the longest deadline first, re-armed for a shorter one
     of another channel, fails only that channel's call, and leaves the others running."""
     async with vsock_async.listen(f"unix:{tmp_path}/h.sock", protocol="v1") as server:
-        guests = [ScriptedGuest(_slow_or_silent) for _ in range(3)]
-        channels: list[GuestChannel] = []
-        for guest in guests:
-            await guest.connect(f"{tmp_path}/h.sock")
-            channels.append(await server.accept(timeout=5))
+        guests, channels = await _connected(server, f"{tmp_path}/h.sock", 3)
         slow, hung, idle = channels
         long_call = asyncio.ensure_future(slow.run("slow", timeout=30))
         await asyncio.sleep(0)
@@ -57,11 +65,7 @@ async def test_the_same_deadline_on_many_channels_fails_every_call(tmp_path: Pat
     """Calls on several channels whose deadlines pass in one firing of the timer all fail,
     each closing its own channel; a channel without a call stays open."""
     async with vsock_async.listen(f"unix:{tmp_path}/h.sock", protocol="v1") as server:
-        guests = [ScriptedGuest(_slow_or_silent) for _ in range(4)]
-        channels: list[GuestChannel] = []
-        for guest in guests:
-            await guest.connect(f"{tmp_path}/h.sock")
-            channels.append(await server.accept(timeout=5))
+        guests, channels = await _connected(server, f"{tmp_path}/h.sock", 4)
         *hung, idle = channels
         outcomes = await asyncio.gather(
             *(c.run("hang", timeout=0.05) for c in hung), return_exceptions=True
